@@ -1,0 +1,84 @@
+"""Command-line entry point: argument parsing only, then hand over to the client, kernel or dashboard.
+
+Imports are deferred into each branch so that `llmsh -c 'echo hi'` loads neither torch nor textual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+SUBCOMMANDS = ("kernel", "top", "checksum")
+
+
+def _shell_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llmsh",
+        description="An operating-system shell for language models. "
+        "Subcommands: 'llmsh kernel start|stop|status|list|install', 'llmsh top', 'llmsh checksum PATH'.",
+    )
+    p.add_argument("file", nargs="?", help="a batch file of llmsh commands ('-' for stdin)")
+    p.add_argument("-c", dest="command", metavar="CMDS", help="run these commands and exit")
+    p.add_argument("--kernel", metavar="FILE", help="connection file of the kernel to use")
+    p.add_argument("--keep-going", action="store_true", help="batch mode: do not stop at the first failing line")
+    return p
+
+
+def _kernel_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmsh kernel", description="Manage the background kernel.")
+    sub = p.add_subparsers(dest="action", required=True)
+    start = sub.add_parser("start", help="start a kernel (daemonises unless --foreground)")
+    start.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
+    start.add_argument("--connection-file", metavar="F", help="where to write (or read, for Jupyter) the connection file")
+    start.add_argument("--ip", default="127.0.0.1", help="address to bind (non-loopback uses CurveZMQ)")
+    start.add_argument("--mem-budget", metavar="SPEC", help="memory budget per device, e.g. cpu=4GiB,cuda:0=20GiB")
+    start.add_argument("--telemetry-hz", type=float, default=2.0, help="telemetry publish rate (0 disables)")
+    start.add_argument("--ray", metavar="ADDRESS", help="place processes on the nodes of this Ray cluster")
+    for name, text in (("stop", "stop the kernel"), ("status", "show pid, uptime, ports and message counters")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--kernel", metavar="FILE", help="connection file (default: the newest running kernel)")
+    sub.add_parser("list", help="list running kernels")
+    inst = sub.add_parser("install", help="write a Jupyter kernelspec named 'llmsh'")
+    inst.add_argument("--user", action="store_true", default=True, help="install for this user (default)")
+    inst.add_argument("--prefix", help="install under this prefix (e.g. a virtualenv)")
+    return p
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmsh top", description="Live dashboard of the kernel: load, processes, traffic.")
+    p.add_argument("--kernel", metavar="FILE", help="connection file of the kernel to watch")
+    return p
+
+
+def _checksum_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmsh checksum", description="Write a sha256 manifest that later loads verify.")
+    p.add_argument("path", help="a model folder in Hugging Face format")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the chosen part; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "kernel":
+        args = _kernel_parser().parse_args(argv[1:])
+        from llmsh.kernel.lifecycle import main as kernel_main
+
+        return kernel_main(args)
+    if argv and argv[0] == "top":
+        args = _top_parser().parse_args(argv[1:])
+        from llmsh.tui.app import main as top_main
+
+        return top_main(args)
+    if argv and argv[0] == "checksum":
+        args = _checksum_parser().parse_args(argv[1:])
+        from llmsh.runtime.integrity import main as checksum_main
+
+        return checksum_main(args)
+    args = _shell_parser().parse_args(argv)
+    from llmsh.client.main import main as client_main
+
+    return client_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

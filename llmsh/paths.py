@@ -1,0 +1,32 @@
+"""Where llmsh keeps its files: platformdirs locations, which honour XDG_* on Linux.
+
+Tests point XDG_RUNTIME_DIR / XDG_STATE_HOME / XDG_CONFIG_HOME at a temporary directory, so they never
+touch a real user's kernel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+
+APP = "llmsh"
+
+
+def runtime_dir() -> Path:
+    """Connection files of running kernels (created 0700)."""
+    path = Path(platformdirs.user_runtime_dir(APP))
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def state_dir() -> Path:
+    """Logs, shell history and the kernel journal."""
+    path = Path(platformdirs.user_state_dir(APP))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def config_dir() -> Path:
+    """`config.toml` lives here."""
+    return Path(platformdirs.user_config_dir(APP))
