@@ -14,7 +14,7 @@ import pytest
 
 pytest_plugins: list[str] = [
     # "tests.fixtures_kernel",   # real kernel process + clients (foundation)
-    # "tests.fixtures_models",   # tiny random HF-format checkpoints (runtime)
+    "tests.fixtures_models",   # tiny random HF-format checkpoints (runtime)
 ]
 
 # Isolate every llmsh file location before anything imports platformdirs: tests must never touch a real user's
