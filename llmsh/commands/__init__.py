@@ -10,6 +10,7 @@ import importlib
 
 FAMILIES: list[str] = [
     "llmsh.commands.core",
+    "llmsh.commands.nodes",
 ]
 
 

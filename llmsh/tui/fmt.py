@@ -1,0 +1,111 @@
+"""Plain-text formatting shared by the dashboard and the kernel's `nodes`/`free`/`top` commands.
+
+No Textual or torch here: the kernel imports this module for its one-shot commands.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Sequence
+
+_UNITS = ("B", "K", "M", "G", "T", "P")
+
+# Process table columns: (row key, header, width, right-aligned)
+PROC_COLUMNS: tuple[tuple[str, str, int, bool], ...] = (
+    ("pid", "PID", 5, True),
+    ("name", "NAME", 14, False),
+    ("state", "STATE", 9, False),
+    ("nice", "NI", 3, True),
+    ("device", "DEVICE", 7, False),
+    ("res_bytes", "RES", 7, True),
+    ("paged_bytes", "PAGED", 7, True),
+    ("reqs", "REQS", 5, True),
+    ("tok_s", "TOK/S", 7, True),
+    ("tokens", "TOKENS", 7, True),
+    ("time_s", "TIME", 8, True),
+)
+
+
+def human_bytes(n: float | None) -> str:
+    """1536 → '1.5K' (powers of 1024, like `free -h`); None → '-'."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in _UNITS:
+        if abs(n) < 1024 or unit == _UNITS[-1]:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}P"
+
+
+def duration(s: float | None) -> str:
+    """Seconds → 'H:MM:SS' (or 'D-HH:MM:SS' past a day)."""
+    if s is None:
+        return "-"
+    s = int(max(0, s))
+    d, rest = divmod(s, 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{d}-{h:02d}:{m:02d}:{sec:02d}" if d else f"{h}:{m:02d}:{sec:02d}"
+
+
+def rate(x: float | None) -> str:
+    """A rate with a sensible number of digits."""
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def proc_cell(row: dict[str, Any], key: str) -> str:
+    """One process-table cell as text."""
+    if key == "reqs":
+        a, q = row.get("reqs_active"), row.get("reqs_queued")
+        return "-" if a is None and q is None else f"{a or 0}+{q or 0}" if q else str(a or 0)
+    v = row.get(key)
+    if v is None or v == "":
+        return "-"
+    if key in ("res_bytes", "paged_bytes"):
+        return human_bytes(v)
+    if key == "time_s":
+        return duration(v)
+    if key == "tok_s":
+        return rate(v)
+    return str(v)
+
+
+def proc_sort_key(row: dict[str, Any], key: str) -> Any:
+    """Sort key for a process-table column (numbers numerically, text case-insensitively, missing last)."""
+    v = (row.get("reqs_active") or 0) + (row.get("reqs_queued") or 0) if key == "reqs" else row.get(key)
+    if v is None:
+        return (1, 0, "")
+    if isinstance(v, (int, float)):
+        return (0, v, "")
+    return (0, 0, str(v).lower())
+
+
+def table(rows: Sequence[Sequence[str]], headers: Sequence[str], right: Iterable[int] = ()) -> str:
+    """A plain aligned text table."""
+    right = set(right)
+    widths = [len(h) for h in headers]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def proc_table(procs: list[dict[str, Any]]) -> str:
+    """The process table as text (the bottom half of `top -n 1`)."""
+    keys = [c[0] for c in PROC_COLUMNS]
+    rows = [[proc_cell(p, k) for k in keys] for p in procs]
+    right = [i for i, c in enumerate(PROC_COLUMNS) if c[3]]
+    return table(rows, [c[1] for c in PROC_COLUMNS], right)
+
+
+def clock(t: float, utc: bool = False) -> str:
+    """'HH:MM:SS.mmm' of a time.time() value, local time unless utc."""
+    tm = time.gmtime(t) if utc else time.localtime(t)
+    return time.strftime("%H:%M:%S", tm) + f".{int((t % 1) * 1000):03d}"
