@@ -1,0 +1,339 @@
+"""Models as processes: the process record, its state machine, and the process table behind `ps`.
+
+A process is one loaded model instance. Its life is a small state machine, kept explicit so that every signal to a
+process in the wrong state gets one clear line instead of undefined behaviour:
+
+    loading → ready ⇄ running        (running = it has requests in its batch)
+    ready/running/paged-out → stopped → (CONT) back where it was
+    ready/running/stopped/paged-out → exiting (TERM: finish what was accepted, then unload)
+    any → failed(reason)             (load error, step error); the entry stays until `ps` shows it or `kill` reaps it
+
+KILL is not a state: the process leaves the table at once. This module is pure bookkeeping (no torch, no threads of
+its own); the scheduler (`scheduler.py`) drives the transitions, the loader (`loader.py`) fills in the model, and
+`setup(kernel)` wires the three into `kernel.services`.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+
+class ProcState(str, enum.Enum):
+    """The states a process row can show; the values are what `ps` prints."""
+
+    LOADING = "loading"
+    READY = "ready"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    PAGED_OUT = "paged-out"
+    EXITING = "exiting"
+    FAILED = "failed"
+
+
+S = ProcState
+# Allowed transitions; anything else is a bug in the caller (the commands check `can_signal` first and say why).
+TRANSITIONS: dict[ProcState, frozenset[ProcState]] = {
+    S.LOADING: frozenset({S.READY, S.FAILED}),
+    S.READY: frozenset({S.RUNNING, S.STOPPED, S.PAGED_OUT, S.EXITING, S.FAILED}),
+    S.RUNNING: frozenset({S.READY, S.STOPPED, S.PAGED_OUT, S.EXITING, S.FAILED}),
+    S.PAGED_OUT: frozenset({S.READY, S.RUNNING, S.STOPPED, S.EXITING, S.FAILED}),
+    S.STOPPED: frozenset({S.READY, S.RUNNING, S.PAGED_OUT, S.EXITING, S.FAILED}),
+    S.EXITING: frozenset({S.FAILED}),
+    S.FAILED: frozenset(),
+}
+RUNNABLE = frozenset({S.READY, S.RUNNING, S.PAGED_OUT, S.EXITING})  # states the scheduler may step
+
+SIGNALS = ("TERM", "KILL", "STOP", "CONT")
+SIGNAL_NUMBERS = {"15": "TERM", "9": "KILL", "19": "STOP", "18": "CONT"}  # Linux numbering
+
+
+class StateError(Exception):
+    """A signal or transition that the process's current state cannot take (one human line)."""
+
+
+class ExitHow(str, enum.Enum):
+    """How a process left the table, recorded like jupyter_client's shutdown status (which step ended it)."""
+
+    TERM = "term"  # finished its accepted requests and unloaded
+    KILL_AFTER_TERM = "kill-after-term"  # TERM's grace period ran out, escalated to KILL
+    KILL = "kill"  # aborted at once
+    REAPED = "reaped"  # a failed entry, removed by `ps` or `kill`
+
+
+class Runtime(Protocol):
+    """What the scheduler needs from a loaded model (real: `loader.ModelRuntime`; tests: a fake)."""
+
+    max_batch: int
+    max_seq_len: int
+
+    def new_batch(self) -> Any: ...  # a BatchGenerator: .add(seq) .remove(seq) .step() .last_batch_size
+
+    def new_sequence(self, prompt_ids: list[int], params: Any) -> Any: ...  # a Sequence: .finished, .push()
+
+    def resident_bytes(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def cfs_weight(nice: int) -> int:
+    """The Linux CFS load weight of a nice value (kernel/sched/core.c `sched_prio_to_weight`)."""
+    if not -20 <= nice <= 19:
+        raise ValueError(f"nice value {nice} out of range -20..19")
+    return SCHED_PRIO_TO_WEIGHT[nice + 20]
+
+
+# Each nice step is ~1.25x the CPU share of the next: nice 0 = 1024, nice 5 = 335, nice -20 = 88761, nice 19 = 15.
+SCHED_PRIO_TO_WEIGHT: tuple[int, ...] = (
+    88761, 71755, 56483, 46273, 36291,
+    29154, 23254, 18705, 14949, 11916,
+    9548, 7620, 6100, 4904, 3906,
+    3121, 2501, 1991, 1586, 1277,
+    1024, 820, 655, 526, 423,
+    335, 272, 215, 172, 137,
+    110, 87, 70, 56, 45,
+    36, 29, 23, 18, 15,
+)  # fmt: skip
+
+
+@dataclass(eq=False)
+class Process:
+    """One model instance. Fields after `reason` belong to the scheduler and are only touched under its engine lock."""
+
+    pid: int
+    name: str
+    path: str
+    device: str = "cpu"
+    dtype: str = ""
+    nice: int = 0
+    state: ProcState = ProcState.LOADING
+    reason: str = ""  # why it failed (or how it is exiting)
+    node: str = field(default_factory=socket.gethostname)
+    started_at: float = field(default_factory=time.time)
+    progress: float = 0.0  # loading progress 0..1
+    progress_text: str = ""
+    runtime: Runtime | None = None
+    paged_bytes: int = 0  # set by the pager
+    # --- scheduler state -------------------------------------------------------------------------------------
+    batch: Any = None
+    pending: collections.deque = field(default_factory=collections.deque)  # Requests waiting for a batch slot
+    active: dict[int, Any] = field(default_factory=dict)  # id(seq) → Request, in the batch
+    vruntime: float = 0.0  # tokens × 1024 / weight
+    on_rq: bool = False  # was runnable at the last pick (wake-ups are placed at min vruntime)
+    stepping: bool = False  # the engine thread is inside this process's step right now (outside the lock)
+    resume_state: ProcState = ProcState.READY  # where CONT goes back to
+    tokens: int = 0
+    steps: int = 0
+    compute_s: float = 0.0  # wall time spent in this process's steps (the TIME column)
+    last_batch: int = 0
+    max_batch_seen: int = 0
+    rate: collections.deque = field(default_factory=lambda: collections.deque(maxlen=512))  # (t, tokens) per step
+    exit_how: ExitHow | None = None
+    gone: threading.Event = field(default_factory=threading.Event)  # set when the process left the table
+    abort_load: bool = False  # KILL while loading: the loader's progress callback raises
+
+    def transition(self, to: ProcState, reason: str = "") -> None:
+        """Move to state `to`; raises StateError if the state machine does not allow it."""
+        if to is self.state:
+            return
+        if to not in TRANSITIONS[self.state]:
+            raise StateError(f"process {self.pid} ({self.name}) is {self.state.value}; cannot become {to.value}")
+        self.state = to
+        if reason or to is ProcState.FAILED:
+            self.reason = reason
+
+    @property
+    def weight(self) -> int:
+        return cfs_weight(self.nice)
+
+    def has_work(self) -> bool:
+        return bool(self.pending or self.active)
+
+    def runnable(self) -> bool:
+        """May the scheduler step this process now?"""
+        return self.state in RUNNABLE and self.runtime is not None and self.has_work()
+
+    def tok_s(self, window: float = 5.0, now: float | None = None) -> float:
+        """Tokens per second over the last `window` seconds."""
+        now = time.monotonic() if now is None else now
+        recent = [(t, n) for t, n in list(self.rate) if now - t <= window]
+        if not recent:
+            return 0.0
+        span = max(now - recent[0][0], 1e-3) if len(recent) > 1 else window
+        return sum(n for _, n in recent) / span
+
+    def row(self) -> dict[str, Any]:
+        """This process as a `ps` row (contract E keys, plus a few extras for tests and the dashboard)."""
+        res = 0
+        if self.runtime is not None:
+            try:
+                res = int(self.runtime.resident_bytes())
+            except Exception:  # a half-freed model must not break `ps`
+                res = 0
+        return {
+            "pid": self.pid,
+            "name": self.name,
+            "path": self.path,
+            "state": self.state.value,
+            "nice": self.nice,
+            "device": self.device,
+            "res_bytes": res,
+            "paged_bytes": self.paged_bytes,
+            "reqs_active": len(self.active),
+            "reqs_queued": len(self.pending),
+            "tok_s": round(self.tok_s(), 2),
+            "tokens": self.tokens,
+            "time_s": round(self.compute_s, 3),
+            "node": self.node,
+            "reason": self.reason,
+            "dtype": self.dtype,
+            "progress": round(self.progress, 3),
+            "started_at": self.started_at,
+            "steps": self.steps,
+            "last_batch": self.last_batch,
+            "max_batch": self.max_batch_seen,
+            "vruntime": round(self.vruntime, 3),
+        }
+
+
+class ProcessTable:
+    """PID → Process. PIDs increase from 1 and are never reused within a kernel's life."""
+
+    def __init__(self, max_procs: int = 16, exited_keep: int = 64) -> None:
+        self.max_procs = max_procs
+        self._procs: dict[int, Process] = {}
+        self._next_pid = 1
+        self._lock = threading.RLock()
+        self.exited: collections.deque[dict[str, Any]] = collections.deque(maxlen=exited_keep)
+        self.listeners: list[Callable[[Process, str], None]] = []  # (process, event) — e.g. the journal, telemetry
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def __iter__(self):
+        with self._lock:
+            return iter(list(self._procs.values()))
+
+    def live(self) -> list[Process]:
+        """Processes that hold (or are getting) a model: everything but failed entries."""
+        return [p for p in self if p.state is not ProcState.FAILED]
+
+    def unique_name(self, base: str) -> str:
+        """`base`, or `base-2`, `base-3`… if a live process already has that name."""
+        names = {p.name for p in self}
+        if base not in names:
+            return base
+        i = 2
+        while f"{base}-{i}" in names:
+            i += 1
+        return f"{base}-{i}"
+
+    def add(self, name: str, path: str, *, device: str = "cpu", dtype: str = "", nice: int = 0) -> Process:
+        """Create a `loading` process with the next PID; raises BusyError-like RuntimeError when the table is full."""
+        cfs_weight(nice)
+        with self._lock:
+            if len(self.live()) >= self.max_procs:
+                raise TableFull(
+                    f"busy: {self.max_procs} processes already loaded; kill one first (see 'ps')"
+                )
+            if any(p.name == name for p in self._procs.values()):
+                raise ValueError(f"name '{name}' is already used by another process; choose another with --name")
+            proc = Process(pid=self._next_pid, name=name, path=path, device=device, dtype=dtype, nice=nice)
+            self._next_pid += 1
+            self._procs[proc.pid] = proc
+        self._emit(proc, "added")
+        return proc
+
+    def get(self, pid: int) -> Process | None:
+        return self._procs.get(pid)
+
+    def resolve(self, ref: str | int) -> Process:
+        """A PID or a name → the process; LookupError with one line when there is none."""
+        text = str(ref).strip()
+        if text.isdigit():
+            proc = self._procs.get(int(text))
+            if proc is None:
+                raise LookupError(f"no process with PID {text}; see 'ps'")
+            return proc
+        matches = [p for p in self if p.name == text]
+        if not matches:
+            raise LookupError(f"no process named '{text}'; see 'ps'")
+        return matches[0]
+
+    def remove(self, proc: Process, how: ExitHow, reason: str = "") -> None:
+        """Take `proc` out of the table and remember how it ended (shown by `ps -a`)."""
+        with self._lock:
+            if self._procs.get(proc.pid) is not proc:
+                return
+            del self._procs[proc.pid]
+            proc.exit_how = how
+            row = proc.row()
+            row.update(state="exited", exit=how.value, reason=reason or proc.reason, ended_at=time.time())
+            self.exited.append(row)
+        proc.gone.set()
+        self._emit(proc, "removed")
+
+    def snapshot(self, *, reap: bool = False, include_exited: bool = False) -> list[dict[str, Any]]:
+        """Rows for `ps` (contract E). With `reap=True`, failed entries are removed after being shown once."""
+        with self._lock:
+            procs = sorted(self._procs.values(), key=lambda p: p.pid)
+        rows = [p.row() for p in procs]
+        if reap:
+            for p in procs:
+                if p.state is ProcState.FAILED:
+                    self.remove(p, ExitHow.REAPED)
+        if include_exited:
+            rows = sorted([*rows, *list(self.exited)], key=lambda r: r["pid"])
+        return rows
+
+    def changed(self, proc: Process, event: str = "state") -> None:
+        """Tell listeners that `proc` changed (state, progress)."""
+        self._emit(proc, event)
+
+    def _emit(self, proc: Process, event: str) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(proc, event)
+            except Exception:  # a listener must never break the table
+                pass
+
+
+class TableFull(RuntimeError):
+    """The table already holds `max_procs` processes."""
+
+
+def parse_signal(text: str) -> str:
+    """`-TERM`, `TERM`, `SIGTERM`, `15`, `-9` → the canonical signal name; ValueError otherwise."""
+    t = text.lstrip("-").upper()
+    if t.startswith("SIG"):
+        t = t[3:]
+    t = SIGNAL_NUMBERS.get(t, t)
+    if t not in SIGNALS:
+        raise ValueError(f"unknown signal '{text}' (use TERM, KILL, STOP or CONT)")
+    return t
+
+
+def setup(kernel: Any) -> None:
+    """Kernel extension: attach the process table, the scheduler and the loader to `kernel.services`."""
+    from llmsh.kernel.loader import Loader
+    from llmsh.kernel.scheduler import Scheduler
+
+    procs = kernel.services.setdefault("procs", ProcessTable())
+    sched = kernel.services.setdefault("scheduler", Scheduler(procs))
+    kernel.services.setdefault("loader", Loader(procs, sched))
+
+    async def _shutdown(_kernel: Any) -> None:
+        kernel.services["loader"].close()
+        sched.close()
+
+    kernel.on_shutdown.append(_shutdown)
+
+
+def describe(procs: Iterable[Process]) -> str:
+    """Short `pid:name` list, for messages."""
+    return ", ".join(f"{p.pid}:{p.name}" for p in procs)
