@@ -1,0 +1,411 @@
+"""The executor: runs a parsed command line in the kernel with Unix-shell semantics (contract B).
+
+The kernel calls `execute` once per execute_request, as an asyncio task; an interrupt cancels that task, so every
+wait in here is an `await` and cancellation is passed on to the running stages. Exit codes follow sh: the last
+pipeline's status is the statement's, `&&`/`||` short-circuit on it, 0 ok, 1 error, 2 usage, 127 not found, 130
+interrupted. A failing command's one-line message goes to stderr as soon as the next command starts; the last
+failure of the line becomes the reply's `evalue` instead, so the client shows every error exactly once.
+
+Pipes: each stage of `a | b` runs as its own task; what `a` writes with `ctx.write` is put on an asyncio queue that
+`b` reads as `ctx.stdin`, piece by piece. Background jobs (`cmd &`) run as tasks tracked in `kernel.services["jobs"]`
+(see jobs.py) and keep writing through the Output of the request that started them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, AsyncIterator, Protocol
+
+from llmsh.commands import load_all
+from llmsh.commands.jobs import job_table
+from llmsh.commands.parser import AndOr, ParseError, Pipeline, SimpleCommand, Statement, parse, tokenize
+from llmsh.commands.registry import REGISTRY, Command, CommandError, HelpRequested, UsageError
+
+log = logging.getLogger("llmsh.commands")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 127, 130
+
+
+class Output(Protocol):
+    """Where a request's output goes; implemented by the kernel per execute_request. Must stay usable after
+    `execute` returns, because background jobs keep writing through it."""
+
+    def stream(self, name: str, text: str) -> None:
+        """name "stdout"/"stderr" → iopub `stream`."""
+
+    def result(self, data: Any, text: str) -> None:
+        """→ iopub `execute_result` with text/plain and application/json."""
+
+
+@dataclass
+class ExecResult:
+    """The outcome of one execute: status "ok"|"error", sh-style exit code, and for errors a name and ONE line."""
+
+    status: str
+    exit_code: int
+    ename: str = ""
+    evalue: str = ""
+
+
+@dataclass
+class _Failure:
+    """A failed command's exit code, error name and one-line message (`llmsh: cmd: …`)."""
+
+    code: int
+    ename: str
+    message: str
+
+
+# ---- where a stage's output goes -------------------------------------------------------------------------------
+
+
+class _Sink:
+    """The stdout of one pipeline stage: the client, the next stage's stdin, or a file."""
+
+    def write(self, text: str) -> None:
+        raise NotImplementedError
+
+    def result(self, data: Any, text: str) -> None:
+        if text:
+            self.write(text if text.endswith("\n") else text + "\n")
+
+    def close(self) -> None:
+        """Called once when the stage ends (also on error and cancellation)."""
+
+
+class _ClientSink(_Sink):
+    def __init__(self, out: Output) -> None:
+        self.out = out
+
+    def write(self, text: str) -> None:
+        if text:
+            self.out.stream("stdout", text)
+
+    def result(self, data: Any, text: str) -> None:
+        self.out.result(data, text)
+
+
+class _PipeSink(_Sink):
+    def __init__(self, queue: asyncio.Queue[str | None]) -> None:
+        self.queue = queue
+
+    def write(self, text: str) -> None:
+        if text:
+            self.queue.put_nowait(text)
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)  # end of stream for the reader
+
+
+class _FileSink(_Sink):
+    def __init__(self, fh: IO[str]) -> None:
+        self.fh = fh
+
+    def write(self, text: str) -> None:
+        self.fh.write(text)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class PipeReader:
+    """`ctx.stdin` of a pipe's right-hand stage: an async iterator of text pieces, ending when the left stage ends."""
+
+    def __init__(self, queue: asyncio.Queue[str | None]) -> None:
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is None:
+            self._done = True
+            raise StopAsyncIteration
+        return item
+
+    async def read(self) -> str:
+        """All remaining text, once the left stage has finished."""
+        return "".join([piece async for piece in self])
+
+
+# ---- the context a handler sees ----------------------------------------------------------------------------------
+
+
+class ShellContext:
+    """The `registry.Context` implementation: what one running command can see and do."""
+
+    def __init__(
+        self,
+        kernel: Any,
+        client: str,
+        out: Output,
+        *,
+        sink: _Sink | None = None,
+        stdin: AsyncIterator[str] | None = None,
+        cwd: str | None = None,
+        command: Command | None = None,
+        json_output: bool = False,
+    ) -> None:
+        self.kernel = kernel
+        self.client = client
+        self.out = out
+        self.stdin = stdin
+        self.cwd = cwd or os.getcwd()
+        self.command = command
+        self.json = json_output
+        self._sink = sink or _ClientSink(out)
+
+    def write(self, text: str) -> None:
+        """Stream text to stdout (or into the next pipe stage / the redirect file). No newline is added."""
+        self._sink.write(text)
+
+    def warn(self, text: str) -> None:
+        """Stream text to the client's stderr."""
+        if text:
+            self.out.stream("stderr", text)
+
+    def result(self, data: Any, text: str) -> None:
+        """Structured output: shows `text`, or the JSON of `data` when the command was given `--json`."""
+        if self.json:
+            text = json.dumps(data, indent=2, default=str)
+        self._sink.result(data, text)
+
+    def path(self, name: str) -> Path:
+        """A user-given path resolved against the client's working directory (`~` expanded)."""
+        p = Path(os.path.expanduser(name))
+        return p if p.is_absolute() else Path(self.cwd) / p
+
+
+# ---- running the AST ------------------------------------------------------------------------------------------------
+
+
+def _one_line(message: str) -> str:
+    """argparse puts the usage on a second line; the shell shows one line: `what is wrong; usage: …`."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else "failed"
+
+
+class _Runner:
+    """Runs statements for one request (or one background job) and remembers the last failure."""
+
+    def __init__(self, kernel: Any, client: str, out: Output, cwd: str | None) -> None:
+        self.kernel = kernel
+        self.client = client
+        self.out = out
+        self.cwd = cwd
+        self.pending: _Failure | None = None  # the latest failure, shown on stderr unless it ends the line
+
+    def flush(self) -> None:
+        """Print the held failure message: a later command ran, so it is not the line's final result."""
+        if self.pending is not None:
+            self.out.stream("stderr", self.pending.message + "\n")
+            self.pending = None
+
+    async def statement(self, stmt: Statement) -> int:
+        if stmt.background:
+            self.flush()
+            job = job_table(self.kernel).start(self.kernel, self.client, stmt.text, self._job_body(stmt.body), self.out)
+            self.out.stream("stderr", f"[{job.id}] {stmt.text}\n")
+            return EXIT_OK
+        return await self.and_or(stmt.body)
+
+    async def _job_body(self, body: AndOr) -> int:
+        runner = _Runner(self.kernel, self.client, self.out, self.cwd)
+        try:
+            return await runner.and_or(body)
+        finally:
+            runner.flush()
+
+    async def and_or(self, node: AndOr) -> int:
+        code = await self.pipeline(node.first)
+        for op, pipe in node.rest:
+            if (op == "&&") == (code == 0):
+                code = await self.pipeline(pipe)
+        return code
+
+    async def pipeline(self, pipe: Pipeline) -> int:
+        self.flush()
+        if len(pipe.commands) == 1:
+            failure_code, failure = await self.command(pipe.commands[0], None, None)
+            self.pending = failure
+            return failure_code
+        queues: list[asyncio.Queue[str | None]] = [asyncio.Queue() for _ in pipe.commands[:-1]]
+        tasks = []
+        for i, cmd in enumerate(pipe.commands):
+            stdin = PipeReader(queues[i - 1]) if i > 0 else None
+            sink = _PipeSink(queues[i]) if i < len(queues) else None
+            tasks.append(asyncio.ensure_future(self.command(cmd, sink, stdin)))
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        for _, failure in results[:-1]:  # failures of earlier stages are never the line's final result
+            if failure is not None:
+                self.out.stream("stderr", failure.message + "\n")
+        code, self.pending = results[-1]
+        return code
+
+    async def command(
+        self, cmd: SimpleCommand, sink: _Sink | None, stdin: AsyncIterator[str] | None
+    ) -> tuple[int, _Failure | None]:
+        """Run one simple command; returns its exit code and, if it failed, the failure. Never raises but cancellation."""
+        if sink is None:
+            sink = _ClientSink(self.out)
+        name = cmd.name
+        try:
+            if cmd.redirect is not None:
+                sink.close()  # a redirect replaces the pipe: the next stage sees end of input
+                sink = self._open_redirect(cmd.redirect.path, cmd.redirect.append)
+            entry = REGISTRY.get(name)
+            if entry is None:
+                err = REGISTRY.not_found(name)
+                return err.status, _Failure(err.status, err.ename, f"llmsh: {err}")
+            try:
+                args = entry.parse(cmd.argv[1:])
+            except HelpRequested:
+                sink.write(entry.help_text() + "\n")
+                return EXIT_OK, None
+            ctx = ShellContext(
+                self.kernel,
+                self.client,
+                self.out,
+                sink=sink,
+                stdin=stdin,
+                cwd=self.cwd,
+                command=entry,
+                json_output=bool(getattr(args, "json", False)),
+            )
+            code = await entry.handler(ctx, args)
+            code = EXIT_OK if code is None else int(code)
+            if code:
+                return code, _Failure(code, "ExitStatus", f"llmsh: {name}: exit status {code}")
+            return EXIT_OK, None
+        except UsageError as e:
+            return e.status, _Failure(e.status, e.ename, f"llmsh: {name}: {_one_line(str(e))}")
+        except CommandError as e:
+            return e.status, _Failure(e.status, e.ename, f"llmsh: {name}: {_one_line(str(e))}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug in a handler must never take the kernel down
+            log.exception("command %r failed with an unexpected exception", cmd.argv)
+            detail = _one_line(f"{type(e).__name__}: {e}")
+            msg = f"llmsh: {name}: internal error: {detail} (details in the kernel log)"
+            return EXIT_ERROR, _Failure(EXIT_ERROR, "InternalError", msg)
+        finally:
+            sink.close()
+            if stdin is not None and isinstance(stdin, PipeReader):
+                # the left stage may still be writing; nobody reads any more, so drop what it sends
+                stdin._done = True
+
+    def _open_redirect(self, name: str, append: bool) -> _Sink:
+        path = Path(os.path.expanduser(name))
+        if not path.is_absolute():
+            path = Path(self.cwd or os.getcwd()) / path
+        try:
+            return _FileSink(open(path, "a" if append else "w", encoding="utf-8"))
+        except OSError as e:
+            raise CommandError(f"cannot write {name}: {e.strerror or e}") from None
+
+
+async def execute(kernel: Any, code: str, *, client: str, out: Output, cwd: str | None = None) -> ExecResult:
+    """Run one command line (any number of statements) for `client`; output goes to `out`. Cancellation propagates."""
+    load_all()
+    try:
+        script = parse(code)
+    except ParseError as e:
+        return ExecResult("error", EXIT_USAGE, "SyntaxError", f"llmsh: {e}")
+    runner = _Runner(kernel, client, out, cwd)
+    status = EXIT_OK
+    try:
+        for stmt in script.statements:
+            status = await runner.statement(stmt)
+    except asyncio.CancelledError:
+        runner.flush()
+        raise
+    if status == EXIT_OK:
+        runner.flush()
+        return ExecResult("ok", EXIT_OK)
+    failure = runner.pending or _Failure(status, "ExitStatus", f"llmsh: exit status {status}")
+    return ExecResult("error", status, failure.ename, failure.message)
+
+
+# ---- completion -----------------------------------------------------------------------------------------------------
+
+_COMMAND_POSITION_OPS = {";", "&", "\n", "&&", "||", "|"}
+
+
+def complete(kernel: Any, code: str, cursor_pos: int, *, client: str = "", cwd: str | None = None) -> tuple[list[str], int, int]:
+    """Completions for the word before `cursor_pos`: command names, flags, or the command's own completer."""
+    load_all()
+    before = code[:cursor_pos]
+    try:
+        tokens = tokenize(before, partial=True)
+    except ParseError:
+        return [], cursor_pos, cursor_pos
+    at_word = bool(tokens) and tokens[-1].kind == "word" and tokens[-1].end == len(before)
+    if at_word:
+        prefix, start = tokens[-1].value, tokens[-1].start
+        tokens = tokens[:-1]
+    else:
+        prefix, start = "", cursor_pos
+    # the words of the simple command the cursor is in
+    words: list[str] = []
+    for tok in reversed(tokens):
+        if tok.kind == "op" and tok.value in _COMMAND_POSITION_OPS:
+            break
+        words.insert(0, tok.value)
+    if tokens and tokens[-1].kind == "op" and tokens[-1].value in (">", ">>"):
+        return _complete_path(prefix, cwd), start, cursor_pos
+    if not words:
+        names = [n for n in REGISTRY.names() if n.startswith(prefix)]
+        return names, start, cursor_pos
+    entry = REGISTRY.get(words[0])
+    if entry is None:
+        return [], start, cursor_pos
+    if prefix.startswith("-"):
+        return sorted(f for f in entry.flags() if f.startswith(prefix)), start, cursor_pos
+    if entry.completer is None:
+        return [], start, cursor_pos
+    ctx = ShellContext(kernel, client, _NullOutput(), cwd=cwd, command=entry)
+    try:
+        matches = entry.completer(ctx, words[1:], prefix)
+    except Exception:
+        log.exception("completer of %r failed", entry.name)
+        return [], start, cursor_pos
+    return [m for m in matches if m.startswith(prefix)], start, cursor_pos
+
+
+def _complete_path(prefix: str, cwd: str | None) -> list[str]:
+    head, tail = prefix[: len(prefix) - len(prefix.rpartition("/")[2])], prefix.rpartition("/")[2]
+    folder = Path(os.path.expanduser(head or "."))
+    if not folder.is_absolute():
+        folder = Path(cwd or os.getcwd()) / folder
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [
+        head + n + ("/" if (folder / n).is_dir() else "")
+        for n in names
+        if n.startswith(tail) and (tail.startswith(".") or not n.startswith("."))
+    ]
+
+
+class _NullOutput:
+    def stream(self, name: str, text: str) -> None:
+        pass
+
+    def result(self, data: Any, text: str) -> None:
+        pass

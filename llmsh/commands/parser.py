@@ -1,0 +1,315 @@
+"""The llmsh command language: a lexer and a recursive-descent parser producing an AST of pipelines.
+
+Grammar (a small, POSIX-shaped subset):
+
+    script    := statement ((';' | '&' | newline) statement)*       '&' runs the statement as a background job
+    statement := pipeline (('&&' | '||') newline* pipeline)*
+    pipeline  := command ('|' newline* command)*
+    command   := (WORD | '>' WORD | '>>' WORD)+
+
+Words are quoted like POSIX sh: the lexer only finds where a word ends (respecting quotes and backslashes) and hands
+the word to `shlex.split` to remove the quoting, so quoting rules are exactly shlex's. The lexer is our own because
+shlex cannot tell a quoted `"&&"` from the operator, and treats a newline as plain whitespace. `#` starts a comment
+at the beginning of a word; backslash-newline joins lines. The parser is pure Python with no llmsh imports, so the
+client can use it (for multi-line input) without loading anything heavy.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+SEPARATORS = (";", "&", "\n")
+OPERATORS = ("&&", "||", ">>", ";", "|", "&", ">", "<", "\n")  # longest first where they share a prefix
+_OP_CHARS = set(";&|<>\n")
+_BLANK = " \t\r"
+
+
+class ParseError(ValueError):
+    """A syntax error with a one-line message; `incomplete` means more input could fix it (open quote, trailing `&&`)."""
+
+    def __init__(self, message: str, *, incomplete: bool = False, pos: int = 0) -> None:
+        super().__init__(message)
+        self.incomplete = incomplete
+        self.pos = pos
+
+
+@dataclass
+class Token:
+    """A word (quoting removed in `value`, source text in `raw`) or an operator."""
+
+    kind: str  # "word" | "op"
+    value: str
+    start: int
+    end: int
+    quoted: bool = False
+
+
+@dataclass
+class Redirect:
+    """`> path` (truncate) or `>> path` (append): the command's stdout goes to a file."""
+
+    path: str
+    append: bool = False
+
+
+@dataclass
+class SimpleCommand:
+    """One command with its arguments, e.g. `echo hi > out.txt`."""
+
+    argv: list[str]
+    redirect: Redirect | None = None
+    start: int = 0
+    end: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.argv[0]
+
+
+@dataclass
+class Pipeline:
+    """`a | b | c`: each stage's output streams into the next stage's stdin."""
+
+    commands: list[SimpleCommand]
+
+
+@dataclass
+class AndOr:
+    """`p1 && p2 || p3`: run `first`, then each following pipeline depending on the previous exit code."""
+
+    first: Pipeline
+    rest: list[tuple[str, Pipeline]] = field(default_factory=list)
+
+    def pipelines(self) -> list[Pipeline]:
+        return [self.first, *(p for _, p in self.rest)]
+
+
+@dataclass
+class Statement:
+    """One and-or list, run in the foreground or (`&`) as a background job."""
+
+    body: AndOr
+    background: bool
+    text: str  # the source text, for `jobs` and error messages
+    line: int  # 1-based line of the statement's first token
+
+
+@dataclass
+class Script:
+    """What `parse` returns: the statements in order."""
+
+    statements: list[Statement]
+
+
+class _Lexer:
+    """Splits source text into tokens; `partial=True` (completion) closes an open quote instead of failing."""
+
+    def __init__(self, code: str, partial: bool = False) -> None:
+        self.code = code
+        self.partial = partial
+        self.dangling = False  # input ends in a backslash-newline: the line continues
+
+    def tokens(self) -> list[Token]:
+        code, n, i = self.code, len(self.code), 0
+        out: list[Token] = []
+        while i < n:
+            c = code[i]
+            if c in _BLANK:
+                i += 1
+            elif c == "\\" and code.startswith("\\\n", i):
+                i += 2
+                self.dangling = i >= n
+            elif c == "#":
+                end = code.find("\n", i)
+                i = n if end < 0 else end
+            elif c in _OP_CHARS:
+                op = next(o for o in OPERATORS if code.startswith(o, i))
+                out.append(Token("op", op, i, i + len(op)))
+                i += len(op)
+            else:
+                tok, i = self._word(i)
+                out.append(tok)
+        return out
+
+    def _word(self, i: int) -> tuple[Token, int]:
+        code, n, start = self.code, len(self.code), i
+        raw: list[str] = []
+        quoted = False
+        while i < n:
+            c = code[i]
+            if c in _BLANK or c in _OP_CHARS:
+                break
+            if c == "\\":
+                if i + 1 >= n:
+                    if self.partial:
+                        i += 1
+                        break
+                    raise ParseError("line ends with '\\'; continue it on the next line", incomplete=True, pos=i)
+                if code[i + 1] == "\n":  # line continuation inside a word
+                    i += 2
+                    self.dangling = i >= n
+                    continue
+                raw.append(code[i : i + 2])
+                quoted = True
+                i += 2
+                continue
+            if c in "'\"":
+                j = self._closing_quote(i)
+                if j < 0:
+                    if not self.partial:
+                        raise ParseError(f"unclosed {c} quote", incomplete=True, pos=i)
+                    raw.append(code[i:] + c)
+                    i = n
+                    quoted = True
+                    break
+                segment = code[i : j + 1]
+                raw.append(segment.replace("\\\n", "") if c == '"' else segment)
+                quoted = True
+                i = j + 1
+                continue
+            raw.append(c)
+            i += 1
+        text = "".join(raw)
+        if quoted:
+            try:
+                parts = shlex.split(text, comments=False, posix=True)
+            except ValueError as e:  # cannot happen for text the lexer closed, but never crash on input
+                raise ParseError(f"bad quoting: {e}", pos=start) from None
+            value = parts[0] if parts else ""
+        else:
+            value = text
+        return Token("word", value, start, i, quoted), i
+
+    def _closing_quote(self, i: int) -> int:
+        code, q = self.code, self.code[i]
+        if q == "'":
+            return code.find("'", i + 1)
+        j = i + 1
+        while j < len(code):
+            if code[j] == "\\":
+                j += 2
+                continue
+            if code[j] == '"':
+                return j
+            j += 1
+        return -1
+
+
+def tokenize(code: str, *, partial: bool = False) -> list[Token]:
+    """The tokens of `code`; raises ParseError for an unclosed quote unless `partial`."""
+    return _Lexer(code, partial).tokens()
+
+
+class _Parser:
+    def __init__(self, code: str, tokens: list[Token]) -> None:
+        self.code = code
+        self.toks = tokens
+        self.i = 0
+
+    def peek(self) -> Token | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def is_op(self, *ops: str) -> bool:
+        t = self.peek()
+        return t is not None and t.kind == "op" and t.value in ops
+
+    def skip_newlines(self) -> None:
+        while self.is_op("\n"):
+            self.i += 1
+
+    def script(self) -> Script:
+        stmts: list[Statement] = []
+        while True:
+            self.skip_newlines()
+            first = self.peek()
+            if first is None:
+                return Script(stmts)
+            body = self.and_or()
+            last = self.toks[self.i - 1]
+            background = self.is_op("&")
+            if self.peek() is not None:
+                if not self.is_op(*SEPARATORS):
+                    raise self.unexpected(self.peek())
+                self.i += 1
+            text = self.code[first.start : last.end]
+            line = self.code.count("\n", 0, first.start) + 1
+            stmts.append(Statement(body, background, text, line))
+
+    def and_or(self) -> AndOr:
+        node = AndOr(self.pipeline())
+        while self.is_op("&&", "||"):
+            op = self.toks[self.i].value
+            self.i += 1
+            self.skip_newlines()
+            if self.peek() is None:
+                raise ParseError(f"'{op}' needs a command after it", incomplete=True, pos=len(self.code))
+            node.rest.append((op, self.pipeline()))
+        return node
+
+    def pipeline(self) -> Pipeline:
+        cmds = [self.command()]
+        while self.is_op("|"):
+            self.i += 1
+            self.skip_newlines()
+            if self.peek() is None:
+                raise ParseError("'|' needs a command after it", incomplete=True, pos=len(self.code))
+            cmds.append(self.command())
+        return Pipeline(cmds)
+
+    def command(self) -> SimpleCommand:
+        argv: list[str] = []
+        redirect: Redirect | None = None
+        start = self.peek().start if self.peek() else len(self.code)
+        end = start
+        while (t := self.peek()) is not None:
+            if t.kind == "word":
+                argv.append(t.value)
+            elif t.value in (">", ">>"):
+                target = self.toks[self.i + 1] if self.i + 1 < len(self.toks) else None
+                if target is None or target.kind != "word":
+                    raise ParseError(f"'{t.value}' needs a file name after it", pos=t.start)
+                if redirect is not None:
+                    raise ParseError("only one output redirection per command", pos=t.start)
+                redirect = Redirect(target.value, append=t.value == ">>")
+                self.i += 1
+                t = target
+            elif t.value == "<":
+                raise ParseError("input redirection '<' is not supported; quote the '<' or use a pipe", pos=t.start)
+            else:
+                break
+            end = t.end
+            self.i += 1
+        if not argv:
+            t = self.peek()
+            if t is None:
+                raise ParseError("missing command", pos=len(self.code))
+            raise self.unexpected(t)
+        return SimpleCommand(argv, redirect, start, end)
+
+    def unexpected(self, t: Token | None) -> ParseError:
+        shown = "newline" if t is not None and t.value == "\n" else (t.value if t else "end of input")
+        return ParseError(f"syntax error near '{shown}'", pos=t.start if t else len(self.code))
+
+
+def parse(code: str) -> Script:
+    """Parse source text into a Script; raises ParseError (one-line message) on bad or unfinished input."""
+    return _Parser(code, tokenize(code)).script()
+
+
+def is_complete(code: str) -> tuple[str, str]:
+    """Jupyter's is_complete: ("complete"|"incomplete"|"invalid", indent) — unclosed quote, trailing `\\`, `&&`, `||`, `|` are incomplete."""
+    lexer = _Lexer(code)
+    try:
+        tokens = lexer.tokens()
+        _Parser(code, tokens).script()
+    except ParseError as e:
+        return ("incomplete", "") if e.incomplete else ("invalid", "")
+    if lexer.dangling:
+        return "incomplete", ""
+    return "complete", ""
+
+
+def join(argv: list[str]) -> str:
+    """Quote argv back into one command line (for display)."""
+    return shlex.join(argv)

@@ -1,0 +1,316 @@
+"""Unit tests of the executor (contract B) in-process, with a plain namespace as the kernel and a recording Output.
+
+The end-to-end tests through a real kernel process are in test_shell*.py / test_batch*.py; these pin down the shell
+semantics: exit codes, error lines, pipes, redirects, --json/--help, jobs, cancellation, completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import types
+from typing import Any, Iterator
+
+import pytest
+
+from llmsh.commands.executor import ExecResult, complete, execute
+from llmsh.commands.registry import REGISTRY, Command, CommandError, arg
+
+
+class Recorder:
+    """An Output that records every event in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any, str]] = []
+
+    def stream(self, name: str, text: str) -> None:
+        self.events.append((name, None, text))
+
+    def result(self, data: Any, text: str) -> None:
+        self.events.append(("result", data, text))
+
+    def text(self, name: str) -> str:
+        return "".join(t for n, _, t in self.events if n == name)
+
+    def results(self) -> list[tuple[Any, str]]:
+        return [(d, t) for n, d, t in self.events if n == "result"]
+
+
+def fake_kernel() -> Any:
+    return types.SimpleNamespace(
+        history=["echo one", "echo two", "sleep 1"], services={}, pid=4242, started_at=time.time() - 65, clients={"a": 0.0}
+    )
+
+
+async def run(code: str, kernel: Any = None, client: str = "c1", cwd: str | None = None) -> tuple[ExecResult, Recorder]:
+    out = Recorder()
+    res = await execute(kernel if kernel is not None else fake_kernel(), code, client=client, out=out, cwd=cwd)
+    return res, out
+
+
+@pytest.fixture
+def test_commands() -> Iterator[dict[str, Any]]:
+    """Temporary commands for pipes and failures, removed again afterwards so `help` stays clean."""
+    state: dict[str, Any] = {"seen_first": asyncio.Event(), "received": []}
+
+    async def produce(ctx: Any, args: Any) -> None:
+        ctx.write("first ")
+        await asyncio.wait_for(state["seen_first"].wait(), 5)  # only set if `consume` got "first " while we run
+        ctx.write("second")
+
+    async def consume(ctx: Any, args: Any) -> None:
+        async for piece in ctx.stdin:
+            state["received"].append(piece)
+            state["seen_first"].set()
+            ctx.write(piece.upper())
+
+    async def boom(ctx: Any, args: Any) -> None:
+        raise RuntimeError("kaboom\nsecond line")
+
+    async def fail(ctx: Any, args: Any) -> None:
+        raise CommandError(f"it failed with {args.code}", status=args.code)
+
+    async def structured(ctx: Any, args: Any) -> None:
+        ctx.result({"rows": [1, 2]}, "two rows")
+
+    names = []
+    for name, handler, extra in (
+        ("t-produce", produce, {}),
+        ("t-consume", consume, {}),
+        ("t-boom", boom, {}),
+        ("t-fail", fail, {"args": (arg("code", type=int),)}),
+        ("t-structured", structured, {"structured": True}),
+    ):
+        REGISTRY.add(Command(name=name, summary="test", handler=handler, group="test", **extra))
+        names.append(name)
+    yield state
+    for name in names:
+        REGISTRY.commands.pop(name, None)
+
+
+async def test_echo_ok() -> None:
+    res, out = await run("echo hello   world")
+    assert res == ExecResult("ok", 0) and out.text("stdout") == "hello world\n"
+    res, out = await run("echo -n x")
+    assert out.text("stdout") == "x"
+
+
+async def test_unknown_command_suggests_nearest() -> None:
+    res, out = await run("ehco hi")
+    assert (res.status, res.exit_code, res.ename) == ("error", 127, "CommandNotFound")
+    assert res.evalue == "llmsh: ehco: command not found (did you mean: echo?)"
+    res, _ = await run("zzzzqqq")
+    assert res.evalue == "llmsh: zzzzqqq: command not found; type 'help' for the list"
+
+
+async def test_bad_arguments_give_one_usage_line() -> None:
+    res, out = await run("sleep abc")
+    assert (res.exit_code, res.ename) == (2, "UsageError")
+    assert res.evalue.startswith("llmsh: sleep: ") and "usage: sleep" in res.evalue and "\n" not in res.evalue
+    res, _ = await run("sleep")
+    assert res.exit_code == 2 and "required: N" in res.evalue
+    res, _ = await run("echo hi --json")  # echo takes anything
+    assert res.status == "ok"
+    res, _ = await run("sleep 1 --json")  # sleep is not structured
+    assert res.exit_code == 2 and "unrecognized arguments: --json" in res.evalue
+
+
+async def test_help_and_dash_dash_help() -> None:
+    res, out = await run("help")
+    ((rows, text),) = out.results()
+    assert res.exit_code == 0 and "echo" in text and "sleep" in text and "help CMD" in text
+    assert {"name": "sleep", "group": "core"}.items() <= next(r for r in rows if r["name"] == "sleep").items()
+    res, out = await run("help sleep")
+    assert "usage: sleep" in out.results()[0][1]
+    res, out = await run("sleep --help")
+    assert res.exit_code == 0 and out.text("stdout").startswith("usage: sleep")
+    res, _ = await run("help slep")
+    assert res.exit_code == 127 and "did you mean: sleep" in res.evalue
+
+
+async def test_json_flag_shows_the_json(test_commands: Any) -> None:
+    _, out = await run("t-structured")
+    assert out.results() == [({"rows": [1, 2]}, "two rows")]
+    _, out = await run("t-structured --json")
+    ((data, text),) = out.results()
+    assert data == {"rows": [1, 2]} and json.loads(text) == data
+    _, out = await run("help --json")
+    assert any(r["name"] == "echo" for r in json.loads(out.results()[0][1]))
+
+
+async def test_sequences_and_exit_codes(test_commands: Any) -> None:
+    res, out = await run("t-fail 3; echo after")
+    assert res == ExecResult("ok", 0)
+    assert out.text("stderr") == "llmsh: t-fail: it failed with 3\n" and out.text("stdout") == "after\n"
+    res, out = await run("t-fail 4 && echo skipped")
+    assert (res.exit_code, res.evalue) == (4, "llmsh: t-fail: it failed with 4")
+    assert out.text("stdout") == "" and out.text("stderr") == ""  # the final error is shown once, by the reply
+    res, out = await run("t-fail 1 || echo fallback && echo also")
+    assert res.exit_code == 0 and out.text("stdout") == "fallback\nalso\n"
+    res, out = await run("echo a || echo never; echo b")
+    assert out.text("stdout") == "a\nb\n"
+
+
+async def test_syntax_error_is_exit_2() -> None:
+    res, out = await run("echo a ;; echo b")
+    assert (res.exit_code, res.ename) == (2, "SyntaxError") and res.evalue == "llmsh: syntax error near ';'"
+    assert out.events == []  # nothing ran
+
+
+async def test_pipe_streams_pieces(test_commands: Any) -> None:
+    res, out = await asyncio.wait_for(run("t-produce | t-consume"), 10)
+    assert res.exit_code == 0
+    assert test_commands["received"] == ["first ", "second"]  # the consumer saw the first piece before the second existed
+    assert out.text("stdout") == "FIRST SECOND"
+
+
+async def test_pipe_status_is_the_last_stage(test_commands: Any) -> None:
+    res, out = await run("t-fail 5 | echo right")
+    assert res.exit_code == 0 and out.text("stdout") == "right\n" and "it failed with 5" in out.text("stderr")
+    res, out = await run("echo left | t-fail 6")
+    assert res.exit_code == 6 and out.text("stdout") == ""
+    res, out = await run("t-structured --json | t-consume")
+    assert json.loads(out.text("stdout").lower()) == {"rows": [1, 2]}
+
+
+async def test_unexpected_exception_is_one_line_and_logged(test_commands: Any, caplog: Any) -> None:
+    with caplog.at_level(logging.ERROR, logger="llmsh.commands"):
+        res, out = await run("t-boom; echo still")
+    assert res.exit_code == 0 and out.text("stdout") == "still\n"
+    line = out.text("stderr")
+    assert line == "llmsh: t-boom: internal error: RuntimeError: kaboom; second line (details in the kernel log)\n"
+    assert any("Traceback" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+    res, _ = await run("t-boom")
+    assert (res.exit_code, res.ename) == (1, "InternalError")
+
+
+async def test_redirect_to_file_relative_to_cwd(tmp_path: Any, test_commands: Any) -> None:
+    res, out = await run("echo one > out.txt && echo two >> out.txt; t-structured > s.txt", cwd=str(tmp_path))
+    assert res.exit_code == 0 and out.text("stdout") == ""
+    assert (tmp_path / "out.txt").read_text() == "one\ntwo\n"
+    assert (tmp_path / "s.txt").read_text() == "two rows\n"
+    res, _ = await run("echo x > no/such/dir/f", cwd=str(tmp_path))
+    assert res.exit_code == 1 and res.evalue.startswith("llmsh: echo: cannot write no/such/dir/f:")
+
+
+async def test_sleep_is_interruptible() -> None:
+    task = asyncio.ensure_future(run("sleep 30; echo never"))
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - t0 < 1
+
+
+async def test_sleep_durations() -> None:
+    res, _ = await run("sleep 0.01 && sleep 0.01s && sleep .01")
+    assert res.exit_code == 0
+    res, _ = await run("sleep -1")
+    assert res.exit_code == 2
+
+
+async def test_background_jobs_wait_and_numbers() -> None:
+    k = fake_kernel()
+    t0 = time.monotonic()
+    res, out = await run("sleep 0.3 & echo started", k)
+    assert res.exit_code == 0 and time.monotonic() - t0 < 0.25
+    assert out.text("stderr") == "[1] sleep 0.3\n" and out.text("stdout") == "started\n"
+    _, out2 = await run("jobs", k)
+    assert out2.results()[0][1] == "[1]+  Running     sleep 0.3 &"
+    assert out2.results()[0][0][0]["state"] == "running"
+    _, other = await run("jobs", k, client="c2")  # jobs are per client session
+    assert other.results()[0][0] == []
+    res, _ = await run("wait", k)
+    assert res.exit_code == 0 and time.monotonic() - t0 >= 0.3
+    assert "[1]+  Done        sleep 0.3\n" in out.text("stderr")  # notice through the starting request's Output
+    _, out3 = await run("jobs --json", k)
+    assert json.loads(out3.results()[0][1])[0]["status"] == "Done"
+    _, out4 = await run("jobs", k)  # reported jobs are reaped, numbering restarts
+    assert out4.results()[0][0] == []
+    await run("sleep 0.01 &", k)
+    assert k.services["jobs"].list("c1")[0].id == 1
+
+
+async def test_wait_returns_the_job_exit_code(test_commands: Any) -> None:
+    k = fake_kernel()
+    _, out = await run("t-fail 7 & t-fail 0 &", k)
+    res, _ = await run("wait %1", k)
+    assert res.exit_code == 7
+    res, _ = await run("wait %2", k)
+    assert res.exit_code == 0
+    assert "llmsh: t-fail: it failed with 7\n" in out.text("stderr")
+    res, _ = await run("wait %9", k)
+    assert res.exit_code == 1 and res.evalue == "llmsh: wait: %9: no such job; see 'jobs'"
+    res, _ = await run("wait 123", k)
+    assert res.exit_code == 127 and "no such process" in res.evalue
+
+
+async def test_fg_waits_and_ctrl_c_on_fg_stops_the_job() -> None:
+    k = fake_kernel()
+    await run("sleep 0.2 &", k)
+    res, out = await run("fg %1", k)
+    assert res.exit_code == 0 and out.text("stdout") == "sleep 0.2\n"
+    await run("sleep 30 &", k)
+    (job,) = k.services["jobs"].list("c1")
+    fg = asyncio.ensure_future(run("fg", k))
+    await asyncio.sleep(0.05)
+    fg.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await fg
+    await asyncio.sleep(0.01)
+    assert job.state == "interrupted" and job.exit_code == 130
+
+
+async def test_ctrl_c_on_wait_leaves_the_job_running() -> None:
+    k = fake_kernel()
+    await run("sleep 30 &", k)
+    (job,) = k.services["jobs"].list("c1")
+    waiter = asyncio.ensure_future(run("wait", k))
+    await asyncio.sleep(0.05)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert job.state == "running"
+    res, out = await run("bg %1", k)
+    assert res.exit_code == 0 and out.text("stdout") == "[1]+ sleep 30 &\n"
+    assert k.services["jobs"].cancel(job)
+    await asyncio.sleep(0.01)
+    assert job.state == "interrupted"
+    res, _ = await run("fg %1", k)
+    assert res.exit_code == 1 and "already finished" in res.evalue
+
+
+async def test_uname_kernel_history() -> None:
+    res, out = await run("uname")
+    text = out.results()[0][1]
+    assert "llmsh 0.1.0 pid 4242 up 1m5s" in text
+    assert ("torch not loaded" in text) == ("torch" not in sys.modules)
+    _, out = await run("kernel --json")
+    info = json.loads(out.results()[0][1])
+    assert info["pid"] == 4242 and info["clients"] == 1 and info["python"].count(".") == 2
+    _, out = await run("history -n 2")
+    assert out.results()[0][1] == "2  echo two\n3  sleep 1"
+
+
+async def test_complete() -> None:
+    k = fake_kernel()
+    assert complete(k, "ec", 2) == (["echo"], 0, 2)
+    assert complete(k, "echo a && sl", 12) == (["sleep"], 10, 12)
+    assert complete(k, "help --j", 8) == (["--json"], 5, 8)
+    assert complete(k, "help sle", 8) == (["sleep"], 5, 8)
+    matches, start, end = complete(k, "", 0)
+    assert "echo" in matches and (start, end) == (0, 0)
+    await run("sleep 30 &", k)
+    assert complete(k, "fg ", 3, client="c1") == (["%1"], 3, 3)
+    k.services["jobs"].cancel(k.services["jobs"].list("c1")[0])
+
+
+def test_complete_redirect_path(tmp_path: Any) -> None:
+    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "nested").mkdir()
+    matches, start, _ = complete(fake_kernel(), "echo a > n", 10, cwd=str(tmp_path))
+    assert matches == ["nested/", "notes.txt"] and start == 9
