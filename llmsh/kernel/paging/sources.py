@@ -1,0 +1,85 @@
+"""Where pages come from and go to: the `PageSource` protocol and its adapter for runtime models.
+
+The pager never touches a model's modules itself; it asks a source to read a page's tensors from their home
+(the mmap'd safetensors), to install tensors as the page's parameters, and to release them. The runtime model
+implements the hooks (contract D); unit tests use a source over plain tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    """One page as the pager sees it: a name ('embed', 'block.0', 'head') and its bytes on the device."""
+
+    name: str
+    nbytes: int
+
+
+class PageSource(Protocol):
+    """A model's pages, seen by the pager."""
+
+    device: str
+
+    def page_infos(self) -> list[PageInfo]:
+        """The pages in forward order."""
+
+    def read(self, index: int, device: str, *, pin: bool = False) -> dict[str, "torch.Tensor"]:
+        """Fresh tensors of one page, read from its home on disk (pinned host memory if `pin`)."""
+
+    def install(self, index: int, tensors: dict[str, "torch.Tensor"]) -> None:
+        """Make `tensors` the page's parameters (a pointer swap: cheap, done at a safe point)."""
+
+    def release(self, index: int) -> None:
+        """Drop the page's parameters so their memory is freed."""
+
+    def is_resident(self, index: int) -> bool:
+        """Whether the page's parameters are materialised now."""
+
+    def set_hook(self, fn: Callable[[int], None] | None) -> None:
+        """Call fn(page_index) right before the page's modules run (None removes it)."""
+
+
+class ModelSource:
+    """Adapter from a runtime `Model` (contract D paging hooks) to `PageSource`."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.device = str(model.device)
+        self._pages = list(model.pages())
+
+    def page_infos(self) -> list[PageInfo]:
+        return [PageInfo(p.name, int(p.nbytes)) for p in self._pages]
+
+    def param_names(self, index: int) -> list[str]:
+        return list(self._pages[index].param_names)
+
+    def read(self, index: int, device: str, *, pin: bool = False) -> dict[str, "torch.Tensor"]:
+        out = {}
+        for name in self._pages[index].param_names:
+            t = self.model.checkpoint.load_tensor(name, device, self.model.dtype)
+            if pin and t.device.type == "cpu":
+                t = t.pin_memory()
+            out[name] = t
+        return out
+
+    def install(self, index: int, tensors: dict[str, "torch.Tensor"]) -> None:
+        self.model.materialize_page(index, self.device, tensors)
+
+    def release(self, index: int) -> None:
+        self.model.release_page(index)
+
+    def is_resident(self, index: int) -> bool:
+        probe = getattr(self.model, "page_resident", None)
+        if probe is not None:
+            return bool(probe(index))
+        return True  # a freshly loaded model has every page materialised
+
+    def set_hook(self, fn: Callable[[int], None] | None) -> None:
+        self.model.set_page_hook(fn)
