@@ -291,6 +291,35 @@ class ProcessTable:
             rows = sorted([*rows, *list(self.exited)], key=lambda r: r["pid"])
         return rows
 
+    def exit_code(self, pid: int) -> int | None:
+        """Shell-style status of a process: None while busy; 0 settled (ready, idle) or exited by TERM; 1 failed; 137 killed."""
+        proc = self._procs.get(pid)
+        if proc is not None:
+            if proc.state is ProcState.FAILED:
+                return 1
+            if proc.state in (ProcState.LOADING, ProcState.EXITING) or proc.has_work():
+                return None
+            return 0
+        for row in reversed(self.exited):
+            if row["pid"] == pid:
+                return {"term": 0, "reaped": 1}.get(row.get("exit", ""), 137)
+        raise LookupError(f"no process with PID {pid}; see 'ps'")
+
+    async def wait(self, pid: int, poll: float = 0.05) -> int:
+        """`wait PID`: until the process has settled (loaded with no requests in flight, failed, or exited)."""
+        import asyncio
+
+        from llmsh.commands.registry import CommandError
+
+        while True:
+            try:
+                code = self.exit_code(pid)
+            except LookupError as e:
+                raise CommandError(str(e), status=127, ename="NoSuchProcess") from None
+            if code is not None:
+                return code
+            await asyncio.sleep(poll)
+
     def changed(self, proc: Process, event: str = "state") -> None:
         """Tell listeners that `proc` changed (state, progress)."""
         self._emit(proc, event)

@@ -1,0 +1,274 @@
+"""Loading models into processes: a bounded thread pool (disk → host → device), and where models are found.
+
+Loading is slow (reading and checking gigabytes), so it runs on a small `ThreadPoolExecutor` instead of the event
+loop or an engine thread; progress goes straight into the process row (`ps` shows it, `load` streams it). The pool is
+bounded (two workers) because loads are disk-bound: more parallel loads only thrash the page cache.
+
+`find_models()` answers `models` and resolves `load NAME`: folders under the configured model dirs
+(`config.toml`'s `model_dirs`, `LLMSH_MODEL_PATH`) and the models in the local Hugging Face hub cache.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import json
+import os
+import threading
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from llmsh.kernel.process import Process, ProcessTable, ProcState
+from llmsh.kernel.scheduler import Scheduler
+from llmsh.paths import config_dir
+
+LOADER_WORKERS = 2
+DEFAULT_MAX_BATCH = 16  # requests decoded together per process; more queue (bounded) until a slot frees
+DEFAULT_MAX_SEQ_LEN = 2048  # KV cache length cap per request, whatever the model's context: bounds memory per slot
+
+_torch_configured = False
+
+
+def configure_torch_threads() -> int:
+    """Set torch's intra-op threads once, before the first load; returns the count.
+
+    All compute of a device happens on its one engine thread, so intra-op parallelism is the only parallelism that helps:
+    use every core this process may run on (`sched_getaffinity`, not `cpu_count()`, which overcounts in containers and
+    cgroups and makes OpenMP threads fight over too few cores). The event loop and loader threads are mostly waiting on
+    sockets and disk and release the GIL, so they need no reserved core. Inter-op threads are set to 1 because nothing
+    here uses inter-op parallelism (no `torch.jit.fork`), and a second pool would only add idle spinning threads.
+    `LLMSH_TORCH_THREADS` overrides the count (e.g. to share a machine).
+    """
+    global _torch_configured
+    import torch
+
+    n = int(os.environ.get("LLMSH_TORCH_THREADS", "0") or 0) or len(os.sched_getaffinity(0))
+    if not _torch_configured:
+        torch.set_num_threads(n)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # only settable before the first parallel op; harmless when already fixed
+            pass
+        _torch_configured = True
+    return torch.get_num_threads()
+
+
+class LoadAborted(Exception):
+    """KILL arrived while loading: the progress callback stops the load."""
+
+
+class ModelRuntime:
+    """Adapts a loaded `llmsh.runtime.Model` to what the scheduler needs (see `process.Runtime`)."""
+
+    def __init__(self, model: Any, max_batch: int = DEFAULT_MAX_BATCH, max_seq_len: int | None = None) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        ctx = _context_length(model.config) or DEFAULT_MAX_SEQ_LEN
+        self.max_seq_len = min(ctx, max_seq_len or DEFAULT_MAX_SEQ_LEN)
+        self.batch: Any = None
+
+    def new_batch(self) -> Any:
+        from llmsh.runtime.generation import BatchGenerator
+
+        self.batch = BatchGenerator(self.model, self.max_batch, self.max_seq_len)
+        return self.batch
+
+    def new_sequence(self, prompt_ids: list[int], params: Any) -> Any:
+        from llmsh.runtime.generation import Sequence
+
+        return Sequence(self.model, prompt_ids, params)
+
+    def resident_bytes(self) -> int:
+        """Weights on the device plus this process's KV cache."""
+        model = self.model
+        if model is None:
+            return 0
+        n = int(model.weight_bytes())
+        cache = getattr(self.batch, "cache", None)
+        return n + int(getattr(cache, "nbytes", 0) or 0)
+
+    def close(self) -> None:
+        """Drop the model and its cache and give the memory back (the CUDA caching allocator too)."""
+        device = str(getattr(self.model, "device", "cpu"))
+        self.model = None
+        self.batch = None
+        gc.collect()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def _context_length(config: Any) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx"):
+        v = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+class Loader:
+    """The bounded loader pool; `start()` creates a `loading` process and loads it in the background."""
+
+    def __init__(self, procs: ProcessTable, sched: Scheduler, workers: int = LOADER_WORKERS) -> None:
+        self.procs = procs
+        self.sched = sched
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmsh-loader")
+        self.tasks: dict[int, str] = {}  # thread ident → what it is loading, for `threads`
+        self.max_batch = int(os.environ.get("LLMSH_MAX_BATCH", DEFAULT_MAX_BATCH))
+
+    def start(
+        self, source: str, *, name: str | None = None, device: str = "cpu", dtype: str | None = None, nice: int = 0
+    ) -> tuple[Process, concurrent.futures.Future]:
+        """Register a `loading` process for `source` (path or model name) and queue its load; returns it at once."""
+        path = resolve_model(source)
+        base = name or _default_name(path)
+        if name is None:
+            base = self.procs.unique_name(base)
+        proc = self.procs.add(base, path, device=device, dtype=dtype or "", nice=nice)
+        proc.progress_text = "queued"
+        return proc, self.pool.submit(self._load, proc, path, device, dtype)
+
+    def _load(self, proc: Process, path: str, device: str, dtype: str | None) -> Process:
+        me = threading.get_ident()
+        self.tasks[me] = f"load pid {proc.pid} ({proc.name})"
+        try:
+            return self._load_inner(proc, path, device, dtype)
+        finally:
+            self.tasks.pop(me, None)
+
+    def _load_inner(self, proc: Process, path: str, device: str, dtype: str | None) -> Process:
+        if proc.abort_load:
+            return proc
+        try:
+            configure_torch_threads()
+            from llmsh.runtime import LoadError, load
+
+            def progress(frac: float, text: str) -> None:
+                if proc.abort_load:
+                    raise LoadAborted()
+                proc.progress, proc.progress_text = float(frac), text
+                self.procs.changed(proc, "progress")
+
+            model = load(path, device=device, dtype=dtype, progress=progress)
+        except LoadAborted:
+            return proc
+        except Exception as e:  # LoadError is the expected one; anything else still must not kill the kernel
+            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not _is_load_error(e):
+                line = f"{type(e).__name__}: {line}"
+            self.sched.fail_load(proc, line)
+            gc.collect()  # whatever the failed load had allocated is garbage now
+            return proc
+        if proc.abort_load:  # killed while the last bytes came in
+            del model
+            gc.collect()
+            return proc
+        proc.dtype = str(getattr(model, "dtype", dtype or "")).replace("torch.", "")
+        proc.device = str(getattr(model, "device", device))
+        proc.runtime = ModelRuntime(model, self.max_batch)
+        proc.progress, proc.progress_text = 1.0, "ready"
+        self.sched.attach(proc)
+        return proc
+
+    def threads(self) -> list[dict[str, Any]]:
+        """The loader pool's threads, for `threads`."""
+        return [
+            {"thread": t, "pool": "loader", "task": self.tasks.get(t.ident or 0, "idle")}
+            for t in list(getattr(self.pool, "_threads", ()))
+        ]
+
+    def close(self) -> None:
+        """Kernel shutdown: abort queued loads, do not wait for a running one."""
+        for p in self.procs:
+            if p.state is ProcState.LOADING:
+                p.abort_load = True
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _is_load_error(e: BaseException) -> bool:
+    try:
+        from llmsh.runtime import LoadError
+
+        return isinstance(e, LoadError)
+    except Exception:
+        return False
+
+
+def _default_name(path: str) -> str:
+    p = Path(path)
+    if "snapshots" in p.parts:  # HF cache: models--org--name/snapshots/<rev>
+        for part in p.parts:
+            if part.startswith("models--"):
+                return part.split("--")[-1]
+    return p.name or str(path)
+
+
+# --- where models are ------------------------------------------------------------------------------------------
+def model_dirs() -> list[Path]:
+    """Configured model folders: `LLMSH_MODEL_PATH` (os.pathsep-separated) first, then config.toml `model_dirs`."""
+    dirs: list[Path] = []
+    env = os.environ.get("LLMSH_MODEL_PATH", "")
+    dirs += [Path(d).expanduser() for d in env.split(os.pathsep) if d]
+    cfg = config_dir() / "config.toml"
+    if cfg.is_file():
+        try:
+            data = tomllib.loads(cfg.read_text())
+            dirs += [Path(str(d)).expanduser() for d in data.get("model_dirs", []) or []]
+        except (OSError, tomllib.TOMLDecodeError):
+            pass
+    return dirs
+
+
+def hf_cache_dir() -> Path:
+    """The hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def _describe(path: Path, name: str, source: str) -> dict[str, Any]:
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors") if f.exists())
+    arch = ""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+        arch = cfg.get("model_type") or ",".join(cfg.get("architectures") or [])
+    except (OSError, ValueError):
+        pass
+    return {"name": name, "path": str(path), "source": source, "arch": arch, "bytes": size}
+
+
+def find_models() -> list[dict[str, Any]]:
+    """Everything `load` can find by name: model dirs (folders with a config.json) and the HF hub cache."""
+    out: list[dict[str, Any]] = []
+    for d in model_dirs():
+        if not d.is_dir():
+            continue
+        if (d / "config.json").is_file():
+            out.append(_describe(d, d.name, str(d.parent)))
+        for sub in sorted(d.iterdir()):
+            if sub.is_dir() and (sub / "config.json").is_file():
+                out.append(_describe(sub, sub.name, str(d)))
+    cache = hf_cache_dir()
+    if cache.is_dir():
+        for repo in sorted(cache.glob("models--*")):
+            snaps = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for snap in snaps:
+                if (snap / "config.json").exists():
+                    name = repo.name[len("models--"):].replace("--", "/")
+                    out.append(_describe(snap, name, "hf-cache"))
+                    break
+    return out
+
+
+def resolve_model(source: str) -> str:
+    """A path as given (absolute), or the folder of a model named in `models`; else `source` unchanged for the runtime."""
+    p = Path(source).expanduser()
+    if p.exists():
+        return str(p.resolve())
+    for m in find_models():
+        if m["name"] == source or m["name"].split("/")[-1] == source:
+            return m["path"]
+    return source
