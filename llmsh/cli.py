@@ -37,6 +37,8 @@ def _kernel_parser() -> argparse.ArgumentParser:
     for name, text in (("stop", "stop the kernel"), ("status", "show pid, uptime, ports and message counters")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--kernel", metavar="FILE", help="connection file (default: the newest running kernel)")
+        if name == "status":
+            s.add_argument("--json", action="store_true", help="print the kernel's report as JSON")
     sub.add_parser("list", help="list running kernels")
     inst = sub.add_parser("install", help="write a Jupyter kernelspec named 'llmsh'")
     inst.add_argument("--user", action="store_true", default=True, help="install for this user (default)")

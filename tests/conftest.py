@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest_plugins: list[str] = [
-    # "tests.fixtures_kernel",   # real kernel process + clients (foundation)
+    "tests.fixtures_kernel",   # real kernel process + clients (foundation)
     "tests.fixtures_models",   # tiny random HF-format checkpoints (runtime)
 ]
 

@@ -1,0 +1,414 @@
+"""Kernel lifecycle for clients and the CLI: start (daemonised or foreground), find, stop, status, list, install.
+
+This module is imported by the shell client on every `llmsh -c …`, so it must stay cheap: no torch, no
+jupyter_client, no kernel server at import time (those are imported inside the functions that need them).
+
+A kernel is found through its connection file in the runtime dir; a file whose kernel no longer answers the
+heartbeat is stale and removed. Stopping escalates like jupyter_client: a polite `shutdown_request`, then
+SIGTERM, then SIGKILL, and reports which step ended it (`StopOutcome`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from llmsh import paths
+
+log = logging.getLogger("llmsh.kernel")
+
+
+class KernelStartError(Exception):
+    """The kernel could not be started; the message is one line saying why."""
+
+
+class StopOutcome(enum.Enum):
+    """Which step of `stop_kernel`'s escalation ended the kernel."""
+
+    NOT_RUNNING = "not running"
+    SHUTDOWN_REQUEST = "shutdown_request"
+    SIGTERM = "SIGTERM"
+    SIGKILL = "SIGKILL"
+    FAILED = "still running"
+
+
+# ------------------------------------------------------------------------------------------ files and liveness
+def connection_files() -> list[Path]:
+    """This user's kernel connection files, newest first."""
+    files = list(paths.runtime_dir().glob("kernel-*.json"))
+    files.sort(key=lambda p: p.stat().st_mtime if p.exists() else 0, reverse=True)
+    return files
+
+
+def new_connection_file() -> Path:
+    """A fresh connection-file path in the runtime dir."""
+    return paths.runtime_dir() / f"kernel-{uuid.uuid4().hex[:12]}.json"
+
+
+def log_file(connection_file: Path | str) -> Path:
+    """Where the kernel of this connection file logs (state dir)."""
+    folder = paths.state_dir() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{Path(connection_file).stem}.log"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    from llmsh.protocol.connection import ConnectionFileError, read_connection_file
+
+    try:
+        return read_connection_file(path)
+    except ConnectionFileError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return True
+
+
+def is_alive(path: Path | str, timeout: float = 1.0) -> bool:
+    """True if the kernel of this connection file answers its heartbeat."""
+    from llmsh.protocol.request import heartbeat
+
+    info = _read(Path(path))
+    if info is None:
+        return False
+    pid = info.get("pid")
+    if isinstance(pid, int) and not pid_alive(pid):
+        return False
+    return heartbeat(info, timeout) or heartbeat(info, timeout * 2)
+
+
+def find_kernel(connection_file: str | None = None) -> Path | None:
+    """A live kernel's connection file (the given one, else the newest); stale files of ours are removed."""
+    candidates = [Path(connection_file)] if connection_file else connection_files()
+    for path in candidates:
+        if not path.exists():
+            continue
+        if is_alive(path):
+            return path
+        info = _read(path)
+        if info is None or "pid" in info:  # written by an llmsh kernel that is gone: clean it up
+            log.info("removing stale connection file %s", path)
+            path.unlink(missing_ok=True)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ start
+def _kernel_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])  # so `python -m llmsh` works without an install
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _start_args(args: argparse.Namespace | None) -> list[str]:
+    out: list[str] = []
+    if args is None:
+        return out
+    if getattr(args, "ip", None) and args.ip != "127.0.0.1":
+        out += ["--ip", args.ip]
+    if getattr(args, "mem_budget", None):
+        out += ["--mem-budget", args.mem_budget]
+    if getattr(args, "telemetry_hz", None) is not None and args.telemetry_hz != 2.0:
+        out += ["--telemetry-hz", str(args.telemetry_hz)]
+    if getattr(args, "ray", None):
+        out += ["--ray", args.ray]
+    return out
+
+
+def start_kernel_daemon(connection_file: str | None = None, timeout: float = 20, args: argparse.Namespace | None = None) -> Path:
+    """Start `llmsh kernel start --foreground` detached (own session, output to the log); return its connection file once it answers."""
+    path = Path(connection_file) if connection_file else new_connection_file()
+    if path.exists() and is_alive(path):
+        raise KernelStartError(f"a kernel is already running with {path}; stop it first ('llmsh kernel stop --kernel {path}')")
+    path.unlink(missing_ok=True)
+    logpath = log_file(path)
+    cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(path), *_start_args(args)]
+    with open(logpath, "ab") as logf:
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=_kernel_env(), close_fds=True
+            )
+        except OSError as e:
+            raise KernelStartError(f"cannot run {sys.executable}: {e}") from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            raise KernelStartError(f"the kernel exited with status {code} while starting: {_last_line(logpath)} (log: {logpath})")
+        if path.exists() and is_alive(path, timeout=0.5):
+            return path
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    path.unlink(missing_ok=True)
+    raise KernelStartError(f"the kernel did not answer within {timeout:g} s (log: {logpath})")
+
+
+def _last_line(logpath: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in logpath.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "no output"
+
+
+def setup_logging(connection_file: Path) -> Path:
+    """Send the `llmsh` loggers to the kernel's log file in the state dir; returns the file."""
+    path = log_file(connection_file)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("llmsh")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return path
+
+
+def run_foreground(args: argparse.Namespace) -> int:
+    """Run the kernel in this process until it is shut down."""
+    from llmsh.kernel import server
+    from llmsh.protocol.connection import ConnectionFileError
+
+    path = Path(args.connection_file) if args.connection_file else new_connection_file()
+    setup_logging(path)
+    try:
+        server.run(args, path)
+    except ConnectionFileError as e:
+        print(f"llmsh: kernel: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. a port in the given connection file is taken (zmq.ZMQError is an OSError)
+        log.error("kernel failed to start: %s", e)
+        print(f"llmsh: kernel: cannot start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ stop / status
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+def _owned_pid(info: dict[str, Any]) -> int | None:
+    """The kernel's pid from its file, if that process still is the one that wrote it (guards against pid reuse)."""
+    pid = info.get("pid")
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return None
+    try:
+        import psutil
+
+        if psutil.Process(pid).create_time() > float(info.get("started_at", 0)) + 1.0:
+            return None  # a newer process got this pid
+    except Exception:
+        pass
+    return pid
+
+
+def stop_kernel(path: Path | str, polite_timeout: float = 5.0, term_timeout: float = 5.0) -> StopOutcome:
+    """Stop the kernel of `path`: shutdown_request → wait → SIGTERM → wait → SIGKILL; the file is removed."""
+    from llmsh.protocol.request import request
+
+    path = Path(path)
+    info = _read(path)
+    if info is None:
+        return StopOutcome.NOT_RUNNING
+    pid = _owned_pid(info)
+    try:
+        reply = request(info, "shutdown_request", {"restart": False}, timeout=min(polite_timeout, 2.0))
+        if pid is None:
+            outcome = StopOutcome.SHUTDOWN_REQUEST if reply is not None else StopOutcome.NOT_RUNNING
+            if reply is not None:
+                deadline = time.monotonic() + polite_timeout  # no pid to watch: wait for the heartbeat to stop
+                from llmsh.protocol.request import heartbeat
+
+                while time.monotonic() < deadline and heartbeat(info, 0.2):
+                    time.sleep(0.05)
+            return outcome
+        if _wait_gone(pid, polite_timeout):
+            return StopOutcome.SHUTDOWN_REQUEST
+        _signal(pid, signal.SIGTERM)
+        if _wait_gone(pid, term_timeout):
+            return StopOutcome.SIGTERM
+        _signal(pid, signal.SIGKILL)
+        return StopOutcome.SIGKILL if _wait_gone(pid, 5.0) else StopOutcome.FAILED
+    finally:
+        if "pid" in info and (pid is None or not pid_alive(pid)):
+            path.unlink(missing_ok=True)
+
+
+def kernel_status(path: Path | str, timeout: float = 5.0) -> dict[str, Any]:
+    """The kernel's own report (pid, uptime, ports, counters…) from a kernel_info_request on control."""
+    from llmsh.protocol.request import request
+
+    info = _read(Path(path))
+    if info is None:
+        raise KernelStartError(f"no readable connection file at {path}")
+    reply = request(info, "kernel_info_request", timeout=timeout)
+    if reply is None:
+        raise KernelStartError(f"the kernel of {path} did not answer within {timeout:g} s")
+    data = dict(reply["content"].get("llmsh", {}))
+    data.setdefault("connection_file", str(path))
+    return data
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _human_time(s: float) -> str:
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """`llmsh kernel status` as a few aligned lines."""
+    c = st.get("counters", {})
+
+    def total(direction: str) -> tuple[int, int]:
+        per = c.get(direction, {})
+        return (
+            sum(v["count"] for t in per.values() for v in t.values()),
+            sum(v["bytes"] for t in per.values() for v in t.values()),
+        )
+
+    (ni, bi), (no, bo) = total("in"), total("out")
+    rejected = c.get("rejected", {})
+    ports = st.get("ports", {})
+    lines = [
+        f"kernel    {st.get('connection_file')}",
+        f"pid       {st.get('pid')}",
+        f"uptime    {_human_time(st.get('uptime', 0))}",
+        f"address   {st.get('transport', 'tcp')}://{st.get('ip')}" + ("  (CurveZMQ)" if st.get("curve") else ""),
+        "ports     " + "  ".join(f"{k} {v}" for k, v in ports.items()),
+        f"clients   {c.get('clients', 0)} seen",
+        f"messages  in {ni} ({_human_bytes(bi)}), out {no} ({_human_bytes(bo)})",
+        f"rejected  {sum(rejected.values())}" + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) + ")" if rejected else ""),
+        f"running   {st.get('running', 0)} command(s)",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ install
+def kernelspec() -> dict[str, Any]:
+    """The kernel.json that lets Jupyter start llmsh."""
+    return {
+        "argv": [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", "{connection_file}"],
+        "display_name": "llmsh",
+        "language": "llmsh",
+        "interrupt_mode": "message",
+        "metadata": {"debugger": False},
+    }
+
+
+def install_kernelspec(user: bool = True, prefix: str | None = None) -> Path:
+    """Install the `llmsh` kernelspec with jupyter_client (user dir, or under `prefix`); returns its folder."""
+    import tempfile
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "llmsh"
+        src.mkdir()
+        (src / "kernel.json").write_text(json.dumps(kernelspec(), indent=1), encoding="utf-8")
+        dest = KernelSpecManager().install_kernel_spec(str(src), kernel_name="llmsh", user=user and prefix is None, prefix=prefix)
+    return Path(dest)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _err(text: str) -> int:
+    print(f"llmsh: kernel: {text}", file=sys.stderr)
+    return 1
+
+
+def _target(args: argparse.Namespace) -> Path | None:
+    return find_kernel(getattr(args, "kernel", None))
+
+
+def main(args: argparse.Namespace) -> int:
+    """`llmsh kernel start|stop|status|list|install`; returns the exit code."""
+    action = args.action
+    if action == "start":
+        if args.foreground:
+            return run_foreground(args)
+        try:
+            path = start_kernel_daemon(args.connection_file, args=args)
+        except KernelStartError as e:
+            return _err(str(e))
+        print(path)
+        return 0
+    if action == "stop":
+        path = _target(args)
+        if path is None:
+            return _err("no running kernel" + (f" at {args.kernel}" if args.kernel else "") + "; start one with 'llmsh kernel start'")
+        outcome = stop_kernel(path)
+        if outcome in (StopOutcome.FAILED, StopOutcome.NOT_RUNNING):
+            return _err(f"could not stop the kernel of {path}: {outcome.value}")
+        print(f"stopped kernel {path} ({outcome.value})")
+        return 0
+    if action == "status":
+        path = _target(args)
+        if path is None:
+            return _err("no running kernel" + (f" at {args.kernel}" if args.kernel else "") + "; start one with 'llmsh kernel start'")
+        try:
+            st = kernel_status(path)
+        except KernelStartError as e:
+            return _err(str(e))
+        print(json.dumps(st, indent=1) if getattr(args, "json", False) else format_status(st))
+        return 0
+    if action == "list":
+        rows = []
+        for path in connection_files():
+            if find_kernel(str(path)) is None:
+                continue
+            info = _read(path) or {}
+            uptime = time.time() - float(info.get("started_at", time.time()))
+            rows.append(f"{path}  pid {info.get('pid', '?')}  up {_human_time(uptime)}  shell {info.get('shell_port')}")
+        print("\n".join(rows) if rows else "no running kernels")
+        return 0
+    if action == "install":
+        try:
+            dest = install_kernelspec(user=True, prefix=args.prefix)
+        except Exception as e:  # permission errors, bad prefix
+            return _err(f"cannot install the kernelspec: {e}")
+        print(f"installed kernelspec 'llmsh' in {dest}")
+        return 0
+    return _err(f"unknown action {action!r}")
