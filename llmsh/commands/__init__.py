@@ -11,6 +11,8 @@ import importlib
 FAMILIES: list[str] = [
     "llmsh.commands.core",
     "llmsh.commands.nodes",
+    "llmsh.commands.processes",
+    "llmsh.commands.memory",
 ]
 
 

@@ -163,7 +163,9 @@ async def nodes_cmd(ctx: Context, args: argparse.Namespace) -> int:
 )
 async def free_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`free [-b]`."""
-    rows = free_rows(await snapshot(ctx.kernel))
+    from llmsh.commands.memory import free_columns  # the pager's BUDGET / PAGED-IN columns
+
+    rows = free_columns(ctx.kernel, free_rows(await snapshot(ctx.kernel)))
     ctx.result(rows, format_free(rows, raw=args.bytes) + "\n")
     return 0
 

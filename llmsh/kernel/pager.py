@@ -1,0 +1,205 @@
+"""The pager as a kernel service: more models open than fit, each kept within the memory budget of its device.
+
+`setup(kernel)` builds a `Pager` (llmsh/kernel/paging/) from `--mem-budget`, registers it as `kernel.services["pager"]`
+and wires it to the process table: a model that finishes loading is put under the pager (its page hook installed),
+renice changes its pages' priority, an unloaded process is forgotten, and a periodic task releases processes idle for
+longer than their keep_alive and keeps each row's `paged_bytes` and the `paged-out` state in step with the page table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmsh.kernel.paging.budget import BudgetError, format_bytes, parse_budget
+from llmsh.kernel.paging.core import PageInError, Pager, PagerError
+from llmsh.kernel.paging.sources import ModelSource
+
+__all__ = ["Pager", "PagerError", "PageInError", "PagerService", "setup", "parse_duration"]
+
+log = logging.getLogger("llmsh.pager")
+REAP_INTERVAL = 0.25  # seconds between keep_alive checks / ps row updates
+
+
+def parse_duration(text: str) -> float | None:
+    """'5m' → 300.0, '30s', '1h', '250ms', '0' → 0.0; 'forever'/'never'/'-1' → None (keep resident); ValueError otherwise."""
+    t = text.strip().lower()
+    if t in ("forever", "never", "inf", "none", "-1"):
+        return None
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0), ("", 1.0)):
+        if t.endswith(suffix):
+            num = t[: len(t) - len(suffix)] if suffix else t
+            try:
+                value = float(num)
+            except ValueError:
+                break
+            if value < 0:
+                break
+            return value * scale
+    raise ValueError(f"bad duration {text!r}: expected e.g. 30s, 5m, 1h, 0 (release when idle) or 'forever'")
+
+
+class PagerService:
+    """Glue between the pager and the process table / scheduler (all of it optional, so tests can use parts)."""
+
+    def __init__(self, kernel: Any, pager: Pager) -> None:
+        self.kernel = kernel
+        self.pager = pager
+        self.procs: Any = None
+        self.sched: Any = None
+        self._task: asyncio.Task | None = None
+
+    def connect(self) -> None:
+        """Subscribe to the process table and scheduler (once both exist)."""
+        if self.procs is not None:
+            return
+        procs = self.kernel.services.get("procs")
+        if procs is None:
+            return
+        self.procs = procs
+        self.sched = self.kernel.services.get("scheduler")
+        procs.listeners.append(self._on_proc_event)
+        if self.sched is not None and hasattr(self.sched, "on_release"):
+            self.sched.on_release.append(lambda proc: self.pager.detach(proc.pid))
+        self.pager.busy_probe = self._busy
+        for proc in list(procs):  # processes loaded before the pager was connected
+            self._on_proc_event(proc, "state")
+
+    def _busy(self, pid: int) -> bool:
+        proc = self.procs.get(pid) if self.procs is not None else None
+        return bool(proc is not None and (proc.has_work() or proc.stepping))
+
+    def _on_proc_event(self, proc: Any, event: str) -> None:
+        pager = self.pager
+        if event == "removed":
+            pager.detach(proc.pid)
+            return
+        if event == "added":
+            self._make_room_for(proc)
+            return
+        if proc.pid in pager.procs:
+            pager.set_nice(proc.pid, proc.nice)
+            return
+        runtime = getattr(proc, "runtime", None)
+        model = getattr(runtime, "model", None)
+        if model is None or not hasattr(model, "set_page_hook") or str(getattr(proc.state, "value", proc.state)) == "failed":
+            return
+        try:
+            pager.attach(proc.pid, ModelSource(model), name=proc.name, nice=proc.nice)
+        except PagerError as e:
+            log.warning("load of pid %s refused by the pager: %s", proc.pid, e)
+            self._fail(proc, str(e))
+        self.sync_rows()
+
+    def _make_room_for(self, proc: Any) -> None:
+        """A load is starting: page out idle / lower-priority processes for its weights (estimated from the files)."""
+        try:
+            nbytes = sum(f.stat().st_size for f in Path(proc.path).glob("*.safetensors"))
+        except OSError:
+            return
+        if not nbytes:
+            return
+        try:
+            self.pager.make_room(proc.device, nbytes, nice=proc.nice, who=f"load {proc.name}")
+        except PagerError as e:  # the real check is at attach, when the page sizes are known
+            log.info("before loading %s: %s", proc.name, e)
+        except Exception:
+            log.debug("make_room before load failed", exc_info=True)
+
+    def _fail(self, proc: Any, line: str) -> None:
+        sched = self.sched
+        if sched is None:
+            return
+        try:
+            eng = sched.engine(proc.device)
+            with eng.cond:
+                sched._fail_locked(proc, line)
+            sched._free(proc)
+        except Exception:
+            log.exception("could not fail pid %s after the pager refused it", proc.pid)
+
+    def sync_rows(self) -> None:
+        """Copy paged bytes into the process rows; READY with every page out ⇄ PAGED_OUT."""
+        if self.procs is None:
+            return
+        from llmsh.kernel.process import ProcState
+
+        for pid, pp in list(self.pager.procs.items()):
+            proc = self.procs.get(pid)
+            if proc is None:
+                continue
+            proc.paged_bytes = pp.total_bytes - pp.resident_bytes
+            state = pp.state
+            changed = False
+            eng = self.sched.engine(proc.device) if self.sched is not None else None
+            lock = eng.cond if eng is not None else _nolock()
+            with lock:
+                if state == "paged-out" and proc.state is ProcState.READY and not proc.has_work():
+                    proc.transition(ProcState.PAGED_OUT)
+                    changed = True
+                elif state != "paged-out" and proc.state is ProcState.PAGED_OUT and not proc.has_work():
+                    proc.transition(ProcState.READY)
+                    changed = True
+            if changed:
+                self.procs.changed(proc)
+
+    async def run(self) -> None:
+        """Periodic task: keep_alive releases and row updates."""
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            try:
+                self.connect()
+                released = self.pager.reap_idle()
+                for pid in released:
+                    log.info("pid %s idle longer than its keep_alive: pages released", pid)
+                self.sync_rows()
+            except Exception:
+                log.exception("pager housekeeping failed")
+
+    def resolve(self, ref: str) -> int:
+        """A PID or process name → pid (LookupError with one line)."""
+        if self.procs is not None:
+            return int(self.procs.resolve(ref).pid)
+        if str(ref).isdigit() and int(ref) in self.pager.procs:
+            return int(ref)
+        raise LookupError(f"no process {ref!r} under the pager; see 'ps'")
+
+
+class _nolock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def setup(kernel: Any) -> None:
+    """Kernel extension: `kernel.services["pager"]` (a Pager) and `["pager_service"]` (the glue)."""
+    spec = getattr(getattr(kernel, "args", None), "mem_budget", None)
+    try:
+        budgets = parse_budget(spec)
+    except BudgetError as e:
+        # A kernel must not run with a budget it did not understand: say so on one line and exit with status 2.
+        print(f"llmsh: kernel: --mem-budget: {e}", file=sys.stderr)
+        log.error("--mem-budget: %s", e)
+        raise SystemExit(2) from None
+    pager = kernel.services.setdefault("pager", Pager(budgets))
+    service = PagerService(kernel, pager)
+    kernel.services["pager_service"] = service
+    for dev, n in budgets.items():
+        log.info("memory budget %s = %s", dev, format_bytes(n))
+
+    def _start(_kernel: Any) -> None:
+        service.connect()
+        if getattr(kernel, "loop", None) is not None:
+            service._task = kernel.spawn(service.run(), name="pager housekeeping")
+
+    def _stop(_kernel: Any) -> None:
+        pager.close()
+
+    kernel.on_start.append(_start)
+    kernel.on_shutdown.append(_stop)
+
