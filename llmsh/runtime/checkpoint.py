@@ -1,0 +1,160 @@
+"""Safetensors checkpoints read through mmap: tensors are views of the file's pages, never a second copy.
+
+A safetensors file is `u64 header length | JSON header {name: {dtype, shape, data_offsets}} | raw bytes`. We parse the
+header ourselves, map the file copy-on-write (`mmap.ACCESS_COPY`: pages come from the page cache on first touch and are
+never written back), and build each tensor with `torch.frombuffer` at its offset. Loading in the file's dtype on the CPU
+therefore costs no memory beyond the page cache; a dtype or device change makes exactly one converted copy.
+
+Parsing checks the structure up front (shard listed in the index but missing, header beyond the file, data shorter than
+the header says) so that a truncated download fails with one line naming the file before any weight is used.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from llmsh.runtime.errors import LoadError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+class SafetensorsFile:
+    """One mmap'd .safetensors file: `.entries` from its header and zero-copy `.tensor(name)`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LoadError(f"{path.name} in {path.parent} is truncated ({size} bytes, no header); re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise LoadError(f"{path.name} in {path.parent} is truncated or not a safetensors file "
+                                f"(header of {n} bytes, file of {size}); re-download it")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise LoadError(f"{path.name} in {path.parent} has a corrupt header; re-download it") from None
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries: dict[str, dict] = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + end > size:
+            raise LoadError(f"{path.name} in {path.parent} is truncated: the header needs {self.data_start + end} bytes, "
+                            f"the file has {size}; re-download it")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor `name` as a view of the mapped file (no copy)."""
+        e = self.entries[name]
+        dtype = DTYPES.get(e["dtype"])
+        if dtype is None:
+            raise LoadError(f"tensor {name} in {self.path.name} has dtype {e['dtype']}, which llmsh cannot load")
+        start, end = e["data_offsets"]
+        if end == start:
+            return torch.empty(e["shape"], dtype=dtype)
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - start, offset=self.data_start + start)
+        return raw.view(dtype).view(e["shape"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in this file."""
+        return sum(e["data_offsets"][1] - e["data_offsets"][0] for e in self.entries.values())
+
+
+class Checkpoint:
+    """All safetensors files of a model folder, with the family's mapping from our parameter names to HF keys.
+
+    `key_map(param_name) -> list[str]` gives candidate HF keys (first present wins) and `transposed(param_name) -> bool`
+    says whether the stored matrix is the transpose of ours (GPT-2's Conv1D). Both are set by the model family.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, str] = {}  # HF key -> file name
+        index = self.folder / INDEX
+        if index.exists():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError):
+                raise LoadError(f"{INDEX} in {self.folder} is not a valid index (no weight_map); re-download it") from None
+            names = sorted(set(weight_map.values()))
+        elif (self.folder / SINGLE).exists():
+            names, weight_map = [SINGLE], {}
+        else:
+            names, weight_map = sorted(p.name for p in self.folder.glob("*.safetensors")), {}
+            if not names:
+                raise LoadError(f"no *.safetensors weights in {self.folder} (only safetensors checkpoints are supported; "
+                                "convert .bin files with transformers' save_pretrained)")
+        for name in names:
+            path = self.folder / name
+            if not path.exists():
+                raise LoadError(f"{name} is missing from {self.folder} (listed in {INDEX}); re-download the model")
+            self.files[name] = SafetensorsFile(path)
+            for key in self.files[name].entries:
+                self.where.setdefault(key, name)
+        for key, name in weight_map.items():
+            if self.where.get(key) != name:
+                raise LoadError(f"{name} in {self.folder} lacks tensor {key} that {INDEX} places there; re-download it")
+        self.key_map: Callable[[str], list[str]] = lambda name: [name]
+        self.transposed: Callable[[str], bool] = lambda name: False
+
+    def keys(self) -> list[str]:
+        """Every tensor name stored in the checkpoint (HF layout)."""
+        return list(self.where)
+
+    def dtype(self) -> torch.dtype:
+        """The floating dtype most of the stored bytes have (what 'load in the file's dtype' means)."""
+        by_dtype: dict[str, int] = {}
+        for f in self.files.values():
+            for e in f.entries.values():
+                by_dtype[e["dtype"]] = by_dtype.get(e["dtype"], 0) + e["data_offsets"][1] - e["data_offsets"][0]
+        floats = {k: v for k, v in by_dtype.items() if k in ("F32", "F16", "BF16", "F64")}
+        return DTYPES[max(floats, key=floats.get)] if floats else torch.float32
+
+    def hf_key(self, param_name: str) -> str:
+        """The stored key holding our parameter `param_name`; LoadError if the checkpoint lacks it."""
+        candidates = self.key_map(param_name)
+        for key in candidates:
+            if key in self.where:
+                return key
+        raise LoadError(f"the checkpoint in {self.folder} has no tensor {candidates[0]} (needed for {param_name}); "
+                        "it is incomplete or for a different architecture than config.json says")
+
+    def shape(self, param_name: str) -> list[int]:
+        """Shape of our parameter as stored (after undoing any transpose)."""
+        key = self.hf_key(param_name)
+        shape = list(self.files[self.where[key]].entries[key]["shape"])
+        return shape[::-1] if self.transposed(param_name) else shape
+
+    def load_tensor(self, param_name: str, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Our parameter `param_name` read from the mmap'd file: a zero-copy view when device/dtype match the file."""
+        key = self.hf_key(param_name)
+        t = self.files[self.where[key]].tensor(key)
+        if self.transposed(param_name):
+            t = t.t()  # Conv1D stores (in, out); nn.Linear wants (out, in) - a view, still no copy
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data over all files."""
+        return sum(f.nbytes for f in self.files.values())
+
+    def paths(self) -> list[Path]:
+        """The safetensors files, in order."""
+        return [f.path for f in self.files.values()]

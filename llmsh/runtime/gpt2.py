@@ -1,0 +1,179 @@
+"""GPT-2 in plain PyTorch, nanoGPT-style.
+
+    h   = x + Attention(LayerNorm(x))        # learned absolute positions, fused q/k/v projection `c_attn`
+    out = h + MLP(LayerNorm(h))              # c_proj(gelu_tanh(c_fc h))
+
+Hugging Face stores GPT-2's projections as `Conv1D` with weights shaped (in, out); `transposed` tells the checkpoint
+to hand them over as `.t()` views, so the mmap'd file is used as-is (no copy) by our `nn.Linear`s.
+The output head always shares the token-embedding matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmsh.runtime.errors import LoadError
+from llmsh.runtime.kv_cache import Step, attend
+
+MODEL_TYPES = ("gpt2",)
+ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+@dataclass
+class GPT2Config:
+    """Shape of a GPT-2 model; `n_inner` None means 4 * n_embd."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    gelu_approximate: str = "tanh"           # HF "gelu_new" is the tanh approximation
+    scale_by_layer: bool = False              # scale_attn_by_inverse_layer_idx
+
+    def __post_init__(self) -> None:
+        self.n_inner = self.n_inner or 4 * self.n_embd
+        self.head_dim = self.n_embd // self.n_head
+        self.n_kv_head = self.n_head
+        self.max_seq_len = self.n_positions   # learned positions: no sequence may be longer
+        self.tie_embeddings = True
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> GPT2Config:
+        """Read a transformers GPT-2 config.json."""
+        act = cfg.get("activation_function", "gelu_new")
+        if act not in ACTIVATIONS:
+            raise LoadError(f"activation_function {act!r} in config.json is not supported for gpt2 "
+                            f"(supported: {', '.join(ACTIVATIONS)})")
+        if not cfg.get("scale_attn_weights", True):
+            raise LoadError("scale_attn_weights=false in config.json is not supported for gpt2")
+        return cls(vocab_size=cfg["vocab_size"], n_positions=cfg.get("n_positions", 1024), n_embd=cfg["n_embd"],
+                   n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_inner=cfg.get("n_inner"),
+                   layer_norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5), gelu_approximate=ACTIVATIONS[act],
+                   scale_by_layer=cfg.get("scale_attn_by_inverse_layer_idx", False))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPT2Config:
+        """A config from PRESETS ('gpt2' is the 124M model)."""
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+}
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention over the slotted KV cache."""
+
+    def __init__(self, cfg: GPT2Config, layer: int) -> None:
+        super().__init__()
+        self.layer, self.n_head, self.n_embd = layer, cfg.n_head, cfg.n_embd
+        self.scale = (cfg.head_dim ** -0.5) / (layer + 1 if cfg.scale_by_layer else 1)
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: Tensor, step: Step) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)   # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k, v = step.update(self.layer, k, v)                             # (B, nh, L, hd)
+        y = attend(q, k, v, step, scale=self.scale)                       # (B, nh, T, hd)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    """c_proj(gelu(c_fc x))."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.approximate = cfg.gelu_approximate
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner)
+        self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm GPT-2 layer."""
+
+    def __init__(self, cfg: GPT2Config, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, step: Step) -> Tensor:
+        h = x + self.attn(self.ln_1(x), step)
+        return h + self.mlp(self.ln_2(h))
+
+
+class Transformer(nn.Module):
+    """Token + position embeddings, blocks, final LayerNorm, tied head; `forward(idx, step)` -> logits."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.page_hook: Callable[[int], None] | None = None
+
+    def setup(self, device: torch.device | str) -> None:
+        """After weights are assigned: tie the head to the token embedding."""
+        self.lm_head.weight = self.wte.weight
+
+    def pages(self) -> list[tuple[str, list[str]]]:
+        """(page name, parameter names) in execution order: embed, block.0 …, head (the head reuses embed's matrix)."""
+        blocks = [(f"block.{i}", [f"h.{i}.{n}" for n, _ in layer.named_parameters()]) for i, layer in enumerate(self.h)]
+        return [("embed", ["wte.weight", "wpe.weight"]), *blocks, ("head", ["ln_f.weight", "ln_f.bias"])]
+
+    def forward(self, idx: Tensor, step: Step, last: Tensor | None = None) -> Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab), or (B, vocab) at positions `last` (B,) if given."""
+        hook = self.page_hook
+        if hook:
+            hook(0)
+        x = self.wte(idx) + self.wpe(step.input_pos)                         # (B, T, C)
+        for i, block in enumerate(self.h):
+            if hook:
+                hook(1 + i)
+            x = block(x, step)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]          # (B, C)
+        if hook:
+            hook(0)  # the head reads the embedding page's matrix
+            hook(len(self.h) + 1)
+        return self.lm_head(self.ln_f(x))
+
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_keys(name: str, cfg: GPT2Config) -> list[str]:
+    """Load hook: HF keys for our parameter (with or without the `transformer.` prefix of GPT2LMHeadModel)."""
+    if name == "lm_head.weight":
+        name = "wte.weight"
+    return ["transformer." + name, name]
+
+
+def transposed(name: str) -> bool:
+    """Conv1D weights are stored (in, out)."""
+    return name.endswith(_CONV1D)
+
+Config = GPT2Config

@@ -1,0 +1,287 @@
+"""The Llama family in one module: Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama are switches of one config.
+
+    h   = x + Attention(RMSNorm(x))          # RoPE on q, k; grouped-query heads (n_kv_head <= n_head)
+    out = h + SwiGLU(RMSNorm(h))             # w2(silu(w1 h) * w3 h)
+
+Switches: GQA (`n_kv_head`), q/k/v bias (Qwen2), bias everywhere (`attention_bias`), sliding-window attention
+(Mistral, Qwen2 `use_sliding_window`), RoPE scaling (linear, llama3), tied input/output embeddings (SmolLM, Llama 3.2).
+Parameter names follow gpt-fast; `hf_keys` is the load hook mapping them to the Hugging Face layout.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmsh.runtime.errors import LoadError
+from llmsh.runtime.kv_cache import Step, attend
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class LlamaConfig:
+    """Shape and switches of a Llama-family model; derived fields are filled in `__post_init__`."""
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: int | None = None              # None: multi-head attention (n_kv_head = n_head)
+    head_dim: int | None = None               # None: dim // n_head (Qwen3/Gemma-style overrides exist)
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_seq_len: int = 4096
+    qkv_bias: bool = False                    # Qwen2: bias on q, k, v only
+    o_bias: bool = False                      # Llama attention_bias=True: bias on o too
+    mlp_bias: bool = False
+    tie_embeddings: bool = False              # SmolLM, Llama 3.2 1B/3B, Qwen2 0.5B: output = embedding matrix
+    windows: list[int | None] = field(default_factory=list)  # per-layer sliding window (None = full attention)
+
+    def __post_init__(self) -> None:
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.dim // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise LoadError(f"num_attention_heads {self.n_head} is not a multiple of num_key_value_heads {self.n_kv_head}")
+        if not self.windows:
+            self.windows = [None] * self.n_layer
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
+        """Read a transformers config.json (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise LoadError(f"hidden_act {act!r} in config.json is not supported for {cfg.get('model_type')} (only silu)")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        n_layer = cfg["num_hidden_layers"]
+        model_type = cfg.get("model_type", "llama")
+        window = cfg.get("sliding_window")
+        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        layer_types = cfg.get("layer_types") or ["sliding_attention" if window else "full_attention"] * n_layer
+        if model_type == "mistral" and window:
+            layer_types = ["sliding_attention"] * n_layer
+        windows = [window if t == "sliding_attention" and window else None for t in layer_types]
+        return cls(
+            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layer=n_layer, n_head=cfg["num_attention_heads"],
+            n_kv_head=cfg.get("num_key_value_heads"), head_dim=cfg.get("head_dim"),
+            intermediate_size=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta,
+            rope_scaling=rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None,
+            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            qkv_bias=model_type == "qwen2" or cfg.get("attention_bias", False), o_bias=cfg.get("attention_bias", False),
+            mlp_bias=cfg.get("mlp_bias", False), tie_embeddings=cfg.get("tie_word_embeddings", False),
+            windows=windows,
+        )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> LlamaConfig:
+        """A config from PRESETS (e.g. 'llama-3.2-1b', 'bench-110m')."""
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": dict(dim=4096, n_layer=32, n_head=32, intermediate_size=11008, norm_eps=1e-5),
+    "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layer=16, n_head=32, n_kv_head=8, intermediate_size=8192,
+                         rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "mistral-7b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336, max_seq_len=32768),
+    "qwen2-0.5b": dict(vocab_size=151936, dim=896, n_layer=24, n_head=14, n_kv_head=2, intermediate_size=4864,
+                       rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True, max_seq_len=32768, norm_eps=1e-6),
+    "smollm-135m": dict(vocab_size=49152, dim=576, n_layer=30, n_head=9, n_kv_head=3, intermediate_size=1536,
+                        tie_embeddings=True, max_seq_len=2048),
+    "tinyllama-1.1b": dict(dim=2048, n_layer=22, n_head=32, n_kv_head=4, intermediate_size=5632, max_seq_len=2048),
+    # ~110M parameters with GQA: what scripts/bench/decode.py measures
+    "bench-110m": dict(vocab_size=32000, dim=768, n_layer=12, n_head=12, n_kv_head=4, intermediate_size=2048,
+                       max_seq_len=2048),
+}
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> Tensor:
+    """Inverse frequencies theta^(-2i/d), rescaled as config.rope_scaling says (linear or llama3)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)   # long waves: slowed by factor
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled                    # in between: interpolate
+        medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+        return torch.where(medium, blended, scaled)
+    raise LoadError(f"rope scaling {kind!r} in config.json is not supported (supported: {', '.join(ROPE_TYPES)})")
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim (the Hugging Face RoPE layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, nh, T, hd) by position angles cos/sin (B, 1, T, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 like the reference."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE over the slotted KV cache."""
+
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.window = cfg.windows[layer]
+        self.wq = nn.Linear(cfg.dim, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, n_kv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = step.update(self.layer, k, v)                                      # (B, n_kv, L, hd)
+        y = attend(q, k, v, step, self.window)                                     # (B, nh, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)   # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)   # up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)   # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer."""
+
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, step)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Embedding, blocks, final norm and output head; `forward(idx, step)` -> logits."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.page_hook: Callable[[int], None] | None = None
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def setup(self, device: torch.device | str) -> None:
+        """After weights are assigned: tie the head if configured and build the RoPE tables on device."""
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        inv_freq = rope_inv_freq(self.config)
+        t = torch.arange(self.config.max_seq_len, dtype=torch.int64).float()
+        freqs = torch.outer(t, inv_freq)                                          # (max_seq, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                                   # (max_seq, hd)
+        self.rope_cos, self.rope_sin = emb.cos().to(device), emb.sin().to(device)
+
+    def pages(self) -> list[tuple[str, list[str]]]:
+        """(page name, parameter names) in execution order: embed, block.0 …, head."""
+        head = ["norm.weight"] + ([] if self.config.tie_embeddings else ["output.weight"])
+        blocks = [(f"block.{i}", [f"layers.{i}.{n}" for n, _ in layer.named_parameters()])
+                  for i, layer in enumerate(self.layers)]
+        return [("embed", ["tok_embeddings.weight"]), *blocks, ("head", head)]
+
+    def forward(self, idx: Tensor, step: Step, last: Tensor | None = None) -> Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab), or (B, vocab) at positions `last` (B,) if given."""
+        hook = self.page_hook
+        if hook:
+            hook(0)
+        x = self.tok_embeddings(idx)                                              # (B, T, dim)
+        cos = self.rope_cos[step.input_pos].to(x.dtype)[:, None]                  # (B, 1, T, hd)
+        sin = self.rope_sin[step.input_pos].to(x.dtype)[:, None]
+        for i, layer in enumerate(self.layers):
+            if hook:
+                hook(1 + i)
+            x = layer(x, cos, sin, step)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]               # (B, dim)
+        if hook:
+            if self.config.tie_embeddings:
+                hook(0)  # the head reads the embedding page's matrix
+            hook(len(self.layers) + 1)
+        return self.output(self.norm(x))
+
+
+_HF_RULES = [
+    (r"^tok_embeddings\.", "model.embed_tokens."),
+    (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
+    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^norm\.", "model.norm."),
+    (r"^output\.", "lm_head."),
+]
+
+
+def hf_keys(name: str, cfg: LlamaConfig) -> list[str]:
+    """Load hook: candidate Hugging Face keys for our parameter `name` (tied heads read the embedding)."""
+    if name == "output.weight" and cfg.tie_embeddings:
+        return ["model.embed_tokens.weight", "lm_head.weight"]
+    for pattern, repl in _HF_RULES:
+        if re.match(pattern, name):
+            return [re.sub(pattern, repl, name)]
+    return [name]
+
+
+def transposed(name: str) -> bool:
+    """Llama checkpoints store nn.Linear layouts already."""
+    return False
+
+Config = LlamaConfig

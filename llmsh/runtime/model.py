@@ -1,0 +1,290 @@
+"""`load()` a Hugging Face folder into a `Model`: the plain-PyTorch network plus tokenizer, configs and checkpoint.
+
+Loading builds the network on the `meta` device (no memory), reads every parameter as a zero-copy view of the
+mmap'd safetensors (converted only when the dtype or device differs) and assigns them with
+`load_state_dict(assign=True)`. `Model` then offers the scheduler's API (`new_cache`, `prefill`, `decode_step`), the
+simple one (`generate`, `stream`) and the pager's hooks (`pages`, `set_page_hook`, `release_page`, `materialize_page`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmsh.runtime import gpt2, hub, integrity, llama
+from llmsh.runtime.checkpoint import Checkpoint
+from llmsh.runtime.errors import LoadError
+from llmsh.runtime.generation import BatchGenerator, Sequence
+from llmsh.runtime.kv_cache import KVCache, Step
+from llmsh.runtime.sampling import SamplingParams
+from llmsh.runtime.tokenizer import Tokenizer
+
+FAMILIES: dict[str, ModuleType] = {t: m for m in (gpt2, llama) for t in m.MODEL_TYPES}
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class Page:
+    """A unit the pager moves: the parameters of the embedding, of one block, or of the head."""
+
+    name: str
+    param_names: list[str]
+    nbytes: int
+
+
+class Model:
+    """A loaded model: network, tokenizer, configs, and the generation and paging APIs."""
+
+    def __init__(self, module: nn.Module, *, name: str, path: Path, hf_config: dict[str, Any], checkpoint: Checkpoint,
+                 tokenizer: Tokenizer | None, generation_config: dict[str, Any], device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.module, self.name, self.path = module, name, path
+        self.config = module.config
+        self.hf_config, self.checkpoint, self.tokenizer = hf_config, checkpoint, tokenizer
+        self.generation_config, self.device, self.dtype = generation_config, device, dtype
+        self.max_seq_len: int = module.config.max_seq_len
+        self._pages = [Page(n, names, sum(self._param_nbytes(p) for p in names)) for n, names in module.pages()]
+        self._tied: dict[str, list[str]] = {}  # parameter name -> every name sharing that tensor
+        by_id: dict[int, list[str]] = {}
+        for pname, param in module.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(param), []).append(pname)
+        for names in by_id.values():
+            for pname in names:
+                self._tied[pname] = names
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, {type(self.config).__name__}, device={self.device}, dtype={self.dtype})"
+
+    # ---- sizes -------------------------------------------------------------------------------------------------
+    def _param_nbytes(self, pname: str) -> int:
+        shape = self.checkpoint.shape(pname)
+        return int(torch.Size(shape).numel()) * self.dtype.itemsize
+
+    def weight_bytes(self) -> int:
+        """Bytes of all (distinct) parameters in the loaded dtype."""
+        return sum(p.nbytes for p in self._pages)
+
+    # ---- scheduler API ---------------------------------------------------------------------------------------
+    def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
+        """A KV cache with max_batch slots of up to max_seq_len positions (capped to the model's context)."""
+        cfg = self.config
+        return KVCache(cfg.n_layer, max_batch, cfg.n_kv_head, min(max_seq_len, self.max_seq_len), cfg.head_dim,
+                       self.dtype, self.device)
+
+    @torch.inference_mode()
+    def prefill(self, cache: KVCache, slots: list[int], token_ids: list[list[int]]) -> Tensor:
+        """Run prompts into their slots (after what the slot holds); returns float32 logits (B, vocab) of each last token."""
+        lengths = [len(t) for t in token_ids]
+        starts = [cache.lengths[s] for s in slots]
+        for s, start, n in zip(slots, starts, lengths):
+            if n == 0 or start + n > cache.max_seq_len:
+                raise ValueError(f"slot {s}: {n} prompt tokens after {start} do not fit the context of {cache.max_seq_len}")
+        if any(starts) and len(slots) > 1:  # continuing slots: one at a time, so padding never runs past a slot's end
+            return torch.cat([self.prefill(cache, [s], [t]) for s, t in zip(slots, token_ids)])
+        return self._prefill(cache, slots, token_ids, starts[0])
+
+    def _prefill(self, cache: KVCache, slots: list[int], token_ids: list[list[int]], start: int) -> Tensor:
+        T = max(len(t) for t in token_ids)
+        idx = torch.zeros(len(token_ids), T, dtype=torch.long)
+        for b, t in enumerate(token_ids):
+            idx[b, :len(t)] = torch.tensor(t)
+        pos = (start + torch.arange(T)).expand(len(token_ids), T)
+        last = torch.tensor([len(t) - 1 for t in token_ids], device=self.device)
+        step = Step.build(pos.to(self.device), cache, slots)
+        logits = self.module(idx.to(self.device), step, last=last)
+        for s, t in zip(slots, token_ids):
+            cache.lengths[s] = start + len(t)
+        return logits.float()
+
+    @torch.inference_mode()
+    def decode_step(self, cache: KVCache, slots: list[int], tokens: list[int]) -> Tensor:
+        """Feed one token per slot at that slot's own position; returns float32 logits (B, vocab)."""
+        pos = [cache.lengths[s] for s in slots]
+        if max(pos) >= cache.max_seq_len:
+            raise ValueError(f"a slot is full ({cache.max_seq_len} positions); finish that sequence")
+        idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]      # (B, 1)
+        input_pos = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        logits = self.module(idx, Step.build(input_pos, cache, slots))[:, -1]
+        for s in slots:
+            cache.lengths[s] += 1
+        return logits.float()
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int]) -> Tensor:
+        """Logits (T, vocab) of every position of one sequence, without a cache (tests, scoring)."""
+        idx = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        pos = torch.arange(len(token_ids), device=self.device)[None]
+        return self.module(idx, Step.build(pos))[0].float()
+
+    # ---- simple API ------------------------------------------------------------------------------------------
+    def _sequences(self, prompts: list[str], kwargs: dict[str, Any]) -> list[Sequence]:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name} has no tokenizer.json, so it cannot take text prompts")
+        params = SamplingParams.from_config(self.generation_config, **kwargs)
+        return [Sequence(self, self.tokenizer.encode(p), params) for p in prompts]
+
+    def generate(self, prompts: list[str], **sampling: Any) -> list[str]:
+        """Complete each prompt (continuous batch of all of them); sampling: max_tokens, temperature, top_k, top_p,
+        repetition_penalty, seed, stop. Returns the generated texts (without the prompts)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        seqs = self._sequences(prompts, sampling)
+        if not seqs:
+            return []
+        longest = max(len(s.prompt_ids) for s in seqs) + seqs[0].params.max_tokens
+        gen = BatchGenerator(self, max_batch=len(seqs), max_seq_len=longest)
+        for s in seqs:
+            gen.add(s)
+        while gen.has_work:
+            gen.step()
+        return [s.text for s in seqs]
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        """Yield the text pieces of one completion as they are generated."""
+        (seq,) = self._sequences([prompt], sampling)
+        gen = BatchGenerator(self, max_batch=1, max_seq_len=len(seq.prompt_ids) + seq.params.max_tokens)
+        gen.add(seq)
+        try:
+            while gen.has_work:
+                for _, piece in gen.step():
+                    if piece:
+                        yield piece
+        finally:
+            gen.remove(seq)
+
+    # ---- paging hooks ----------------------------------------------------------------------------------------
+    def pages(self) -> list[Page]:
+        """Pages in execution order: 'embed', 'block.0' … 'block.N-1', 'head' (a tied head uses embed's matrix)."""
+        return list(self._pages)
+
+    def set_page_hook(self, fn: Callable[[int], None] | None) -> None:
+        """Call fn(page_index) right before that page's modules run, in every forward; None removes it."""
+        self.module.page_hook = fn
+
+    def _set_param(self, pname: str, tensor: Tensor) -> None:
+        for name in self._tied[pname]:
+            owner, _, attr = name.rpartition(".")
+            self.module.get_submodule(owner)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+    def page_tensors(self, i: int) -> dict[str, Tensor]:
+        """The current tensors of page i by parameter name (a pager can copy these to keep a host copy)."""
+        return {p: self.module.get_parameter(p).data for p in self._pages[i].param_names}
+
+    def release_page(self, i: int) -> None:
+        """Drop page i's parameters (replaced by meta tensors of the same shape); a forward needs materialize first."""
+        for p in self._pages[i].param_names:
+            t = self.module.get_parameter(p)
+            self._set_param(p, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
+    def materialize_page(self, i: int, device: str | torch.device | None = None,
+                         host: dict[str, Tensor] | None = None) -> None:
+        """Bring page i back on device, from `host` tensors if given, else re-read from the mmap'd checkpoint."""
+        device = torch.device(device) if device is not None else self.device
+        for p in self._pages[i].param_names:
+            src = host[p] if host is not None else self.checkpoint.load_tensor(p, "cpu")
+            self._set_param(p, src.to(device=device, dtype=self.dtype, non_blocking=True))
+
+    def page_resident(self, i: int) -> bool:
+        """True if page i's parameters are materialized (not meta)."""
+        return all(not self.module.get_parameter(p).is_meta for p in self._pages[i].param_names)
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+def _read_json(path: Path, required: bool = True) -> dict[str, Any]:
+    if not path.exists():
+        if required:
+            raise LoadError(f"no {path.name} in {path.parent}; a Hugging Face model folder needs one")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path.name} in {path.parent} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path.name} in {path.parent} is not a JSON object; re-download it")
+    return data
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LoadError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoadError(f"device {device} requested but CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise LoadError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, stored: torch.dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        dt = stored if stored in (torch.float32, torch.bfloat16) or device.type == "cuda" else torch.float32
+    elif isinstance(dtype, torch.dtype):
+        dt = dtype
+    elif str(dtype).lower().removeprefix("torch.") in DTYPE_NAMES:
+        dt = DTYPE_NAMES[str(dtype).lower().removeprefix("torch.")]
+    else:
+        raise LoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    if dt not in (torch.float32, torch.bfloat16, torch.float16):
+        raise LoadError(f"dtype {dt} is not supported; use float32, bfloat16 or float16")
+    if dt == torch.float16 and device.type != "cuda":
+        raise LoadError("float16 needs a CUDA device (CPU float16 matmuls are slow and lossy); use bfloat16 or float32")
+    return dt
+
+
+def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, *,
+         verify: bool = True, progress: Callable[[float, str], None] | None = None) -> Model:
+    """Load a Hugging Face folder or hub-cache name; LoadError (one line) for every user-facing failure."""
+    report = progress or (lambda frac, msg: None)
+    started = time.perf_counter()
+    folder = hub.resolve(str(path_or_name))
+    report(0.0, f"reading {folder}")
+    hf_config = _read_json(folder / "config.json")
+    model_type = hf_config.get("model_type")
+    family = FAMILIES.get(model_type)
+    if family is None:
+        supported = ", ".join(sorted(FAMILIES))
+        raise LoadError(f"model_type {model_type!r} in {folder / 'config.json'} is not supported; "
+                        f"llmsh runs: {supported} (GPT-2 and the Llama family: Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama)")
+    dev = _resolve_device(device)
+    checkpoint = Checkpoint(folder)
+    if verify and integrity.has_checksums(folder):
+        integrity.verify_folder(folder, progress=lambda f, m: report(0.05 + 0.6 * f, m))
+    dt = _resolve_dtype(dtype, checkpoint.dtype(), dev)
+    try:
+        cfg = family.Config.from_hf(hf_config)
+    except KeyError as e:
+        raise LoadError(f"config.json in {folder} lacks {e.args[0]!r}, which {model_type} models need") from None
+    checkpoint.key_map = lambda name: family.hf_keys(name, cfg)
+    checkpoint.transposed = family.transposed
+    with torch.device("meta"):
+        module = family.Transformer(cfg)
+    expected = module.state_dict()
+    state = {}
+    for i, name in enumerate(expected):
+        shape = checkpoint.shape(name)
+        if list(expected[name].shape) != shape:
+            raise LoadError(f"tensor {checkpoint.hf_key(name)} in {folder} has shape {shape} but config.json implies "
+                            f"{list(expected[name].shape)}; the weights and config.json do not match")
+        state[name] = checkpoint.load_tensor(name, dev, dt)
+        report(0.65 + 0.3 * (i + 1) / len(expected), f"loading {name}")
+    module.load_state_dict(state, assign=True, strict=True)
+    module.setup(dev)
+    module.eval().requires_grad_(False)
+    gen_cfg = _read_json(folder / "generation_config.json", required=False)
+    tokenizer = Tokenizer(folder, hf_config, gen_cfg) if (folder / "tokenizer.json").exists() else None
+    name = str(path_or_name) if not Path(str(path_or_name)).expanduser().exists() else folder.name
+    model = Model(module, name=name, path=folder, hf_config=hf_config, checkpoint=checkpoint, tokenizer=tokenizer,
+                  generation_config=gen_cfg, device=dev, dtype=dt)
+    report(1.0, f"loaded {name} in {time.perf_counter() - started:.2f}s")
+    return model
+
