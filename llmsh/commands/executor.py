@@ -326,7 +326,7 @@ async def execute(kernel: Any, code: str, *, client: str, out: Output, cwd: str 
         script = parse(code)
     except ParseError as e:
         return ExecResult("error", EXIT_USAGE, "SyntaxError", f"llmsh: {e}")
-    runner = _Runner(kernel, client, out, cwd)
+    runner = _Runner(kernel, client, out, cwd or _client_cwd(out))
     status = EXIT_OK
     try:
         for stmt in script.statements:
@@ -339,6 +339,15 @@ async def execute(kernel: Any, code: str, *, client: str, out: Output, cwd: str 
         return ExecResult("ok", EXIT_OK)
     failure = runner.pending or _Failure(status, "ExitStatus", f"llmsh: exit status {status}")
     return ExecResult("error", status, failure.ename, failure.message)
+
+
+def _client_cwd(out: Output) -> str | None:
+    """The shell client sends its working directory in the execute_request's metadata (`cwd`); when the kernel
+    does not pass it to `execute`, take it from the request the Output answers (its `parent`)."""
+    parent = getattr(out, "parent", None) or getattr(out, "_parent", None)
+    meta = parent.get("metadata") if isinstance(parent, dict) else None
+    cwd = meta.get("cwd") if isinstance(meta, dict) else None
+    return cwd if isinstance(cwd, str) and os.path.isabs(cwd) and os.path.isdir(cwd) else None
 
 
 # ---- completion -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""Batch mode: run a script (`llmsh FILE`, `llmsh -c 'CMDS'`, or commands on stdin) through the kernel.
+
+A script is cut into complete pieces with the parser's `is_complete` (a piece spans several lines when a quote,
+a trailing `\\`, `&&`, `||` or `|` continues it) and each piece is one execute_request. Inside a piece the usual
+shell rules apply (`a; b` runs b even if a fails); across pieces the script stops at the first failing one,
+printing `llmsh: FILE:LINE: …`, unless --keep-going. The exit code is the last command's, 130 after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmsh.client.sync_client import KernelGone, SyncKernelClient
+from llmsh.client.render import Printer, exit_code, reply_error
+from llmsh.commands.parser import ParseError, is_complete, parse
+
+
+@dataclass
+class Piece:
+    """A complete piece of a script and the line it starts on."""
+
+    line: int
+    code: str
+
+
+def pieces(text: str) -> list[Piece]:
+    """Cut a script into complete pieces; blank and comment-only lines are dropped."""
+    out: list[Piece] = []
+    buf: list[str] = []
+    start = 1
+    for number, line in enumerate(text.splitlines(), 1):
+        if not buf:
+            start = number
+        buf.append(line)
+        code = "\n".join(buf)
+        if is_complete(code)[0] == "incomplete":
+            continue
+        buf = []
+        if _is_empty(code):
+            continue
+        out.append(Piece(start, code))
+    if buf:  # the script ends inside a quote or after `&&`: the kernel reports it as a syntax error
+        out.append(Piece(start, "\n".join(buf)))
+    return out
+
+
+def _is_empty(code: str) -> bool:
+    try:
+        return not parse(code).statements
+    except ParseError:
+        return False
+
+
+def exit_request(code: str) -> int | None | bool:
+    """For a piece that is exactly `exit [N]` (or `quit`): N, or True for "the last status"; otherwise None."""
+    try:
+        stmts = parse(code).statements
+    except ParseError:
+        return None
+    if len(stmts) != 1 or stmts[0].background or stmts[0].body.rest:
+        return None
+    cmds = stmts[0].body.first.commands
+    if len(cmds) != 1 or cmds[0].redirect is not None or cmds[0].argv[0] not in ("exit", "quit"):
+        return None
+    argv = cmds[0].argv[1:]
+    if not argv:
+        return True
+    if len(argv) == 1 and argv[0].lstrip("-").isdigit():
+        return int(argv[0]) & 0xFF
+    return None  # a bad argument: let the kernel's `exit` report the usage error
+
+
+def located(name: str, line: int, message: str) -> str:
+    """`llmsh: FILE:LINE: what went wrong` from a reply's `llmsh: what went wrong`."""
+    rest = message[len("llmsh: ") :] if message.startswith("llmsh: ") else message
+    return f"llmsh: {name}:{line}: {rest}"
+
+
+def run_batch(info: dict, name: str, text: str, *, keep_going: bool = False) -> int:
+    """Run the script `text` (called `name` in messages) against the kernel `info`; returns the exit code."""
+    printer = Printer()
+    client = SyncKernelClient(info, on_output=printer.on_output)
+    status = 0
+    try:
+        client.start()
+        todo = pieces(text)
+        single = name == "-c" and len(todo) == 1
+        for piece in todo:
+            code = exit_request(piece.code)
+            if code is not None:
+                return status if code is True else int(code)
+            reply = client.execute(piece.code)
+            status = exit_code(reply)
+            if reply.get("status") != "ok":
+                message = reply_error(reply)
+                printer.error(message if single else located(name, piece.line, message))
+                if status == 130 or not keep_going:
+                    return status or 1
+        return status
+    except KernelGone as e:
+        printer.error(f"llmsh: {e}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()

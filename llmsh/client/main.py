@@ -1,0 +1,80 @@
+"""The `llmsh` client entry: pick the script source, find (or start) a kernel, run the REPL or batch mode.
+
+Kept light on purpose (`llmsh -c 'echo hi'` aims at < 300 ms): no torch, no jupyter_client, no prompt_toolkit
+unless the shell is interactive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _err(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _source(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(name, text) of the script to run, or None for the interactive shell; raises OSError for an unreadable file."""
+    if args.command is not None:
+        return "-c", args.command
+    if args.file == "-" or (args.file is None and not sys.stdin.isatty()):
+        return "<stdin>", sys.stdin.read()
+    if args.file is not None:
+        return args.file, Path(args.file).read_text(encoding="utf-8")
+    return None
+
+
+def _kernel(args: argparse.Namespace) -> Path | None:
+    """The connection file of a live kernel: --kernel FILE, else the newest running one, else a new one."""
+    from llmsh.kernel.lifecycle import KernelStartError, find_kernel, start_kernel_daemon
+
+    path = find_kernel(args.kernel)
+    if path is not None:
+        return path
+    if args.kernel:
+        _err(f"llmsh: no kernel answers at {args.kernel}; start one with 'llmsh kernel start' or leave out --kernel")
+        return None
+    try:
+        path = start_kernel_daemon()
+    except KernelStartError as e:
+        _err(f"llmsh: cannot start a kernel: {e}")
+        return None
+    from llmsh.protocol.connection import read_connection_file
+
+    _err(f"llmsh: started kernel (pid {read_connection_file(path).get('pid', '?')})")
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the shell as the parsed `llmsh` arguments say; returns the process exit code."""
+    try:
+        source = _source(args)
+    except (OSError, UnicodeDecodeError) as e:
+        _err(f"llmsh: cannot read {args.file}: {getattr(e, 'strerror', None) or e}")
+        return 1
+    try:
+        path = _kernel(args)
+        if path is None:
+            return 1
+        from llmsh.protocol.connection import ConnectionFileError, read_connection_file
+
+        try:
+            info = read_connection_file(path)
+        except ConnectionFileError as e:
+            _err(f"llmsh: {e}")
+            return 1
+        if source is None:
+            import asyncio
+
+            from llmsh.client.repl import run_repl
+
+            return asyncio.run(run_repl(info))
+        from llmsh.client.batch import run_batch
+
+        name, text = source
+        return run_batch(info, name, text, keep_going=args.keep_going)
+    except KeyboardInterrupt:
+        return 130

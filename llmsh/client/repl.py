@@ -1,0 +1,117 @@
+"""The interactive shell: one prompt-toolkit PromptSession with file history, kernel-side completion and
+multi-line input, printing the kernel's streamed output as it arrives (also while the prompt is waiting, for
+background jobs) thanks to `patch_stdout` + `prompt_async`.
+
+Keys: Enter runs the line if the parser says it is complete, else starts a new line; Tab asks the kernel for
+completions; Ctrl-C at the prompt clears it, while a command runs it sends `interrupt_request` (the foreground
+command stops, jobs keep running); Ctrl-D (or `exit`) leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any, AsyncGenerator, Iterable
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory
+from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.patch_stdout import patch_stdout
+
+from llmsh import __version__, paths
+from llmsh.client.batch import exit_request
+from llmsh.client.kernel_client import KernelClient, KernelGone
+from llmsh.client.render import Printer, exit_code, reply_error
+from llmsh.commands.parser import is_complete
+
+
+class KernelCompleter(Completer):
+    """Completes the word at the cursor by asking the kernel (complete_request)."""
+
+    def __init__(self, client: KernelClient) -> None:
+        self.client = client
+
+    def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterable[Completion]:
+        return []  # completion needs the kernel, which is asynchronous: see get_completions_async
+
+    async def get_completions_async(self, document: Document, complete_event: CompleteEvent) -> AsyncGenerator[Completion, None]:
+        try:
+            reply = await self.client.complete(document.text, document.cursor_position, timeout=2.0)
+        except KernelGone:
+            return
+        start = int(reply.get("cursor_start", document.cursor_position))
+        for match in reply.get("matches", []):
+            yield Completion(str(match), start_position=start - document.cursor_position)
+
+
+def _bindings() -> KeyBindings:
+    kb = KeyBindings()
+
+    @kb.add("enter")
+    def _(event: Any) -> None:
+        buf = event.current_buffer
+        if is_complete(buf.text)[0] == "incomplete":
+            buf.insert_text("\n")
+        else:
+            buf.validate_and_handle()
+
+    return kb
+
+
+def history_file() -> Path:
+    """The shell's history, in the state dir."""
+    return paths.state_dir() / "history"
+
+
+async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
+    """Execute one line in the foreground; Ctrl-C meanwhile interrupts it."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(client.interrupt()))
+    try:
+        reply = await client.execute(code)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    if reply.get("status") != "ok":
+        printer.error(reply_error(reply))
+    return exit_code(reply)
+
+
+async def run_repl(info: dict[str, Any]) -> int:
+    """The interactive loop; returns the exit code (the last command's, or `exit N`)."""
+    printer = Printer()
+    client = KernelClient(info, on_output=printer.on_output)
+    status = 0
+    try:
+        await client.start()
+        session: PromptSession[str] = PromptSession(
+            history=FileHistory(str(history_file())),
+            completer=KernelCompleter(client),
+            complete_while_typing=False,
+            key_bindings=_bindings(),
+            multiline=True,
+            prompt_continuation=lambda width, line, wrap: "> ".rjust(width),
+        )
+        with patch_stdout(raw=True):
+            print(f"llmsh {__version__} — kernel pid {info.get('pid', '?')}. 'help' lists the commands; Ctrl-D leaves.")
+            while True:
+                try:
+                    text = await session.prompt_async("llmsh> " if status == 0 else f"llmsh [{status}]> ")
+                except KeyboardInterrupt:
+                    continue
+                except EOFError:
+                    break
+                if not text.strip():
+                    continue
+                code = exit_request(text)
+                if code is not None:
+                    return status if code is True else int(code)
+                status = await _run_line(client, printer, text)
+    except KernelGone as e:
+        printer.error(f"llmsh: {e}")
+        return 1
+    finally:
+        await client.close()
+    return status
