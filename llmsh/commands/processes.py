@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llmsh.commands.registry import CommandError, Context, UsageError, arg, command
-from llmsh.tui.fmt import human_bytes, proc_cell, table
+from llmsh.tui.fmt import duration, human_bytes, proc_cell, table
 
 GROUP = "processes"
 DEFAULT_TERM_GRACE = 30.0  # seconds TERM waits for in-flight requests before escalating to KILL
@@ -97,6 +97,8 @@ LOAD_ARGS = (
     arg("--device", default="cpu", help="device to run on: cpu, cuda, cuda:1 … (default cpu)"),
     arg("--dtype", help="weights dtype: float32, bfloat16, float16 (default: the checkpoint's)"),
     arg("--nice", type=_nice_value, default=0, metavar="N", help="priority -20 (most) .. 19 (least), default 0"),
+    arg("--max-batch", type=int, metavar="N", help="requests decoded together (KV cache slots), default 16"),
+    arg("--ctx", type=int, metavar="TOKENS", help="KV cache length per request (default: the model's, at most 2048)"),
 )
 
 
@@ -125,7 +127,8 @@ async def load_cmd(ctx: Context, args: argparse.Namespace) -> int:
         if local.exists() or source.startswith((".", "~", "/")):
             source = str(local)
     try:
-        proc, fut = loader.start(source, name=args.name, device=args.device, dtype=args.dtype, nice=args.nice)
+        proc, fut = loader.start(source, name=args.name, device=args.device, dtype=args.dtype, nice=args.nice,
+                                 max_batch=args.max_batch, ctx=args.ctx)
     except (ValueError, RuntimeError) as e:
         raise CommandError(str(e)) from None
     waiting = asyncio.wrap_future(fut)
@@ -145,7 +148,7 @@ async def load_cmd(ctx: Context, args: argparse.Namespace) -> int:
     from llmsh.kernel.process import ProcState
 
     if proc.state is ProcState.FAILED:
-        raise CommandError(f"{args.model}: {proc.reason}", ename="LoadError")
+        raise CommandError(proc.reason, ename="LoadError")
     if proc.gone.is_set():
         raise CommandError(f"{args.model}: process {proc.pid} was killed while loading", ename="Killed")
     ctx.result(proc.row(), f"{proc.pid}")
@@ -211,11 +214,17 @@ PS_COLUMNS = (
 )  # fmt: skip
 
 
+def _ps_time(row: dict[str, Any]) -> str:
+    """Compute time: seconds with centiseconds below a minute (model steps are short), else H:MM:SS."""
+    t = float(row.get("time_s") or 0.0)
+    return f"{t:.2f}s" if t < 60 else duration(t)
+
+
 def format_ps(rows: list[dict[str, Any]]) -> str:
     """The `ps` table, then one line per failed or exited process with its reason."""
     cells = []
     for r in rows:
-        line = [proc_cell(r, key) for key, _, _ in PS_COLUMNS]
+        line = [_ps_time(r) if key == "time_s" else proc_cell(r, key) for key, _, _ in PS_COLUMNS]
         if r.get("state") == "loading":
             line[2] = f"loading {r.get('progress', 0) * 100:.0f}%"
         cells.append(line)
@@ -252,8 +261,9 @@ SAMPLING_ARGS = (
     arg("--seed", type=int, metavar="S", help="random seed of this request"),
     arg("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)"),
     arg("--repetition-penalty", type=float, metavar="R", help="> 1 discourages repeats"),
+    arg("--ignore-eos", action="store_true", default=None, help="keep going past end-of-sequence (benchmarks)"),
 )
-_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty")
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty", "ignore_eos")
 
 
 def _intermixed(name: str, args: argparse.Namespace) -> tuple[str, str]:
@@ -321,13 +331,15 @@ def _encode(proc: Any, prompt: str, params: Any) -> list[int]:
     return ids
 
 
-async def _generate(ctx: Context, proc: Any, ids: list[int], params: Any, echo: bool = True) -> str:
-    """Stream one request's pieces to the client; returns the whole text. Ends with one line on kill/failure."""
+async def _generate(
+    ctx: Context, proc: Any, ids: list[int], params: Any, echo: bool = True, pieces: list[str] | None = None
+) -> str:
+    """Stream one request's pieces to the client (and into `pieces`); returns the whole text. One line on kill/failure."""
     from llmsh.kernel.process import StateError
     from llmsh.kernel.scheduler import BusyError, RequestError
 
     sched = _services(ctx)[1]
-    pieces: list[str] = []
+    pieces = [] if pieces is None else pieces
     try:
         async with contextlib.aclosing(sched.stream(proc, ids, params, ctx.client)) as stream:
             async for piece in stream:
@@ -381,6 +393,25 @@ def _chats(ctx: Context) -> dict[tuple[str, int], list[dict[str, str]]]:
     return ctx.kernel.services.setdefault("chats", {})
 
 
+def _chat_prompt(proc: Any, history: list[dict[str, str]], message: str, params: Any) -> list[int]:
+    """Token ids of the conversation + the new message through the chat template; the oldest turns are left out
+    (the system message is kept) until it fits the context with room for --max-tokens."""
+    tok = proc.runtime.model.tokenizer
+    system = [m for m in history[:1] if m["role"] == "system"]
+    turns = history[len(system):]
+    while True:
+        convo = [*system, *turns, {"role": "user", "content": message}]
+        try:
+            prompt = tok.apply_chat_template(convo, add_generation_prompt=True)
+        except Exception as e:  # no template, or one that rejects the conversation (roles must alternate…)
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CommandError(f"{proc.name}: {why}") from None
+        ids = list(tok.encode(prompt))
+        if len(ids) + int(params.max_tokens) <= proc.runtime.max_seq_len or not turns:
+            return _encode(proc, prompt, params)
+        turns = turns[2:]  # forget the oldest user/assistant exchange
+
+
 @command(
     "chat",
     "one turn of a multi-turn conversation with a model process (kept per shell session)",
@@ -416,20 +447,16 @@ async def chat_cmd(ctx: Context, args: argparse.Namespace) -> int:
         ctx.result(list(history), "\n".join(f"{m['role']}: {m['content']}" for m in history))
         return 0
     params = _sampling(proc, args)
-    tok = proc.runtime.model.tokenizer
-    turn = [*history, {"role": "user", "content": message}]
-    try:
-        prompt = tok.apply_chat_template(turn, add_generation_prompt=True)
-    except Exception as e:  # a template that rejects the conversation (e.g. roles must alternate)
-        raise CommandError(f"chat template of {proc.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    ids = _encode(proc, prompt, params)
+    ids = _chat_prompt(proc, history, message, params)
     reply: list[str] = []
     history.append({"role": "user", "content": message})
     try:
-        text = await _generate(ctx, proc, ids, params, echo=not getattr(args, "json", False))
-        reply.append(text)
+        text = await _generate(ctx, proc, ids, params, echo=not getattr(args, "json", False), pieces=reply)
     except asyncio.CancelledError:
-        history.append({"role": "assistant", "content": "".join(reply)})  # Ctrl-C ends the turn, not the chat
+        history.append({"role": "assistant", "content": "".join(reply).strip()})  # Ctrl-C ends the turn, not the chat
+        raise
+    except CommandError:
+        history.pop()  # the turn did not happen
         raise
     history.append({"role": "assistant", "content": text.strip()})
     if getattr(args, "json", False):

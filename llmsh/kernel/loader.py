@@ -119,26 +119,33 @@ class Loader:
         self.max_batch = int(os.environ.get("LLMSH_MAX_BATCH", DEFAULT_MAX_BATCH))
 
     def start(
-        self, source: str, *, name: str | None = None, device: str = "cpu", dtype: str | None = None, nice: int = 0
+        self, source: str, *, name: str | None = None, device: str = "cpu", dtype: str | None = None, nice: int = 0,
+        max_batch: int | None = None, ctx: int | None = None,
     ) -> tuple[Process, concurrent.futures.Future]:
         """Register a `loading` process for `source` (path or model name) and queue its load; returns it at once."""
+        for what, v in (("--max-batch", max_batch), ("--ctx", ctx)):
+            if v is not None and v < 1:
+                raise ValueError(f"{what} {v}: give a positive number")
         path = resolve_model(source)
         base = name or _default_name(path)
         if name is None:
             base = self.procs.unique_name(base)
         proc = self.procs.add(base, path, device=device, dtype=dtype or "", nice=nice)
         proc.progress_text = "queued"
-        return proc, self.pool.submit(self._load, proc, path, device, dtype)
+        sizes = (max_batch or self.max_batch, ctx)
+        return proc, self.pool.submit(self._load, proc, path, device, dtype, sizes)
 
-    def _load(self, proc: Process, path: str, device: str, dtype: str | None) -> Process:
+    def _load(self, proc: Process, path: str, device: str, dtype: str | None, sizes: tuple[int, int | None]) -> Process:
         me = threading.get_ident()
         self.tasks[me] = f"load pid {proc.pid} ({proc.name})"
         try:
-            return self._load_inner(proc, path, device, dtype)
+            return self._load_inner(proc, path, device, dtype, sizes)
         finally:
             self.tasks.pop(me, None)
 
-    def _load_inner(self, proc: Process, path: str, device: str, dtype: str | None) -> Process:
+    def _load_inner(
+        self, proc: Process, path: str, device: str, dtype: str | None, sizes: tuple[int, int | None]
+    ) -> Process:
         if proc.abort_load:
             return proc
         try:
@@ -167,7 +174,7 @@ class Loader:
             return proc
         proc.dtype = str(getattr(model, "dtype", dtype or "")).replace("torch.", "")
         proc.device = str(getattr(model, "device", device))
-        proc.runtime = ModelRuntime(model, self.max_batch)
+        proc.runtime = ModelRuntime(model, *sizes)
         proc.progress, proc.progress_text = 1.0, "ready"
         self.sched.attach(proc)
         return proc

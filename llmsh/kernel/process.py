@@ -273,7 +273,8 @@ class ProcessTable:
             del self._procs[proc.pid]
             proc.exit_how = how
             row = proc.row()
-            row.update(state="exited", exit=how.value, reason=reason or proc.reason, ended_at=time.time())
+            row.update(state="exited", exit=how.value, reason=reason or proc.reason, ended_at=time.time(), tok_s=0.0,
+                       res_bytes=0, reqs_active=0, reqs_queued=0)
             self.exited.append(row)
         proc.gone.set()
         self._emit(proc, "removed")
