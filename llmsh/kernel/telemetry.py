@@ -20,7 +20,8 @@ Payload schema `llmsh.telemetry/1` (all sizes in bytes, rates per second):
     traffic:   in/out ({socket: {msg_type: {count, bytes}}}, cumulative), rejected ({reason: n}), clients,
                rates ([{dir, type, count, bytes, msgs_s, bytes_s}] summed over sockets),
                total ({in_msgs_s, out_msgs_s, in_bytes_s, out_bytes_s}),
-               recent ([{t, dir, socket, type, bytes, client}] new since the previous tick, at most RECENT_MAX)
+               recent ([{t, dir, socket, type, bytes, client}] new since the previous tick, at most RECENT_MAX;
+               telemetry's own display_data messages are counted in the rates but left out of `recent`)
     errors:    [one line per service that failed this tick]
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from llmsh.drivers import Drivers
@@ -53,6 +55,7 @@ class Traffic:
         self._prev: dict[tuple[str, str], tuple[int, int]] = {}
         self._prev_t: float | None = None
         self._last_recent_t = 0.0
+        self.own: deque[float] = deque(maxlen=8)  # times of our own telemetry messages: counted, but not logged
 
     def build(self, counters: Any, now: float) -> dict[str, Any]:
         """The `traffic` section from `counters.snapshot()` and `counters.recent`."""
@@ -83,10 +86,12 @@ class Traffic:
         for m in reversed(getattr(counters, "recent", None) or ()):
             if m.get("t", 0.0) <= self._last_recent_t or len(recent) >= RECENT_MAX:
                 break
-            recent.append(_plain(m))
+            if m.get("t") not in self.own:
+                recent.append(_plain(m))
         recent.reverse()
-        if recent:
-            self._last_recent_t = recent[-1]["t"]
+        last = getattr(counters, "recent", None)
+        if last:
+            self._last_recent_t = max(self._last_recent_t, last[-1].get("t", 0.0))
         return {
             "in": snap.get("in", {}),
             "out": snap.get("out", {}),
@@ -173,6 +178,9 @@ class Telemetry:
             interval_s=(1.0 / self.hz) if self.hz > 0 else 0.0, tick_ms=self._tick_ms,
         )
         self.kernel.publish("display_data", {"data": {MIME: payload}, "metadata": {}, "transient": {}})
+        recent = getattr(getattr(self.kernel, "counters", None), "recent", None)
+        if recent and recent[-1].get("type") == "display_data":  # published synchronously on this thread
+            self.traffic.own.append(recent[-1]["t"])
         self.last = payload
         spent = time.thread_time() - c0
         self.cpu_s += spent
@@ -232,7 +240,14 @@ async def snapshot(kernel: Any, settle_s: float = 0.25) -> dict[str, Any]:
     tel = getattr(kernel, "services", {}).get("telemetry")
     now = time.time()
     if tel is not None and tel.hz > 0 and tel.last is not None and now - tel.last["t"] <= 2.5 / tel.hz:
-        return tel.last
+        # loads and rates from the loop's latest tick; processes and scheduler as they are right now
+        errors: list[str] = []
+        fresh = dict(tel.last, t=now, errors=errors)
+        fresh["kernel"] = dict(tel.last["kernel"], uptime_s=round(now - fresh["kernel"]["started_at"], 1))
+        fresh["procs"] = [_plain(r) for r in _service_call(kernel, "procs", "snapshot", [], errors) if isinstance(r, dict)]
+        sched = _service_call(kernel, "scheduler", "stats", {}, errors)
+        fresh["scheduler"] = sched if isinstance(sched, dict) else {}
+        return fresh
     probe = kernel.services.get("telemetry_probe")
     if probe is None:
         probe = kernel.services["telemetry_probe"] = _Probe(kernel)

@@ -10,20 +10,23 @@ from typing import Any, Iterable, Sequence
 
 _UNITS = ("B", "K", "M", "G", "T", "P")
 
-# Process table columns: (row key, header, width, right-aligned)
+# Process table columns: (row key, header, width, right-aligned), in display order
 PROC_COLUMNS: tuple[tuple[str, str, int, bool], ...] = (
     ("pid", "PID", 5, True),
-    ("name", "NAME", 14, False),
+    ("name", "NAME", 12, False),
     ("state", "STATE", 9, False),
     ("nice", "NI", 3, True),
-    ("device", "DEVICE", 7, False),
-    ("res_bytes", "RES", 7, True),
-    ("paged_bytes", "PAGED", 7, True),
-    ("reqs", "REQS", 5, True),
-    ("tok_s", "TOK/S", 7, True),
-    ("tokens", "TOKENS", 7, True),
-    ("time_s", "TIME", 8, True),
+    ("device", "DEVICE", 6, False),
+    ("res_bytes", "RES", 6, True),
+    ("paged_bytes", "PAGED", 6, True),
+    ("reqs", "REQS", 4, True),
+    ("tok_s", "TOK/S", 5, True),
+    ("tokens", "TOKENS", 6, True),
+    ("time_s", "TIME", 7, True),
 )
+# which columns to keep first when the terminal is narrow (80 columns fit all but PAGED and TOKENS)
+PROC_PRIORITY = ("pid", "name", "state", "nice", "device", "res_bytes", "tok_s", "reqs", "time_s", "paged_bytes",
+                 "tokens")
 
 
 def human_bytes(n: float | None) -> str:
