@@ -25,14 +25,19 @@ class Heartbeat(threading.Thread):
         if curve_secretkey:
             self.socket.curve_server = True
             self.socket.curve_secretkey = curve_secretkey
-        if transport == "ipc":
-            self.socket.bind(f"ipc://{ip}-{port}")
-            self.port = port
-        elif port:
-            self.socket.bind(f"tcp://{ip}:{port}")
-            self.port = port
-        else:
-            self.port = self.socket.bind_to_random_port(f"tcp://{ip}")
+        try:
+            if transport == "ipc":
+                self.socket.bind(f"ipc://{ip}-{port}")
+                self.port = port
+            elif port:
+                self.socket.bind(f"tcp://[{ip}]:{port}" if ":" in ip else f"tcp://{ip}:{port}")
+                self.port = port
+            else:
+                self.port = self.socket.bind_to_random_port(f"tcp://[{ip}]" if ":" in ip else f"tcp://{ip}")
+        except zmq.ZMQError:
+            self.socket.close(linger=0)
+            self.ctx.term()
+            raise
 
     def run(self) -> None:
         """Echo until the context is terminated."""

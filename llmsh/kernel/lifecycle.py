@@ -141,9 +141,13 @@ def _start_args(args: argparse.Namespace | None) -> list[str]:
 def start_kernel_daemon(connection_file: str | None = None, timeout: float = 20, args: argparse.Namespace | None = None) -> Path:
     """Start `llmsh kernel start --foreground` detached (own session, output to the log); return its connection file once it answers."""
     path = Path(connection_file) if connection_file else new_connection_file()
-    if path.exists() and is_alive(path):
-        raise KernelStartError(f"a kernel is already running with {path}; stop it first ('llmsh kernel stop --kernel {path}')")
-    path.unlink(missing_ok=True)
+    if path.exists():
+        if is_alive(path):
+            raise KernelStartError(f"a kernel is already running with {path}; stop it first ('llmsh kernel stop --kernel {path}')")
+        info = _read(path)
+        if info is None or "pid" in info:  # a stale file of ours (or junk): start afresh
+            path.unlink(missing_ok=True)
+        # else: a Jupyter-style file with ports and key chosen by someone else; the kernel binds those
     logpath = log_file(path)
     cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(path), *_start_args(args)]
     with open(logpath, "ab") as logf:
@@ -163,7 +167,6 @@ def start_kernel_daemon(connection_file: str | None = None, timeout: float = 20,
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    path.unlink(missing_ok=True)
     raise KernelStartError(f"the kernel did not answer within {timeout:g} s (log: {logpath})")
 
 
@@ -188,6 +191,8 @@ def setup_logging(connection_file: Path) -> Path:
 
 def run_foreground(args: argparse.Namespace) -> int:
     """Run the kernel in this process until it is shut down."""
+    import zmq
+
     from llmsh.kernel import server
     from llmsh.protocol.connection import ConnectionFileError
 
@@ -198,7 +203,7 @@ def run_foreground(args: argparse.Namespace) -> int:
     except ConnectionFileError as e:
         print(f"llmsh: kernel: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # e.g. a port in the given connection file is taken (zmq.ZMQError is an OSError)
+    except (OSError, zmq.ZMQError) as e:  # e.g. a port in the given connection file is taken
         log.error("kernel failed to start: %s", e)
         print(f"llmsh: kernel: cannot start: {e}", file=sys.stderr)
         return 1

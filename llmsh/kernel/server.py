@@ -51,7 +51,7 @@ from llmsh.protocol.session import Rejected, Verifier, make_session
 log = logging.getLogger("llmsh.kernel")
 
 # Modules with `def setup(kernel) -> None`, imported and set up at kernel start (telemetry, process table, pager…).
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["llmsh.kernel.process", "llmsh.kernel.pager", "llmsh.kernel.telemetry"]
 
 PROTOCOL_VERSION = "5.3"
 LANGUAGE_INFO = {
@@ -201,7 +201,11 @@ class Kernel:
         self.loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._stop = asyncio.Event()
-        self._bind()
+        try:
+            self._bind()
+        except BaseException:
+            self._unbind()
+            raise
         self._install_signals()
         self._load_executor()
         self._load_extensions()
@@ -242,7 +246,7 @@ class Kernel:
         self._ctx = zmq.asyncio.Context()
         kinds = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER, "iopub": zmq.PUB}
         for channel, kind in kinds.items():
-            sock = self._ctx.socket(kind)
+            sock = self._sockets[channel] = self._ctx.socket(kind)
             sock.linger = 1000
             if secret:
                 sock.curve_server = True
@@ -256,7 +260,6 @@ class Kernel:
             else:
                 port = sock.bind_to_random_port(f"tcp://[{ip}]" if ":" in ip else f"tcp://{ip}")
             info[f"{channel}_port"] = port
-            self._sockets[channel] = sock
         self._monitor = self._sockets["shell"].get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._heartbeat = Heartbeat(ip, int(info.get("hb_port") or 0), transport, secret)
         info["hb_port"] = self._heartbeat.port
@@ -264,6 +267,17 @@ class Kernel:
         if self._owns_file:
             info.update(pid=self.pid, started_at=self.started_at, llmsh_version=__version__)
         self.connection_info = info
+
+    def _unbind(self) -> None:
+        """Release whatever `_bind` got before it failed."""
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        if self._ctx is not None:
+            self._ctx.term()
 
     def _install_signals(self) -> None:
         assert self.loop is not None
@@ -303,6 +317,9 @@ class Kernel:
 
     async def _cleanup(self) -> None:
         log.info("kernel shutting down (restart=%s)", self.restart_requested)
+        if self.loop is not None and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.remove_signal_handler(sig)
         for hook in list(self.on_shutdown):
             try:
                 result = hook(self)

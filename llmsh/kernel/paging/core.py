@@ -86,6 +86,7 @@ class Entry:
     staged: dict[str, Any] | None = None  # tensors read in, not yet installed
     host: dict[str, Any] | None = None  # pinned host copy (CUDA models only)
     ready_event: Any = None  # CUDA event: the side-stream copy of `staged` is done
+    deps: tuple[int, ...] = ()  # pages that must be resident with this one (a tied head needs the embedding)
 
 
 @dataclass(eq=False)
@@ -121,11 +122,43 @@ class Proc:
     def largest_page(self) -> Entry:
         return max(self.entries, key=lambda e: e.nbytes)
 
+    def working_set(self, e: Entry) -> int:
+        """Bytes that must be resident together while page e runs (itself and its deps)."""
+        return e.nbytes + sum(self.entries[d].nbytes for d in e.deps)
+
+    @property
+    def min_bytes(self) -> int:
+        """The smallest budget this process can run in."""
+        return max(self.working_set(e) for e in self.entries)
+
     @property
     def state(self) -> str:
         """'resident' (all pages in), 'partial', or 'paged-out' (none)."""
         n = sum(1 for e in self.entries if e.state in (IN, STAGED))
         return "resident" if n == len(self.entries) else ("paged-out" if n == 0 else "partial")
+
+
+_MALLOC_TUNED = False
+
+
+def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve allocations of at least `threshold` bytes with mmap, so a released page's memory goes back to
+    the OS at once. Without it glibc raises its mmap threshold after the first large free (up to 32 MiB) and keeps
+    later pages on its heap, where freeing them does not lower the process's RSS. Best effort; False if not glibc."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        M_MMAP_THRESHOLD = -3
+        _MALLOC_TUNED = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+    return _MALLOC_TUNED
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -149,7 +182,7 @@ class Pager:
         self.totals = Stats()
         self.check_hooks: list[Callable[[str, int, int], None]] = []
         self.busy_probe: Callable[[int], bool] | None = None  # pid → has requests in flight (set by the kernel glue)
-        self._running: dict[int, tuple[int, int]] = {}  # thread id → (pid, page) being computed now
+        self._running: dict[int, set[tuple[int, int]]] = {}  # thread id → (pid, page)s its current step uses now
         self._streams: dict[str, Any] = {}
         self.prefetch_depth = prefetch_depth
         self.prefetcher = None
@@ -203,13 +236,18 @@ class Pager:
             raise PagerError(f"{name or pid}: the model has no pages to manage")
         proc = Proc(pid=pid, name=name or str(pid), source=source, device=device, nice=nice, keep_alive=keep_alive)
         proc.entries = [Entry(proc, i, info.name, int(info.nbytes)) for i, info in enumerate(infos)]
+        deps = getattr(source, "deps", None)
+        for e in proc.entries:
+            e.deps = tuple(d for d in (deps(e.index) if deps else ()) if d != e.index)
+        if device == HOST or not device.startswith("cuda"):
+            return_freed_memory_to_os()
         with self._cond:
             if pid in self.procs:
                 raise PagerError(f"pid {pid} is already attached to the pager")
             self._check_largest(proc)
             resident = [e for e in proc.entries if source.is_resident(e.index)]
             need = sum(e.nbytes for e in resident)
-            self.make_room(device, need, nice=nice, largest=proc.largest_page.nbytes, who=proc.name)
+            self.make_room(device, need, nice=nice, largest=proc.min_bytes, who=proc.name)
             free = self.free(device)
             for e in resident:  # keep what fits, in forward order; release the rest before it is ever counted
                 if e.nbytes <= free:
@@ -242,9 +280,7 @@ class Pager:
                 if e.host is not None:
                     self.used[HOST] -= e.nbytes
                 e.state, e.staged, e.host = OUT, None, None
-            for tid, (p, _) in list(self._running.items()):
-                if p == pid:
-                    del self._running[tid]
+            self._forget_running(pid)
             self._cond.notify_all()
             self._check(proc.device)
         try:
@@ -276,31 +312,39 @@ class Pager:
         if proc is None:
             return
         e = proc.entries[index]
-        t0 = time.perf_counter()
         with self._cond:
-            self.tick += 1
-            self._running[threading.get_ident()] = (pid, index)
+            # pages in use by this step (this page and what it reads) are protected until this thread moves on
+            self._running[threading.get_ident()] = {(pid, d) for d in e.deps} | {(pid, index)}
             proc.last_active = time.monotonic()
             proc.released_idle = False
-            e.last_used = self.tick
-            if e.state == IN:
-                self._count_hit(proc)
-            elif e.state == STAGED:
-                self._count_hit(proc)
-                self._install(e)
-            else:
-                self._count_miss(proc)
-                while e.state == LOADING:  # the prefetch thread is reading it: wait rather than read twice
-                    self._cond.wait()
-                if e.state == STAGED:
-                    self._install(e)
-                elif e.state == OUT:
-                    self._reserve(e, requester=(pid, index))
-                    e.state = LOADING
-                    self._page_in_sync(e)
-                self._add_stall(proc, time.perf_counter() - t0)
+            for d in e.deps:
+                self._ensure_locked(proc.entries[d], (pid, index))
+            self._ensure_locked(e, (pid, index))
         if self.prefetcher is not None:
             self.prefetcher.after(proc, index)
+
+    def _ensure_locked(self, e: Entry, requester: tuple[int, int]) -> None:
+        proc = e.proc
+        t0 = time.perf_counter()
+        self.tick += 1
+        e.last_used = self.tick
+        if e.state == IN:
+            self._count_hit(proc)
+            return
+        if e.state == STAGED:
+            self._count_hit(proc)
+            self._install(e)
+            return
+        self._count_miss(proc)
+        while e.state == LOADING:  # the prefetch thread is reading it: wait rather than read twice
+            self._cond.wait()
+        if e.state == STAGED:
+            self._install(e)
+        elif e.state == OUT:
+            self._reserve(e, requester=requester)
+            e.state = LOADING
+            self._page_in_sync(e)
+        self._add_stall(proc, time.perf_counter() - t0)
 
     def _page_in_sync(self, e: Entry) -> None:
         """Read a reserved page (state LOADING) and install it; called with the lock held, reads without it."""
@@ -388,16 +432,23 @@ class Pager:
 
     # ---- reservations and eviction -------------------------------------------------------------------------
     def _check_largest(self, proc: Proc) -> None:
-        big = proc.largest_page
+        big = max(proc.entries, key=proc.working_set)
+        need = proc.working_set(big)
         budget = self.budget(proc.device)
-        if big.nbytes > budget:
+        if need > budget:
+            with_deps = f" with {', '.join(proc.entries[d].name for d in big.deps)}" if big.deps else ""
             raise PagerError(
                 f"the {proc.device} budget {format_bytes(budget)} is smaller than the largest page of {proc.name} "
-                f"({big.name}, {format_bytes(big.nbytes)}); start the kernel with a larger --mem-budget"
+                f"({big.name}{with_deps}, {format_bytes(need)}); start the kernel with a larger --mem-budget"
             )
 
+    def _forget_running(self, pid: int) -> None:
+        for tid, keys in list(self._running.items()):
+            if any(p == pid for p, _ in keys):
+                del self._running[tid]
+
     def _protected(self) -> set[tuple[int, int]]:
-        return set(self._running.values())
+        return set().union(*self._running.values()) if self._running else set()
 
     def _candidates(self, device: str, *, idle_of: Callable[[Proc], bool] | None = None) -> Iterator[Candidate]:
         protected = self._protected()
@@ -530,9 +581,7 @@ class Pager:
         """Release every page of an idle process (keep_alive, `load` making room); returns bytes released."""
         with self._cond:
             proc = self.proc(pid)
-            for tid, (p, _) in list(self._running.items()):
-                if p == pid:
-                    del self._running[tid]
+            self._forget_running(pid)
             freed = 0
             for e in proc.entries:
                 if e.state in (IN, STAGED):

@@ -33,6 +33,9 @@ class PageSource(Protocol):
     def read(self, index: int, device: str, *, pin: bool = False) -> dict[str, "torch.Tensor"]:
         """Fresh tensors of one page, read from its home on disk (pinned host memory if `pin`)."""
 
+    def deps(self, index: int) -> list[int]:
+        """Other pages this page's modules read (e.g. a tied head reads the embedding); may be absent."""
+
     def install(self, index: int, tensors: dict[str, "torch.Tensor"]) -> None:
         """Make `tensors` the page's parameters (a pointer swap: cheap, done at a safe point)."""
 
@@ -61,13 +64,28 @@ class ModelSource:
         return list(self._pages[index].param_names)
 
     def read(self, index: int, device: str, *, pin: bool = False) -> dict[str, "torch.Tensor"]:
+        """Copy the page out of the mmap into fresh host memory (one pass, converting the dtype on the way), so that
+        its bytes are really owned by the pager — a zero-copy view would leave them to the page cache."""
+        import torch
+
         out = {}
         for name in self._pages[index].param_names:
-            t = self.model.checkpoint.load_tensor(name, device, self.model.dtype)
-            if pin and t.device.type == "cpu":
-                t = t.pin_memory()
+            raw = self.model.checkpoint.load_tensor(name, "cpu")  # a view of the mmap'd file
+            t = torch.empty(raw.shape, dtype=self.model.dtype, pin_memory=pin)
+            t.copy_(raw)
             out[name] = t
         return out
+
+    def deps(self, index: int) -> list[int]:
+        """Pages that must be resident too while this one runs: a tied head reads the embedding matrix."""
+        return [0] if index == len(self._pages) - 1 and index > 0 and self._tied_head() else []
+
+    def _tied_head(self) -> bool:
+        tied = getattr(self.model, "_tied", None)
+        if isinstance(tied, dict) and tied:
+            return any(len(tied.get(p, [p])) > 1 for p in self._pages[0].param_names)
+        cfg = getattr(self.model, "config", None)
+        return bool(getattr(cfg, "tie_embeddings", getattr(cfg, "tie_word_embeddings", False)))
 
     def install(self, index: int, tensors: dict[str, "torch.Tensor"]) -> None:
         self.model.materialize_page(index, self.device, tensors)

@@ -1,0 +1,32 @@
+"""The Jupyter project's own conformance suite (jupyter_kernel_test) against llmsh, started the way Jupyter
+starts it: the installed kernelspec, `KernelManager(kernel_name="llmsh")`."""
+
+from __future__ import annotations
+
+import jupyter_kernel_test
+
+from llmsh.kernel.lifecycle import install_kernelspec
+
+
+class LlmshKernelTests(jupyter_kernel_test.KernelTests):
+    kernel_name = "llmsh"
+    language_name = "llmsh"
+    file_extension = ".llmsh"
+
+    code_hello_world = "echo hello, world"
+    code_stderr = "nosuchcommand; echo the line goes on"  # the first failure is reported on stderr, the line succeeds
+    code_generate_error = "nosuchcommand"
+    code_execute_result = [{"code": "uname"}, {"code": "uname --json", "mime": "application/json"}]
+    code_inspect_sample = "echo"
+    completion_samples = [{"text": "ech", "matches": {"echo"}}, {"text": "unam", "matches": {"uname"}}]
+    complete_code_samples = ["echo hi", "echo a && echo b", "echo 'quoted # not a comment'"]
+    incomplete_code_samples = ["echo 'unclosed", "echo a &&", "echo a |", "echo a \\"]
+    invalid_code_samples = ["echo a ;;", "| echo"]
+    supported_history_operations = ("tail", "range", "search")
+    code_history_pattern = "uname --j*"
+    # not applicable: code_page_something (no pager payloads), code_display_data (results are execute_result)
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        install_kernelspec(user=True)  # into the isolated JUPYTER_DATA_DIR that conftest set
+        super().setUpClass()
