@@ -95,9 +95,13 @@ def verify_folder(folder: str | os.PathLike, progress: Callable[[float, str], No
         if not path.exists():
             raise LoadError(f"{rel} is missing from {folder} (its checksum is listed); re-download the model")
         if _digest(path, algo) != expected:
-            how = f"truncated ({_size(path)} bytes) or corrupt"
-            raise LoadError(f"{rel} in {folder} is {how}: its checksum does not match {source}; re-download it "
-                            f"(or, if you changed it on purpose, run 'llmsh checksum {folder}')")
+            how = f"is truncated ({_size(path)} bytes) or corrupt: its checksum does not match {source}"
+            if source == MANIFEST:
+                raise LoadError(f"{rel} in {folder} {how}; re-download it, or if you changed it on purpose "
+                                f"run 'llmsh checksum {folder}'")
+            repo = folder.parent.parent.name.removeprefix("models--").replace("--", "/")
+            raise LoadError(f"{rel} of {repo} (snapshot {folder.name[:12]}) {how}; delete it and re-download "
+                            f"(huggingface-cli download {repo})")
         done += _size(path)
         if progress:
             progress(done / total, f"verified {rel}")

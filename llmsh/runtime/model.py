@@ -171,9 +171,10 @@ class Model:
         self.module.page_hook = fn
 
     def _set_param(self, pname: str, tensor: Tensor) -> None:
-        for name in self._tied[pname]:
+        param = nn.Parameter(tensor, requires_grad=False)
+        for name in self._tied[pname]:  # tied weights stay one Parameter
             owner, _, attr = name.rpartition(".")
-            self.module.get_submodule(owner)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+            self.module.get_submodule(owner)._parameters[attr] = param
 
     def page_tensors(self, i: int) -> dict[str, Tensor]:
         """The current tensors of page i by parameter name (a pager can copy these to keep a host copy)."""

@@ -1,0 +1,110 @@
+"""Sampling and the request lifecycle: seeds, filters vs transformers, stop strings, EOS, limits, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmsh.runtime import SamplingParams, load
+from llmsh.runtime.generation import BatchGenerator, Sequence
+from llmsh.runtime.sampling import apply_repetition_penalty, logits_to_probs
+
+
+@pytest.fixture(scope="module")
+def gpt2(make_tiny_model):
+    return load(make_tiny_model("gpt2"))
+
+
+def test_filters_match_transformers_processors():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 300, generator=g) * 3
+    seen = torch.tensor([[5, 17, 17, 250]])
+    torch.testing.assert_close(apply_repetition_penalty(logits[0], seen[0], 1.3),
+                               RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())[0])
+    for temp, k, p in [(0.7, 0, 1.0), (1.0, 20, 1.0), (1.3, 0, 0.9), (0.5, 40, 0.8)]:
+        ref = TemperatureLogitsWarper(temp)(seen, logits.clone())
+        if k:
+            ref = TopKLogitsWarper(k)(seen, ref)
+        if p < 1:
+            ref = TopPLogitsWarper(p)(seen, ref)
+        torch.testing.assert_close(logits_to_probs(logits[0], temp, k, p), ref.softmax(-1)[0])
+
+
+def test_seeded_sampling_is_reproducible_per_request(gpt2):
+    a = gpt2.generate(["hello", "the fox"], max_tokens=12, temperature=0.9, top_k=50, seed=7)
+    b = gpt2.generate(["hello", "the fox"], max_tokens=12, temperature=0.9, top_k=50, seed=7)
+    c = gpt2.generate(["hello", "the fox"], max_tokens=12, temperature=0.9, top_k=50, seed=8)
+    assert a == b and a != c
+    # a request's output does not depend on who else is in the batch
+    assert gpt2.generate(["the fox"], max_tokens=12, temperature=0.9, top_k=50, seed=7) == [a[1]]
+
+
+def test_stop_strings_cut_the_text(gpt2):
+    full = gpt2.generate(["The quick"], max_tokens=24)[0]
+    stop = full[10:13]
+    assert len(stop) == 3
+    cut = gpt2.generate(["The quick"], max_tokens=24, stop=[stop, "\x00never"])[0]
+    assert cut == full[:full.index(stop)]
+    pieces = list(gpt2.stream("The quick", max_tokens=24, stop=[stop]))
+    assert "".join(pieces) == cut
+
+
+def test_eos_and_length_and_context_full(gpt2):
+    ids = gpt2.tokenizer.encode("hello")
+    seq = Sequence(gpt2, ids, SamplingParams(max_tokens=5))
+    eos = next(iter(gpt2.tokenizer.eos_token_ids))
+    assert seq.push(10) is not None and seq.finished is None
+    seq.push(eos)
+    assert seq.finished == "eos"
+    seq = Sequence(gpt2, ids, SamplingParams(max_tokens=3, ignore_eos=True))
+    for t in (10, 11, 12):
+        seq.push(t)
+    assert seq.finished == "length" and len(seq.token_ids) == 3
+    gen = BatchGenerator(gpt2, max_batch=1, max_seq_len=len(ids) + 4)   # context smaller than max_tokens
+    seq = Sequence(gpt2, ids, SamplingParams(max_tokens=100, ignore_eos=True))
+    gen.add(seq)
+    while gen.has_work:
+        gen.step()
+    assert seq.finished == "length" and len(ids) + len(seq.token_ids) == gen.max_seq_len + 1
+    with pytest.raises(ValueError, match="does not fit"):
+        gen.add(Sequence(gpt2, list(range(50)), SamplingParams()))
+
+
+def test_generation_config_defaults_and_validation():
+    p = SamplingParams.from_config({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 40},
+                                   top_k=None, seed=3)
+    assert (p.temperature, p.top_p, p.max_tokens, p.seed, p.top_k) == (0.6, 0.9, 40, 3, 0)
+    assert SamplingParams.from_config({"do_sample": False, "temperature": 0.6}).greedy
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(top_k=-2), dict(seed=-1),
+                dict(stop=[""]), dict(repetition_penalty=0)):
+        with pytest.raises(ValueError) as err:
+            SamplingParams(**bad).validate()
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="unknown sampling option 'temp'"):
+        SamplingParams.from_config({}, temp=1)
+
+
+def test_remove_cancels_and_frees_the_slot(gpt2):
+    gen = BatchGenerator(gpt2, max_batch=2, max_seq_len=64)
+    a, b, c = (Sequence(gpt2, gpt2.tokenizer.encode(t), SamplingParams(max_tokens=30, ignore_eos=True))
+               for t in ("one", "two", "three"))
+    for s in (a, b, c):
+        gen.add(s)
+    gen.step()
+    assert gen.last_batch_size == 2 and c in gen.waiting
+    gen.remove(a)
+    assert a.finished == "cancelled" and gen.cache.free_slots == 1
+    gen.step()                                                          # c takes a's slot, b keeps decoding
+    assert gen.last_batch_size == 2 and c.slot is not None
+
+
+def test_stream_yields_multibyte_text_whole(gpt2):
+    """Random weights emit arbitrary byte tokens; every streamed piece must still be whole characters."""
+    pieces = list(gpt2.stream("Café 🙂", max_tokens=40, temperature=1.0, seed=0, ignore_eos=True))
+    text = "".join(pieces)
+    seq_text = gpt2.generate(["Café 🙂"], max_tokens=40, temperature=1.0, seed=0, ignore_eos=True)[0]
+    assert text == seq_text
+    assert all(p.encode("utf-8").decode("utf-8") == p for p in pieces)
