@@ -69,12 +69,21 @@ def history_file() -> Path:
 async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
     """Execute one line in the foreground; Ctrl-C meanwhile interrupts it."""
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(client.interrupt()))
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        interrupted = True
+        asyncio.ensure_future(client.interrupt())
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
     try:
         reply = await client.execute(code)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
     if reply.get("status") != "ok":
+        if interrupted:
+            print()  # the terminal echoed ^C without a newline
         printer.error(reply_error(reply))
     return exit_code(reply)
 

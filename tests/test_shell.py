@@ -1,0 +1,84 @@
+"""The interactive shell in a real pseudo-terminal (pexpect) against a real kernel: output, Tab completion asked of
+the kernel, multi-line input, Ctrl-C (interrupts the foreground command only; at the prompt just a new prompt),
+background job notices printed while the prompt waits, Ctrl-D and `exit N`, the history file."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pexpect
+import pytest
+
+PROMPT = r"llmsh>"  # prompt-toolkit draws the trailing space as a cursor move, so match up to ">"
+
+
+def spawn(kernel: Any) -> pexpect.spawn:
+    env = dict(kernel.env, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", NO_COLOR="1")
+    child = pexpect.spawn(
+        sys.executable, ["-m", "llmsh", "--kernel", str(kernel.connection_file)],
+        env=env, encoding="utf-8", dimensions=(40, 150), timeout=15,
+    )
+    child.expect_exact("'help' lists the commands")
+    child.expect(PROMPT)
+    return child
+
+
+@pytest.fixture
+def shell(kernel: Any) -> Any:
+    child = spawn(kernel)
+    yield child
+    if child.isalive():
+        child.terminate(force=True)
+
+
+def test_output_completion_multiline_and_ctrl_d(shell: Any, isolated_home: Path) -> None:
+    shell.sendline("echo 'x''y'z")
+    shell.expect_exact("xyz\r\n")  # the typed line shows the quotes; only the output reads xyz
+    shell.expect(PROMPT)
+    shell.send("hel\t")  # the kernel completes "hel" to the only match, "help" (else: command not found)
+    time.sleep(0.5)
+    shell.send("\r")
+    shell.expect_exact("Type 'help CMD' or 'CMD --help' for details.")
+    shell.expect(PROMPT)
+    shell.send("echo 'first\r")  # the quote is open: Enter continues the line
+    time.sleep(0.3)
+    shell.send("second'\r")
+    shell.expect_exact("first\r\nsecond\r\n")
+    shell.expect(PROMPT)
+    shell.send("\x03")  # Ctrl-C at the prompt: just a new prompt
+    shell.expect(PROMPT)
+    shell.sendline("echo still-here | echo piped-ok")
+    shell.expect_exact("piped-ok\r\n")
+    shell.expect(PROMPT)
+    shell.send("\x04")  # Ctrl-D leaves
+    shell.expect(pexpect.EOF)
+    shell.close()
+    assert shell.exitstatus == 0
+    history = (isolated_home / "state" / "llmsh" / "history").read_text()
+    assert "echo 'x''y'z" in history and "echo 'first\nsecond'" in history.replace("+", "")
+
+
+def test_ctrl_c_stops_the_foreground_command_not_the_jobs(shell: Any) -> None:
+    shell.sendline("sleep 4 &")
+    shell.expect_exact("[1] sleep 4")
+    shell.expect(PROMPT)
+    shell.sendline("sleep 30")
+    time.sleep(0.5)
+    shell.send("\x03")
+    shell.expect_exact("llmsh: interrupted", timeout=5)
+    shell.expect_exact("llmsh [130]>")
+    shell.sendline("jobs")
+    shell.expect_exact("[1]+  Running     sleep 4 &")
+    shell.expect(PROMPT)
+    # the job's end is announced while the prompt is waiting (patch_stdout prints above it)
+    shell.expect_exact("[1]+  Done        sleep 4", timeout=10)
+    shell.sendline("nope-cmd")
+    shell.expect_exact("llmsh: nope-cmd: command not found")
+    shell.expect_exact("llmsh [127]>")
+    shell.sendline("exit 4")
+    shell.expect(pexpect.EOF)
+    shell.close()
+    assert shell.exitstatus == 4
