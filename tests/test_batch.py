@@ -82,6 +82,8 @@ def test_exit_stops_the_script_with_its_code(kernel: Any, tmp_path: Path) -> Non
     script.write_text("echo before\nexit 3\necho after\n")
     r = kernel.llmsh(str(script))
     assert (r.returncode, r.stdout) == (3, "before\n")
+    r = kernel.llmsh("-c", "echo one && exit 5 && echo never\necho never")  # exit inside a line, run by the kernel
+    assert (r.returncode, r.stdout, r.stderr) == (5, "one\n", "")
     assert kernel.llmsh("-c", "nope\nexit").returncode == 127  # stopped at the failing line already
     assert kernel.llmsh("--keep-going", "-c", "nope\nexit").returncode == 127  # `exit` keeps the last status
 

@@ -76,8 +76,12 @@ def test_commands() -> Iterator[dict[str, Any]]:
     async def structured(ctx: Any, args: Any) -> None:
         ctx.result({"rows": [1, 2]}, "two rows")
 
+    async def progress(ctx: Any, args: Any) -> None:
+        ctx.progress(0.5, "loading")
+
     names = []
     for name, handler, extra in (
+        ("t-progress", progress, {}),
         ("t-produce", produce, {}),
         ("t-consume", consume, {}),
         ("t-boom", boom, {}),
@@ -314,3 +318,29 @@ def test_complete_redirect_path(tmp_path: Any) -> None:
     (tmp_path / "nested").mkdir()
     matches, start, _ = complete(fake_kernel(), "echo a > n", 10, cwd=str(tmp_path))
     assert matches == ["nested/", "notes.txt"] and start == 9
+
+
+async def test_progress_goes_to_display_or_stderr(test_commands: Any) -> None:
+    _, out = await run("t-progress")
+    assert out.text("stderr") == "loading  50%\n" and out.text("stdout") == ""
+
+    class WithDisplay(Recorder):
+        def display(self, bundle: dict) -> None:
+            self.events.append(("display", bundle, ""))
+
+    rec = WithDisplay()
+    await execute(fake_kernel(), "t-progress | t-consume", client="c", out=rec)
+    assert rec.events == [("display", {"application/vnd.llmsh.progress+json": {"fraction": 0.5, "label": "loading"}, "text/plain": "loading 50%"}, "")]
+
+
+async def test_exit_stops_the_line_but_not_in_pipes_or_jobs() -> None:
+    res, out = await run("echo a; exit 3; echo never")
+    assert res == ExecResult("error", 3, "Exit", "llmsh: exit 3") and out.text("stdout") == "a\n"
+    res, out = await run("exit; echo never")
+    assert res == ExecResult("ok", 0) and out.text("stdout") == ""
+    res, out = await run("exit 4 | echo piped; echo after")
+    assert res.exit_code == 0 and out.text("stdout") == "piped\nafter\n"
+    res, out = await run("echo x | exit 5 || echo status-was-5")
+    assert res.exit_code == 0 and out.text("stdout") == "status-was-5\n"
+    res, _ = await run("exit nope")
+    assert res.exit_code == 2 and "invalid int value" in res.evalue

@@ -8,15 +8,14 @@ printing `llmsh: FILE:LINE: …`, unless --keep-going. The exit code is the last
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from llmsh.client.sync_client import KernelGone, SyncKernelClient
 from llmsh.client.render import Printer, exit_code, reply_error
 from llmsh.commands.parser import ParseError, is_complete, parse
 
 
-@dataclass
-class Piece:
+class Piece(NamedTuple):
     """A complete piece of a script and the line it starts on."""
 
     line: int
@@ -91,6 +90,8 @@ def run_batch(info: dict, name: str, text: str, *, keep_going: bool = False) -> 
                 return status if code is True else int(code)
             reply = client.execute(piece.code)
             status = exit_code(reply)
+            if reply.get("ename") == "Exit":  # `… && exit N` ran in the kernel: leave with N, no message
+                return status
             if reply.get("status") != "ok":
                 message = reply_error(reply)
                 printer.error(message if single else located(name, piece.line, message))

@@ -7,6 +7,7 @@ unless the shell is interactive.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -78,3 +79,7 @@ def main(args: argparse.Namespace) -> int:
         return run_batch(info, name, text, keep_going=args.keep_going)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `llmsh -c help | head -1`: the reader left; exit quietly like a killed sh
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141

@@ -66,6 +66,13 @@ def history_file() -> Path:
     return paths.state_dir() / "history"
 
 
+class _Exit(Exception):
+    """`exit N` ran inside a longer line in the kernel: leave the shell with N."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
 async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
     """Execute one line in the foreground; Ctrl-C meanwhile interrupts it."""
     loop = asyncio.get_running_loop()
@@ -81,6 +88,8 @@ async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
         reply = await client.execute(code)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+    if reply.get("ename") == "Exit":
+        raise _Exit(exit_code(reply))
     if reply.get("status") != "ok":
         if interrupted:
             print()  # the terminal echoed ^C without a newline
@@ -118,6 +127,8 @@ async def run_repl(info: dict[str, Any]) -> int:
                 if code is not None:
                     return status if code is True else int(code)
                 status = await _run_line(client, printer, text)
+    except _Exit as e:
+        return e.code
     except KernelGone as e:
         printer.error(f"llmsh: {e}")
         return 1

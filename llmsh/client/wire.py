@@ -13,8 +13,7 @@ import hashlib
 import hmac
 import json
 import os
-import uuid
-from datetime import datetime, timezone
+import time
 from typing import Any
 
 DELIM = b"<IDS|MSG>"
@@ -23,6 +22,12 @@ PROTOCOL_VERSION = "5.3"
 
 class WireError(ValueError):
     """A message that failed to verify or parse; the client drops it."""
+
+
+def _utc_now() -> str:
+    """ISO 8601 UTC time with microseconds (what Session writes), without importing datetime."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
 def _pack(obj: Any) -> bytes:
@@ -34,7 +39,7 @@ class Wire:
 
     def __init__(self, key: str | bytes, *, session: str | None = None, username: str | None = None) -> None:
         self.key = key.encode("ascii") if isinstance(key, str) else key
-        self.session = session or uuid.uuid4().hex
+        self.session = session or os.urandom(16).hex()
         self.bsession = self.session.encode("ascii")
         self.username = username or os.environ.get("USER", "llmsh")
         self._count = 0
@@ -56,7 +61,7 @@ class Wire:
             "msg_type": msg_type,
             "username": self.username,
             "session": self.session,
-            "date": datetime.now(timezone.utc).isoformat(),
+            "date": _utc_now(),
             "version": PROTOCOL_VERSION,
         }
         return {"header": header, "parent_header": {}, "metadata": metadata or {}, "content": content}

@@ -178,14 +178,24 @@ async def kernel_(ctx: Context, args: argparse.Namespace) -> None:
     ctx.result(info, _info_table(info))
 
 
+class ExitRequested(Exception):
+    """`exit N` in the kernel: the executor stops the rest of the line and reports exit code N (ename "Exit")."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"exit {code}")
+        self.code = code
+
+
 @command(
     "exit",
-    "leave the shell (the shell handles it; in a script, stops it with exit code N)",
-    arg("code", nargs="?", type=int, default=0, metavar="N", help="exit code (default 0)"),
+    "leave the shell with exit code N (default: the last command's); in a script, stop it",
+    arg("code", nargs="?", type=int, metavar="N", help="exit code 0..255"),
     aliases=("quit",),
+    description="The shell handles a lone 'exit' itself. Inside a longer line ('build && exit 3') the kernel stops "
+    "the rest of the line and the shell leaves with N; in a pipe or a background job it does nothing.",
 )
 async def exit_(ctx: Context, args: argparse.Namespace) -> int:
-    return int(args.code)
+    raise ExitRequested(int(args.code or 0) & 0xFF)
 
 
 # ---- jobs -----------------------------------------------------------------------------------------------------------

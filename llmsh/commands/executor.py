@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any, AsyncIterator, Protocol
 
 from llmsh.commands import load_all
+from llmsh.commands.core import ExitRequested
 from llmsh.commands.jobs import job_table
 from llmsh.commands.parser import AndOr, ParseError, Pipeline, SimpleCommand, Statement, parse, tokenize
 from llmsh.commands.registry import REGISTRY, Command, CommandError, HelpRequested, UsageError
@@ -29,6 +30,7 @@ from llmsh.commands.registry import REGISTRY, Command, CommandError, HelpRequest
 log = logging.getLogger("llmsh.commands")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 127, 130
+PROGRESS_MIME = "application/vnd.llmsh.progress+json"  # drawn as a bar by llmsh/client/render.py
 
 
 class Output(Protocol):
@@ -179,6 +181,19 @@ class ShellContext:
             text = json.dumps(data, indent=2, default=str)
         self._sink.result(data, text)
 
+    def progress(self, fraction: float, label: str = "") -> None:
+        """Report progress of a long wait (0..1); the shell draws a bar on its terminal. Not part of stdout.
+
+        Sent as display_data with PROGRESS_MIME when the kernel's Output has `display(bundle)`, else as a stderr line
+        (callers should report only when the shown percentage changes)."""
+        fraction = max(0.0, min(1.0, float(fraction)))
+        display = getattr(self.out, "display", None)
+        if display is not None:
+            plain = f"{label} {fraction * 100:.0f}%".strip()
+            display({PROGRESS_MIME: {"fraction": fraction, "label": label}, "text/plain": plain})
+        else:
+            self.warn(f"{label} {fraction * 100:3.0f}%\n".lstrip())
+
     def path(self, name: str) -> Path:
         """A user-given path resolved against the client's working directory (`~` expanded)."""
         p = Path(os.path.expanduser(name))
@@ -197,11 +212,12 @@ def _one_line(message: str) -> str:
 class _Runner:
     """Runs statements for one request (or one background job) and remembers the last failure."""
 
-    def __init__(self, kernel: Any, client: str, out: Output, cwd: str | None) -> None:
+    def __init__(self, kernel: Any, client: str, out: Output, cwd: str | None, *, job: bool = False) -> None:
         self.kernel = kernel
         self.client = client
         self.out = out
         self.cwd = cwd
+        self.job = job  # a background job: `exit` does nothing there
         self.pending: _Failure | None = None  # the latest failure, shown on stderr unless it ends the line
 
     def flush(self) -> None:
@@ -219,7 +235,7 @@ class _Runner:
         return await self.and_or(stmt.body)
 
     async def _job_body(self, body: AndOr) -> int:
-        runner = _Runner(self.kernel, self.client, self.out, self.cwd)
+        runner = _Runner(self.kernel, self.client, self.out, self.cwd, job=True)
         try:
             return await runner.and_or(body)
         finally:
@@ -261,6 +277,7 @@ class _Runner:
         self, cmd: SimpleCommand, sink: _Sink | None, stdin: AsyncIterator[str] | None
     ) -> tuple[int, _Failure | None]:
         """Run one simple command; returns its exit code and, if it failed, the failure. Never raises but cancellation."""
+        sink_is_client = sink is None
         if sink is None:
             sink = _ClientSink(self.out)
         name = cmd.name
@@ -287,7 +304,15 @@ class _Runner:
                 command=entry,
                 json_output=bool(getattr(args, "json", False)),
             )
-            code = await entry.handler(ctx, args)
+            try:
+                code = await entry.handler(ctx, args)
+            except ExitRequested as e:
+                if sink_is_client and stdin is None and not self.job:
+                    raise
+                code = e.code  # in a pipe or a job `exit` only sets the status, as in a sh subshell
+                if not code:
+                    return EXIT_OK, None
+                return code, _Failure(code, "Exit", f"llmsh: exit {code}")
             code = EXIT_OK if code is None else int(code)
             if code:
                 return code, _Failure(code, "ExitStatus", f"llmsh: {name}: exit status {code}")
@@ -296,7 +321,7 @@ class _Runner:
             return e.status, _Failure(e.status, e.ename, f"llmsh: {name}: {_one_line(str(e))}")
         except CommandError as e:
             return e.status, _Failure(e.status, e.ename, f"llmsh: {name}: {_one_line(str(e))}")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ExitRequested):
             raise
         except Exception as e:  # a bug in a handler must never take the kernel down
             log.exception("command %r failed with an unexpected exception", cmd.argv)
@@ -334,6 +359,11 @@ async def execute(kernel: Any, code: str, *, client: str, out: Output, cwd: str 
     except asyncio.CancelledError:
         runner.flush()
         raise
+    except ExitRequested as e:  # the rest of the line is skipped; the client leaves with this code
+        runner.flush()
+        if e.code == 0:
+            return ExecResult("ok", EXIT_OK)
+        return ExecResult("error", e.code, "Exit", f"llmsh: exit {e.code}")
     if status == EXIT_OK:
         runner.flush()
         return ExecResult("ok", EXIT_OK)

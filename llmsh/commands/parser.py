@@ -17,7 +17,6 @@ client can use it (for multi-line input) without loading anything heavy.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
 
 SEPARATORS = (";", "&", "\n")
 OPERATORS = ("&&", "||", ">>", ";", "|", "&", ">", "<", "\n")  # longest first where they share a prefix
@@ -34,72 +33,100 @@ class ParseError(ValueError):
         self.pos = pos
 
 
-@dataclass
-class Token:
-    """A word (quoting removed in `value`, source text in `raw`) or an operator."""
+class _Node:
+    """Plain slotted classes rather than dataclasses: the client imports this module on every `llmsh -c`, and
+    `dataclasses` (with `inspect`) would be a tenth of its start-up time."""
 
-    kind: str  # "word" | "op"
-    value: str
-    start: int
-    end: int
-    quoted: bool = False
+    __slots__: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
 
 
-@dataclass
-class Redirect:
+class Token(_Node):
+    """A word (quoting removed in `value`) or an operator, with its source span."""
+
+    __slots__ = ("kind", "value", "start", "end", "quoted")
+
+    def __init__(self, kind: str, value: str, start: int, end: int, quoted: bool = False) -> None:
+        self.kind = kind  # "word" | "op"
+        self.value = value
+        self.start = start
+        self.end = end
+        self.quoted = quoted
+
+
+class Redirect(_Node):
     """`> path` (truncate) or `>> path` (append): the command's stdout goes to a file."""
 
-    path: str
-    append: bool = False
+    __slots__ = ("path", "append")
+
+    def __init__(self, path: str, append: bool = False) -> None:
+        self.path = path
+        self.append = append
 
 
-@dataclass
-class SimpleCommand:
+class SimpleCommand(_Node):
     """One command with its arguments, e.g. `echo hi > out.txt`."""
 
-    argv: list[str]
-    redirect: Redirect | None = None
-    start: int = 0
-    end: int = 0
+    __slots__ = ("argv", "redirect", "start", "end")
+
+    def __init__(self, argv: list[str], redirect: Redirect | None = None, start: int = 0, end: int = 0) -> None:
+        self.argv = argv
+        self.redirect = redirect
+        self.start = start
+        self.end = end
 
     @property
     def name(self) -> str:
         return self.argv[0]
 
 
-@dataclass
-class Pipeline:
+class Pipeline(_Node):
     """`a | b | c`: each stage's output streams into the next stage's stdin."""
 
-    commands: list[SimpleCommand]
+    __slots__ = ("commands",)
+
+    def __init__(self, commands: list[SimpleCommand]) -> None:
+        self.commands = commands
 
 
-@dataclass
-class AndOr:
+class AndOr(_Node):
     """`p1 && p2 || p3`: run `first`, then each following pipeline depending on the previous exit code."""
 
-    first: Pipeline
-    rest: list[tuple[str, Pipeline]] = field(default_factory=list)
+    __slots__ = ("first", "rest")
+
+    def __init__(self, first: Pipeline, rest: list[tuple[str, Pipeline]] | None = None) -> None:
+        self.first = first
+        self.rest = rest if rest is not None else []
 
     def pipelines(self) -> list[Pipeline]:
         return [self.first, *(p for _, p in self.rest)]
 
 
-@dataclass
-class Statement:
+class Statement(_Node):
     """One and-or list, run in the foreground or (`&`) as a background job."""
 
-    body: AndOr
-    background: bool
-    text: str  # the source text, for `jobs` and error messages
-    line: int  # 1-based line of the statement's first token
+    __slots__ = ("body", "background", "text", "line")
+
+    def __init__(self, body: AndOr, background: bool, text: str, line: int) -> None:
+        self.body = body
+        self.background = background
+        self.text = text  # the source text, for `jobs` and error messages
+        self.line = line  # 1-based line of the statement's first token
 
 
-@dataclass
-class Script:
+class Script(_Node):
     """What `parse` returns: the statements in order."""
 
-    statements: list[Statement]
+    __slots__ = ("statements",)
+
+    def __init__(self, statements: list[Statement]) -> None:
+        self.statements = statements
 
 
 class _Lexer:
