@@ -297,3 +297,42 @@ def test_threads_and_models(kernel: Any, tiny_gpt2: Path, isolated_home: Path) -
     byname = int(ok(kernel, "load acme/tiny-chat")["data"]["pid"])
     assert ps(kernel)[byname]["name"] == "tiny-chat"
     ok(kernel, f"kill -KILL {pid} {byname}")
+
+
+def test_interrupted_or_vanished_client_drops_its_request(kernel: Any, tiny_gpt2: Path) -> None:
+    pid = load(kernel, tiny_gpt2, "--name drop")
+    ok(kernel, f"kill -STOP {pid}")
+    # Ctrl-C: the client interrupts its own foreground `run`
+    bg = Background(kernel, f"run drop --max-tokens 50 {GREEDY} hi")
+    wait_until(lambda: ps(kernel)[pid]["reqs_queued"] == 1, what="queued request")
+    bg.kc.control_channel.send(bg.kc.session.msg("interrupt_request", {}))
+    out = bg.result()
+    assert out["reply"]["status"] == "error" and out["reply"]["ename"] == "KeyboardInterrupt"
+    wait_until(lambda: ps(kernel)[pid]["reqs_queued"] == 0, what="request dropped after interrupt")
+    # a client that goes away mid-request: its request leaves the queue too
+    kc = kernel.client()
+    kc.execute(f"run drop --max-tokens 50 {GREEDY} hi")
+    wait_until(lambda: ps(kernel)[pid]["reqs_queued"] == 1, what="queued request")
+    kc.stop_channels()
+    wait_until(lambda: ps(kernel)[pid]["reqs_queued"] == 0, what="request dropped after disconnect")
+    ok(kernel, f"kill -CONT {pid}")
+    assert ps(kernel)[pid]["tokens"] == 0  # neither request ever ran
+    ok(kernel, f"kill -KILL {pid}")
+
+
+def test_load_as_job_and_wait(kernel: Any, tiny_gpt2: Path) -> None:
+    r = ok(kernel, f"load {tiny_gpt2} --name bgjob &")
+    assert "[1]" in r["stderr"] or r["stderr"].startswith("[")
+    ok(kernel, "wait")
+    row = next(r for r in ps(kernel).values() if r["name"] == "bgjob")
+    assert row["state"] == "ready"
+    ok(kernel, f"kill -STOP {row['pid']}")
+    bg = Background(kernel, f"run bgjob --max-tokens 10 {GREEDY} hi")
+    wait_until(lambda: ps(kernel)[row["pid"]]["reqs_queued"] == 1, what="queued request")
+    waiter = Background(kernel, f"wait {row['pid']}")  # waits until the process has nothing in flight
+    time.sleep(0.2)
+    assert waiter.thread.is_alive()
+    ok(kernel, f"kill -CONT {row['pid']}")
+    assert waiter.result()["reply"]["status"] == "ok" and bg.result()["reply"]["status"] == "ok"
+    ok(kernel, f"kill -KILL {row['pid']}")
+    assert fails(kernel, f"wait {row['pid']}").endswith("exit status 137")

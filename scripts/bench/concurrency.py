@@ -1,0 +1,229 @@
+"""Concurrency through the kernel: 16 clients × 64 tokens vs transformers' static batch and sequential generates.
+
+All in one run, on one machine, with the same GPT-2-124M-shaped random checkpoint (built once, cached in the temp dir):
+  kernel      16 jupyter_client clients each `run bench --max-tokens 64 --temperature 0 --ignore-eos PROMPT_i` at once;
+              the scheduler batches them continuously (requests join at the next step)
+  static      transformers `generate` on the 16 prompts as one left-padded batch (greedy, exactly 64 new tokens)
+  sequential  16 transformers `generate` calls, one prompt each
+  stream      one request streamed through the kernel vs the same request with the in-process runtime (`Model.stream`):
+              the cost of the kernel, ZeroMQ and the client
+--quick: 16 tokens per request, one repetition, and the sequential time measured on 4 prompts and scaled to all.
+Last line: ratio_static=<static s / kernel s> ratio_seq=<sequential s / kernel s> stream_overhead=<kernel/in-process - 1>
+(ratios > 1 mean the kernel is faster). Usage: python scripts/bench/concurrency.py [--quick] [--clients 16] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GPT2_124M = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
+
+
+def _isolate() -> Path:
+    """Run against a private kernel in a temporary XDG home, never a user's."""
+    home = Path(tempfile.mkdtemp(prefix="llmsh-bench-"))
+    for var in ("XDG_RUNTIME_DIR", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "JUPYTER_RUNTIME_DIR"):
+        (home / var).mkdir(mode=0o700)
+        os.environ[var] = str(home / var)
+    os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    sys.path.insert(0, str(REPO))
+    return home
+
+
+def _checkpoint(shape: dict, tag: str) -> Path:
+    """A random HF-format GPT-2 of `shape` with a real (small, trained) tokenizer; cached between runs."""
+    folder = Path(tempfile.gettempdir()) / f"llmsh-bench-gpt2-{tag}"
+    if not (folder / "model.safetensors").exists():
+        from tests.fixtures_models import build_tiny_model
+
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        build_tiny_model(tmp, "gpt2", initializer_range=0.02, **shape)
+        tmp.rename(folder)
+    return folder
+
+
+def _start_kernel(home: Path) -> tuple[subprocess.Popen, Path]:
+    cf = home / "XDG_RUNTIME_DIR" / "kernel-bench.json"
+    cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(cf), "--telemetry-hz", "0"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not cf.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("llmsh kernel did not start")
+        time.sleep(0.02)
+    return proc, cf
+
+
+def _client(cf: Path):
+    from jupyter_client import BlockingKernelClient
+
+    kc = BlockingKernelClient(connection_file=str(cf))
+    kc.load_connection_file()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    return kc
+
+
+def _execute(kc, code: str, timeout: float = 600) -> tuple[str, dict]:
+    """Run a line; returns (stdout text, reply content); raises on an error reply."""
+    out: list[str] = []
+
+    def hook(msg: dict) -> None:
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+            out.append(msg["content"]["text"])
+        elif msg["msg_type"] == "execute_result":
+            out.append(msg["content"]["data"].get("text/plain", ""))
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook, allow_stdin=False)["content"]
+    if reply["status"] != "ok":
+        raise SystemExit(f"{code!r} failed: {reply.get('evalue')}")
+    return "".join(out), reply
+
+
+def _kernel_concurrent(clients: list, prompts: list[str], tokens: int) -> float:
+    """Wall seconds for every client to finish its own `run` (all sent at once)."""
+    barrier = threading.Barrier(len(clients) + 1)
+    errors: list[str] = []
+
+    def one(kc, prompt: str) -> None:
+        barrier.wait()
+        try:
+            _execute(kc, f"run bench --max-tokens {tokens} --temperature 0 --ignore-eos {prompt!r}")
+        except SystemExit as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=one, args=(kc, p)) for kc, p in zip(clients, prompts)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(errors[0])
+    return time.perf_counter() - t0
+
+
+def _hf_inputs(tok, prompts: list[str], pad_id: int):
+    import torch
+
+    ids = [tok.encode(p) for p in prompts]
+    width = max(len(i) for i in ids)
+    input_ids = torch.tensor([[pad_id] * (width - len(i)) + i for i in ids])  # left padding
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    return input_ids, mask
+
+
+def _hf_generate(model, input_ids, mask, tokens: int) -> None:
+    import torch
+
+    with torch.inference_mode():
+        model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                       do_sample=False, pad_token_id=model.config.eos_token_id)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and one repetition (under a minute)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per request (default 64, quick 16)")
+    ap.add_argument("--repeat", type=int, default=None, help="repetitions, the best is kept (default 2, quick 1)")
+    opts = ap.parse_args()
+    tokens = opts.tokens or (16 if opts.quick else 64)
+    repeat = opts.repeat or (1 if opts.quick else 2)
+    home = _isolate()
+    folder = _checkpoint(GPT2_124M, "124m")
+
+    import torch
+    import transformers
+
+    from llmsh.kernel.loader import configure_torch_threads
+    from llmsh.runtime import load
+
+    threads = configure_torch_threads()  # the same intra-op thread count the kernel uses
+    prompts = [f"Request {i}: once upon a time there was a little model that could" for i in range(opts.clients)]
+
+    proc, cf = _start_kernel(home)
+    clients = []
+    try:
+        main_kc = _client(cf)
+        _execute(main_kc, f"load {folder} --name bench --max-batch {opts.clients} --ctx 256")
+        clients = [_client(cf) for _ in range(opts.clients)]
+        _execute(main_kc, "run bench --max-tokens 4 --temperature 0 warm up")  # first-step allocations
+        kernel_s = min(_kernel_concurrent(clients, prompts, tokens) for _ in range(repeat))
+        stats, _ = _execute(main_kc, "ps --json")
+        import json
+
+        row = [r for r in json.loads(stats) if r["name"] == "bench"][0]
+        # one streamed request through the kernel (after the others, alone on the device)
+        stream_kernel = []
+        for _ in range(repeat + 1):
+            t0 = time.perf_counter()
+            _execute(main_kc, f"run bench --max-tokens {tokens} --temperature 0 --ignore-eos {prompts[0]!r}")
+            stream_kernel.append(time.perf_counter() - t0)
+        _execute(main_kc, "kill -KILL bench")
+    finally:
+        for kc in clients:
+            kc.stop_channels()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    # in-process runtime, the reference for the streaming overhead
+    model = load(str(folder))
+    for _piece in model.stream(prompts[0], max_tokens=4, temperature=0):  # warm up: page the mmap'd weights in
+        pass
+    stream_local = []
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        for _piece in model.stream(prompts[0], max_tokens=tokens, temperature=0, ignore_eos=True):
+            pass
+        stream_local.append(time.perf_counter() - t0)
+    tok = model.tokenizer
+    del model
+
+    transformers.utils.logging.set_verbosity_error()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    input_ids, mask = _hf_inputs(tok, prompts, hf.config.eos_token_id)
+    _hf_generate(hf, input_ids[:1], mask[:1], 2)  # warm up
+    static = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        _hf_generate(hf, input_ids, mask, tokens)
+        static.append(time.perf_counter() - t0)
+    seq = []
+    seq_n = min(4, opts.clients) if opts.quick else opts.clients  # --quick times 4 of them and scales to all
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for p in prompts[:seq_n]:
+            ids, m = _hf_inputs(tok, [p], hf.config.eos_token_id)
+            _hf_generate(hf, ids, m, tokens)
+        seq.append((time.perf_counter() - t0) * opts.clients / seq_n)
+
+    total = opts.clients * tokens
+    static_s, seq_s = min(static), min(seq)
+    sk, sl = statistics.median(stream_kernel), statistics.median(stream_local)
+    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus (affinity {len(os.sched_getaffinity(0))}), "
+          f"load {os.getloadavg()[0]:.2f}, torch {torch.__version__} {threads} threads, transformers {transformers.__version__}")
+    print(f"model: GPT-2-124M-shaped random weights ({folder}); {opts.clients} clients x {tokens} tokens, best of {repeat}")
+    print(f"kernel (continuous batching): {kernel_s:.2f} s  {total / kernel_s:.0f} tok/s  "
+          f"(max batch {row['max_batch']}, {row['steps']} steps in total)")
+    print(f"transformers static batch-{opts.clients}: {static_s:.2f} s  {total / static_s:.0f} tok/s")
+    scaled = f" (timed {seq_n}, scaled to {opts.clients})" if seq_n != opts.clients else ""
+    print(f"transformers {opts.clients} sequential: {seq_s:.2f} s  {total / seq_s:.0f} tok/s{scaled}")
+    print(f"one streamed request: kernel {sk * 1e3:.0f} ms, in-process runtime {sl * 1e3:.0f} ms (median of {repeat + 1})")
+    print(f"ratio_static={static_s / kernel_s:.3f} ratio_seq={seq_s / kernel_s:.3f} stream_overhead={sk / sl - 1:.3f}")
+
+
+if __name__ == "__main__":
+    main()
