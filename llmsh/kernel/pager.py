@@ -51,6 +51,14 @@ class PagerService:
         self.procs: Any = None
         self.sched: Any = None
         self._task: asyncio.Task | None = None
+        self._guards: dict[int, Any] = {}
+
+    def _forget(self, pid: int) -> None:
+        """A process is unloaded: its pages and KV guard stop counting."""
+        self.pager.detach(pid)
+        guard = self._guards.pop(pid, None)
+        if guard is not None:
+            self.pager.kv.forget(guard)
 
     def connect(self) -> None:
         """Subscribe to the process table and scheduler (once both exist)."""
@@ -63,7 +71,7 @@ class PagerService:
         self.sched = self.kernel.services.get("scheduler")
         procs.listeners.append(self._on_proc_event)
         if self.sched is not None and hasattr(self.sched, "on_release"):
-            self.sched.on_release.append(lambda proc: self.pager.detach(proc.pid))
+            self.sched.on_release.append(lambda proc: self._forget(proc.pid))
         self.pager.busy_probe = self._busy
         for proc in list(procs):  # processes loaded before the pager was connected
             self._on_proc_event(proc, "state")
@@ -75,7 +83,7 @@ class PagerService:
     def _on_proc_event(self, proc: Any, event: str) -> None:
         pager = self.pager
         if event == "removed":
-            pager.detach(proc.pid)
+            self._forget(proc.pid)
             return
         if event == "added":
             self._make_room_for(proc)
@@ -92,7 +100,29 @@ class PagerService:
         except PagerError as e:
             log.warning("load of pid %s refused by the pager: %s", proc.pid, e)
             self._fail(proc, str(e))
+            return
+        self._guard_kv(proc)
         self.sync_rows()
+
+    def _guard_kv(self, proc: Any) -> None:
+        """Put the process's batch under the device's KV budget (the engine steps the guard like the batch)."""
+        batch = getattr(proc, "batch", None)
+        if batch is None or not hasattr(batch, "cache") or hasattr(batch, "manager"):
+            return
+
+        def blocked() -> None:
+            # every request of this process waits for KV room held by higher-priority work: charge it one token of
+            # virtual runtime so the fair scheduler moves on to the others instead of picking it again at once
+            from llmsh.kernel.process import cfs_weight
+
+            proc.vruntime += 1024 / cfs_weight(proc.nice)
+
+        guard = self.pager.kv.guard(batch, pid=proc.pid, device=str(proc.device), nice=lambda: proc.nice,
+                                    on_blocked=blocked)
+        lock = self.sched.engine(proc.device).cond if self.sched is not None else _nolock()
+        with lock:
+            proc.batch = guard
+        self._guards[proc.pid] = guard
 
     def _make_room_for(self, proc: Any) -> None:
         """A load is starting: page out idle / lower-priority processes for its weights (estimated from the files)."""

@@ -185,6 +185,9 @@ class Pager:
         self._running: dict[int, set[tuple[int, int]]] = {}  # thread id → (pid, page)s its current step uses now
         self._streams: dict[str, Any] = {}
         self.prefetch_depth = prefetch_depth
+        from llmsh.kernel.paging.kv import KVManager
+
+        self.kv = KVManager(lambda device: self.budget("kv:" + device))
         self.prefetcher = None
         if prefetch:
             from llmsh.kernel.paging.prefetch import Prefetcher
@@ -682,13 +685,16 @@ class Pager:
         """Everything `mem --json` shows: budgets, use, per-process rows, totals."""
         with self._cond:
             devices = {}
+            for dev in self.kv.guards:  # a KV budget shows once something uses it
+                self.budget("kv:" + dev)
             for dev, budget in sorted(self.budgets().items()):
-                used = self.used.get(dev, 0)
+                used = self.kv.used(dev[3:]) if dev.startswith("kv:") else self.used.get(dev, 0)
                 devices[dev] = {"budget": budget, "used": used, "free": budget - used}
             return {
                 "devices": devices,
                 "procs": [self.proc_row(pid) for pid in sorted(self.procs)],
                 "totals": self.totals.as_dict(),
+                "kv": self.kv.snapshot(),
             }
 
     def close(self) -> None:

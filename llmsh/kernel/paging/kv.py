@@ -1,0 +1,274 @@
+"""KV-cache budget with preemption: when the caches of a device's running requests would outgrow their budget, the
+lowest-priority requests are swapped out to host memory and resume later with exactly the state they left.
+
+Each process's `BatchGenerator` (llmsh/runtime/generation.py) is wrapped by a `KVGuard`, which the engine thread
+steps like the batch itself. Before a step it computes what the step adds (one position per running sequence,
+the prompt of each joining one); if the device's KV bytes would exceed the budget it preempts victims across all
+guarded batches of the device — highest nice first, newest request first among equals (vLLM's LIFO) — by copying
+their cache rows to host and freeing their slots; joining requests of the stepping batch are simply held back.
+Swapped requests come back (oldest first) as soon as they fit. Because the cache rows and the sampler state are
+restored as they were, greedy output is identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from llmsh.kernel.paging.budget import format_bytes
+
+
+@dataclass(eq=False)
+class Swapped:
+    """A preempted sequence and its cache rows on the host."""
+
+    seq: Any
+    length: int
+    k: list[Any]
+    v: list[Any]
+    order: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
+
+
+@dataclass
+class KVStats:
+    preemptions: int = 0
+    resumes: int = 0
+    held: int = 0  # joins delayed for lack of KV room
+    swapped_bytes: int = 0  # bytes copied to host by preemptions
+    too_long: int = 0  # requests ended because they alone outgrow the budget
+
+
+class KVManager:
+    """The KV budget of each device and the guards of the batches on it."""
+
+    def __init__(self, budget: Callable[[str], int]) -> None:
+        self._budget = budget  # device → bytes ('kv:cpu' budgets come from the pager)
+        self.lock = threading.RLock()
+        self.guards: dict[str, list["KVGuard"]] = {}
+        self.stats = KVStats()
+        self._order = 0
+        self.check_hooks: list[Callable[[str, int, int], None]] = []
+
+    def budget(self, device: str) -> int:
+        return self._budget(device)
+
+    def guard(self, batch: Any, *, pid: int, device: str, nice: Callable[[], int],
+              on_blocked: Callable[[], None] | None = None) -> "KVGuard":
+        """Wrap a BatchGenerator so its steps respect the device's KV budget."""
+        g = KVGuard(self, batch, pid=pid, device=device, nice=nice, on_blocked=on_blocked)
+        with self.lock:
+            self.guards.setdefault(device, []).append(g)
+        return g
+
+    def forget(self, guard: "KVGuard") -> None:
+        with self.lock:
+            if guard in self.guards.get(guard.device, []):
+                self.guards[guard.device].remove(guard)
+
+    def next_order(self) -> int:
+        self._order += 1
+        return self._order
+
+    def used(self, device: str) -> int:
+        """KV bytes held on the device by running sequences (positions in use × bytes per position)."""
+        with self.lock:
+            return sum(g.used() for g in self.guards.get(device, []))
+
+    def swapped(self, device: str) -> int:
+        with self.lock:
+            return sum(s.nbytes for g in self.guards.get(device, []) for s in g.swapped)
+
+    def check(self, device: str) -> None:
+        used, budget = self.used(device), self.budget(device)
+        for hook in self.check_hooks:
+            hook(device, used, budget)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            devices = {
+                dev: {"budget": self.budget(dev), "used": self.used(dev), "swapped": self.swapped(dev),
+                      "running": sum(len(g.batch.running) for g in gs), "preempted": sum(len(g.swapped) for g in gs)}
+                for dev, gs in self.guards.items()
+            }
+            return {"devices": devices, **self.stats.__dict__}
+
+
+@dataclass(eq=False)
+class _Victim:
+    guard: "KVGuard"
+    seq: Any
+    joining: bool
+    nice: int
+    order: int
+
+
+@dataclass(eq=False)
+class KVGuard:
+    """A BatchGenerator under the KV budget; the engine uses it exactly like the batch (add/remove/step/…)."""
+
+    manager: KVManager
+    batch: Any
+    pid: int
+    device: str
+    nice: Callable[[], int]
+    on_blocked: Callable[[], None] | None = None
+    swapped: list[Swapped] = field(default_factory=list)
+    held: list[Any] = field(default_factory=list)
+    joined: dict[int, int] = field(default_factory=dict)  # id(seq) → arrival order
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        cache = self.batch.cache
+        self.bytes_per_pos = sum(t[0, :, 0].nbytes for t in cache.k) + sum(t[0, :, 0].nbytes for t in cache.v)
+
+    # ---- the BatchGenerator interface ------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:  # cache, running, waiting, last_batch_size, steps, max_seq_len…
+        return getattr(self.batch, name)
+
+    def add(self, seq: Any) -> None:
+        self.batch.add(seq)
+        self.joined[id(seq)] = self.manager.next_order()
+
+    def remove(self, seq: Any) -> None:
+        with self.manager.lock:
+            for s in list(self.swapped):
+                if s.seq is seq:
+                    self.swapped.remove(s)
+            if seq in self.held:
+                self.held.remove(seq)
+            self.joined.pop(id(seq), None)
+            self.batch.remove(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.batch.has_work or self.swapped or self.held)
+
+    def used(self) -> int:
+        cache = self.batch.cache
+        return sum(cache.lengths[s.slot] for s in self.batch.running if s.slot is not None) * self.bytes_per_pos
+
+    def step(self) -> list[tuple[Any, str]]:
+        """Resume what fits, preempt what must go, then run the batch's step."""
+        m = self.manager
+        with m.lock:
+            ended = self._end_impossible()
+            self._resume()
+            self._make_room()
+            if not self.batch.running and not self.batch.waiting:
+                self.batch.last_batch_size = 0
+                if self.on_blocked is not None and not ended:
+                    self.on_blocked()
+                return ended
+        out = self.batch.step()
+        for seq, _ in out:
+            if seq.finished:
+                self.joined.pop(id(seq), None)
+        m.check(self.device)
+        return ended + out
+
+    # ---- preemption ------------------------------------------------------------------------------------------
+    def _joining(self) -> list[Any]:
+        return list(self.batch.waiting)[: self.batch.cache.free_slots]
+
+    def _demand(self) -> int:
+        """KV bytes this step adds: one position per running sequence, the prompt of each joining one."""
+        grow = len(self.batch.running) + sum(len(s.prompt_ids) for s in self._joining())
+        return grow * self.bytes_per_pos
+
+    def _fits(self) -> bool:
+        return self.manager.used(self.device) + self._demand() <= self.manager.budget(self.device)
+
+    def _end_impossible(self) -> list[tuple[Any, str]]:
+        """Requests that alone outgrow the budget would wait forever: end them like a full context ('length')."""
+        budget, bpp, cache = self.manager.budget(self.device), self.bytes_per_pos, self.batch.cache
+        ended = []
+        for seq in list(self.batch.running):
+            if (cache.lengths[seq.slot] + 1) * bpp > budget:
+                self.batch.running.remove(seq)
+                cache.free(seq.slot)
+                seq.slot = None
+                ended.append(seq)
+        for seq in [*self.batch.waiting, *self.held]:
+            if len(seq.prompt_ids) * bpp > budget:
+                (self.held if seq in self.held else self.batch.waiting).remove(seq)
+                ended.append(seq)
+        for s in list(self.swapped):
+            if (s.length + 1) * bpp > budget:
+                self.swapped.remove(s)
+                ended.append(s.seq)
+        self.manager.stats.too_long += len(ended)
+        return [(seq, seq.finish("length")) for seq in ended]
+
+    def _resume(self) -> None:
+        """Bring swapped sequences (oldest first), then held ones, back while they fit."""
+        budget = self.manager.budget(self.device)
+        for s in sorted(self.swapped, key=lambda s: s.order):
+            need = (s.length + 1) * self.bytes_per_pos
+            if not self.batch.cache.free_slots or self.manager.used(self.device) + self._demand() + need > budget:
+                break
+            self._swap_in(s)
+        # held joins go back to the front of the queue, oldest first; _make_room holds them again if still short
+        self.batch.waiting.extendleft(self.held)
+        self.held.clear()
+
+    def _make_room(self) -> None:
+        while not self._fits():
+            victims = self._victims()
+            if not victims:
+                break
+            v = victims[0]
+            if v.joining:
+                self.batch.waiting.remove(v.seq)
+                self.held.append(v.seq)
+                self.manager.stats.held += 1
+            else:
+                v.guard._swap_out(v.seq)
+
+    def _victims(self) -> list[_Victim]:
+        """Everything that could give way, best victim first: highest nice, then newest."""
+        out = []
+        for g in self.manager.guards.get(self.device, []):
+            nice = g.nice()
+            for seq in g.batch.running:
+                out.append(_Victim(g, seq, False, nice, g.joined.get(id(seq), 0)))
+        nice = self.nice()
+        for seq in self._joining():
+            out.append(_Victim(self, seq, True, nice, self.joined.get(id(seq), 0)))
+        return sorted(out, key=lambda v: (v.nice, v.order), reverse=True)
+
+    def _swap_out(self, seq: Any) -> None:
+        """Copy a running sequence's cache rows to host and free its slot."""
+        cache, slot = self.batch.cache, seq.slot
+        n = cache.lengths[slot]
+        k = [t[slot, :, :n].to("cpu", copy=True) for t in cache.k]
+        v = [t[slot, :, :n].to("cpu", copy=True) for t in cache.v]
+        self.batch.running.remove(seq)
+        cache.free(slot)
+        seq.slot = None
+        s = Swapped(seq, n, k, v, self.joined.get(id(seq), 0))
+        self.swapped.append(s)
+        self.manager.stats.preemptions += 1
+        self.preemptions += 1
+        self.manager.stats.swapped_bytes += s.nbytes
+
+    def _swap_in(self, s: Swapped) -> None:
+        cache = self.batch.cache
+        slot = cache.alloc()
+        for t, h in zip(cache.k, s.k):
+            t[slot, :, : s.length].copy_(h)
+        for t, h in zip(cache.v, s.v):
+            t[slot, :, : s.length].copy_(h)
+        cache.lengths[slot] = s.length
+        s.seq.slot = slot
+        self.batch.running.append(s.seq)
+        self.swapped.remove(s)
+        self.manager.stats.resumes += 1
+
+    def describe(self) -> str:
+        return (f"pid {self.pid}: {len(self.batch.running)} running, {len(self.swapped)} preempted "
+                f"({format_bytes(sum(s.nbytes for s in self.swapped))} on host)")

@@ -1,0 +1,84 @@
+"""KV-cache budget: when the running requests' caches would outgrow it, the lowest-priority requests are swapped to
+host and resume later — with greedy output identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from llmsh.kernel.paging.core import Pager
+
+PROMPTS = ["The quick brown fox", "Once upon a time there was", "def hello(name):", "Café, naïve"]
+MAX_TOKENS = 24
+
+
+def _run(guards_and_seqs, max_steps: int = 2000) -> dict[int, str]:
+    """Step the batches round-robin like the engine until every sequence has finished; returns text by id(seq)."""
+    texts: dict[int, str] = {}
+    for _ in range(max_steps):
+        busy = False
+        for g, _ in guards_and_seqs:
+            if g.has_work:
+                busy = True
+                for seq, piece in g.step():
+                    texts[id(seq)] = texts.get(id(seq), "") + piece
+        if not busy:
+            return texts
+    raise AssertionError("the batches did not finish")
+
+
+def test_lowest_priority_requests_are_preempted_and_resume_identically(make_tiny_model: Callable[..., Path]) -> None:
+    from llmsh.runtime import load
+    from llmsh.runtime.generation import BatchGenerator, Sequence
+    from llmsh.runtime.sampling import SamplingParams
+
+    hi_model, lo_model = load(make_tiny_model("llama")), load(make_tiny_model("gpt2"))
+    refs = {m: m.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True) for m in (hi_model, lo_model)}
+    pager = Pager({"cpu": 1 << 30}, prefetch=False)
+    seen: list[int] = []
+
+    def hook(device: str, used: int, budget: int) -> None:
+        assert used <= budget, f"KV {used} > budget {budget}"
+        seen.append(used)
+
+    pager.kv.check_hooks.append(hook)
+    nices = {hi_model: 0, lo_model: 10}
+    guards = []
+    for m in (hi_model, lo_model):
+        batch = BatchGenerator(m, max_batch=len(PROMPTS), max_seq_len=128)
+        g = pager.kv.guard(batch, pid=len(guards) + 1, device="cpu", nice=lambda m=m: nices[m])
+        seqs = [Sequence(m, m.tokenizer.encode(p), SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+                for p in PROMPTS]
+        for s in seqs:
+            g.add(s)
+        guards.append((g, seqs))
+    # room for about half of all the positions the eight requests will hold at their longest
+    longest = sum(len(s.prompt_ids) + MAX_TOKENS for _, seqs in guards for s in seqs)
+    bpp = max(g.bytes_per_pos for g, _ in guards)
+    pager.set_budget("kv:cpu", longest * bpp // 2)
+    texts = _run(guards)
+    for (g, seqs), m in zip(guards, (hi_model, lo_model)):
+        assert [texts[id(s)] for s in seqs] == refs[m]
+    hi, lo = guards[0][0], guards[1][0]
+    assert lo.preemptions > 0 and lo.preemptions > hi.preemptions
+    assert pager.kv.stats.resumes == pager.kv.stats.preemptions
+    assert max(seen) <= pager.budget("kv:cpu") and pager.kv.used("cpu") == 0
+    snap = pager.snapshot()
+    assert snap["kv"]["preemptions"] > 0 and "kv:cpu" in snap["devices"]
+
+
+def test_a_request_that_alone_outgrows_the_kv_budget_ends_with_length(make_tiny_model: Callable[..., Path]) -> None:
+    from llmsh.runtime import load
+    from llmsh.runtime.generation import BatchGenerator, Sequence
+    from llmsh.runtime.sampling import SamplingParams
+
+    m = load(make_tiny_model("gpt2"))
+    pager = Pager({"cpu": 1 << 30}, prefetch=False)
+    g = pager.kv.guard(BatchGenerator(m, 2, 128), pid=1, device="cpu", nice=lambda: 0)
+    seq = Sequence(m, m.tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    g.add(seq)
+    pager.set_budget("kv:cpu", (len(seq.prompt_ids) + 5) * g.bytes_per_pos)
+    texts = _run([(g, [seq])])
+    assert seq.finished == "length" and 0 < len(seq.token_ids) <= 6 and texts[id(seq)] == seq.text
