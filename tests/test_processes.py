@@ -336,3 +336,23 @@ def test_load_as_job_and_wait(kernel: Any, tiny_gpt2: Path) -> None:
     assert waiter.result()["reply"]["status"] == "ok" and bg.result()["reply"]["status"] == "ok"
     ok(kernel, f"kill -KILL {row['pid']}")
     assert fails(kernel, f"wait {row['pid']}").endswith("exit status 137")
+
+
+def test_completion_and_help(kernel: Any, tiny_gpt2: Path) -> None:
+    pid = load(kernel, tiny_gpt2, "--name compl")
+    kc = kernel.client()
+    try:
+        for line, expected in ((f"kill -STOP ", str(pid)), ("run co", "compl"), ("renice 3 ", "compl")):
+            msg_id = kc.complete(line, len(line))
+            reply = kc.get_shell_msg(timeout=10)
+            assert reply["parent_header"]["msg_id"] == msg_id
+            assert expected in reply["content"]["matches"], (line, reply["content"])
+        folder = str(tiny_gpt2.parent) + "/"
+        msg_id = kc.complete(f"load {folder}", len(f"load {folder}"))
+        assert f"{folder}{tiny_gpt2.name}/" in kc.get_shell_msg(timeout=10)["content"]["matches"]
+    finally:
+        kc.stop_channels()
+    for name in ("load", "ps", "run", "chat", "kill", "nice", "renice", "threads", "models"):
+        text = ok(kernel, f"help {name}")["results"][-1]["text/plain"]
+        assert text.startswith(f"usage: {name}"), text
+    ok(kernel, f"kill -KILL {pid}")

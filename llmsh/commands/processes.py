@@ -132,14 +132,19 @@ async def load_cmd(ctx: Context, args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as e:
         raise CommandError(str(e)) from None
     waiting = asyncio.wrap_future(fut)
-    shown = ""
+    shown: tuple[int, str] | None = None
+    progress = getattr(ctx, "progress", None)  # the shell draws a bar; stderr lines otherwise
     try:
         while not waiting.done():
             await asyncio.wait({waiting}, timeout=0.25)
-            line = f"{proc.progress * 100:3.0f}% {proc.progress_text}".rstrip()
-            if line != shown and proc.progress_text and not waiting.done():
-                ctx.warn(f"load {proc.name} (pid {proc.pid}): {line}\n")
-                shown = line
+            now = (int(proc.progress * 100), proc.progress_text)
+            if now != shown and proc.progress_text and not waiting.done():
+                label = f"load {proc.name} (pid {proc.pid}): {proc.progress_text}"
+                if progress is not None:
+                    progress(proc.progress, label)
+                else:
+                    ctx.warn(f"{label} {now[0]}%\n")
+                shown = now
         waiting.result()
     except asyncio.CancelledError:  # Ctrl-C on a foreground load aborts it
         if not proc.gone.is_set() and proc.runtime is None:
@@ -502,7 +507,7 @@ def _spawn(ctx: Context, coro: Any, name: str) -> None:
     arg("--grace", type=float, default=DEFAULT_TERM_GRACE, metavar="SECS",
         help=f"TERM: seconds to finish before escalating to KILL (default {DEFAULT_TERM_GRACE:g})"),
     arg("--wait", action="store_true", help="TERM/KILL: wait until the processes are gone and say how they ended"),
-    arg("targets", nargs="+", metavar="PID|NAME|%JOB", help="processes (or shell jobs %N)"),
+    arg("targets", nargs="+", metavar="PID|NAME|%JOB", help="processes (or shell jobs %%N)"),
     description="TERM finishes the requests in flight, refuses new ones, then unloads (escalating to KILL after "
     "--grace seconds); KILL aborts at once (waiting clients get a 'killed' error); STOP/CONT pause and resume "
     "exactly. A failed process is reaped by any signal. %N interrupts a shell job.",
