@@ -38,6 +38,9 @@ from llmsh.drivers import Drivers
 MIME = "application/vnd.llmsh.telemetry+json"
 SCHEMA = "llmsh.telemetry/1"
 RECENT_MAX = 50
+# jupyter_client's wait_for_ready (used by `jupyter console --existing`) flushes iopub until it has been quiet for
+# 0.2 s: at 5 Hz or more it never returns. Faster requests are capped here.
+MAX_HZ = 4.0
 _SCALARS = (str, int, float, bool, type(None))
 
 log = logging.getLogger("llmsh.telemetry")
@@ -129,7 +132,6 @@ def build_payload(
     procs = _service_call(kernel, "procs", "snapshot", [], errors)
     sched = _service_call(kernel, "scheduler", "stats", {}, errors)
     started = float(getattr(kernel, "started_at", now))
-    args = getattr(kernel, "args", None)
     return {
         "schema": SCHEMA,
         "seq": seq,
@@ -141,7 +143,7 @@ def build_payload(
             "uptime_s": round(now - started, 1),
             "node": node_load.get("name"),
             "clients": len(getattr(kernel, "clients", {}) or {}),
-            "telemetry_hz": getattr(args, "telemetry_hz", None),
+            "telemetry_hz": round(1.0 / interval_s, 3) if interval_s > 0 else 0.0,  # the rate in effect
             "tick_ms": round(tick_ms, 3),
         },
         "nodes": [node_load, *extra_nodes(kernel, errors)],
@@ -211,6 +213,9 @@ class Telemetry:
 def setup(kernel: Any) -> None:
     """Extension hook (contract A): attach `kernel.services["telemetry"]` and start publishing at `--telemetry-hz`."""
     hz = float(getattr(getattr(kernel, "args", None), "telemetry_hz", 2.0) or 0.0)
+    if hz > MAX_HZ:
+        log.warning("telemetry: %.1f Hz capped to %.1f Hz (Jupyter clients wait for 0.2 s of quiet on iopub)", hz, MAX_HZ)
+        hz = MAX_HZ
     tel = Telemetry(kernel, hz)
     kernel.services["telemetry"] = tel
     if hz > 0:
