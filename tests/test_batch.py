@@ -77,6 +77,26 @@ def test_commands_on_stdin(kernel: Any) -> None:
     assert (r.returncode, r.stdout) == (0, "dash\n")
 
 
+def test_stdin_lines_run_as_they_arrive(kernel: Any) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmsh", "--kernel", str(kernel.connection_file)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kernel.env,
+    )
+    try:
+        proc.stdin.write("echo 'first\n")  # an open quote: nothing runs until the piece is complete
+        proc.stdin.flush()
+        proc.stdin.write("line'\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "first\n" and proc.stdout.readline() == "line\n"  # stdin is still open
+        proc.stdin.write("echo second\n")
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        proc.kill()
+    assert (proc.returncode, out, err) == (0, "second\n", "")
+
+
 def test_exit_stops_the_script_with_its_code(kernel: Any, tmp_path: Path) -> None:
     script = tmp_path / "e.llmsh"
     script.write_text("echo before\nexit 3\necho after\n")

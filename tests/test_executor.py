@@ -76,12 +76,25 @@ def test_commands() -> Iterator[dict[str, Any]]:
     async def structured(ctx: Any, args: Any) -> None:
         ctx.result({"rows": [1, 2]}, "two rows")
 
+    async def endless(ctx: Any, args: Any) -> None:
+        for i in range(1000):
+            ctx.write(f"{i} ")
+            state["written"] = i
+            await asyncio.sleep(0.001)
+
+    async def first(ctx: Any, args: Any) -> None:
+        async for piece in ctx.stdin:
+            ctx.write(piece.strip() + "\n")
+            return
+
     async def progress(ctx: Any, args: Any) -> None:
         ctx.progress(0.5, "loading")
 
     names = []
     for name, handler, extra in (
         ("t-progress", progress, {}),
+        ("t-endless", endless, {}),
+        ("t-first", first, {}),
         ("t-produce", produce, {}),
         ("t-consume", consume, {}),
         ("t-boom", boom, {}),
@@ -344,3 +357,9 @@ async def test_exit_stops_the_line_but_not_in_pipes_or_jobs() -> None:
     assert res.exit_code == 0 and out.text("stdout") == "status-was-5\n"
     res, _ = await run("exit nope")
     assert res.exit_code == 2 and "invalid int value" in res.evalue
+
+
+async def test_writer_stops_when_the_reader_has_finished(test_commands: Any) -> None:
+    res, out = await asyncio.wait_for(run("t-endless | t-first; echo next"), 10)
+    assert res == ExecResult("ok", 0) and out.text("stdout") == "0\nnext\n" and out.text("stderr") == ""
+    assert test_commands["written"] < 50  # stopped at its next write, like SIGPIPE, instead of running to 999

@@ -4,11 +4,12 @@ A script is cut into complete pieces with the parser's `is_complete` (a piece sp
 a trailing `\\`, `&&`, `||` or `|` continues it) and each piece is one execute_request. Inside a piece the usual
 shell rules apply (`a; b` runs b even if a fails); across pieces the script stops at the first failing one,
 printing `llmsh: FILE:LINE: …`, unless --keep-going. The exit code is the last command's, 130 after Ctrl-C.
+Commands on stdin run as their lines arrive, so `producer | llmsh` works like a pipe into sh.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 from llmsh.client.sync_client import KernelGone, SyncKernelClient
 from llmsh.client.render import Printer, exit_code, reply_error
@@ -22,25 +23,27 @@ class Piece(NamedTuple):
     code: str
 
 
-def pieces(text: str) -> list[Piece]:
-    """Cut a script into complete pieces; blank and comment-only lines are dropped."""
-    out: list[Piece] = []
+def iter_pieces(lines: Iterable[str]) -> Iterator[Piece]:
+    """Complete pieces from lines as they come (stdin is read as it arrives); blank and comment lines are dropped."""
     buf: list[str] = []
     start = 1
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not buf:
             start = number
-        buf.append(line)
+        buf.append(line.rstrip("\r\n"))
         code = "\n".join(buf)
         if is_complete(code)[0] == "incomplete":
             continue
         buf = []
-        if _is_empty(code):
-            continue
-        out.append(Piece(start, code))
+        if not _is_empty(code):
+            yield Piece(start, code)
     if buf:  # the script ends inside a quote or after `&&`: the kernel reports it as a syntax error
-        out.append(Piece(start, "\n".join(buf)))
-    return out
+        yield Piece(start, "\n".join(buf))
+
+
+def pieces(text: str) -> list[Piece]:
+    """Cut a whole script into complete pieces."""
+    return list(iter_pieces(text.splitlines()))
 
 
 def _is_empty(code: str) -> bool:
@@ -75,15 +78,15 @@ def located(name: str, line: int, message: str) -> str:
     return f"llmsh: {name}:{line}: {rest}"
 
 
-def run_batch(info: dict, name: str, text: str, *, keep_going: bool = False) -> int:
-    """Run the script `text` (called `name` in messages) against the kernel `info`; returns the exit code."""
+def run_batch(info: dict, name: str, source: str | Iterable[str], *, keep_going: bool = False) -> int:
+    """Run a script (text, or lines as they arrive) called `name` in messages against the kernel `info`; returns the exit code."""
     printer = Printer()
     client = SyncKernelClient(info, on_output=printer.on_output)
     status = 0
     try:
         client.start()
-        todo = pieces(text)
-        single = name == "-c" and len(todo) == 1
+        todo: Iterable[Piece] = pieces(source) if isinstance(source, str) else iter_pieces(source)
+        single = isinstance(todo, list) and name == "-c" and len(todo) == 1
         for piece in todo:
             code = exit_request(piece.code)
             if code is not None:

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Iterable
 
 
 def _err(line: str) -> None:
@@ -17,12 +18,13 @@ def _err(line: str) -> None:
     sys.stderr.flush()
 
 
-def _source(args: argparse.Namespace) -> tuple[str, str] | None:
-    """(name, text) of the script to run, or None for the interactive shell; raises OSError for an unreadable file."""
+def _source(args: argparse.Namespace) -> tuple[str, str | Iterable[str]] | None:
+    """(name, script) to run — text, or stdin's lines as they arrive — or None for the interactive shell.
+    Raises OSError for an unreadable file."""
     if args.command is not None:
         return "-c", args.command
     if args.file == "-" or (args.file is None and not sys.stdin.isatty()):
-        return "<stdin>", sys.stdin.read()
+        return "<stdin>", sys.stdin
     if args.file is not None:
         return args.file, Path(args.file).read_text(encoding="utf-8")
     return None
@@ -75,8 +77,8 @@ def main(args: argparse.Namespace) -> int:
             return asyncio.run(run_repl(info))
         from llmsh.client.batch import run_batch
 
-        name, text = source
-        return run_batch(info, name, text, keep_going=args.keep_going)
+        name, script = source
+        return run_batch(info, name, script, keep_going=args.keep_going)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `llmsh -c help | head -1`: the reader left; exit quietly like a killed sh

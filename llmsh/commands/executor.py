@@ -92,16 +92,37 @@ class _ClientSink(_Sink):
         self.out.result(data, text)
 
 
+class _Pipe:
+    """The connection between two stages: a queue of text pieces (None ends it) and whether the reader has left."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.reader_gone = False
+
+
+class BrokenPipe(CommandError):
+    """Raised by `ctx.write` when the next stage of the pipe has finished: the writer stops quietly (sh's SIGPIPE)."""
+
+    def __init__(self) -> None:
+        super().__init__("broken pipe", status=141, ename="BrokenPipe")
+
+
 class _PipeSink(_Sink):
-    def __init__(self, queue: asyncio.Queue[str | None]) -> None:
-        self.queue = queue
+    def __init__(self, pipe: _Pipe) -> None:
+        self.pipe = pipe
 
     def write(self, text: str) -> None:
+        if self.pipe.reader_gone:
+            raise BrokenPipe()
         if text:
-            self.queue.put_nowait(text)
+            self.pipe.queue.put_nowait(text)
+
+    def result(self, data: Any, text: str) -> None:
+        if not self.pipe.reader_gone:  # a structured result at the very end is not worth an error
+            super().result(data, text)
 
     def close(self) -> None:
-        self.queue.put_nowait(None)  # end of stream for the reader
+        self.pipe.queue.put_nowait(None)  # end of stream for the reader
 
 
 class _FileSink(_Sink):
@@ -118,8 +139,8 @@ class _FileSink(_Sink):
 class PipeReader:
     """`ctx.stdin` of a pipe's right-hand stage: an async iterator of text pieces, ending when the left stage ends."""
 
-    def __init__(self, queue: asyncio.Queue[str | None]) -> None:
-        self._queue = queue
+    def __init__(self, pipe: _Pipe) -> None:
+        self._pipe = pipe
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -128,7 +149,7 @@ class PipeReader:
     async def __anext__(self) -> str:
         if self._done:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        item = await self._pipe.queue.get()
         if item is None:
             self._done = True
             raise StopAsyncIteration
@@ -137,6 +158,11 @@ class PipeReader:
     async def read(self) -> str:
         """All remaining text, once the left stage has finished."""
         return "".join([piece async for piece in self])
+
+    def close(self) -> None:
+        """The reading stage ended: the writer's next `ctx.write` raises BrokenPipe."""
+        self._done = True
+        self._pipe.reader_gone = True
 
 
 # ---- the context a handler sees ----------------------------------------------------------------------------------
@@ -254,11 +280,11 @@ class _Runner:
             failure_code, failure = await self.command(pipe.commands[0], None, None)
             self.pending = failure
             return failure_code
-        queues: list[asyncio.Queue[str | None]] = [asyncio.Queue() for _ in pipe.commands[:-1]]
+        pipes = [_Pipe() for _ in pipe.commands[:-1]]
         tasks = []
         for i, cmd in enumerate(pipe.commands):
-            stdin = PipeReader(queues[i - 1]) if i > 0 else None
-            sink = _PipeSink(queues[i]) if i < len(queues) else None
+            stdin = PipeReader(pipes[i - 1]) if i > 0 else None
+            sink = _PipeSink(pipes[i]) if i < len(pipes) else None
             tasks.append(asyncio.ensure_future(self.command(cmd, sink, stdin)))
         try:
             results = await asyncio.gather(*tasks)
@@ -276,7 +302,9 @@ class _Runner:
     async def command(
         self, cmd: SimpleCommand, sink: _Sink | None, stdin: AsyncIterator[str] | None
     ) -> tuple[int, _Failure | None]:
-        """Run one simple command; returns its exit code and, if it failed, the failure. Never raises but cancellation."""
+        """Run one simple command; returns its exit code and, if it failed, the failure.
+
+        Raises only CancelledError, and ExitRequested for a foreground `exit` (not in a pipe or job)."""
         sink_is_client = sink is None
         if sink is None:
             sink = _ClientSink(self.out)
@@ -317,6 +345,8 @@ class _Runner:
             if code:
                 return code, _Failure(code, "ExitStatus", f"llmsh: {name}: exit status {code}")
             return EXIT_OK, None
+        except BrokenPipe as e:  # the next stage has finished: stop quietly, as sh's SIGPIPE does
+            return e.status, None
         except UsageError as e:
             return e.status, _Failure(e.status, e.ename, f"llmsh: {name}: {_one_line(str(e))}")
         except CommandError as e:
@@ -330,9 +360,8 @@ class _Runner:
             return EXIT_ERROR, _Failure(EXIT_ERROR, "InternalError", msg)
         finally:
             sink.close()
-            if stdin is not None and isinstance(stdin, PipeReader):
-                # the left stage may still be writing; nobody reads any more, so drop what it sends
-                stdin._done = True
+            if isinstance(stdin, PipeReader):
+                stdin.close()  # the left stage may still be writing: its next write stops it
 
     def _open_redirect(self, name: str, append: bool) -> _Sink:
         path = Path(os.path.expanduser(name))
