@@ -7,8 +7,11 @@ interrupted. A failing command's one-line message goes to stderr as soon as the 
 failure of the line becomes the reply's `evalue` instead, so the client shows every error exactly once.
 
 Pipes: each stage of `a | b` runs as its own task; what `a` writes with `ctx.write` is put on an asyncio queue that
-`b` reads as `ctx.stdin`, piece by piece. Background jobs (`cmd &`) run as tasks tracked in `kernel.services["jobs"]`
-(see jobs.py) and keep writing through the Output of the request that started them.
+`b` reads as `ctx.stdin`, piece by piece; when `b` has finished, `a`'s next write stops it (sh's SIGPIPE). A stage's
+`> FILE` replaces its stdout. Background jobs (`cmd &`) run as tasks tracked in `kernel.services["jobs"]` (see
+jobs.py) and keep writing through the Output of the request that started them. `exit N` stops the rest of the line
+(reply ename "Exit", so the client leaves with N). Relative paths (`> FILE`, `ctx.path`) resolve against the client's
+working directory, which the shell sends in the execute_request's metadata as `cwd`.
 """
 
 from __future__ import annotations
