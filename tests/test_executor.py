@@ -329,8 +329,11 @@ async def test_complete() -> None:
 def test_complete_redirect_path(tmp_path: Any) -> None:
     (tmp_path / "notes.txt").write_text("")
     (tmp_path / "nested").mkdir()
+    (tmp_path / "my dir").mkdir()
     matches, start, _ = complete(fake_kernel(), "echo a > n", 10, cwd=str(tmp_path))
     assert matches == ["nested/", "notes.txt"] and start == 9
+    assert complete(fake_kernel(), "echo a > my", 11, cwd=str(tmp_path))[0] == ["'my dir/'"]  # quoted: stays one word
+    assert complete(fake_kernel(), "echo a > 'my d", 14, cwd=str(tmp_path)) == (["'my dir/'"], 9, 14)
 
 
 async def test_progress_goes_to_display_or_stderr(test_commands: Any) -> None:

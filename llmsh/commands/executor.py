@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, AsyncIterator, Protocol
@@ -438,7 +439,7 @@ def complete(kernel: Any, code: str, cursor_pos: int, *, client: str = "", cwd: 
             break
         words.insert(0, tok.value)
     if tokens and tokens[-1].kind == "op" and tokens[-1].value in (">", ">>"):
-        return _complete_path(prefix, cwd), start, cursor_pos
+        return [shlex.quote(m) for m in _complete_path(prefix, cwd)], start, cursor_pos
     if not words:
         names = [n for n in REGISTRY.names() if n.startswith(prefix)]
         return names, start, cursor_pos
@@ -455,7 +456,7 @@ def complete(kernel: Any, code: str, cursor_pos: int, *, client: str = "", cwd: 
     except Exception:
         log.exception("completer of %r failed", entry.name)
         return [], start, cursor_pos
-    return [m for m in matches if m.startswith(prefix)], start, cursor_pos
+    return [shlex.quote(m) for m in matches if m.startswith(prefix)], start, cursor_pos  # 'my model' stays one word
 
 
 def _complete_path(prefix: str, cwd: str | None) -> list[str]:
