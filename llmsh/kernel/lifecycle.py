@@ -79,6 +79,13 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    try:  # a zombie (exited, not yet reaped) is gone for our purposes; /proc avoids importing psutil on the fast path
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass
     try:
         import psutil
 

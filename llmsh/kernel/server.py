@@ -51,7 +51,11 @@ from llmsh.protocol.session import Rejected, Verifier, make_session
 log = logging.getLogger("llmsh.kernel")
 
 # Modules with `def setup(kernel) -> None`, imported and set up at kernel start (telemetry, process table, pager…).
-EXTENSIONS: list[str] = ["llmsh.kernel.process", "llmsh.kernel.pager", "llmsh.kernel.telemetry"]
+EXTENSIONS: list[str] = [
+    "llmsh.kernel.process",  # process table, scheduler, loader (services "procs", "scheduler", "loader")
+    "llmsh.kernel.pager",  # memory budgets and weight paging (services "pager", "pager_service")
+    "llmsh.kernel.telemetry",  # iopub telemetry at --telemetry-hz (service "telemetry")
+]
 
 PROTOCOL_VERSION = "5.3"
 LANGUAGE_INFO = {
@@ -206,18 +210,18 @@ class Kernel:
         except BaseException:
             self._unbind()
             raise
-        self._install_signals()
-        self._load_executor()
-        self._load_extensions()
-        if self._owns_file or any(not self.connection_info.get(p) for p in PORT_NAMES):
-            write_connection_file(self.connection_file, self.connection_info)
-            self._owns_file = True
-        self._publish_now("status", {"execution_state": "starting"}, None)
-        for channel in ROUTERS:
-            self.spawn(self._serve_router(channel), name=f"serve {channel}")
-        self.spawn(self._watch_disconnects(), name="watch disconnects")
-        log.info("kernel %s ready: pid %d, %s", __version__, self.pid, self.connection_file)
         try:
+            self._install_signals()
+            self._load_executor()
+            self._load_extensions()  # an extension may end the start with SystemExit (e.g. a bad --mem-budget)
+            if self._owns_file or any(not self.connection_info.get(p) for p in PORT_NAMES):
+                write_connection_file(self.connection_file, self.connection_info)
+                self._owns_file = True
+            self._publish_now("status", {"execution_state": "starting"}, None)
+            for channel in ROUTERS:
+                self.spawn(self._serve_router(channel), name=f"serve {channel}")
+            self.spawn(self._watch_disconnects(), name="watch disconnects")
+            log.info("kernel %s ready: pid %d, %s", __version__, self.pid, self.connection_file)
             await self._stop.wait()
         finally:
             await self._cleanup()
@@ -248,6 +252,9 @@ class Kernel:
         for channel, kind in kinds.items():
             sock = self._sockets[channel] = self._ctx.socket(kind)
             sock.linger = 1000
+            if kind == zmq.ROUTER:  # ZMTP pings: a peer that vanished without closing TCP still gets disconnected
+                sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 20000)
             if secret:
                 sock.curve_server = True
                 sock.curve_secretkey = secret
