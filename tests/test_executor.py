@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from llmsh.commands import executor
 from llmsh.commands.executor import ExecResult, complete, execute
 from llmsh.commands.registry import REGISTRY, Command, CommandError, arg
 
@@ -366,3 +367,8 @@ async def test_writer_stops_when_the_reader_has_finished(test_commands: Any) -> 
     res, out = await asyncio.wait_for(run("t-endless | t-first; echo next"), 10)
     assert res == ExecResult("ok", 0) and out.text("stdout") == "0\nnext\n" and out.text("stderr") == ""
     assert test_commands["written"] < 50  # stopped at its next write, like SIGPIPE, instead of running to 999
+
+
+def test_contract_b_names() -> None:
+    assert executor.is_complete("echo 'open") == ("incomplete", "") and executor.is_complete("echo ok") == ("complete", "")
+    assert callable(executor.execute) and callable(executor.complete)

@@ -28,8 +28,10 @@ from typing import IO, Any, AsyncIterator, Protocol
 from llmsh.commands import load_all
 from llmsh.commands.core import ExitRequested
 from llmsh.commands.jobs import job_table
-from llmsh.commands.parser import AndOr, ParseError, Pipeline, SimpleCommand, Statement, parse, tokenize
+from llmsh.commands.parser import AndOr, ParseError, Pipeline, SimpleCommand, Statement, is_complete, parse, tokenize
 from llmsh.commands.registry import REGISTRY, Command, CommandError, HelpRequested, UsageError
+
+__all__ = ["ExecResult", "Output", "ShellContext", "PipeReader", "BrokenPipe", "execute", "complete", "is_complete"]
 
 log = logging.getLogger("llmsh.commands")
 
