@@ -11,7 +11,7 @@ import pytest
 from llmsh.kernel.paging.core import Pager
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "def hello(name):", "Café, naïve"]
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 
 
 def _run(guards_and_seqs, max_steps: int = 2000) -> dict[int, str]:
@@ -82,3 +82,39 @@ def test_a_request_that_alone_outgrows_the_kv_budget_ends_with_length(make_tiny_
     pager.set_budget("kv:cpu", (len(seq.prompt_ids) + 5) * g.bytes_per_pos)
     texts = _run([(g, [seq])])
     assert seq.finished == "length" and 0 < len(seq.token_ids) <= 6 and texts[id(seq)] == seq.text
+
+
+def test_page_in_out_of_memory_fails_the_steps_requests_only(make_tiny_model: Callable[..., Path], monkeypatch) -> None:
+    import torch
+
+    from llmsh.kernel.paging.sources import ModelSource
+    from llmsh.runtime import load
+    from llmsh.runtime.generation import BatchGenerator, Sequence
+    from llmsh.runtime.sampling import SamplingParams
+
+    m = load(make_tiny_model("gpt2"))
+    ref = m.generate(PROMPTS[:1], max_tokens=8, temperature=0)[0]
+    pages = m.pages()
+    pager = Pager({"cpu": max(p.nbytes for p in pages) + pages[0].nbytes}, prefetch=False)
+    pager.attach(1, ModelSource(m))
+    failed: list = []
+    g = pager.kv.guard(BatchGenerator(m, 2, 128), pid=1, device="cpu", nice=lambda: 0,
+                       on_error=lambda seqs, line: failed.append((seqs, line)), after_step=lambda: pager.step_done(1))
+    real, calls = m.checkpoint.load_tensor, {"n": 0}
+
+    def flaky(name, device="cpu", dtype=None):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("out of memory: tried to allocate 1 MiB")
+        return real(name, device, dtype)
+
+    monkeypatch.setattr(m.checkpoint, "load_tensor", flaky)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    bad = Sequence(m, m.tokenizer.encode(PROMPTS[0]), params)
+    g.add(bad)
+    out = g.step()
+    assert out == [(bad, "")] and bad.finished == "error" and bad.slot is None
+    assert failed and "out of memory" in failed[0][1] and g.batch.cache.free_slots == 2
+    good = Sequence(m, m.tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=8, temperature=0))
+    g.add(good)
+    assert "".join(_run([(g, [good])]).values()) == ref and good.finished

@@ -168,6 +168,13 @@ def test_mlock_pins_and_munlock_releases(pager: Pager) -> None:
     assert pager.proc(1).stats.page_outs == 0
     with pytest.raises(PagerError, match="already locked"):
         pager.mlock(2)
+    pager.step_done(2)  # the engine ends each step so; until then b's current page is protected
+    pager.set_budget("cpu", 14 * KB)
+    pager.attach(3, TensorSource([3 * KB], seed=30))
+    with pytest.raises(PagerError, match="pid 3 3 needs 3.0 KiB to run"):
+        pager.mlock(2)  # 6 KiB locked + 6 KiB would leave 2 KiB, too little for the third process
+    pager.detach(3)
+    pager.set_budget("cpu", 10 * KB)
     pager.munlock(1)
     new = TensorSource([4 * KB] * 2, seed=10)
     pager.attach(3, new)  # 8 KiB: a must give way now

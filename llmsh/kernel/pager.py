@@ -118,11 +118,20 @@ class PagerService:
             proc.vruntime += 1024 / cfs_weight(proc.nice)
 
         guard = self.pager.kv.guard(batch, pid=proc.pid, device=str(proc.device), nice=lambda: proc.nice,
-                                    on_blocked=blocked)
+                                    on_blocked=blocked, after_step=lambda: self.pager.step_done(proc.pid),
+                                    on_error=lambda seqs, line: self._fail_requests(proc, seqs, line))
         lock = self.sched.engine(proc.device).cond if self.sched is not None else _nolock()
         with lock:
             proc.batch = guard
         self._guards[proc.pid] = guard
+
+    @staticmethod
+    def _fail_requests(proc: Any, seqs: list[Any], line: str) -> None:
+        """A step could not get its pages: fail those requests (their clients get the line); the process lives on."""
+        for seq in seqs:
+            req = proc.active.get(id(seq))
+            if req is not None:
+                req.fail("failed", f"process {proc.pid} ({proc.name}): {line}")
 
     def _make_room_for(self, proc: Any) -> None:
         """A load is starting: page out idle / lower-priority processes for its weights (estimated from the files)."""

@@ -445,6 +445,11 @@ class Pager:
                 f"({big.name}{with_deps}, {format_bytes(need)}); start the kernel with a larger --mem-budget"
             )
 
+    def step_done(self, pid: int) -> None:
+        """The step of `pid` is over: the pages it was using may be evicted again."""
+        with self._cond:
+            self._forget_running(pid)
+
     def _forget_running(self, pid: int) -> None:
         for tid, keys in list(self._running.items()):
             if any(p == pid for p, _ in keys):
@@ -598,12 +603,23 @@ class Pager:
         """Pin a process resident: its pages are brought in and never evicted (PagerError if they cannot fit)."""
         with self._cond:
             proc = self.proc(pid)
-            locked = sum(p.total_bytes for p in self.procs.values() if p.locked and p.device == proc.device and p is not proc)
+            same = [p for p in self.procs.values() if p.device == proc.device and p is not proc]
+            locked = sum(p.total_bytes for p in same if p.locked)
             budget = self.budget(proc.device)
             if locked + proc.total_bytes > budget:
                 raise PagerError(
                     f"cannot lock pid {pid} ({format_bytes(proc.total_bytes)}): {format_bytes(locked)} of the "
                     f"{format_bytes(budget)} {proc.device} budget is already locked; munlock another process or raise --mem-budget"
+                )
+            others = [p for p in same if not p.locked]
+            need = max((p.min_bytes for p in others), default=0)
+            left = budget - locked - proc.total_bytes
+            if need > left:
+                who = max(others, key=lambda p: p.min_bytes)
+                raise PagerError(
+                    f"cannot lock pid {pid} ({format_bytes(proc.total_bytes)}): it would leave {format_bytes(left)} of the "
+                    f"{format_bytes(budget)} {proc.device} budget, and pid {who.pid} {who.name} needs {format_bytes(need)} to run; "
+                    "kill or unload it first, or raise --mem-budget"
                 )
             proc.locked = True
         try:

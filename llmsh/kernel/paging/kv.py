@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from llmsh.kernel.paging.budget import format_bytes
+from llmsh.kernel.paging.core import PagerError
 
 
 @dataclass(eq=False)
@@ -58,9 +59,11 @@ class KVManager:
         return self._budget(device)
 
     def guard(self, batch: Any, *, pid: int, device: str, nice: Callable[[], int],
-              on_blocked: Callable[[], None] | None = None) -> "KVGuard":
+              on_blocked: Callable[[], None] | None = None, after_step: Callable[[], None] | None = None,
+              on_error: Callable[[list[Any], str], None] | None = None) -> "KVGuard":
         """Wrap a BatchGenerator so its steps respect the device's KV budget."""
-        g = KVGuard(self, batch, pid=pid, device=device, nice=nice, on_blocked=on_blocked)
+        g = KVGuard(self, batch, pid=pid, device=device, nice=nice, on_blocked=on_blocked, after_step=after_step,
+                    on_error=on_error)
         with self.lock:
             self.guards.setdefault(device, []).append(g)
         return g
@@ -117,6 +120,8 @@ class KVGuard:
     device: str
     nice: Callable[[], int]
     on_blocked: Callable[[], None] | None = None
+    after_step: Callable[[], None] | None = None  # e.g. the pager unprotecting the pages this step used
+    on_error: Callable[[list[Any], str], None] | None = None  # sequences whose step failed for lack of memory
     swapped: list[Swapped] = field(default_factory=list)
     held: list[Any] = field(default_factory=list)
     joined: dict[int, int] = field(default_factory=dict)  # id(seq) → arrival order
@@ -164,12 +169,37 @@ class KVGuard:
                 if self.on_blocked is not None and not ended:
                     self.on_blocked()
                 return ended
-        out = self.batch.step()
+        decoding, joining = list(self.batch.running), self._joining()
+        try:
+            out = self.batch.step()
+        except PagerError as e:  # a page could not come in (out of memory): this step's requests fail, not the process
+            failed = self._abort(decoding, joining)
+            if self.on_error is not None:
+                self.on_error(failed, str(e))
+            return ended + [(seq, "") for seq in failed]
+        finally:
+            if self.after_step is not None:
+                self.after_step()
         for seq, _ in out:
             if seq.finished:
                 self.joined.pop(id(seq), None)
         m.check(self.device)
         return ended + out
+
+    def _abort(self, decoding: list[Any], joining: list[Any]) -> list[Any]:
+        """Take the sequences of a failed step out of the batch (slots freed) and mark them finished 'error'."""
+        cache = self.batch.cache
+        for seq in [*decoding, *joining]:
+            if seq in self.batch.running:
+                self.batch.running.remove(seq)
+            if seq in self.batch.waiting:
+                self.batch.waiting.remove(seq)
+            if seq.slot is not None:
+                cache.free(seq.slot)
+                seq.slot = None
+            seq.finished = "error"
+            self.joined.pop(id(seq), None)
+        return [*decoding, *joining]
 
     # ---- preemption ------------------------------------------------------------------------------------------
     def _joining(self) -> list[Any]:
