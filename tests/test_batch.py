@@ -208,3 +208,21 @@ def test_kernel_start_failure_is_one_line(kernel: Any, tmp_path: Path, monkeypat
     assert main(["-c", "echo hi"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("llmsh: cannot start a kernel: cannot run ")
+
+
+def test_completion_knows_the_session_jobs_and_the_client_directory(kernel: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    from llmsh.client.sync_client import SyncKernelClient
+    from llmsh.protocol.connection import read_connection_file
+
+    (tmp_path / "notes.txt").write_text("")
+    monkeypatch.chdir(tmp_path)
+    client = SyncKernelClient(read_connection_file(kernel.connection_file))
+    try:
+        client.start()
+        assert client.execute("sleep 0.5 &")["status"] == "ok"
+        reply = client.complete("fg ", 3)
+        assert (reply["matches"], reply["cursor_start"], reply["cursor_end"]) == (["%1"], 3, 3)
+        assert client.complete("echo x > no", 11)["matches"] == ["notes.txt"]
+        assert client.execute("wait")["status"] == "ok"
+    finally:
+        client.close()

@@ -173,7 +173,7 @@ class KernelClient:
 
     async def complete(self, code: str, cursor_pos: int, timeout: float = 2.0) -> dict[str, Any]:
         """The kernel's completions for `code` at `cursor_pos` (complete_reply content)."""
-        msg = self.wire.msg("complete_request", {"code": code, "cursor_pos": cursor_pos})
+        msg = self.wire.msg("complete_request", {"code": code, "cursor_pos": cursor_pos}, metadata={"cwd": os.getcwd()})
         return (await self._request(self.shell, msg, timeout))["content"]
 
     async def interrupt(self, timeout: float = 2.0) -> None:

@@ -150,7 +150,7 @@ class SyncKernelClient:
 
     def complete(self, code: str, cursor_pos: int, timeout: float = 2.0) -> dict[str, Any]:
         """The kernel's completions for `code` at `cursor_pos` (complete_reply content)."""
-        msg_id = self._send(self.shell, self.wire.msg("complete_request", {"code": code, "cursor_pos": cursor_pos}))
+        msg_id = self._send(self.shell, self.wire.msg("complete_request", {"code": code, "cursor_pos": cursor_pos}, metadata={"cwd": os.getcwd()}))
         return self._wait_reply(msg_id, timeout)["content"]
 
     def interrupt(self, timeout: float = 2.0) -> None:
