@@ -53,7 +53,7 @@ def two_clients(kernel):
 def test_long_command_does_not_delay_short_one(kernel, two_clients):
     a, b = two_clients
     base = kernel.kernel_info()["running"]
-    slow = a.execute("sleep 5")
+    slow = a.execute("sleep 60")
     _wait_for(kernel, lambda i: i["running"] == base + 1)
     quick = b.execute("echo quick")
     reply = _reply_for(b, quick)
@@ -117,3 +117,22 @@ def test_client_disconnect_cancels_its_command(kernel):
     assert after["counters"]["cancelled"]["disconnect"] == before["counters"]["cancelled"].get("disconnect", 0) + 1
     # a new client (which may get the same fd number on the kernel side) is not affected
     assert kernel.execute("sleep 0.2; echo after")["stdout"] == "after\n"
+
+
+def test_killed_llmsh_client_does_not_leak_its_command(kernel):
+    """End to end: the real `llmsh -c 'sleep 60'` process is killed; the kernel cancels its sleep."""
+    import subprocess
+    import sys
+
+    before = kernel.kernel_info()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmsh", "--kernel", str(kernel.connection_file), "-c", "sleep 60"],
+        env=kernel.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(kernel, lambda i: i["running"] == before["running"] + 1, timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    after = _wait_for(kernel, lambda i: i["running"] == before["running"])
+    assert after["counters"]["cancelled"]["disconnect"] == before["counters"]["cancelled"].get("disconnect", 0) + 1

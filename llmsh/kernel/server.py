@@ -68,6 +68,7 @@ LANGUAGE_INFO = {
 }
 BANNER = f"llmsh {__version__}: an operating-system shell for language models. Type 'help' for the commands."
 ROUTERS = ("shell", "control", "stdin")
+MAX_FRAME_BYTES = 64 << 20  # no request needs more; a bigger frame is an attack or a bug
 
 
 def default_args(**overrides: Any) -> argparse.Namespace:
@@ -255,6 +256,7 @@ class Kernel:
             if kind == zmq.ROUTER:  # ZMTP pings: a peer that vanished without closing TCP still gets disconnected
                 sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
                 sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 20000)
+                sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # libzmq drops the peer rather than buffer more
             if secret:
                 sock.curve_server = True
                 sock.curve_secretkey = secret
@@ -402,7 +404,9 @@ class Kernel:
             idents, msg = self.verifier.verify(frames)
         except Rejected as r:
             self.counters.reject(r.reason, channel, nbytes)
-            log.warning("dropped a message on %s: %s", channel, r)
+            n = self.counters.rejected[r.reason]
+            if n <= 20 or n % 1000 == 0:  # a flood must not flood the log too
+                log.warning("dropped a message on %s: %s (%d so far for this reason)", channel, r, n)
             return
         header = msg["header"]
         msg_type, session = header["msg_type"], header.get("session", "")
