@@ -191,3 +191,14 @@ def test_non_loopback_bind_uses_curve(make_kernel):
         assert not sock.poll(1000)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_stopped_kernel_is_skipped_but_its_file_kept(make_kernel):
+    k = make_kernel()
+    os.kill(k.pid, signal.SIGSTOP)
+    try:
+        assert lifecycle.find_kernel(str(k.connection_file)) is None  # no heartbeat: not usable
+        assert k.connection_file.exists()  # but its process lives: not stale
+    finally:
+        os.kill(k.pid, signal.SIGCONT)
+    assert lifecycle.find_kernel(str(k.connection_file)) == k.connection_file

@@ -108,16 +108,32 @@ def is_alive(path: Path | str, timeout: float = 1.0) -> bool:
 
 
 def find_kernel(connection_file: str | None = None) -> Path | None:
-    """A live kernel's connection file (the given one, else the newest); stale files of ours are removed."""
+    """A live kernel's connection file (the given one, else the newest); stale files of ours are removed.
+
+    Stale means the kernel that wrote the file is gone (its pid is dead or now belongs to a newer process), or the
+    file is unreadable junk. A kernel whose process lives but does not answer (stopped, wedged) is skipped, not
+    removed; files without a pid (written by Jupyter) are never removed here."""
+    from llmsh.protocol.request import heartbeat
+
     candidates = [Path(connection_file)] if connection_file else connection_files()
     for path in candidates:
         if not path.exists():
             continue
-        if is_alive(path):
-            return path
         info = _read(path)
-        if info is None or "pid" in info:  # written by an llmsh kernel that is gone: clean it up
-            log.info("removing stale connection file %s", path)
+        if info is None:
+            if time.time() - path.stat().st_mtime > 10:
+                log.info("removing unreadable connection file %s", path)
+                path.unlink(missing_ok=True)
+            continue
+        pid = info.get("pid")
+        if isinstance(pid, int) and not pid_alive(pid):
+            log.info("removing stale connection file %s (pid %d is gone)", path, pid)
+            path.unlink(missing_ok=True)
+            continue
+        if heartbeat(info, 1.0) or heartbeat(info, 2.0):
+            return path
+        if isinstance(pid, int) and _owned_pid(info) is None:
+            log.info("removing stale connection file %s (pid %d belongs to another process now)", path, pid)
             path.unlink(missing_ok=True)
     return None
 
