@@ -551,6 +551,8 @@ async def kill_cmd(ctx: Context, args: argparse.Namespace) -> int:
                 procs.remove(proc, ExitHow.REAPED)
             elif sig == "STOP":
                 sched.stop(proc)
+                while proc.stepping:  # a step already running finishes; after that, not one more token
+                    await asyncio.sleep(0.002)
             elif sig == "CONT":
                 sched.cont(proc)
             elif sig == "TERM":
