@@ -329,3 +329,25 @@ def test_pids_increase_and_names_resolve() -> None:
         table.add("c", "/x")
     table.remove(a, ExitHow.KILL)
     assert table.add("c", "/x").pid == 3  # never reused
+
+
+def test_request_failed_from_outside_leaves_the_batch() -> None:
+    _, sched, (p,) = make(1)
+    a, b = Collect(), Collect()
+    ra = sched.submit(p, [1], {}, a)
+    sched.submit(p, [2], {"max_tokens": 3}, b)
+    run_steps(sched, 1)
+    ra.fail("failed", "no memory for its KV cache")  # as the pager does
+    run_steps(sched, 1)
+    assert p.last_batch == 1 and a.last == ("error", ("failed", "no memory for its KV cache"))
+    run_steps(sched, 5)
+    assert b.last == ("done", "length") and not p.has_work()
+
+
+def test_blocked_step_is_not_counted() -> None:
+    _, sched, (p,) = make(1)
+    sched.submit(p, [1], {"max_tokens": 3}, Collect())
+    p.batch.step = lambda: []  # a batch waiting for memory produces nothing
+    eng = sched.engine("cpu")
+    eng.tick()
+    assert not eng.progressed and eng.steps == 0 and p.steps == 0

@@ -100,6 +100,7 @@ class Engine:
         self.max_batch = 0
         self.rate: collections.deque = collections.deque(maxlen=2048)  # (t, tokens)
         self.current = "idle"  # what the thread is doing, for `threads`
+        self.progressed = True  # did the last step produce anything (else the thread backs off instead of spinning)
         self._closing = False
         self.thread: threading.Thread | None = None
         if threaded:
@@ -187,7 +188,7 @@ class Engine:
         """Drop cancelled requests, then let queued ones join the batch up to its size."""
         rt = proc.runtime
         for key, req in list(proc.active.items()):
-            if req.cancelled:
+            if req.cancelled or req.final:  # cancelled, or failed from outside (e.g. the pager found no memory)
                 self._leave(proc, key, req)
         while proc.pending and len(proc.active) < rt.max_batch:
             req = proc.pending.popleft()
@@ -228,6 +229,9 @@ class Engine:
                 self._leave(proc, key, req)
         now = time.monotonic()
         bs = int(getattr(proc.batch, "last_batch_size", 0) or len(out))
+        self.progressed = bool(produced or bs)
+        if not self.progressed:  # the batch could not run (e.g. waiting for KV memory): not a step
+            return
         proc.tokens += produced
         proc.steps += 1
         proc.compute_s += dt
@@ -254,7 +258,11 @@ class Engine:
                 if self._closing:
                     return
             try:
+                self.progressed = True
                 self.tick()
+                if not self.progressed:
+                    with self.cond:
+                        self.cond.wait(timeout=0.005)
             except Exception:  # a bug here must not kill the device's thread
                 self.current = "error: " + traceback.format_exc(limit=1).strip().splitlines()[-1]
                 time.sleep(0.05)
