@@ -142,6 +142,8 @@ class ProcessTable(FitTable):
 
     def show(self, rows: list[dict[str, Any]]) -> None:
         """Replace the rows, keeping the sort order, the filter and the selected pid."""
+        if list(rows) == self.items and self.columns:  # unchanged: skip the redraw (idle kernels change nothing)
+            return
         self.items = list(rows)
         self.rebuild()
 
@@ -198,6 +200,8 @@ class RatesTable(FitTable):
 
     def show(self, rates: list[dict[str, Any]]) -> None:
         """New rates."""
+        if list(rates) == self.items and self.columns:  # unchanged: skip the redraw (idle kernels change nothing)
+            return
         self.items = list(rates)
         self.rebuild()
 
@@ -288,5 +292,7 @@ class NodesTable(FitTable):
 
     def show(self, nodes: list[dict[str, Any]]) -> None:
         """New node rows."""
+        if list(nodes) == self.items and self.columns:  # unchanged: skip the redraw (idle kernels change nothing)
+            return
         self.items = list(nodes)
         self.rebuild()
