@@ -191,8 +191,10 @@ class Model:
         """Bring page i back on device, from `host` tensors if given, else re-read from the mmap'd checkpoint."""
         device = torch.device(device) if device is not None else self.device
         for p in self._pages[i].param_names:
-            src = host[p] if host is not None else self.checkpoint.load_tensor(p, "cpu")
-            self._set_param(p, src.to(device=device, dtype=self.dtype, non_blocking=True))
+            if host is not None:
+                self._set_param(p, host[p].to(device=device, dtype=self.dtype, non_blocking=True))
+            else:
+                self._set_param(p, self.checkpoint.load_tensor(p, device, self.dtype))
 
     def page_resident(self, i: int) -> bool:
         """True if page i's parameters are materialized (not meta)."""

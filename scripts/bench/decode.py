@@ -1,0 +1,216 @@
+"""Decode throughput of llmsh's runtime against transformers' generate, on the same random weights, in one run.
+
+Models: random weights shaped like GPT-2 124M and like a ~110M Llama with GQA (12 layers, 768 wide, 12 heads / 4 KV
+heads), saved with transformers' save_pretrained in float32 and in bfloat16 (so each dtype loads zero-copy). For each
+model x dtype x batch size (1, 16): greedy, 128 new tokens after a 16-token prompt, tokens/s of
+  llmsh:        BatchGenerator (prefill + decode steps over the slotted KV cache)
+  transformers: model.generate(do_sample=False, min_new_tokens=max_new_tokens)
+timed alternately (best of --repeats) so machine noise hits both alike. Batch-1 is also compared with the
+memory-bandwidth limit: weight bytes per token / the measured copy bandwidth of a buffer that size.
+Peak RSS while loading is measured in a fresh child process (load + one forward, which touches every weight).
+
+The machine may be shared: numbers are noisy; ratios measured in the same run are what to compare.
+Last line: ratio_bs1=<geo-mean llmsh/transformers at batch 1> ratio_bs16=… limit_bs1=<geo-mean fraction of the
+bandwidth limit> plus the minima and rss_load=<peak load RSS / weight bytes, worst case>.
+Usage: python scripts/bench/decode.py [--quick] [--threads N] [--new-tokens 128] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+PROMPT_LEN = 16
+# THREADS: batch-1 decode is memory-bound and one core's GEMV already streams weights at the machine's copy bandwidth;
+# on a shared 2-core VM a second OpenMP thread made every GEMM ~4x slower whenever another process held a core
+# (measured: 7 MB GEMV 0.38 ms at 1 thread vs 1.4 ms at 2). So both engines run with one thread unless told otherwise.
+
+
+def make_checkpoints(root: Path, models: list[str], dtypes: list[str]) -> dict[tuple[str, str], Path]:
+    """Random-weight checkpoints written by transformers' save_pretrained, one folder per model x dtype."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    configs = {
+        "gpt2-124m": transformers.GPT2Config(),  # n_layer=12, n_embd=768, vocab 50257
+        "llama-110m-gqa": transformers.LlamaConfig(
+            vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+            num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False),
+    }
+    out = {}
+    for name in models:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(configs[name]).eval()
+        for dt in dtypes:
+            folder = root / f"{name}-{dt}"
+            model.to(getattr(torch, dt)).save_pretrained(folder)
+            out[name, dt] = folder
+    return out
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s moved copying a buffer of nbytes, counting read + write like STREAM's Copy (best of repeats)."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def run_llmsh(model, prompts: list[list[int]], n_new: int) -> float:
+    """Seconds for llmsh to generate n_new greedy tokens for every prompt as one continuous batch."""
+    from llmsh.runtime.generation import BatchGenerator, Sequence
+    from llmsh.runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=n_new, ignore_eos=True)
+    gen = BatchGenerator(model, max_batch=len(prompts), max_seq_len=PROMPT_LEN + n_new)
+    seqs = [Sequence(model, p, params) for p in prompts]
+    t0 = time.perf_counter()
+    for s in seqs:
+        gen.add(s)
+    while gen.has_work:
+        gen.step()
+    elapsed = time.perf_counter() - t0
+    assert all(len(s.token_ids) == n_new for s in seqs)
+    return elapsed
+
+
+def run_hf(model, prompts: list[list[int]], n_new: int) -> float:
+    """Seconds for transformers' generate to produce n_new greedy tokens for the batch."""
+    ids = torch.tensor(prompts)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                             do_sample=False, pad_token_id=0)
+    elapsed = time.perf_counter() - t0
+    assert out.shape[1] == PROMPT_LEN + n_new
+    return elapsed
+
+
+RSS_CHILD = """
+import json, resource, sys, psutil, torch
+torch.set_num_threads(int(sys.argv[3]))
+from llmsh.runtime import load
+import llmsh.runtime.model
+with torch.device("meta"):          # first meta-device use imports ~80 MB of torch modules: not part of a load
+    torch.nn.Linear(2, 2)
+base = psutil.Process().memory_info().rss
+m = load(sys.argv[1], dtype=sys.argv[2])
+after_load = psutil.Process().memory_info().rss
+m.forward(list(range(8)))           # touches every weight page
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"base": base, "after_load": after_load, "peak": peak, "weights": m.weight_bytes()}))
+"""
+
+
+def load_rss(folder: Path, dtype: str, threads: int) -> dict:
+    """Peak RSS of loading folder in a fresh process, minus what the interpreter + torch held before load()."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(folder), dtype, str(threads)], env=env,
+                         capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["ratio"] = (r["peak"] - r["base"]) / r["weights"]
+    return r
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="GPT-2 shape, float32 only, 32 new tokens (under a minute)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads for both engines (default 1: see THREADS)")
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per engine (best is kept)")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--models", default=None, help="comma list of gpt2-124m,llama-110m-gqa")
+    ap.add_argument("--dtypes", default=None, help="comma list of float32,bfloat16")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one llmsh batch-1 run")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)  # deliberate: one intra-op thread per usable core, same for both engines
+    n_new = args.new_tokens or (32 if args.quick else 128)
+    repeats = args.repeats or (1 if args.quick else 2)
+    models = (args.models or ("gpt2-124m" if args.quick else "gpt2-124m,llama-110m-gqa")).split(",")
+    dtypes = (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+
+    import transformers
+
+    from llmsh.runtime import load
+
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
+          f"threads={torch.get_num_threads()}, transformers {transformers.__version__}; shared machine: numbers are noisy")
+    root = Path(tempfile.mkdtemp(prefix="llmsh-bench-decode-"))
+    folders = make_checkpoints(root, models, dtypes)
+    ratios: dict[int, list[float]] = {b: [] for b in batches}
+    limits: list[float] = []
+    rss: list[float] = []
+    g = torch.Generator().manual_seed(0)
+    for (name, dt), folder in folders.items():
+        ours = load(folder, dtype=dt)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dt)).eval()
+        wbytes = ours.weight_bytes()
+        r = load_rss(folder, dt, args.threads)
+        rss.append(r["ratio"])
+        print(f"{name} {dt}: weights {wbytes / 2**20:.0f} MiB; load peak RSS +{(r['peak'] - r['base']) / 2**20:.0f} MiB "
+              f"= {r['ratio']:.2f}x weights (after load() alone: +{(r['after_load'] - r['base']) / 2**20:.0f} MiB, mmap)")
+        for b in batches:
+            prompts = torch.randint(0, ours.config.vocab_size, (b, PROMPT_LEN), generator=g).tolist()
+            run_llmsh(ours, prompts, 4), run_hf(ref, prompts, 4)          # warm-up both
+            t_ours, t_ref = math.inf, math.inf
+            for _ in range(repeats):                                       # interleaved, best of
+                t_ours = min(t_ours, run_llmsh(ours, prompts, n_new))
+                t_ref = min(t_ref, run_hf(ref, prompts, n_new))
+            tps_ours, tps_ref = b * n_new / t_ours, b * n_new / t_ref
+            ratios[b].append(tps_ours / tps_ref)
+            line = (f"  bs={b:<2} llmsh {tps_ours:8.1f} tok/s   transformers {tps_ref:8.1f} tok/s   "
+                    f"ratio {tps_ours / tps_ref:.2f}")
+            if b == 1:
+                bw = copy_bandwidth(wbytes)
+                limit = bw / wbytes
+                limits.append(tps_ours / limit)
+                line += f"   bandwidth limit {limit:.1f} tok/s ({bw / 1e9:.1f} GB/s copy) -> {tps_ours / limit:.2f}"
+            print(line, flush=True)
+        if args.profile:
+            profile(ours, n_new)
+        del ours, ref
+    keys = [f"ratio_bs{b}={geomean(ratios[b]):.2f}" for b in batches]
+    keys.append(f"limit_bs1={geomean(limits):.2f}" if 1 in batches else "limit_bs1=nan")
+    keys += [f"min_ratio_bs{b}={min(ratios[b]):.2f}" for b in batches]
+    keys.append(f"rss_load={max(rss):.2f}")
+    print(" ".join(keys))
+    return 0
+
+
+def profile(model, n_new: int) -> None:
+    """torch.profiler table of one batch-1 llmsh generation (what the time goes to)."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    prompts = [list(range(1, PROMPT_LEN + 1))]
+    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        run_llmsh(model, prompts, min(n_new, 32))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
