@@ -30,3 +30,22 @@ class LlmshKernelTests(jupyter_kernel_test.KernelTests):
     def setUpClass(cls) -> None:
         install_kernelspec(user=True)  # into the isolated JUPYTER_DATA_DIR that conftest set
         super().setUpClass()
+
+    def test_zz_manager_interrupt_and_restart(self) -> None:
+        """KernelManager.interrupt_kernel (message mode, its own session) stops the running command; restart keeps serving."""
+        self.flush_channels()
+        msg_id = self.kc.execute("sleep 60")
+        busy = self.kc.get_iopub_msg(timeout=15)
+        while busy["parent_header"].get("msg_id") != msg_id:
+            busy = self.kc.get_iopub_msg(timeout=15)
+        self.km.interrupt_kernel()
+        reply = self.get_non_kernel_info_reply(timeout=15)
+        assert reply is not None
+        self.assertEqual(reply["parent_header"]["msg_id"], msg_id)
+        self.assertEqual(reply["content"]["ename"], "KeyboardInterrupt")
+        pid = self.kc.kernel_info(reply=True, timeout=15)["content"]["llmsh"]["pid"]
+        self.km.restart_kernel(now=False)
+        self.kc.wait_for_ready(timeout=30)
+        info = self.kc.kernel_info(reply=True, timeout=15)["content"]["llmsh"]
+        self.assertNotEqual(info["pid"], pid)
+        self.assertEqual(self.kc.execute_interactive("echo back", timeout=15)["content"]["status"], "ok")

@@ -2,7 +2,7 @@
 
 The kernel never trusts a frame it has not verified: `verify()` splits the routing identities off, lets
 `Session.deserialize` check the HMAC-SHA256 signature and its replay history, and then checks the header shape
-and that the msg_id is new. Each failure carries a reason that the kernel counts (`kernel status`).
+and that the header (msg_id, type, date) is new. Each failure carries a reason that the kernel counts (`kernel status`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from llmsh.protocol.connection import SIGNATURE_SCHEME
 MALFORMED = "malformed"  # no delimiter, too few frames, bad JSON, header without msg_id/msg_type/session
 UNSIGNED = "unsigned"  # empty signature frame while the kernel has a key
 BAD_SIGNATURE = "bad_signature"  # HMAC does not match the frames (wrong key or tampered)
-REPLAY = "replay"  # signature already seen, or msg_id already seen
+REPLAY = "replay"  # signature already seen, or the same header (msg_id, type, date) already seen
 REASONS = (MALFORMED, UNSIGNED, BAD_SIGNATURE, REPLAY)
 
 
@@ -37,7 +37,7 @@ def make_session(key: str | bytes, username: str = "llmsh") -> Session:
 
 
 class Verifier:
-    """Checks inbound frame lists with one Session; remembers the last `history` msg_ids to refuse replays."""
+    """Checks inbound frame lists with one Session; remembers the last `history` headers to refuse replays."""
 
     def __init__(self, session: Session, history: int = 65536) -> None:
         self.session = session
@@ -82,10 +82,13 @@ class Verifier:
             and isinstance(msg.get("parent_header"), dict)
         ):
             raise Rejected(MALFORMED, "header or content has the wrong shape")
+        # jupyter_client numbers msg_ids per Session object, and a KernelManager and its client share the session
+        # id, so a bare msg_id may legitimately repeat; the same msg_id with the same type and timestamp may not.
         msg_id = header["msg_id"]
-        if msg_id in self._seen:
+        key = f"{msg_id}|{header['msg_type']}|{header.get('date')}"
+        if key in self._seen:
             raise Rejected(REPLAY, f"msg_id {msg_id} seen before")
-        self._seen[msg_id] = None
+        self._seen[key] = None
         if len(self._seen) > self._history:
             self._seen.popitem(last=False)
         return [bytes(i) for i in idents], msg
