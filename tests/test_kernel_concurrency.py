@@ -136,3 +136,17 @@ def test_killed_llmsh_client_does_not_leak_its_command(kernel):
         proc.wait()
     after = _wait_for(kernel, lambda i: i["running"] == before["running"])
     assert after["counters"]["cancelled"]["disconnect"] == before["counters"]["cancelled"].get("disconnect", 0) + 1
+
+
+def test_sigint_interrupts_foreground_commands_and_kernel_lives(kernel, two_clients):
+    """Jupyter's signal-style interrupt: SIGINT cancels what runs in the foreground; the kernel keeps serving."""
+    import os
+    import signal
+
+    a, _ = two_clients
+    base = kernel.kernel_info()["running"]
+    msg_id = a.execute("sleep 60")
+    _wait_for(kernel, lambda i: i["running"] == base + 1)
+    os.kill(kernel.pid, signal.SIGINT)
+    assert _reply_for(a, msg_id)["content"]["ename"] == "KeyboardInterrupt"
+    assert kernel.alive() and kernel.execute("echo alive")["stdout"] == "alive\n"

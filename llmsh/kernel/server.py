@@ -163,8 +163,11 @@ class Kernel:
             return
         if threading.get_ident() == self._loop_thread:
             self._publish_now(msg_type, content, parent)
-        else:
+            return
+        try:
             self.loop.call_soon_threadsafe(self._publish_now, msg_type, content, parent)
+        except RuntimeError:  # the loop is closed: the kernel has shut down, nobody is listening
+            pass
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task:
         """Run `coro` as a tracked task: failures are logged, and it is cancelled at shutdown."""
@@ -178,7 +181,10 @@ class Kernel:
         """Ask the kernel to exit cleanly (thread-safe)."""
         self.restart_requested = restart
         if self.loop is not None and self._stop is not None:
-            self.loop.call_soon_threadsafe(self._stop.set)
+            try:
+                self.loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # already shut down
+                pass
 
     def info(self) -> dict[str, Any]:
         """What `llmsh kernel status` shows: pid, uptime, ports, counters, running commands."""
