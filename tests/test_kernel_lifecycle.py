@@ -202,3 +202,11 @@ def test_stopped_kernel_is_skipped_but_its_file_kept(make_kernel):
     finally:
         os.kill(k.pid, signal.SIGCONT)
     assert lifecycle.find_kernel(str(k.connection_file)) == k.connection_file
+
+
+def test_daemon_start_failure_is_one_line():
+    res = _cli("kernel", "start", "--mem-budget", "cpu=lots")
+    assert res.returncode == 1
+    err = res.stderr.strip()
+    assert "\n" not in err and err.startswith("llmsh: kernel: the kernel exited with status 2 while starting: --mem-budget")
+    assert res.stdout == ""

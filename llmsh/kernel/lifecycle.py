@@ -15,6 +15,7 @@ import enum
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,6 +173,7 @@ def start_kernel_daemon(connection_file: str | None = None, timeout: float = 20,
             path.unlink(missing_ok=True)
         # else: a Jupyter-style file with ports and key chosen by someone else; the kernel binds those
     logpath = log_file(path)
+    offset = logpath.stat().st_size if logpath.exists() else 0
     cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(path), *_start_args(args)]
     with open(logpath, "ab") as logf:
         try:
@@ -184,7 +186,7 @@ def start_kernel_daemon(connection_file: str | None = None, timeout: float = 20,
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
-            raise KernelStartError(f"the kernel exited with status {code} while starting: {_last_line(logpath)} (log: {logpath})")
+            raise KernelStartError(f"the kernel exited with status {code} while starting: {_last_line(logpath, offset)} (log: {logpath})")
         if path.exists() and is_alive(path, timeout=0.5):
             return path
         time.sleep(0.05)
@@ -193,12 +195,26 @@ def start_kernel_daemon(connection_file: str | None = None, timeout: float = 20,
     raise KernelStartError(f"the kernel did not answer within {timeout:g} s (log: {logpath})")
 
 
-def _last_line(logpath: Path) -> str:
+def _last_line(logpath: Path, offset: int = 0) -> str:
+    """The most telling line the kernel wrote since `offset`: its own one-line error, a traceback's last line, or
+    the last logged error."""
     try:
-        lines = [ln.strip() for ln in logpath.read_text(errors="replace").splitlines() if ln.strip()]
+        with open(logpath, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return "no log"
-    return lines[-1][:300] if lines else "no output"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    is_log = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([A-Z]+) ")
+    said = [ln for ln in lines if ln.startswith("llmsh:")]
+    plain = [ln for ln in lines if not is_log.match(ln) and not ln.startswith(("File ", "Traceback", "^", "~"))]
+    errors = [is_log.sub("", ln) for ln in lines if (m := is_log.match(ln)) and m.group(1) in ("ERROR", "CRITICAL")]
+    best = (said or plain or errors or lines or ["no output"])[-1]
+    for prefix in ("llmsh: kernel: ", "llmsh: "):
+        if best.startswith(prefix):
+            best = best[len(prefix) :]
+            break
+    return best[:300]
 
 
 def setup_logging(connection_file: Path) -> Path:
