@@ -323,8 +323,9 @@ async def _ready_process(ctx: Context, ref: str) -> Any:
     return proc
 
 
-def _encode(proc: Any, prompt: str, params: Any) -> list[int]:
-    ids = list(proc.runtime.model.tokenizer.encode(prompt))
+def _encode(proc: Any, prompt: str, params: Any, special: bool = True) -> list[int]:
+    """Prompt → ids, checked against the KV cache length; `special=False` for chat templates, which add BOS themselves."""
+    ids = list(proc.runtime.model.tokenizer.encode(prompt, add_special_tokens=special))
     limit = proc.runtime.max_seq_len
     if not ids:
         raise CommandError("the prompt is empty after tokenization; give some text")
@@ -411,9 +412,9 @@ def _chat_prompt(proc: Any, history: list[dict[str, str]], message: str, params:
         except Exception as e:  # no template, or one that rejects the conversation (roles must alternate…)
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CommandError(f"{proc.name}: {why}") from None
-        ids = list(tok.encode(prompt))
+        ids = list(tok.encode(prompt, add_special_tokens=False))  # the template already has BOS (transformers does the same)
         if len(ids) + int(params.max_tokens) <= proc.runtime.max_seq_len or not turns:
-            return _encode(proc, prompt, params)
+            return _encode(proc, prompt, params, special=False)
         turns = turns[2:]  # forget the oldest user/assistant exchange
 
 

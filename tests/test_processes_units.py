@@ -1,0 +1,112 @@
+"""In-process pieces of the process commands: chat prompts match transformers', argument mixing, model discovery,
+the `ps` table, and the real runtime adapter under the scheduler (stepped by hand, no kernel)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import pytest
+
+from llmsh.commands import processes
+from llmsh.commands.registry import REGISTRY, UsageError
+
+
+def test_chat_prompt_matches_transformers(tiny_llama: Path) -> None:
+    import transformers
+
+    from llmsh.runtime.sampling import SamplingParams
+    from llmsh.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_llama)
+    proc = SimpleNamespace(name="t", runtime=SimpleNamespace(model=SimpleNamespace(tokenizer=tok), max_seq_len=256))
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
+    ids = processes._chat_prompt(proc, history, "how are you?", SamplingParams(max_tokens=8))
+    ref = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+    want = ref.apply_chat_template([*history, {"role": "user", "content": "how are you?"}], add_generation_prompt=True,
+                                   tokenize=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    assert ids == list(want)
+    # too long for the context: the oldest exchange is dropped, the new message kept
+    proc.runtime.max_seq_len = len(ids) + 8 - 1
+    shorter = processes._chat_prompt(proc, history, "how are you?", SamplingParams(max_tokens=8))
+    assert len(shorter) < len(ids)
+
+
+def test_options_may_follow_the_prompt() -> None:
+    cmd = REGISTRY.get("run")
+    args = cmd.parse(["3", "tell", "me", "--max-tokens", "5", "--stop", "x"])
+    assert processes._intermixed("run", args) == ("3", "tell me")
+    assert args.max_tokens == 5 and args.stop == ["x"]
+    args = cmd.parse(["3", "--", "-x", "y"])
+    assert processes._intermixed("run", args) == ("3", "-x y")
+    with pytest.raises(UsageError, match="which process"):
+        processes._intermixed("run", cmd.parse([]))
+
+
+def test_find_and_resolve_models(tiny_gpt2: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmsh.kernel import loader
+
+    monkeypatch.setenv("LLMSH_MODEL_PATH", str(tiny_gpt2.parent))
+    snap = isolated_home / "hf" / "hub" / "models--org--unit" / "snapshots" / "r1"
+    snap.mkdir(parents=True, exist_ok=True)
+    (snap / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    found = {m["name"]: m for m in loader.find_models()}
+    assert found[tiny_gpt2.name]["arch"] == "gpt2" and found[tiny_gpt2.name]["bytes"] > 0
+    assert found["org/unit"]["source"] == "hf-cache"
+    assert loader.resolve_model(tiny_gpt2.name) == str(tiny_gpt2)
+    assert loader.resolve_model("org/unit") == str(snap)
+    assert loader.resolve_model("nowhere/nothing") == "nowhere/nothing"  # left for the runtime to explain
+    assert loader._default_name(str(snap)) == "unit"
+
+
+def test_ps_table_and_notes() -> None:
+    rows = [
+        {"pid": 1, "name": "a", "state": "running", "nice": 0, "device": "cpu", "res_bytes": 3 << 20, "reqs_active": 2,
+         "reqs_queued": 1, "tok_s": 12.5, "tokens": 40, "time_s": 1.234, "node": "n", "reason": ""},
+        {"pid": 2, "name": "b", "state": "failed", "nice": 5, "device": "cpu", "res_bytes": 0, "reqs_active": 0,
+         "reqs_queued": 0, "tok_s": 0.0, "tokens": 0, "time_s": 0.0, "node": "n", "reason": "bad weights"},
+    ]
+    lines = processes.format_ps(rows).splitlines()
+    assert lines[0].split() == "PID NAME STATE NI DEVICE RES REQS TOK/S TOKENS TIME NODE".split()
+    assert lines[1].split() == ["1", "a", "running", "0", "cpu", "3.0M", "2+1", "12.5", "40", "1.23s", "n"]
+    assert lines[-1] == "2: failed: bad weights"
+
+
+def test_real_runtime_under_the_scheduler(make_tiny_model: Callable[..., Path]) -> None:
+    """The runtime's BatchGenerator behind `ModelRuntime`, stepped by hand: batching and STOP/CONT are exact."""
+    from llmsh.kernel.loader import ModelRuntime
+    from llmsh.kernel.process import ProcessTable
+    from llmsh.kernel.scheduler import Scheduler
+    from llmsh.runtime import load
+    from llmsh.runtime.sampling import SamplingParams
+
+    model = load(str(make_tiny_model("llama")))
+    table = ProcessTable()
+    sched = Scheduler(table, threaded=False)
+    proc = table.add("m", "/x")
+    proc.runtime = ModelRuntime(model, max_batch=4, max_seq_len=128)
+    sched.attach(proc)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    ids = model.tokenizer.encode("once upon a time")
+    events: list[list[Any]] = [[], []]
+    for ev in events:
+        sched.submit(proc, ids, params, lambda kind, value, ev=ev: ev.append((kind, value)))
+    eng = sched.engine("cpu")
+    for _ in range(5):
+        eng.tick()
+    sched.stop(proc)
+    assert not eng.tick()
+    sched.cont(proc)
+    while eng.tick():
+        pass
+    ref = model.generate(["once upon a time"], max_tokens=20, temperature=0, ignore_eos=True)[0]
+    for ev in events:
+        assert ev[-1] == ("done", "length")
+        assert "".join(v for k, v in ev if k == "token") == ref
+    assert proc.max_batch_seen == 2 and proc.tokens == 40
+    assert proc.runtime.resident_bytes() > model.weight_bytes()  # weights + this process's KV cache
+    sched.kill(proc)
+    assert proc.runtime is None
