@@ -351,3 +351,20 @@ def test_blocked_step_is_not_counted() -> None:
     eng = sched.engine("cpu")
     eng.tick()
     assert not eng.progressed and eng.steps == 0 and p.steps == 0
+
+
+def test_idle_device_coalesces_a_burst() -> None:
+    import time
+
+    _, sched, (p,) = make(1)
+    sched.coalesce_s = 0.05
+    eng = sched.engine("cpu")
+    sched.submit(p, [1], {"max_tokens": 3}, Collect())
+    assert eng.tick() and p.steps == 0  # waited for more (a burst in the making)
+    sched.submit(p, [2], {"max_tokens": 3}, Collect())
+    time.sleep(0.06)
+    eng.tick()
+    assert p.steps == 1 and p.last_batch == 2  # the burst ran as one batch
+    sched.submit(p, [3], {"max_tokens": 3}, Collect())
+    eng.tick()
+    assert p.steps == 2  # a running batch never waits: the newcomer joins the next step

@@ -351,10 +351,10 @@ def parse_signal(text: str) -> str:
 def setup(kernel: Any) -> None:
     """Kernel extension: attach the process table, the scheduler and the loader to `kernel.services`."""
     from llmsh.kernel.loader import Loader
-    from llmsh.kernel.scheduler import Scheduler
+    from llmsh.kernel.scheduler import COALESCE_S, Scheduler
 
     procs = kernel.services.setdefault("procs", ProcessTable())
-    sched = kernel.services.setdefault("scheduler", Scheduler(procs))
+    sched = kernel.services.setdefault("scheduler", Scheduler(procs, coalesce_s=COALESCE_S))
     kernel.services.setdefault("loader", Loader(procs, sched))
 
     async def _shutdown(_kernel: Any) -> None:

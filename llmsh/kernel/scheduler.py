@@ -30,6 +30,12 @@ from llmsh.kernel.process import ExitHow, Process, ProcessTable, ProcState, Stat
 Sink = Callable[[str, Any], None]  # (kind, value): ("token", text) | ("done", finish_reason) | ("error", (ename, line))
 
 DEFAULT_MAX_QUEUE = 64  # queued (not yet batched) requests per process before `busy`
+# A burst of requests to an idle process (16 clients pressing enter at once) arrives over a few milliseconds; starting
+# the first prefill at the first arrival would split the burst over several steps, each re-reading every weight. So an
+# idle device waits until no request came for COALESCE_S (never longer than COALESCE_MAX_S after the first): at most
+# a few ms on a first token that takes tens of ms to compute. Running batches never wait: joiners join the next step.
+COALESCE_S = 0.003
+COALESCE_MAX_S = 0.02
 
 
 class BusyError(RuntimeError):
@@ -62,6 +68,7 @@ class Request:
     cancelled: bool = False
     tokens: int = 0
     finish_reason: str | None = None
+    t_submit: float = field(default_factory=time.monotonic)
 
     @property
     def final(self) -> bool:
@@ -147,6 +154,10 @@ class Engine:
             proc = self.pick()
             if proc is None:
                 return False
+            wait = self._coalesce_wait(proc)
+            if wait > 0:
+                self.cond.wait(timeout=wait)  # a submit wakes us early; the next tick looks again
+                return True
             self._admit(proc)
             idle = not proc.active
             done = self.sched._after_change(proc) if idle else None
@@ -183,6 +194,16 @@ class Engine:
         elif error is not None:
             self.sched._free(proc)
         return True
+
+    def _coalesce_wait(self, proc: Process) -> float:
+        """Seconds to wait for the rest of a burst before the first step of an idle device (0: step now)."""
+        c = self.sched.coalesce_s
+        if c <= 0 or proc.active or not proc.pending or len(proc.pending) >= proc.runtime.max_batch:
+            return 0.0
+        if any(p.active for p in self.procs):  # the device is busy anyway
+            return 0.0
+        now = time.monotonic()
+        return max(0.0, min(proc.pending[-1].t_submit + c, proc.pending[0].t_submit + COALESCE_MAX_S) - now)
 
     def _admit(self, proc: Process) -> None:
         """Drop cancelled requests, then let queued ones join the batch up to its size."""
@@ -293,9 +314,12 @@ class Engine:
 class Scheduler:
     """Devices → engines; the signal and request API that the commands use."""
 
-    def __init__(self, procs: ProcessTable, *, max_queue: int = DEFAULT_MAX_QUEUE, threaded: bool = True) -> None:
+    def __init__(
+        self, procs: ProcessTable, *, max_queue: int = DEFAULT_MAX_QUEUE, threaded: bool = True, coalesce_s: float = 0.0
+    ) -> None:
         self.procs = procs
         self.max_queue = max_queue
+        self.coalesce_s = coalesce_s
         self.threaded = threaded
         self.engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
