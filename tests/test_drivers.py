@@ -171,6 +171,8 @@ def test_no_torch_import(module: str) -> None:
     code = (f"import sys, {module}\n"
             "from llmsh.drivers import Drivers\n"
             "Drivers().sample()\n"
+            "from llmsh.tui.source import find_connection\n"
+            "find_connection(None)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     r: Any = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=kernel_env(), timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -19,7 +19,7 @@ from textual.widgets import Footer, Input
 from llmsh.tui.model import State
 from llmsh.tui.source import Event, KernelSource, Source
 from llmsh.tui.tables import MessageLog, NodesTable, ProcessTable, RatesTable
-from llmsh.tui.widgets import Confirm, NodeLoad, NoKernel, StatusLine, TrafficPanel, TrafficSpark
+from llmsh.tui.widgets import Confirm, NodeLoad, NoKernel, StatusLine, TrafficPanel, TrafficSpark, scheduler_line
 
 PANELS = ("procs", "traffic", "nodes")
 COMPACT_HEIGHT = 34  # below this many rows only the active panel is shown
@@ -138,9 +138,11 @@ class TopApp(App[int]):
     def _render_payload(self) -> None:
         s = self.state
         self.query_one(NodeLoad).show(s)
-        self.query_one(ProcessTable).show(s.procs)
+        procs = self.query_one(ProcessTable)
+        procs.show(s.procs)
+        procs.border_subtitle = scheduler_line(s.payload.get("scheduler") or {}) if s.payload else ""
         tr = s.payload["traffic"] if s.payload else {}
-        self.query_one(RatesTable).show(tr.get("rates", []))
+        self.query_one(RatesTable).show(tr.get("rates", []), s.rates)
         self.query_one(TrafficSpark).show(s)
         self.query_one(MessageLog).append(tr.get("recent", []))
         self.multinode = len(s.nodes) > 1

@@ -60,6 +60,7 @@ class State:
         self.msgs_in: deque[float] = deque(maxlen=HISTORY)
         self.msgs_out: deque[float] = deque(maxlen=HISTORY)
         self.log: deque[dict[str, Any]] = deque(maxlen=log_max)
+        self.rates: dict[tuple[str, str], deque[float]] = {}  # (dir, type) → msgs/s history
 
     def accept(self, payload: Any) -> bool:
         """Take one telemetry payload; False (and counted) when its shape is unknown."""
@@ -81,6 +82,9 @@ class State:
         self.msgs_in.append(float(total.get("in_msgs_s") or 0))
         self.msgs_out.append(float(total.get("out_msgs_s") or 0))
         self.log.extend(payload["traffic"].get("recent", []))
+        for r in payload["traffic"].get("rates", []):
+            key = (str(r.get("dir")), str(r.get("type")))
+            self.rates.setdefault(key, deque(maxlen=HISTORY)).append(float(r.get("msgs_s") or 0))
         return True
 
     @property

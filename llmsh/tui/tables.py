@@ -14,6 +14,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable
 
 from llmsh.tui.fmt import PROC_COLUMNS, PROC_PRIORITY, clock, human_bytes, proc_cell, proc_sort_key, rate
+from llmsh.tui.model import spark
 
 Column = tuple[str, str, int, bool]  # key, header, width, right-aligned
 
@@ -182,12 +183,13 @@ class RatesTable(FitTable):
     """Message rates per direction and type since the previous telemetry tick (busiest first)."""
 
     COLUMNS = (("dir", "DIR", 3, False), ("type", "TYPE", 19, False), ("msgs_s", "MSG/S", 5, True),
-               ("bytes_s", "B/S", 6, True), ("count", "TOTAL", 6, True))
-    PRIORITY = ("type", "msgs_s", "dir", "bytes_s", "count")
+               ("trend", "TREND", 10, False), ("bytes_s", "B/S", 6, True), ("count", "TOTAL", 6, True))
+    PRIORITY = ("type", "msgs_s", "dir", "trend", "bytes_s", "count")
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(cursor_type="none", show_cursor=False, **kw)
         self.items: list[dict[str, Any]] = []
+        self.history: dict[tuple[str, str], Any] = {}
 
     def visible_rows(self) -> list[dict[str, Any]]:
         return sorted(self.items, key=lambda r: (-float(r.get("msgs_s") or 0), -int(r.get("count") or 0)))
@@ -195,11 +197,15 @@ class RatesTable(FitTable):
     def cell(self, row: dict[str, Any], key: str, right: bool) -> Any:
         if key == "dir":
             return Text(str(row.get("dir")), style="green" if row.get("dir") == "in" else "cyan")
+        if key == "trend":
+            hist = self.history.get((str(row.get("dir")), str(row.get("type"))), [])
+            return Text(spark(hist, 10), style="green" if row.get("dir") == "in" else "cyan")
         text = {"msgs_s": rate(row.get("msgs_s")), "bytes_s": human_bytes(row.get("bytes_s"))}.get(key)
         return Text(text if text is not None else str(row.get(key, "")), justify="right" if right else "left")
 
-    def show(self, rates: list[dict[str, Any]]) -> None:
-        """New rates."""
+    def show(self, rates: list[dict[str, Any]], history: dict[tuple[str, str], Any] | None = None) -> None:
+        """New rates, with each type's msgs/s history for the trend column."""
+        self.history = history or {}
         if list(rates) == self.items and self.columns:  # unchanged: skip the redraw (idle kernels change nothing)
             return
         self.items = list(rates)

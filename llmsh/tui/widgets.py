@@ -162,9 +162,22 @@ class NodeLoad(Vertical):
         node = state.nodes[0]
         cpu = node.get("cpu") or {}
         self.border_title = f"{node.get('name')} · load {' '.join(f'{x:.2f}' for x in cpu.get('load', []))}"
+        me = cpu.get("proc") or {}
+        self.border_subtitle = (f"kernel rss {human_bytes(me.get('rss'))} · {me.get('threads', '?')} threads · "
+                                f"cpu {float(me.get('cpu_percent') or 0):.1f}%") if me else ""
         self.query_one(CpuBars).show(cpu.get("percpu", []))
         self.query_one(MemBars).show(cpu)
         self.query_one(GpuRows).show(str(node.get("name")), node.get("gpus", []), state)
+
+
+def scheduler_line(stats: dict[str, Any]) -> str:
+    """One line per device of scheduler figures: tokens/s, batch sizes, queue."""
+    parts = []
+    for dev, st in sorted((stats.get("devices") or {}).items()):
+        if isinstance(st, dict):
+            parts.append(f"{dev} {rate(st.get('tok_s'))} tok/s · batch {st.get('last_batch', 0)} "
+                         f"(mean {float(st.get('mean_batch') or 0):.1f}) · queue {st.get('queue', 0)}")
+    return "  |  ".join(parts)
 
 
 class TrafficSpark(Static):
