@@ -28,7 +28,9 @@ class LlmshKernelTests(jupyter_kernel_test.KernelTests):
 
     @classmethod
     def setUpClass(cls) -> None:
-        install_kernelspec(user=True)  # into the isolated JUPYTER_DATA_DIR that conftest set
+        # Into the isolated JUPYTER_DATA_DIR that conftest set. Telemetry off: the suite expects every iopub message
+        # after a request to belong to it, and telemetry is an unsolicited broadcast.
+        install_kernelspec(user=True, extra_args=["--telemetry-hz", "0"])
         super().setUpClass()
 
     def test_zz_manager_interrupt_and_restart(self) -> None:

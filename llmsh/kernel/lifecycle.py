@@ -372,10 +372,10 @@ def format_status(st: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ install
-def kernelspec() -> dict[str, Any]:
-    """The kernel.json that lets Jupyter start llmsh."""
+def kernelspec(extra_args: list[str] | None = None) -> dict[str, Any]:
+    """The kernel.json that lets Jupyter start llmsh (`extra_args` go after the connection file, e.g. --telemetry-hz 0)."""
     return {
-        "argv": [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", "{connection_file}"],
+        "argv": [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", "{connection_file}", *(extra_args or [])],
         "display_name": "llmsh",
         "language": "llmsh",
         "interrupt_mode": "message",
@@ -383,7 +383,7 @@ def kernelspec() -> dict[str, Any]:
     }
 
 
-def install_kernelspec(user: bool = True, prefix: str | None = None) -> Path:
+def install_kernelspec(user: bool = True, prefix: str | None = None, extra_args: list[str] | None = None) -> Path:
     """Install the `llmsh` kernelspec with jupyter_client (user dir, or under `prefix`); returns its folder."""
     import tempfile
 
@@ -392,7 +392,7 @@ def install_kernelspec(user: bool = True, prefix: str | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "llmsh"
         src.mkdir()
-        (src / "kernel.json").write_text(json.dumps(kernelspec(), indent=1), encoding="utf-8")
+        (src / "kernel.json").write_text(json.dumps(kernelspec(extra_args), indent=1), encoding="utf-8")
         dest = KernelSpecManager().install_kernel_spec(str(src), kernel_name="llmsh", user=user and prefix is None, prefix=prefix)
     return Path(dest)
 
