@@ -74,6 +74,16 @@ def test_eviction_order_lru_weighted_by_nice() -> None:
     assert eviction_order(cands, tick=100, idle_first=True)[0].key == (4, 0)
 
 
+def test_requester_keeps_the_pages_of_its_pass_over_other_processes_pages() -> None:
+    # pid 1 (4 pages) computes page 1; pid 2's page was used 2 ticks ago, pid 1's page 2 is needed next tick
+    cands = [_cand(1, 2, last=0), _cand(1, 0, last=9), _cand(2, 0, last=8)]
+    order = [c.key for c in eviction_order(cands, tick=10, requester=(1, 1), horizon=4)]
+    assert order == [(2, 0), (1, 0), (1, 2)]
+    # …unless the other process has the higher priority: a nice 10 requester gives up its own pages first
+    cands = [_cand(1, 2, last=0, nice=10), _cand(1, 0, last=9, nice=10), _cand(2, 0, last=8, nice=-5)]
+    assert [c.key for c in eviction_order(cands, tick=10, requester=(1, 1), horizon=4)][0] == (1, 0)
+
+
 def test_requester_pages_evicted_by_distance_to_next_use() -> None:
     # pid 1 computes page 2 of 4: page 1 is needed last (distance 3), page 3 next (distance 1)
     cands = [_cand(1, 0, last=1), _cand(1, 1, last=2), _cand(1, 3, last=0)]

@@ -497,12 +497,13 @@ class Pager:
         """Evict best victims until `need` bytes are free; False if that is impossible (or would evict pages
         scored at most `limit`, i.e. needed sooner than what the room is for). Lock held."""
         budget = self.budget(device)
+        horizon = len(self.procs[requester[0]].entries) if requester is not None and requester[0] in self.procs else 0
         while budget - self.used.get(device, 0) < need:
-            order = eviction_order(self._candidates(device), self.tick, requester)
+            order = eviction_order(self._candidates(device), self.tick, requester, horizon=horizon)
             if not order:
                 return False
             victim = order[0]
-            if limit is not None and score(victim, self.tick, requester) <= limit:
+            if limit is not None and score(victim, self.tick, requester, horizon) <= limit:
                 return False
             self._evict(device, victim.key)
         return True

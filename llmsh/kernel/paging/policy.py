@@ -2,7 +2,8 @@
 
 Every page access advances a logical clock (`tick`), so the order is deterministic and testable. A page's score
 estimates how far in the future it will be needed again, scaled by its process's priority:
-- pages of other processes: their age (ticks since last use) — plain LRU;
+- pages of other processes: their age (ticks since last use) — plain LRU — plus the requester's cycle length, since
+  they cannot be needed before the requester's pass is over;
 - pages of the process that is asking: the distance to their next use in layer order, which is known exactly
   (a forward pass visits pages 0, 1, …, n-1 and then starts again), so a model larger than its budget keeps the
   pages it will need soonest instead of evicting each one just before it is needed (LRU's worst case);
@@ -47,20 +48,28 @@ class Candidate:
     idle: bool = False  # its process has no request in flight
 
 
-def score(c: Candidate, tick: int, requester: tuple[int, int] | None) -> float:
-    """Estimated ticks until this page is needed again, weighted by priority (bigger = evict sooner)."""
+def score(c: Candidate, tick: int, requester: tuple[int, int] | None, horizon: int = 0) -> float:
+    """Estimated ticks until this page is needed again, weighted by priority (bigger = evict sooner).
+
+    `horizon` is the length of the requester's cycle (its page count): its own pages are all needed within it, while
+    another process's page is needed only after the requester's pass at the earliest — so those count from there."""
     if requester is not None and c.key[0] == requester[0]:
         distance = (c.key[1] - requester[1]) % c.n_pages
         return distance * age_factor(c.nice)
-    return (tick - c.last_used) * age_factor(c.nice)
+    return (horizon + tick - c.last_used) * age_factor(c.nice)
 
 
 def eviction_order(
-    candidates: Iterable[Candidate], tick: int, requester: tuple[int, int] | None = None, *, idle_first: bool = False
+    candidates: Iterable[Candidate],
+    tick: int,
+    requester: tuple[int, int] | None = None,
+    *,
+    horizon: int = 0,
+    idle_first: bool = False,
 ) -> list[Candidate]:
     """Candidates sorted best victim first; with idle_first, pages of idle processes go before any busy one."""
     return sorted(
         candidates,
-        key=lambda c: ((1 if (idle_first and c.idle) else 0), score(c, tick, requester), c.nbytes),
+        key=lambda c: ((1 if (idle_first and c.idle) else 0), score(c, tick, requester, horizon), c.nbytes),
         reverse=True,
     )
