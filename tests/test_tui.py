@@ -203,3 +203,14 @@ async def test_failed_action_is_reported() -> None:
         await until(pilot, lambda: app.sent, what="the reply")
         assert app.sent == [("kill -STOP 1", False, "llmsh: kill: no process with PID 1; see 'ps'")]
         assert app.is_running
+
+
+async def test_message_log_follows_the_tail_when_shown() -> None:
+    app = TopApp(ScriptedSource(live_events(n=20)), utc=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("tab")
+        await pilot.pause(0.3)
+        log = app.query_one(MessageLog)
+        assert log.row_count == 80 and log.cursor_row == 79
+        assert log.scroll_offset.y == log.max_scroll_y > 0  # the newest messages are on screen

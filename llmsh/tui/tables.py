@@ -254,13 +254,24 @@ class MessageLog(FitTable):
             for m in msgs:
                 if self._match(m):
                     self.add_row(*self.cells(m))
-        if follow and self.row_count:
+        if follow:
+            self.follow_tail()
+
+    def on_resize(self, event: Any) -> None:
+        follow = self.cursor_row >= self.row_count - 1
+        super().on_resize(event)  # may rebuild, which resets the cursor
+        if follow:  # just shown (hidden panels have no size): catch up with the tail
+            self.call_after_refresh(self.follow_tail)
+
+    def follow_tail(self) -> None:
+        """Select and show the newest message."""
+        if self.row_count:
             self.move_cursor(row=self.row_count - 1, animate=False)
+            self.scroll_end(animate=False, immediate=True)
 
     def set_filter(self, text: str) -> None:
         super().set_filter(text)
-        if self.row_count:
-            self.move_cursor(row=self.row_count - 1, animate=False)
+        self.follow_tail()
 
 
 class NodesTable(FitTable):
