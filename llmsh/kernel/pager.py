@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,18 @@ def parse_duration(text: str) -> float | None:
     raise ValueError(f"bad duration {text!r}: expected e.g. 30s, 5m, 1h, 0 (release when idle) or 'forever'")
 
 
+def default_keep_alive() -> float | None:
+    """keep_alive of newly loaded processes: `LLMSH_KEEP_ALIVE` (e.g. 5m, like OLLAMA_KEEP_ALIVE), else forever."""
+    text = os.environ.get("LLMSH_KEEP_ALIVE", "").strip()
+    if not text:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        log.warning("LLMSH_KEEP_ALIVE: %s; keeping processes resident", e)
+        return None
+
+
 class PagerService:
     """Glue between the pager and the process table / scheduler (all of it optional, so tests can use parts)."""
 
@@ -52,6 +65,7 @@ class PagerService:
         self.sched: Any = None
         self._task: asyncio.Task | None = None
         self._guards: dict[int, Any] = {}
+        self.default_keep_alive = default_keep_alive()
 
     def _forget(self, pid: int) -> None:
         """A process is unloaded: its pages and KV guard stop counting."""
@@ -96,7 +110,14 @@ class PagerService:
         if model is None or not hasattr(model, "set_page_hook") or str(getattr(proc.state, "value", proc.state)) == "failed":
             return
         try:
-            pager.attach(proc.pid, ModelSource(model), name=proc.name, nice=proc.nice)
+            # no step of this process may run while its pages are being put under the pager (a forward that started
+            # without the page hook would meet released pages): hold its engine's lock with the process not stepping
+            eng = self.sched.engine(proc.device) if self.sched is not None else None
+            with eng.cond if eng is not None else _nolock():
+                while getattr(proc, "stepping", False):
+                    eng.cond.wait(0.01)
+                pager.attach(proc.pid, ModelSource(model), name=proc.name, nice=proc.nice,
+                             keep_alive=self.default_keep_alive)
         except PagerError as e:
             log.warning("load of pid %s refused by the pager: %s", proc.pid, e)
             self._fail(proc, str(e))

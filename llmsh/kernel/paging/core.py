@@ -714,6 +714,13 @@ class Pager:
                 "kv": self.kv.snapshot(),
             }
 
+    def threads(self) -> list[dict[str, Any]]:
+        """The prefetch thread, for `threads` (same shape as the scheduler's and loader's rows)."""
+        pf = self.prefetcher
+        if pf is None or pf._thread is None:
+            return []
+        return [{"thread": pf._thread, "pool": "pager", "task": pf.current}]
+
     def close(self) -> None:
         """Stop the prefetch thread."""
         if self.prefetcher is not None:

@@ -31,6 +31,7 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.skipped = 0  # prefetches given up for lack of room
+        self.current = "idle"  # what the thread is doing, for `threads`
 
     def after(self, proc: "Proc", index: int) -> None:
         """The engine is about to compute page `index`: queue the next pages that are not resident."""
@@ -68,10 +69,13 @@ class Prefetcher:
                 if self._stop:
                     return
                 e, current = self._queue.popleft()
+            self.current = f"read {e.proc.name} {e.name}"
             try:
                 self._fetch(e, current)
             except Exception:  # a failed prefetch is not an error: the engine reads the page itself
                 log.debug("prefetch of %s failed", e.name, exc_info=True)
+            finally:
+                self.current = "idle"
 
     def _fetch(self, e: "Entry", current: int) -> None:
         from llmsh.kernel.paging.core import LOADING, OUT, STAGED
