@@ -103,7 +103,7 @@ async def test_keys_on_an_empty_table_do_nothing_harmful(kernel: Any) -> None:
             await pilot.press(key)
         await pilot.pause(0.2)
         assert app.sent == [] and not isinstance(app.screen, Confirm)
-        assert app.is_running and "live" in status_text(app)
+        assert app.is_running and "no telemetry yet" in status_text(app)
 
 
 async def test_no_kernel_says_how_to_start_one(tmp_path: Path) -> None:

@@ -248,6 +248,9 @@ class StatusLine(Static):
         badge = {"connected": ("● live", "bold green"), "disconnected": ("✖ disconnected, retrying…", "bold red"),
                  "no-kernel": ("no kernel", "bold red"), "connecting": ("connecting…", "yellow")}
         text, style = badge.get(self.conn, (self.conn, ""))
+        if not p and self.conn == "connected":  # telemetry may be off: say so rather than look frozen
+            out.append(f" {self.where.rsplit('/', 1)[-1]}")
+            text, style = "● connected · no telemetry yet (--telemetry-hz 0?)", "yellow"
         if self.state and self.state.ignored:
             text = f"ignored {self.state.ignored}  " + text
         width = self.size.width or 80
