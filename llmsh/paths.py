@@ -6,6 +6,7 @@ touch a real user's kernel.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import platformdirs
@@ -14,8 +15,13 @@ APP = "llmsh"
 
 
 def runtime_dir() -> Path:
-    """Connection files of running kernels (created 0700)."""
-    path = Path(platformdirs.user_runtime_dir(APP))
+    """Connection files of running kernels (created 0700).
+
+    Without XDG_RUNTIME_DIR (a plain ssh or container session) platformdirs falls back to /tmp/runtime-$UID and
+    warns on every call; the fallback is what we want, so the warning would only be noise in every command."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(platformdirs.user_runtime_dir(APP))
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
 

@@ -125,11 +125,13 @@ class SyncKernelClient:
     def start(self, timeout: float = 10.0) -> dict[str, Any]:
         """Wait until the kernel answers on shell AND iopub (the SUB subscription is live), so no output is lost."""
         deadline = time.monotonic() + timeout
+        wait = 0.01  # the SUB subscription usually goes live within milliseconds: retry soon, then back off
         while True:
             msg_id = self._send(self.shell, self.wire.msg("kernel_info_request", {}))
             reply = self._wait_reply(msg_id, max(0.1, deadline - time.monotonic()))
-            if self._wait_idle(msg_id, min(0.25, max(0.01, deadline - time.monotonic()))):
+            if self._wait_idle(msg_id, min(wait, max(0.01, deadline - time.monotonic()))):
                 return reply["content"]
+            wait = min(wait * 2, 0.25)
             if time.monotonic() > deadline:
                 raise KernelGone("the kernel answers but its iopub channel does not; is it a llmsh kernel?")
 
