@@ -86,15 +86,15 @@ class Traffic:
         self._prev = {k: (v[0], v[1]) for k, v in sums.items()}
         self._prev_t = now
         recent = []
-        for m in reversed(getattr(counters, "recent", None) or ()):
+        items = list(getattr(counters, "recent", None) or ())  # one atomic copy (the GIL) of the kernel's deque
+        for m in reversed(items):
             if m.get("t", 0.0) <= self._last_recent_t or len(recent) >= RECENT_MAX:
                 break
             if m.get("t") not in self.own:
                 recent.append(_plain(m))
         recent.reverse()
-        last = getattr(counters, "recent", None)
-        if last:
-            self._last_recent_t = max(self._last_recent_t, last[-1].get("t", 0.0))
+        if items:
+            self._last_recent_t = max(self._last_recent_t, items[-1].get("t", 0.0))
         return {
             "in": snap.get("in", {}),
             "out": snap.get("out", {}),
