@@ -133,6 +133,29 @@ def _hf_generate(model, input_ids, mask, tokens: int) -> None:
                        do_sample=False, pad_token_id=model.config.eos_token_id)
 
 
+def _in_thread(fn, *args):
+    """Run fn in a fresh thread, as the kernel runs its steps on an engine thread (torch's speed in the main thread
+    differs from other threads' on an oversubscribed machine, so the references get the same footing)."""
+    box: list = []
+    t = threading.Thread(target=lambda: box.append(fn(*args)), name="bench-reference")
+    t.start()
+    t.join()
+    if not box:
+        raise SystemExit("reference run failed (see the traceback above)")
+    return box[0]
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def _drain(it) -> None:
+    for _ in it:
+        pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tokens and one repetition (under a minute)")
@@ -181,34 +204,27 @@ def main() -> None:
 
     # in-process runtime, the reference for the streaming overhead
     model = load(str(folder))
-    for _piece in model.stream(prompts[0], max_tokens=4, temperature=0):  # warm up: page the mmap'd weights in
-        pass
-    stream_local = []
-    for _ in range(repeat + 1):
-        t0 = time.perf_counter()
-        for _piece in model.stream(prompts[0], max_tokens=tokens, temperature=0, ignore_eos=True):
-            pass
-        stream_local.append(time.perf_counter() - t0)
+    _in_thread(_drain, model.stream(prompts[0], max_tokens=4, temperature=0))  # warm up: page the mmap'd weights in
+    stream_local = [
+        _in_thread(_timed, _drain, model.stream(prompts[0], max_tokens=tokens, temperature=0, ignore_eos=True))
+        for _ in range(repeat + 1)
+    ]
     tok = model.tokenizer
     del model
 
     transformers.utils.logging.set_verbosity_error()
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     input_ids, mask = _hf_inputs(tok, prompts, hf.config.eos_token_id)
-    _hf_generate(hf, input_ids[:1], mask[:1], 2)  # warm up
-    static = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        _hf_generate(hf, input_ids, mask, tokens)
-        static.append(time.perf_counter() - t0)
-    seq = []
+    _in_thread(_hf_generate, hf, input_ids[:1], mask[:1], 2)  # warm up
+    static = [_in_thread(_timed, _hf_generate, hf, input_ids, mask, tokens) for _ in range(repeat)]
     seq_n = min(4, opts.clients) if opts.quick else opts.clients  # --quick times 4 of them and scales to all
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for p in prompts[:seq_n]:
-            ids, m = _hf_inputs(tok, [p], hf.config.eos_token_id)
+    singles = [_hf_inputs(tok, [p], hf.config.eos_token_id) for p in prompts[:seq_n]]
+
+    def sequential() -> None:
+        for ids, m in singles:
             _hf_generate(hf, ids, m, tokens)
-        seq.append((time.perf_counter() - t0) * opts.clients / seq_n)
+
+    seq = [_in_thread(_timed, sequential) * opts.clients / seq_n for _ in range(repeat)]
 
     total = opts.clients * tokens
     static_s, seq_s = min(static), min(seq)
