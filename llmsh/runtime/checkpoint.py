@@ -70,15 +70,17 @@ class SafetensorsFile:
         raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - start, offset=self.data_start + start)
         return raw.view(dtype).view(e["shape"])
 
-    def drop_pages(self, name: str) -> None:
-        """Tell the kernel we are done with tensor `name`'s pages (after copying it), so they leave our RSS."""
+    def drop_pages(self, name: str, lo: int = 0, hi: int | None = None) -> None:
+        """Tell the kernel we are done with bytes [lo, hi) of tensor `name` (after copying them): they leave our RSS."""
         if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start, end = self.entries[name]["data_offsets"]
-        lo = -(-(self.data_start + start) // mmap.PAGESIZE) * mmap.PAGESIZE   # whole pages inside the tensor only
-        hi = (self.data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE
-        if hi > lo:
-            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        first = self.data_start + start + lo
+        last = self.data_start + start + (end - start if hi is None else hi)
+        first = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE   # whole pages inside the range only
+        last = last // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     @property
     def nbytes(self) -> int:
@@ -157,19 +159,13 @@ class Checkpoint:
         """Our parameter `param_name` read from the mmap'd file: a zero-copy view when device/dtype match the file."""
         key = self.hf_key(param_name)
         file = self.files[self.where[key]]
-        t = file.tensor(key)
-        dtype = dtype or t.dtype
-        src = t
-        if self.transposed(param_name):
-            t = t.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)
-            if dtype != torch.float32 or torch.device(device).type != "cpu":
-                # bfloat16/float16 GEMMs on a transposed view are up to 15x slower: copy once into (out, in)
-                t = t.to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
-            # float32 on the CPU stays a view: those GEMMs read the transposed layout at full speed
-        out = t.to(device=device, dtype=dtype)
-        if out.numel() and out.data_ptr() != src.data_ptr():
-            file.drop_pages(key)  # we made a copy: give the source pages back so peak memory stays ~1x the weights
-        return out
+        src = file.tensor(key)
+        dtype, device = dtype or src.dtype, torch.device(device)
+        transposed = self.transposed(param_name)  # Conv1D stores (in, out); nn.Linear wants (out, in)
+        if dtype == src.dtype and device.type == "cpu" and (not transposed or dtype == torch.float32):
+            # zero copy; float32 GEMMs read a transposed view at full speed, bfloat16 ones are up to 15x slower
+            return src.t() if transposed else src
+        return _copy_out(file, key, src, transposed, device, dtype)
 
     def nbytes(self) -> int:
         """Bytes of tensor data over all files."""
@@ -178,3 +174,26 @@ class Checkpoint:
     def paths(self) -> list[Path]:
         """The safetensors files, in order."""
         return [f.path for f in self.files.values()]
+
+
+COPY_CHUNK = 16 << 20
+
+
+def _copy_out(file: SafetensorsFile, key: str, src: torch.Tensor, transposed: bool, device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+    """Copy (and convert / move / un-transpose) a stored tensor chunk by chunk, dropping each chunk's source pages,
+    so that peak memory is the result plus one 16 MiB chunk, not the result plus the whole source tensor."""
+    shape = list(src.shape[::-1]) if transposed else list(src.shape)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if src.dim() == 0 or src.numel() == 0:
+        return out.copy_(src)
+    row_bytes = src[0].numel() * src.element_size()
+    rows = max(1, COPY_CHUNK // max(row_bytes, 1))
+    for a in range(0, src.shape[0], rows):
+        part = src[a:a + rows]
+        if transposed:
+            out[:, a:a + rows].copy_(part.t())
+        else:
+            out[a:a + rows].copy_(part)
+        file.drop_pages(key, a * row_bytes, (a + part.shape[0]) * row_bytes)
+    return out

@@ -69,6 +69,9 @@ class LlamaConfig:
         if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
             window = None
         layer_types = cfg.get("layer_types") or ["sliding_attention" if window else "full_attention"] * n_layer
+        if model_type == "qwen2" and window and not cfg.get("layer_types"):  # v4 configs: window from max_window_layers on
+            first = cfg.get("max_window_layers", 0)
+            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
         if model_type == "mistral" and window:
             layer_types = ["sliding_attention"] * n_layer
         windows = [window if t == "sliding_attention" and window else None for t in layer_types]

@@ -192,7 +192,10 @@ class Model:
         device = torch.device(device) if device is not None else self.device
         for p in self._pages[i].param_names:
             if host is not None:
-                self._set_param(p, host[p].to(device=device, dtype=self.dtype, non_blocking=True))
+                t = host[p].to(device=device, dtype=self.dtype, non_blocking=True)
+                if not t.is_contiguous() and (self.dtype != torch.float32 or device.type != "cpu"):
+                    t = t.contiguous()  # same layout rule as loading (see Checkpoint.load_tensor)
+                self._set_param(p, t)
             else:
                 self._set_param(p, self.checkpoint.load_tensor(p, device, self.dtype))
 
@@ -272,13 +275,16 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: st
     with torch.device("meta"):
         module = family.Transformer(cfg)
     expected = module.state_dict()
-    state = {}
+    state: dict[str, Tensor] = {}
+    by_key: dict[str, Tensor] = {}  # a tied head reads the embedding's key: convert/copy it once, not twice
     for i, name in enumerate(expected):
-        shape = checkpoint.shape(name)
+        shape, key = checkpoint.shape(name), checkpoint.hf_key(name)
         if list(expected[name].shape) != shape:
-            raise LoadError(f"tensor {checkpoint.hf_key(name)} in {folder} has shape {shape} but config.json implies "
+            raise LoadError(f"tensor {key} in {folder} has shape {shape} but config.json implies "
                             f"{list(expected[name].shape)}; the weights and config.json do not match")
-        state[name] = checkpoint.load_tensor(name, dev, dt)
+        if key not in by_key:
+            by_key[key] = checkpoint.load_tensor(name, dev, dt)
+        state[name] = by_key[key]
         report(0.65 + 0.3 * (i + 1) / len(expected), f"loading {name}")
     module.load_state_dict(state, assign=True, strict=True)
     module.setup(dev)

@@ -106,18 +106,19 @@ def run_hf(model, prompts: list[list[int]], n_new: int) -> float:
 
 
 RSS_CHILD = """
-import json, resource, sys, psutil, torch
+import json, sys, psutil, torch
 torch.set_num_threads(int(sys.argv[3]))
-from llmsh.runtime import load
 import llmsh.runtime.model
-with torch.device("meta"):          # first meta-device use imports ~80 MB of torch modules: not part of a load
-    torch.nn.Linear(2, 2)
+from llmsh.runtime import load
+with torch.device("meta"):          # the first meta-device init imports ~75 MB of torch's Python meta kernels, once per
+    torch.nn.Embedding(2, 2)        # process: not part of a load
+def hwm():                          # VmHWM is this process's own peak (ru_maxrss would include the forking parent's)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 base = psutil.Process().memory_info().rss
 m = load(sys.argv[1], dtype=sys.argv[2])
 after_load = psutil.Process().memory_info().rss
 m.forward(list(range(8)))           # touches every weight page
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"base": base, "after_load": after_load, "peak": peak, "weights": m.weight_bytes()}))
+print(json.dumps({"base": base, "after_load": after_load, "peak": hwm(), "weights": m.weight_bytes()}))
 """
 
 
