@@ -110,3 +110,32 @@ def test_real_runtime_under_the_scheduler(make_tiny_model: Callable[..., Path]) 
     assert proc.runtime.resident_bytes() > model.weight_bytes()  # weights + this process's KV cache
     sched.kill(proc)
     assert proc.runtime is None
+
+
+def test_kill_while_loading_never_attaches(tiny_gpt2: Path) -> None:
+    import threading
+
+    from llmsh.kernel.loader import Loader
+    from llmsh.kernel.process import ExitHow, ProcessTable, ProcState
+    from llmsh.kernel.scheduler import Scheduler
+
+    table = ProcessTable()
+    sched = Scheduler(table, threaded=False)
+    loader = Loader(table, sched)
+    gate = threading.Event()
+    blockers = [loader.pool.submit(gate.wait) for _ in range(2)]  # both loader workers busy: the load stays queued
+    proc, fut = loader.start(str(tiny_gpt2), name="doomed")
+    assert proc.state is ProcState.LOADING and table.snapshot()[0]["state"] == "loading"
+    sched.kill(proc)
+    assert table.get(proc.pid) is None and table.exited[-1]["exit"] == ExitHow.KILL.value
+    gate.set()
+    fut.result(timeout=60)
+    assert proc.runtime is None and proc not in sched.engine("cpu").procs
+    # a load that completes just after the kill is refused at attach (the loader then drops the model)
+    late = table.add("late", "/x")
+    sched.kill(late)
+    late.runtime = SimpleNamespace(new_batch=lambda: None)
+    assert sched.attach(late) is False and late not in sched.engine("cpu").procs
+    for b in blockers:
+        b.result()
+    loader.close()

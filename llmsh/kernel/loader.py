@@ -176,7 +176,10 @@ class Loader:
         proc.device = str(getattr(model, "device", device))
         proc.runtime = ModelRuntime(model, *sizes)
         proc.progress, proc.progress_text = 1.0, "ready"
-        self.sched.attach(proc)
+        if not self.sched.attach(proc):  # killed in the meantime
+            rt, proc.runtime = proc.runtime, None
+            del model
+            rt.close()
         return proc
 
     def threads(self) -> list[dict[str, Any]]:

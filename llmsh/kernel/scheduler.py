@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import threading
 import time
 import traceback
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from llmsh.kernel.process import ExitHow, Process, ProcessTable, ProcState, StateError, cfs_weight
+
+log = logging.getLogger("llmsh.scheduler")
 
 Sink = Callable[[str, Any], None]  # (kind, value): ("token", text) | ("done", finish_reason) | ("error", (ename, line))
 
@@ -285,6 +288,7 @@ class Engine:
                     with self.cond:
                         self.cond.wait(timeout=0.005)
             except Exception:  # a bug here must not kill the device's thread
+                log.exception("engine %s: tick failed", self.device)
                 self.current = "error: " + traceback.format_exc(limit=1).strip().splitlines()[-1]
                 time.sleep(0.05)
 
@@ -323,6 +327,7 @@ class Scheduler:
         self.threaded = threaded
         self.engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self.on_release: list[Callable[[Process], None]] = []  # e.g. the pager forgetting a process's pages
 
     def engine(self, device: str) -> Engine:
@@ -333,14 +338,20 @@ class Scheduler:
                 eng = self.engines[device] = Engine(device, self, threaded=self.threaded)
             return eng
 
-    def attach(self, proc: Process) -> None:
-        """A process finished loading: give it a batch and put it on its device's run queue."""
-        eng = self.engine(proc.device)
-        with eng.cond:
-            proc.batch = proc.runtime.new_batch()
-            proc.transition(ProcState.READY)
-            eng.add(proc)
+    def attach(self, proc: Process) -> bool:
+        """A process finished loading: give it a batch and put it on its device's run queue.
+
+        False (and nothing attached) when it was killed while loading; the caller drops the model."""
+        with self._load_lock:  # against kill() of a loading process
+            if proc.abort_load:
+                return False
+            eng = self.engine(proc.device)
+            with eng.cond:
+                proc.batch = proc.runtime.new_batch()
+                proc.transition(ProcState.READY)
+                eng.add(proc)
         self.procs.changed(proc)
+        return True
 
     # --- requests ----------------------------------------------------------------------------------------------
     def submit(self, proc: Process, prompt_ids: list[int], params: Any, sink: Sink, client: str = "") -> Request:
@@ -460,10 +471,11 @@ class Scheduler:
         if proc.state is ProcState.FAILED:
             self.procs.remove(proc, ExitHow.REAPED)
             return
-        if proc.state is ProcState.LOADING:
-            proc.abort_load = True  # the loader drops the model when it notices
-            self.procs.remove(proc, how, reason)
-            return
+        with self._load_lock:
+            if proc.state is ProcState.LOADING:
+                proc.abort_load = True  # the loader drops the model when it notices (attach refuses it)
+                self.procs.remove(proc, how, reason)
+                return
         eng = self.engine(proc.device)
         with eng.cond:
             if proc.exit_how is not None:
