@@ -294,7 +294,7 @@ def _intermixed(name: str, args: argparse.Namespace) -> tuple[str, str]:
             value = [*(args.stop or []), *value]
         setattr(args, key, value)
     if not args.words:
-        raise UsageError(f"which process? {entry.usage()}")
+        raise UsageError(f"which process? {name} PID|NAME [options] {'PROMPT' if name == 'run' else 'MESSAGE'}; see 'help {name}'")
     return args.words[0], " ".join(args.words[1:])
 
 
@@ -368,7 +368,8 @@ async def _generate(
     "generate from a prompt on a model process, streaming the tokens",
     *SAMPLING_ARGS,
     arg("words", nargs=argparse.REMAINDER, metavar="PID|NAME PROMPT", help="the process, then the prompt; piped text (a | run b) is appended"),
-    description="Streams the text as it is generated. With a pipe, the left side's output becomes (the end of) the "
+    description="run PID|NAME [options] PROMPT — options may also follow the prompt; '--' ends them. "
+    "Streams the text as it is generated. With a pipe, the left side's output becomes (the end of) the "
     "prompt: run a \"write a question\" | run b. Sampling defaults come from the model's generation_config.",
     structured=True,
     completer=_complete_procs,
@@ -426,7 +427,7 @@ def _chat_prompt(proc: Any, history: list[dict[str, str]], message: str, params:
     arg("--show", action="store_true", help="print the conversation so far"),
     *SAMPLING_ARGS,
     arg("words", nargs=argparse.REMAINDER, metavar="PID|NAME MESSAGE", help="the process, then your message; piped text is appended"),
-    description="Each 'chat PID MESSAGE' is one turn: the message joins this shell session's conversation with the "
+    description="chat PID|NAME [options] MESSAGE. Each 'chat PID MESSAGE' is one turn: the message joins this shell session's conversation with the "
     "process, is formatted with the model's chat template, and the reply streams back. Ctrl-C ends the turn (the "
     "partial reply is kept), not the conversation.",
     structured=True,
