@@ -81,6 +81,7 @@ async def test_signals_on_a_real_process(live: Any, tiny_gpt2: Path) -> None:
 
         await pilot.press("k")
         await until(pilot, lambda: isinstance(app.screen, Confirm), what="the confirmation")
+        await pilot.press("s")  # other keys while asking do nothing
         await pilot.press("y")
         await until(pilot, lambda: len(app.sent) == 4, what="the TERM reply")
         assert app.sent[-1] == (f"kill -TERM {pid}", True, "")

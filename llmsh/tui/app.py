@@ -180,6 +180,8 @@ class TopApp(App[int]):
         self._apply_panel()
 
     def _selected(self) -> dict[str, Any] | None:
+        if isinstance(self.screen, Confirm):  # one question at a time
+            return None
         row = self.query_one(ProcessTable).selected()
         if row is None:
             self.notify("no process selected", severity="warning", timeout=2)

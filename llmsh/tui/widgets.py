@@ -53,20 +53,21 @@ class CpuBars(Static):
         self.refresh(layout=True)
 
     @staticmethod
-    def _cols(n: int, width: int) -> int:
-        return max(1, min(width // 12, max(math.ceil(n / 4), width // 40), n))
+    def _grid(n: int, width: int) -> tuple[int, int]:
+        """(rows, columns) for n meters: at most four rows when they fit, meters at least 12 cells wide."""
+        cols = max(1, min(width // 12, max(math.ceil(n / 4), width // 40), n))
+        rows = math.ceil(n / cols)
+        return rows, math.ceil(n / rows)
 
     def get_content_height(self, container: Any, viewport: Any, width: int) -> int:
-        n = max(1, len(self.percpu))
-        return math.ceil(n / self._cols(n, max(12, width)))
+        return self._grid(max(1, len(self.percpu)), max(12, width))[0]
 
     def render(self) -> Text:
         n = len(self.percpu)
         if not n:
             return Text("cpu: no data yet", style="dim")
         width = max(12, self.size.width or 78)
-        cols = self._cols(n, width)
-        rows = math.ceil(n / cols)
+        rows, cols = self._grid(n, width)
         colw = width // cols
         digits = len(str(n - 1))
         out = Text()
