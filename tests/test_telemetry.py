@@ -197,3 +197,26 @@ def test_top_bad_input_is_one_line(kernel: Any) -> None:
     assert r["status"] == "error" and r["exit_code"] == 1
     assert "\n" not in r["reply"]["evalue"].strip() and "at least 1" in r["reply"]["evalue"]
     assert kernel.execute("nodes")["status"] == "ok"  # the kernel keeps going
+
+
+def test_text_of_nodes_free_top_with_gpus_and_several_nodes() -> None:
+    """The formatting of the node commands over a fixed payload with a GPU, swap, processes and three nodes."""
+    from llmsh.commands.nodes import format_free, format_nodes, format_top, free_rows
+    from tests.test_tui_snapshots import payloads
+
+    p = payloads(3, nodes=3)[-1]
+    nodes = format_nodes(p)
+    assert "node-a (local, kernel pid 4242; drivers: cpu, nvidia)" in nodes and "node-c (remote" in nodes
+    assert "cuda:0   NVIDIA H100  util 26%  mem 20.0G / 80.0G  41°C  120W  procs 4242:1.0G" in nodes
+
+    rows = free_rows(p)
+    assert [(r["node"], r["device"]) for r in rows][:2] == [("node-a", "cpu"), ("node-a", "swap")]
+    text = format_free(rows)
+    assert text.splitlines()[0].split() == ["NODE", "DEVICE", "KIND", "TOTAL", "USED", "FREE"]
+    assert "swap" in text and "256.0M" in text
+    assert format_free(rows[:1], raw=True).splitlines()[1].split()[2] == str(16 * 2**30)  # one node: no NODE column
+
+    top = format_top(p)
+    assert "up 1:02:06" in top and "%Cpu" in top and "Procs: 3 total, 1 ready, 1 running, 1 stopped" in top
+    assert "sched cpu: 41.5 tok/s, batch 2 (mean 1.5), queue 1" in top
+    assert top.splitlines()[-3].split()[:3] == ["1", "gpt2", "running"]

@@ -71,6 +71,8 @@ def _gpu_line(g: dict[str, Any]) -> str:
         parts.append(f"{g['temp_c']}°C")
     if g.get("power_w") is not None:
         parts.append(f"{g['power_w']:.0f}W")
+    if g.get("procs"):
+        parts.append("procs " + ", ".join(f"{p.get('pid')}:{human_bytes(p.get('mem'))}" for p in g["procs"]))
     return "  ".join(parts)
 
 
