@@ -28,6 +28,7 @@ from llmsh.kernel.paging.sources import PageSource
 log = logging.getLogger("llmsh.pager")
 
 OUT, LOADING, STAGED, IN = "out", "loading", "staged", "in"
+WAIT_FOR_ROOM_S = 10.0  # how long a page-in waits for pages that are only busy for now (read or computed elsewhere)
 HOST = "cpu"
 
 
@@ -318,6 +319,7 @@ class Pager:
         with self._cond:
             # pages in use by this step (this page and what it reads) are protected until this thread moves on
             self._running[threading.get_ident()] = {(pid, d) for d in e.deps} | {(pid, index)}
+            self._cond.notify_all()  # the page this thread computed before may be evicted now
             proc.last_active = time.monotonic()
             proc.released_idle = False
             for d in e.deps:
@@ -449,6 +451,19 @@ class Pager:
         """The step of `pid` is over: the pages it was using may be evicted again."""
         with self._cond:
             self._forget_running(pid)
+            self._cond.notify_all()
+
+    def _transient_blockers(self, device: str) -> bool:
+        """Are pages of this device held only for now (being read, or being computed by another thread)?"""
+        me = threading.get_ident()
+        others = set().union(*(keys for tid, keys in self._running.items() if tid != me)) if self._running else set()
+        for proc in self.procs.values():
+            if proc.device != device:
+                continue
+            for e in proc.entries:
+                if e.state == LOADING or (e.state in (IN, STAGED) and (proc.pid, e.index) in others and not proc.locked):
+                    return True
+        return False
 
     def _forget_running(self, pid: int) -> None:
         for tid, keys in list(self._running.items()):
@@ -511,10 +526,17 @@ class Pager:
     def _reserve(self, e: Entry, requester: tuple[int, int] | None, limit: float | None = None) -> bool:
         """Count e's bytes as used on its device, evicting first; raises PagerError (or returns False with a limit)."""
         device = e.proc.device
-        if not self._make_room(device, e.nbytes, requester, limit):
+        deadline = None
+        while not self._make_room(device, e.nbytes, requester, limit):
             if limit is not None:
                 return False
-            raise PagerError(self._no_room_message(device, e.nbytes, f"page {e.name} of {e.proc.name}"))
+            # pages being read, or computed by another engine thread, will become evictable soon: wait for them
+            if not self._transient_blockers(device):
+                raise PagerError(self._no_room_message(device, e.nbytes, f"page {e.name} of {e.proc.name}"))
+            deadline = deadline or time.monotonic() + WAIT_FOR_ROOM_S
+            if time.monotonic() > deadline:
+                raise PagerError(self._no_room_message(device, e.nbytes, f"page {e.name} of {e.proc.name}"))
+            self._cond.wait(0.05)
         self.used[device] = self.used.get(device, 0) + e.nbytes
         self._check(device)
         return True
