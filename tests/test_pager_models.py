@@ -187,3 +187,28 @@ def test_process_rss_confirms_the_budget(make_tiny_model: Callable[..., Path]) -
         assert peak[0] >= budget // 4  # the measurement sees the pages at all
     finally:
         pager.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_pages_come_from_pinned_host_copies(three_models) -> None:
+    """On CUDA a page-out keeps a pinned host copy (within the cpu budget) and a page-in copies it on a side stream."""
+    from llmsh.runtime import load
+
+    folders, _ = three_models
+    models = [load(f, device="cuda") for f in folders[:2]]
+    refs = [m.generate(PROMPTS, **GREEDY) for m in models]  # all resident, before the pager
+    total = sum(m.weight_bytes() for m in models)
+    pager = Pager({"cuda:0": int(total / 1.8), "cpu": 4 * total}, prefetch=True)
+    try:
+        seen = _budget_hook(pager)
+        for pid, m in enumerate(models, 1):
+            pager.attach(pid, ModelSource(m))
+        for _ in range(2):
+            for m, ref in zip(models, refs):
+                assert m.generate(PROMPTS, **GREEDY) == ref
+        assert seen and pager.totals.page_ins > 0
+        assert sum(pager.proc(p).host_bytes for p in (1, 2)) > 0 and pager.used["cpu"] <= 4 * total
+        assert pager.used["cuda:0"] <= pager.budget("cuda:0")
+    finally:
+        pager.close()
