@@ -356,3 +356,21 @@ def test_completion_and_help(kernel: Any, tiny_gpt2: Path) -> None:
         text = ok(kernel, f"help {name}")["results"][-1]["text/plain"]
         assert text.startswith(f"usage: {name}"), text
     ok(kernel, f"kill -KILL {pid}")
+
+
+def test_kill_gives_the_memory_back(kernel: Any, make_tiny_model: Callable[..., Path]) -> None:
+    import psutil
+
+    folder = make_tiny_model("gpt2", n_embd=512, n_layer=4, n_head=8)  # ~50 MB of float32 weights
+    kproc = psutil.Process(kernel.pid)
+    warm = load(kernel, folder, "--name warm")  # torch and its allocator caches come in once, they stay
+    ok(kernel, f"run warm --max-tokens 4 {GREEDY} hi; kill -KILL --wait {warm}")
+    before = kproc.memory_info().rss
+    pid = load(kernel, folder, "--name big")
+    ok(kernel, f"run big --max-tokens 4 {GREEDY} hi")
+    loaded = kproc.memory_info().rss
+    res = ps(kernel)[pid]["res_bytes"]
+    assert loaded - before > 0.5 * res > 20e6
+    ok(kernel, f"kill -KILL --wait {pid}")
+    after = kproc.memory_info().rss
+    assert after - before < 0.25 * (loaded - before), (before, loaded, after)
