@@ -142,16 +142,19 @@ def start_kernel(*extra_args: str, env: dict[str, str] | None = None, timeout: f
             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
         )
     deadline = time.monotonic() + timeout
-    while not cf.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"kernel did not start (exit {proc.returncode}): {log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.02)
+    try:
+        while not cf.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"kernel did not start (exit {proc.poll()}): {log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.02)
+    except BaseException:  # also pytest-timeout's exception: never leave a kernel process behind
+        proc.kill()
+        proc.wait()
+        raise
     handle = KernelHandle(proc, cf, env, log)
     try:
         handle.kernel_info(timeout=max(1.0, deadline - time.monotonic()))
-    except Exception:
+    except BaseException:
         handle.stop()
         raise
     return handle
