@@ -587,6 +587,14 @@ async def kill_cmd(ctx: Context, args: argparse.Namespace) -> int:
 # ---- threads / models -------------------------------------------------------------------------------------------------
 
 
+def _thread_comm(native_id: int) -> str:
+    """The OS name of a thread started outside Python (ZeroMQ I/O, OpenMP workers…), from /proc (Linux)."""
+    try:
+        return Path(f"/proc/self/task/{native_id}/comm").read_text().strip() or "(native)"
+    except OSError:
+        return "(native)"
+
+
 def _thread_state(native_id: int | None) -> str:
     """R/S/D… from /proc (Linux); '?' elsewhere."""
     if not native_id:
@@ -632,6 +640,8 @@ async def threads_cmd(ctx: Context, args: argparse.Namespace) -> int:
             pool, task = "io-loop", f"asyncio event loop, {ntasks} tasks" + ("" if loop is None else "")
         elif info is not None:
             pool, task = info["pool"], info["task"]
+        elif t.name.startswith("llmsh-"):  # the kernel's other threads: heartbeat, the pager's prefetch…
+            pool, task = t.name[len("llmsh-"):].split("-")[0].split("_")[0], ""
         else:
             pool, task = "other", ""
         rows.append({
@@ -641,7 +651,7 @@ async def threads_cmd(ctx: Context, args: argparse.Namespace) -> int:
     known_ids = {r["native_id"] for r in rows}
     for tid, secs in cpu.items():  # native threads torch/OpenMP/ZeroMQ started outside Python
         if tid not in known_ids:
-            rows.append({"name": "(native)", "native_id": tid, "pool": "native", "state": _thread_state(tid),
+            rows.append({"name": _thread_comm(tid), "native_id": tid, "pool": "native", "state": _thread_state(tid),
                          "task": "", "cpu_s": round(secs, 3), "daemon": True})
     text = table(
         [[str(r["native_id"]), r["name"], r["pool"], r["state"], f"{r['cpu_s']:.2f}", r["task"]] for r in rows],
