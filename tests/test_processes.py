@@ -279,7 +279,7 @@ def test_threads_and_models(kernel: Any, tiny_gpt2: Path, isolated_home: Path) -
     import shutil
 
     pid = load(kernel, tiny_gpt2, "--name threads")
-    ok(kernel, f"run threads --max-tokens 3 {GREEDY} hi")
+    ok(kernel, f"run threads --max-tokens 150 {GREEDY} hi")  # enough steps for the thread to show CPU time
     rows = ok(kernel, "threads")["data"]
     pools = {r["pool"] for r in rows}
     assert {"io-loop", "loader", "engine"} <= pools
