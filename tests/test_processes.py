@@ -272,7 +272,10 @@ def test_nice_renice_pipe_and_chat(kernel: Any, tiny_gpt2: Path, tiny_llama: Pat
     assert [m["role"] for m in convo] == ["user", "assistant", "user", "assistant"]
     assert convo[0]["content"] == "hello there" and convo[1]["content"] == first.strip()
     assert "chat template" in fails(kernel, "chat writer hello")  # GPT-2 has none
-    ok(kernel, f"kill -KILL {a} {b}")
+    ok(kernel, f"kill -KILL --wait {a} {b}")
+    b2 = load(kernel, tiny_llama, "--name talker")
+    assert ok(kernel, "chat talker --show --json")["data"] == []  # the exited process's conversation is gone
+    ok(kernel, f"kill -KILL {b2}")
 
 
 def test_threads_and_models(kernel: Any, tiny_gpt2: Path, isolated_home: Path) -> None:

@@ -4,8 +4,10 @@ Handlers are thin: they resolve a PID or name, turn arguments into calls on the 
 and loader (`llmsh.kernel.process.setup` puts them in `kernel.services`), and turn every user-facing failure into one
 `CommandError` line. Torch is never imported here; the kernel's loader imports it on the first `load`.
 
-`chat` over the kernel protocol: a conversation is kept per client session and process, and each `chat PID MESSAGE`
-is one turn (the reply streams back). `chat PID --reset` starts over, `--show` prints the conversation.
+`chat` over the kernel protocol: the kernel never asks its clients for input (no stdin channel), so a conversation is
+kept in the kernel per client session and process, and each `chat PID MESSAGE` is one turn (the reply streams back).
+The interactive shell keeps one session, so its turns form one conversation; each `llmsh -c` is a new session.
+`chat PID --reset` starts over, `--show` prints the conversation; it is forgotten when the process exits.
 """
 
 from __future__ import annotations
@@ -396,8 +398,24 @@ async def run_cmd(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_CHATS = 256  # conversations kept in the kernel (oldest forgotten first); a process's go when it exits
+
+
 def _chats(ctx: Context) -> dict[tuple[str, int], list[dict[str, str]]]:
-    return ctx.kernel.services.setdefault("chats", {})
+    """(client session, pid) → messages; created once, with a table listener that forgets an exited process's chats."""
+    services = ctx.kernel.services
+    chats = services.get("chats")
+    if chats is None:
+        chats = services["chats"] = {}
+        procs = _services(ctx)[0]
+
+        def forget(proc: Any, event: str) -> None:
+            if event == "removed":
+                for key in [k for k in chats if k[1] == proc.pid]:
+                    chats.pop(key, None)
+
+        procs.listeners.append(forget)
+    return chats
 
 
 def _chat_prompt(proc: Any, history: list[dict[str, str]], message: str, params: Any) -> list[int]:
@@ -442,6 +460,8 @@ async def chat_cmd(ctx: Context, args: argparse.Namespace) -> int:
     chats = _chats(ctx)
     if args.reset or args.system is not None:
         chats.pop(key, None)
+    if key not in chats and len(chats) >= MAX_CHATS:
+        chats.pop(next(iter(chats)))  # the oldest conversation
     history = chats.setdefault(key, [])
     if args.system is not None:
         history.append({"role": "system", "content": args.system})
