@@ -103,14 +103,14 @@ def cuda_bandwidth(folder: Path) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="reduced workload, under a minute")
-    ap.add_argument("--requests", type=int, help="round-robin requests (default 8, quick 4)")
-    ap.add_argument("--tokens", type=int, help="tokens per request (default 48, quick 24)")
+    ap.add_argument("--requests", type=int, help="round-robin requests (default 6, quick 2)")
+    ap.add_argument("--tokens", type=int, help="tokens per request (default 32, quick 16)")
     ap.add_argument("--reps", type=int, default=None, help="alternating repetitions (default 2, quick 1)")
     ap.add_argument("--no-prefetch", action="store_true", help="disable the prefetch thread")
     ap.add_argument("--dir", help="where to write the checkpoints (default: a temporary dir)")
     args = ap.parse_args()
-    requests = args.requests or (2 if args.quick else 8)
-    n_new = args.tokens or (16 if args.quick else 48)
+    requests = args.requests or (2 if args.quick else 6)
+    n_new = args.tokens or (16 if args.quick else 32)
     args.reps = args.reps or (1 if args.quick else 2)
 
     from llmsh.kernel.loader import configure_torch_threads

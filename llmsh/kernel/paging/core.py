@@ -243,7 +243,7 @@ class Pager:
         deps = getattr(source, "deps", None)
         for e in proc.entries:
             e.deps = tuple(d for d in (deps(e.index) if deps else ()) if d != e.index)
-        if device == HOST or not device.startswith("cuda"):
+        if not device.startswith("cuda"):
             return_freed_memory_to_os()
         with self._cond:
             if pid in self.procs:

@@ -71,7 +71,13 @@ class ModelSource:
         out = {}
         for name in self._pages[index].param_names:
             raw = self.model.checkpoint.load_tensor(name, "cpu")  # a view of the mmap'd file
-            t = torch.empty(raw.shape, dtype=self.model.dtype, pin_memory=pin)
+            # keep the file's layout (GPT-2's Conv1D weights are transposed views): the copy is then a straight
+            # memcpy rather than a cache-hostile transpose, and the matmuls see the same strides as a resident model
+            dense = raw.is_contiguous() or (raw.dim() == 2 and raw.t().is_contiguous())
+            if dense:
+                t = torch.empty_strided(raw.shape, raw.stride(), dtype=self.model.dtype, pin_memory=pin)
+            else:
+                t = torch.empty(raw.shape, dtype=self.model.dtype, pin_memory=pin)
             t.copy_(raw)
             out[name] = t
         return out
