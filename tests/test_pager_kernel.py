@@ -40,8 +40,11 @@ def _state(k: Any, pid: int) -> str:
 
 
 @pytest.mark.slow
-def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., Any], folders, refs) -> None:
+def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., Any], folders, refs,
+                                                    make_tiny_model: Callable[..., Path]) -> None:
     from llmsh.runtime import load
+
+    big = make_tiny_model("gpt2", n_embd=96)  # its blocks (442 KiB) do not fit beside a locked
 
     sizes = [load(f).weight_bytes() for f in folders]
     budget = int(sum(sizes) / 1.4)  # each fits alone, not both; a locked still leaves b room to run
@@ -77,7 +80,15 @@ def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., 
     assert _ok(k, f"run b {RUN} '{PROMPT}'")["stdout"].rstrip("\n") == refs[1]
     row = next(p for p in _ok(k, "mem --json")["data"]["procs"] if p["pid"] == a)
     assert row["locked"] and row["res_bytes"] == sizes[0]
+    # a load that cannot fit even after everything unlocked gives way: one line saying what is needed and who holds it
+    r = k.execute(f"load {big} --name c")
+    assert r["status"] == "error"
+    line = r["reply"]["evalue"]
+    assert "needs" in line and f"pid {a} a" in line and "(mlocked)" in line and "--mem-budget" in line
+    assert all(p["pid"] in (a, b) for p in _ok(k, "mem --json")["data"]["procs"])
     _ok(k, "munlock a")
+    c = _ok(k, f"load {big} --name c2")["data"]["pid"]  # now a gives way (the failed c stays listed until reaped)
+    assert _state(k, c) == "ready"
 
     # bad input: one line each
     for code, needle in (("mlock 99", "no process"), ("keepalive a soon", "bad duration"), ("mlock", "usage")):
