@@ -22,6 +22,7 @@ class TensorSource:
         self.live: list[dict[str, torch.Tensor] | None] = [dict(d) for d in self.disk]
         self.hook: Callable[[int], None] | None = None
         self.reads = 0
+        self.reused = 0  # reads that filled an evicted page's buffers
         self.fail_next_read: BaseException | None = None
         self.read_delay = 0.0
         self.lock = threading.Lock()
@@ -29,7 +30,16 @@ class TensorSource:
     def page_infos(self) -> list[PageInfo]:
         return [PageInfo(f"block.{i}", d["w"].numel() * 4) for i, d in enumerate(self.disk)]
 
-    def read(self, index: int, device: str, *, pin: bool = False) -> dict[str, torch.Tensor]:
+    def layout(self, index: int) -> tuple:
+        return tuple((tuple(v.shape), tuple(v.stride()), str(v.dtype)) for v in self.disk[index].values())
+
+    def read(self, index: int, device: str, *, pin: bool = False,
+             out: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        if out is not None:
+            self.reused += 1
+            for buf, v in zip(out, self.disk[index].values()):
+                buf.copy_(v)
+            return dict(zip(self.disk[index], out))
         if self.fail_next_read is not None:
             exc, self.fail_next_read = self.fail_next_read, None
             raise exc

@@ -147,6 +147,23 @@ def test_two_models_share_a_budget_of_one(pager: Pager) -> None:
     assert pager.proc(1).stats.misses == misses
 
 
+def test_page_in_reuses_the_buffers_of_an_evicted_page_of_the_same_layout(pager: Pager) -> None:
+    pager.set_budget("cpu", 12 * KB)
+    seen = _budget_checker(pager)
+    a, b = TensorSource([3 * KB] * 4, seed=31), TensorSource([3 * KB] * 4, seed=32)
+    x = torch.ones(8)
+    ref_a, ref_b = a.forward(x), b.forward(x)
+    pager.attach(1, a)
+    pager.attach(2, b)
+    for _ in range(3):
+        assert torch.equal(a.forward(x), ref_a) and torch.equal(b.forward(x), ref_b)
+    # the pages first came in as fresh copies (a's were the checkpoint's own, never written to); since then every
+    # switch refills the buffers of the page it evicts
+    assert b.reused + a.reused >= 8 and b.reads + a.reads <= 8
+    assert max(u for _, u, _ in seen) <= 12 * KB and pager.used["cpu"] == 12 * KB
+    assert pager.proc(1).resident_bytes + pager.proc(2).resident_bytes == 12 * KB
+
+
 def test_priority_eviction_order(pager: Pager) -> None:
     pager.set_budget("cpu", 12 * KB)
     hi, lo, mid = TensorSource([2 * KB] * 2, seed=4), TensorSource([2 * KB] * 2, seed=5), TensorSource([2 * KB] * 2, seed=6)

@@ -158,13 +158,14 @@ def test_process_rss_confirms_the_budget(make_tiny_model: Callable[..., Path]) -
     all-resident warm-up run, so torch's allocator, the KV caches and the activations are already in it; what grows
     after it is the pages. Margin: one model's KV cache + activations + allocator slack (4 MiB), far below the
     difference the assertion must catch — pages that were not really freed would add up to all three models (~40 MiB
-    here, against a 16 MiB budget)."""
-    cfg = dict(n_embd=256, n_layer=4, n_head=4)
-    models = [_load(make_tiny_model("gpt2", seed=s, **cfg)) for s in (11, 12, 13)]
+    here, against a ~16 MiB budget)."""
+    # three widths: pages of different models have different layouts, so a switch cannot just refill the evicted
+    # model's buffers — it frees them and allocates, which is what a leak would show up in
+    models = [_load(make_tiny_model("gpt2", seed=11, n_embd=n, n_layer=4, n_head=4)) for n in (192, 256, 320)]
     refs = [m.generate(PROMPTS, **SHORT) for m in models]
     total = sum(m.weight_bytes() for m in models)
     budget = int(total / 2.5)
-    page = max(p.nbytes for p in models[0].pages())
+    page = max(p.nbytes for m in models for p in m.pages())
     pager = Pager({"cpu": budget}, prefetch=True)
     try:
         gc.collect()

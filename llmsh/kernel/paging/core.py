@@ -88,6 +88,9 @@ class Entry:
     host: dict[str, Any] | None = None  # pinned host copy (CUDA models only)
     ready_event: Any = None  # CUDA event: the side-stream copy of `staged` is done
     deps: tuple[int, ...] = ()  # pages that must be resident with this one (a tied head needs the embedding)
+    tensors: list[Any] | None = None  # buffers the pager allocated for it while IN (never the checkpoint's mmap)
+    buffers: list[Any] | None = None  # an evicted page's buffers to read into (same layout), reserved for it
+    layout: tuple | None = None  # shapes/strides/dtype of its buffers, when the source can tell
 
 
 @dataclass(eq=False)
@@ -283,7 +286,7 @@ class Pager:
                     self.used[proc.device] -= e.nbytes
                 if e.host is not None:
                     self.used[HOST] -= e.nbytes
-                e.state, e.staged, e.host = OUT, None, None
+                e.state, e.staged, e.host, e.tensors, e.buffers = OUT, None, None, None, None
             self._forget_running(pid)
             self._cond.notify_all()
             self._check(proc.device)
@@ -379,6 +382,9 @@ class Pager:
         """Bring one page's tensors to its device (no lock held): from the host copy, or from disk."""
         proc = e.proc
         if proc.device == HOST:
+            out, e.buffers = e.buffers, None
+            if out is not None:
+                return proc.source.read(e.index, HOST, out=out)
             return proc.source.read(e.index, HOST)
         import torch
 
@@ -417,12 +423,14 @@ class Pager:
                 t.record_stream(current)
             e.ready_event = None
         e.proc.source.install(e.index, tensors)
+        e.tensors = list(tensors.values()) if e.proc.device == HOST else None
         e.staged = None
         e.state = IN
         self._check(e.proc.device)
 
     def _cancel_load(self, e: Entry) -> None:
         """A read failed or was abandoned: give its reservation back (lock held)."""
+        e.buffers = None
         if e.state == LOADING:
             e.state = OUT
             if not e.proc.detached:
@@ -488,12 +496,15 @@ class Pager:
                 if ok:
                     yield Candidate((proc.pid, e.index), e.nbytes, e.last_used, proc.nice, n, idle)
 
-    def _evict(self, device: str, key: tuple[int, int]) -> None:
+    def _evict(self, device: str, key: tuple[int, int], keep: bool = False) -> list[Any] | None:
+        """Page (pid, index) out of `device`; with keep, hand back its buffers (their bytes stay counted)."""
         proc = self.procs[key[0]]
         e = proc.entries[key[1]]
+        kept = None
         if proc.device == device:
             if e.state == IN:
                 proc.source.release(e.index)
+            kept, e.tensors = (e.tensors if keep else None), None
             e.staged = None
             e.ready_event = None
             e.state = OUT
@@ -503,14 +514,18 @@ class Pager:
             self.totals.bytes_out += e.nbytes
         else:
             e.host = None
-        self.used[device] -= e.nbytes
+        if kept is None:
+            self.used[device] -= e.nbytes
         self._check(device)
+        return kept
 
     def _make_room(
-        self, device: str, need: int, requester: tuple[int, int] | None, limit: float | None = None
+        self, device: str, need: int, requester: tuple[int, int] | None, limit: float | None = None,
+        reuse_for: Entry | None = None,
     ) -> bool:
         """Evict best victims until `need` bytes are free; False if that is impossible (or would evict pages
-        scored at most `limit`, i.e. needed sooner than what the room is for). Lock held."""
+        scored at most `limit`, i.e. needed sooner than what the room is for). Lock held. With `reuse_for`, a victim
+        whose buffers have that page's layout gives them to it (no free + fresh allocation, no page faults)."""
         budget = self.budget(device)
         horizon = len(self.procs[requester[0]].entries) if requester is not None and requester[0] in self.procs else 0
         while budget - self.used.get(device, 0) < need:
@@ -520,6 +535,11 @@ class Pager:
             victim = order[0]
             if limit is not None and score(victim, self.tick, requester, horizon) <= limit:
                 return False
+            v = self.procs[victim.key[0]].entries[victim.key[1]]
+            if (reuse_for is not None and v.proc.device == device and v.tensors is not None
+                    and reuse_for.layout is not None and v.layout == reuse_for.layout):
+                reuse_for.buffers = self._evict(device, victim.key, keep=True)
+                return True
             self._evict(device, victim.key)
         return True
 
@@ -527,7 +547,11 @@ class Pager:
         """Count e's bytes as used on its device, evicting first; raises PagerError (or returns False with a limit)."""
         device = e.proc.device
         deadline = None
-        while not self._make_room(device, e.nbytes, requester, limit):
+        reuse = e if device == HOST else None  # CUDA's caching allocator already recycles device memory
+        if reuse is not None and e.layout is None:
+            layout = getattr(e.proc.source, "layout", None)
+            e.layout = layout(e.index) if layout is not None else None
+        while not self._make_room(device, e.nbytes, requester, limit, reuse_for=reuse):
             if limit is not None:
                 return False
             # pages being read, or computed by another engine thread, will become evictable soon: wait for them
@@ -537,7 +561,8 @@ class Pager:
             if time.monotonic() > deadline:
                 raise PagerError(self._no_room_message(device, e.nbytes, f"page {e.name} of {e.proc.name}"))
             self._cond.wait(0.05)
-        self.used[device] = self.used.get(device, 0) + e.nbytes
+        if e.buffers is None:  # reused buffers were counted already (their bytes passed from the victim)
+            self.used[device] = self.used.get(device, 0) + e.nbytes
         self._check(device)
         return True
 

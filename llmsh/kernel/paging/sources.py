@@ -56,6 +56,7 @@ class ModelSource:
         self.model = model
         self.device = str(model.device)
         self._pages = list(model.pages())
+        self._layouts = [self._layout_now(i) for i in range(len(self._pages))]
 
     def page_infos(self) -> list[PageInfo]:
         return [PageInfo(p.name, int(p.nbytes)) for p in self._pages]
@@ -63,24 +64,42 @@ class ModelSource:
     def param_names(self, index: int) -> list[str]:
         return list(self._pages[index].param_names)
 
-    def read(self, index: int, device: str, *, pin: bool = False) -> dict[str, "torch.Tensor"]:
+    def read(self, index: int, device: str, *, pin: bool = False,
+             out: list["torch.Tensor"] | None = None) -> dict[str, "torch.Tensor"]:
         """Copy the page out of the mmap into fresh host memory (one pass, converting the dtype on the way), so that
-        its bytes are really owned by the pager — a zero-copy view would leave them to the page cache."""
+        its bytes are really owned by the pager — a zero-copy view would leave them to the page cache. With `out`
+        (buffers of an evicted page with the same `layout`), copy into those instead of allocating."""
+        result = {}
+        for i, name in enumerate(self._pages[index].param_names):
+            raw = self.model.checkpoint.load_tensor(name, "cpu")  # a view of the mmap'd file
+            t = out[i] if out is not None else self._alloc(raw, pin)
+            t.copy_(raw)
+            result[name] = t
+        return result
+
+    def _alloc(self, raw: "torch.Tensor", pin: bool) -> "torch.Tensor":
+        """A buffer in the file's layout (GPT-2's Conv1D weights are transposed views): the copy is then a straight
+        memcpy rather than a cache-hostile transpose, and the matmuls see the same strides as a resident model."""
         import torch
 
-        out = {}
+        if raw.is_contiguous() or (raw.dim() == 2 and raw.t().is_contiguous()):
+            return torch.empty_strided(raw.shape, raw.stride(), dtype=self.model.dtype, pin_memory=pin)
+        return torch.empty(raw.shape, dtype=self.model.dtype, pin_memory=pin)
+
+    def layout(self, index: int) -> tuple | None:
+        """Shapes, strides and dtype of the buffers `read` fills for this page (pages of equal layout share buffers);
+        taken from the parameters as loaded (views of the file), None if the page was not resident then."""
+        return self._layouts[index]
+
+    def _layout_now(self, index: int) -> tuple | None:
+        out = []
         for name in self._pages[index].param_names:
-            raw = self.model.checkpoint.load_tensor(name, "cpu")  # a view of the mmap'd file
-            # keep the file's layout (GPT-2's Conv1D weights are transposed views): the copy is then a straight
-            # memcpy rather than a cache-hostile transpose, and the matmuls see the same strides as a resident model
-            dense = raw.is_contiguous() or (raw.dim() == 2 and raw.t().is_contiguous())
-            if dense:
-                t = torch.empty_strided(raw.shape, raw.stride(), dtype=self.model.dtype, pin_memory=pin)
-            else:
-                t = torch.empty(raw.shape, dtype=self.model.dtype, pin_memory=pin)
-            t.copy_(raw)
-            out[name] = t
-        return out
+            p = self.model.module.get_parameter(name)
+            if p.is_meta:
+                return None
+            dense = p.is_contiguous() or (p.dim() == 2 and p.t().is_contiguous())
+            out.append((tuple(p.shape), tuple(p.stride()) if dense else None, str(self.model.dtype)))
+        return tuple(out)
 
     def deps(self, index: int) -> list[int]:
         """Pages that must be resident too while this one runs: a tied head reads the embedding matrix."""
