@@ -136,7 +136,7 @@ def main() -> int:
     workload(resident, 2, 2)  # warm-up: touch every page of both files, allocate caches
     workload(paged, 2, 2)
     # alternate the two configurations so that load from other processes on the machine hits both alike; best of reps
-    t_res, t_pag, moved, moved_in, hits, misses, stall = [], [], 0, 0, 0, 0, 0.0
+    t_res, t_pag, moved, moved_in, hits, misses, stall, recycled, page_ins = [], [], 0, 0, 0, 0, 0.0, 0, 0
     same = True
     for rep in range(args.reps):
         t, ids_res = workload(resident, requests, n_new)
@@ -150,6 +150,8 @@ def main() -> int:
         hits += after["hits"] - before["hits"]
         misses += after["misses"] - before["misses"]
         stall += after["stall_s"] - before["stall_s"]
+        recycled += after["recycled"] - before["recycled"]
+        page_ins += after["page_ins"] - before["page_ins"]
         same = same and ids_pag == ids_res
         print(f"rep {rep + 1}: resident {requests * n_new / t_res[-1]:.1f} tok/s, paged {requests * n_new / t_pag[-1]:.1f} tok/s",
               flush=True)
@@ -158,7 +160,8 @@ def main() -> int:
     print(f"resident: {requests} requests x {n_new} tokens, best {tps_res:.1f} tok/s", flush=True)
     print(f"paged (budget {size / 2**20:.0f} MiB = one model, prefetch {'off' if args.no_prefetch else 'on'}): best "
           f"{tps_pag:.1f} tok/s; moved {moved / 2**30:.2f} GiB (in + out; {moved_in / args.reps / requests / size:.2f} models paged in per request), "
-          f"hit rate {hit:.3f}, engine stalled {stall:.2f}s for pages", flush=True)
+          f"hit rate {hit:.3f}, engine stalled {stall:.2f}s for pages, {recycled}/{page_ins} page-ins refilled evicted buffers",
+          flush=True)
     pager.close()
     keys = {"ratio": f"{tps_pag / tps_res:.2f}", "tok_s_resident": f"{tps_res:.1f}", "tok_s_paged": f"{tps_pag:.1f}",
             "moved_gib": f"{moved / 2**30:.2f}", "hit_rate": f"{hit:.3f}", "identical": str(same).lower()}

@@ -51,6 +51,7 @@ class Stats:
     hits: int = 0
     misses: int = 0
     prefetched: int = 0  # page-ins done by the prefetch thread
+    recycled: int = 0  # page-ins that refilled an evicted page's buffers instead of allocating
     stall_s: float = 0.0  # time the engine waited for pages
 
     def hit_rate(self) -> float | None:
@@ -70,6 +71,7 @@ class Stats:
             "misses": self.misses,
             "hit_rate": None if rate is None else round(rate, 4),
             "prefetched": self.prefetched,
+            "recycled": self.recycled,
             "stall_s": round(self.stall_s, 4),
         }
 
@@ -533,15 +535,31 @@ class Pager:
             if not order:
                 return False
             victim = order[0]
-            if limit is not None and score(victim, self.tick, requester, horizon) <= limit:
+            best = score(victim, self.tick, requester, horizon)
+            if limit is not None and best <= limit:
                 return False
+            if reuse_for is not None and reuse_for.layout is not None:
+                # a victim almost as good whose buffers fit the incoming page saves a free, an allocation and the
+                # page faults of touching fresh memory
+                for c in order[1:8]:
+                    if score(c, self.tick, requester, horizon) < best / 2:
+                        break
+                    if self._reusable(device, c.key, reuse_for):
+                        victim = c
+                        break
             v = self.procs[victim.key[0]].entries[victim.key[1]]
-            if (reuse_for is not None and v.proc.device == device and v.tensors is not None
-                    and reuse_for.layout is not None and v.layout == reuse_for.layout):
+            if reuse_for is not None and self._reusable(device, victim.key, reuse_for):
                 reuse_for.buffers = self._evict(device, victim.key, keep=True)
+                reuse_for.proc.stats.recycled += 1
+                self.totals.recycled += 1
                 return True
             self._evict(device, victim.key)
         return True
+
+    def _reusable(self, device: str, key: tuple[int, int], target: Entry) -> bool:
+        v = self.procs[key[0]].entries[key[1]]
+        return (v.proc.device == device and v.tensors is not None and target.layout is not None
+                and v.layout == target.layout)
 
     def _reserve(self, e: Entry, requester: tuple[int, int] | None, limit: float | None = None) -> bool:
         """Count e's bytes as used on its device, evicting first; raises PagerError (or returns False with a limit)."""
