@@ -80,8 +80,8 @@ def parse_budget(spec: str | None) -> dict[str, int]:
             raise BudgetError(f"device {dev!r} given twice in budget {spec!r}: {USAGE}")
         try:
             out[dev] = parse_size(size)
-        except BudgetError as e:
-            raise BudgetError(f"{e} in budget {spec!r}; {USAGE}") from None
+        except BudgetError:
+            raise BudgetError(f"bad size {size.strip()!r} for {dev}; {USAGE}") from None
     return out
 
 
