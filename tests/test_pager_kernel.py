@@ -41,14 +41,14 @@ def _state(k: Any, pid: int) -> str:
 
 @pytest.mark.slow
 def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., Any], folders, refs,
-                                                    make_tiny_model: Callable[..., Path]) -> None:
+                                                    make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
     from llmsh.runtime import load
 
     big = make_tiny_model("gpt2", n_embd=96)  # its blocks (442 KiB) do not fit beside a locked
 
     sizes = [load(f).weight_bytes() for f in folders]
     budget = int(sum(sizes) / 1.4)  # each fits alone, not both; a locked still leaves b room to run
-    k = make_kernel("--mem-budget", f"cpu={budget}B")
+    k = make_kernel("--mem-budget", f"cpu={budget}B,kv=80KiB")
     a = _ok(k, f"load {folders[0]} --name a")["data"]["pid"]
     b = _ok(k, f"load {folders[1]} --name b --nice 10")["data"]["pid"]
     for _ in range(2):
@@ -89,6 +89,17 @@ def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., 
     _ok(k, "munlock a")
     c = _ok(k, f"load {big} --name c2")["data"]["pid"]  # now a gives way (the failed c stays listed until reaped)
     assert _state(k, c) == "ready"
+
+    # KV budget (kv=80KiB): a's request alone needs ~63 KiB, b's ~32 KiB; run together, b (nice 10) is preempted —
+    # swapped to host — and resumes with the same greedy text
+    long = "Once upon a time there was a little model that could generate text"
+    want = [load(f).generate([long], max_tokens=48, temperature=0, ignore_eos=True)[0] for f in folders]
+    opts = f"--max-tokens 48 --temperature 0 --ignore-eos '{long}'"
+    _ok(k, f"run a {opts} > {tmp_path}/a.txt & run b {opts} > {tmp_path}/b.txt & wait")
+    assert (tmp_path / "a.txt").read_text().rstrip("\n") == want[0]
+    assert (tmp_path / "b.txt").read_text().rstrip("\n") == want[1]
+    kv = _ok(k, "mem --json")["data"]["kv"]
+    assert kv["preemptions"] >= 1 and kv["resumes"] == kv["preemptions"] and kv["too_long"] == 0
 
     # bad input: one line each
     for code, needle in (("mlock 99", "no process"), ("keepalive a soon", "bad duration"), ("mlock", "usage")):
