@@ -63,8 +63,14 @@ def format_mem(snap: dict[str, Any]) -> str:
     t = snap["totals"]
     lines.append(
         f"page-ins {t['page_ins']}  page-outs {t['page_outs']}  moved {human_bytes(t['bytes_moved'])}  "
-        f"hit rate {_pct(t['hit_rate'])}  prefetched {t['prefetched']}"
+        f"hit rate {_pct(t['hit_rate'])}  prefetched {t['prefetched']}  recycled {t.get('recycled', 0)}"
     )
+    kv = snap.get("kv") or {}
+    if kv.get("preemptions") or kv.get("too_long"):
+        lines.append(
+            f"kv cache: {kv['preemptions']} requests preempted to host ({human_bytes(kv['swapped_bytes'])}), "
+            f"{kv['resumes']} resumed, {kv['too_long']} ended for outgrowing the budget"
+        )
     rows = [
         [
             str(p["pid"]), p["name"], p["device"], str(p["nice"]), p["state"] + (" (mlock)" if p["locked"] else ""),
