@@ -80,7 +80,9 @@ def cuda_bandwidth(folder: Path) -> dict[str, float]:
     pager.page_out(1)  # device copies dropped
     proc = pager.proc(1)
     for e in proc.entries:  # host copies (pinned) first, so the timed part is host → device only
-        e.host = e.host or proc.source.read(e.index, "cpu", pin=True)
+        if e.host is None:
+            e.host = proc.source.read(e.index, "cpu", pin=True)
+            pager.used["cpu"] = pager.used.get("cpu", 0) + e.nbytes
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     pager.page_in_all(1)

@@ -248,8 +248,6 @@ class Pager:
         deps = getattr(source, "deps", None)
         for e in proc.entries:
             e.deps = tuple(d for d in (deps(e.index) if deps else ()) if d != e.index)
-        if not device.startswith("cuda"):
-            return_freed_memory_to_os()
         with self._cond:
             if pid in self.procs:
                 raise PagerError(f"pid {pid} is already attached to the pager")
@@ -269,6 +267,11 @@ class Pager:
             self.procs[pid] = proc
             if locked:
                 proc.locked = True
+            on_device = sum(p.total_bytes for p in self.procs.values() if p.device == device)
+            if not device.startswith("cuda") and on_device > self.budget(device):
+                # paging is in play on the host: make freed pages leave the process (only now, since serving every
+                # allocation of 1 MiB or more with mmap has a cost for large activations)
+                return_freed_memory_to_os()
             self._check(device)
         if hook:
             source.set_hook(lambda index, _pid=pid: self.ensure(_pid, index))
