@@ -24,6 +24,17 @@ def _shell_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _budget(spec: str) -> str:
+    """Validate `--mem-budget` before the kernel daemonises, so a typo is a usage line here, not a dead daemon."""
+    from llmsh.kernel.paging.budget import BudgetError, parse_budget  # plain parsing: no torch
+
+    try:
+        parse_budget(spec)
+    except BudgetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
+
+
 def _kernel_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmsh kernel", description="Manage the background kernel.")
     sub = p.add_subparsers(dest="action", required=True)
@@ -31,7 +42,7 @@ def _kernel_parser() -> argparse.ArgumentParser:
     start.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
     start.add_argument("--connection-file", metavar="F", help="where to write (or read, for Jupyter) the connection file")
     start.add_argument("--ip", default="127.0.0.1", help="address to bind (non-loopback uses CurveZMQ)")
-    start.add_argument("--mem-budget", metavar="SPEC", help="memory budget per device, e.g. cpu=4GiB,cuda:0=20GiB")
+    start.add_argument("--mem-budget", metavar="SPEC", type=_budget, help="memory budget per device, e.g. cpu=4GiB,cuda:0=20GiB")
     start.add_argument("--telemetry-hz", type=float, default=2.0, help="telemetry publish rate (0 disables)")
     start.add_argument("--ray", metavar="ADDRESS", help="place processes on the nodes of this Ray cluster")
     for name, text in (("stop", "stop the kernel"), ("status", "show pid, uptime, ports and message counters")):

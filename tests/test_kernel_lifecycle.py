@@ -205,8 +205,17 @@ def test_stopped_kernel_is_skipped_but_its_file_kept(make_kernel):
 
 
 def test_daemon_start_failure_is_one_line():
-    res = _cli("kernel", "start", "--mem-budget", "cpu=lots")
+    res = _cli("kernel", "start", "--ip", "192.0.2.1")  # TEST-NET address: no interface has it, so bind fails
     assert res.returncode == 1
     err = res.stderr.strip()
-    assert "\n" not in err and err.startswith("llmsh: kernel: the kernel exited with status 2 while starting: --mem-budget")
+    assert "\n" not in err and err.startswith("llmsh: kernel: the kernel exited with status 1 while starting: cannot start:")
+    assert "192.0.2.1" in err
+    assert res.stdout == ""
+
+
+def test_bad_budget_is_a_usage_error_before_daemonising():
+    res = _cli("kernel", "start", "--mem-budget", "cpu=lots")
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("llmsh kernel start: error: argument --mem-budget: bad size 'lots'") and "GiB" in last
     assert res.stdout == ""

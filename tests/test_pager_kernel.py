@@ -127,6 +127,6 @@ def test_impossible_budget_string_stops_the_kernel_with_a_usage_line(tmp_path: P
         capture_output=True, text=True, env=kernel_env(), timeout=60,
     )
     assert r.returncode == 2
-    line = [ln for ln in r.stderr.splitlines() if "--mem-budget" in ln]
+    line = [ln for ln in r.stderr.splitlines() if "error: argument --mem-budget" in ln]
     assert line and "bad size 'lots'" in line[0] and "GiB" in line[0]
     assert not (tmp_path / "k.json").exists()
