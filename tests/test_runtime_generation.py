@@ -108,3 +108,15 @@ def test_stream_yields_multibyte_text_whole(gpt2):
     seq_text = gpt2.generate(["Café 🙂"], max_tokens=40, temperature=1.0, seed=0, ignore_eos=True)[0]
     assert text == seq_text
     assert all(p.encode("utf-8").decode("utf-8") == p for p in pieces)
+
+
+def test_prefill_rejects_bad_input(gpt2):
+    cache = gpt2.new_cache(2, 16)
+    slot = cache.alloc()
+    with pytest.raises(ValueError, match="token ids must be in"):
+        gpt2.prefill(cache, [slot], [[1, gpt2.config.vocab_size]])
+    with pytest.raises(ValueError, match="do not fit"):
+        gpt2.prefill(cache, [slot], [list(range(17))])
+    assert cache.length(slot) == 0
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        cache.alloc(), cache.alloc()

@@ -91,7 +91,7 @@ class Checkpoint:
     """All safetensors files of a model folder, with the family's mapping from our parameter names to HF keys.
 
     `key_map(param_name) -> list[str]` gives candidate HF keys (first present wins) and `transposed(param_name) -> bool`
-    says whether the stored matrix is the transpose of ours (GPT-2's Conv1D). Both are set by the model family.
+    says whether the stored matrix is the transpose of ours (Llama projections). Both are set by the model family.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -160,10 +160,9 @@ class Checkpoint:
         file = self.files[self.where[key]]
         src = file.tensor(key)
         dtype, device = dtype or src.dtype, torch.device(device)
-        transposed = self.transposed(param_name)  # Conv1D stores (in, out); nn.Linear wants (out, in)
-        if dtype == src.dtype and device.type == "cpu" and (not transposed or dtype == torch.float32):
-            # zero copy; float32 GEMMs read a transposed view at full speed, bfloat16 ones are up to 15x slower
-            return src.t() if transposed else src
+        transposed = self.transposed(param_name)  # stored (out, in), wanted (in, out) (see layers.py)
+        if dtype == src.dtype and device.type == "cpu" and not transposed:
+            return src  # zero copy: the parameter is the file's pages
         return _copy_out(file, key, src, transposed, device, dtype)
 
     def nbytes(self) -> int:

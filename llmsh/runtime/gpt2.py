@@ -3,8 +3,8 @@
     h   = x + Attention(LayerNorm(x))        # learned absolute positions, fused q/k/v projection `c_attn`
     out = h + MLP(LayerNorm(h))              # c_proj(gelu_tanh(c_fc h))
 
-Hugging Face stores GPT-2's projections as `Conv1D` with weights shaped (in, out); `transposed` tells the checkpoint
-to hand them over as `.t()` views, so the mmap'd file is used as-is (no copy) by our `nn.Linear`s.
+Hugging Face stores GPT-2's projections as `Conv1D` with weights shaped (in, out), which is exactly our `Linear`
+(layers.py), so every tensor is used straight from the mmap'd file, in every dtype, with no copy.
 The output head always shares the token-embedding matrix.
 """
 
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
+from llmsh.runtime.layers import Linear
 
 MODEL_TYPES = ("gpt2",)
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -80,8 +81,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_embd = layer, cfg.n_head, cfg.n_embd
         self.scale = (cfg.head_dim ** -0.5) / (layer + 1 if cfg.scale_by_layer else 1)
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: Tensor, step: Step) -> Tensor:
         B, T, C = x.shape
@@ -100,8 +101,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
         self.approximate = cfg.gelu_approximate
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner)
-        self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd)
+        self.c_fc = Linear(cfg.n_embd, cfg.n_inner)
+        self.c_proj = Linear(cfg.n_inner, cfg.n_embd)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
@@ -162,9 +163,6 @@ class Transformer(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
 def hf_keys(name: str, cfg: GPT2Config) -> list[str]:
     """Load hook: HF keys for our parameter (with or without the `transformer.` prefix of GPT2LMHeadModel)."""
     if name == "lm_head.weight":
@@ -172,8 +170,9 @@ def hf_keys(name: str, cfg: GPT2Config) -> list[str]:
     return ["transformer." + name, name]
 
 
-def transposed(name: str) -> bool:
-    """Conv1D weights are stored (in, out)."""
-    return name.endswith(_CONV1D)
+def transposed(name: str, cfg: GPT2Config) -> bool:
+    """Conv1D weights are stored (in, out), like our Linear: nothing to transpose."""
+    return False
+
 
 Config = GPT2Config

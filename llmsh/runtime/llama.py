@@ -5,7 +5,8 @@
 
 Switches: GQA (`n_kv_head`), q/k/v bias (Qwen2), bias everywhere (`attention_bias`), sliding-window attention
 (Mistral, Qwen2 `use_sliding_window`), RoPE scaling (linear, llama3), tied input/output embeddings (SmolLM, Llama 3.2).
-Parameter names follow gpt-fast; `hf_keys` is the load hook mapping them to the Hugging Face layout.
+Parameter names follow gpt-fast; `hf_keys` is the load hook mapping them to the Hugging Face layout, and
+`transposed` says which stored (out, in) matrices become our (in, out) `Linear` weights.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
+from llmsh.runtime.layers import Linear
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -164,10 +166,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.window = cfg.windows[layer]
-        self.wq = nn.Linear(cfg.dim, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.wq = Linear(cfg.dim, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
         B, T, _ = x.shape
@@ -185,9 +187,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)   # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)   # up
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)   # down
+        self.w1 = Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)   # gate
+        self.w3 = Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)   # up
+        self.w2 = Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)   # down
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -217,7 +219,9 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # a tied head is the embedding matrix itself, (vocab, dim): it stays an nn.Linear sharing that Parameter
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if cfg.tie_embeddings else \
+            Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.page_hook: Callable[[int], None] | None = None
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -283,8 +287,10 @@ def hf_keys(name: str, cfg: LlamaConfig) -> list[str]:
     return [name]
 
 
-def transposed(name: str) -> bool:
-    """Llama checkpoints store nn.Linear layouts already."""
-    return False
+def transposed(name: str, cfg: LlamaConfig) -> bool:
+    """Checkpoints store projections (out, in); our `Linear` keeps (in, out) (see layers.py), the tied head does not."""
+    if name == "output.weight":
+        return not cfg.tie_embeddings
+    return name.endswith(".weight") and (".attention.w" in name or ".feed_forward.w" in name)
 
 Config = LlamaConfig

@@ -85,6 +85,9 @@ class Model:
         """Run prompts into their slots (after what the slot holds); returns float32 logits (B, vocab) of each last token."""
         lengths = [len(t) for t in token_ids]
         starts = [cache.lengths[s] for s in slots]
+        vocab = self.config.vocab_size
+        if any(i < 0 or i >= vocab for t in token_ids for i in t):
+            raise ValueError(f"token ids must be in [0, {vocab}) for this model")
         for s, start, n in zip(slots, starts, lengths):
             if n == 0 or start + n > cache.max_seq_len:
                 raise ValueError(f"slot {s}: {n} prompt tokens after {start} do not fit the context of {cache.max_seq_len}")
@@ -193,8 +196,8 @@ class Model:
         for p in self._pages[i].param_names:
             if host is not None:
                 t = host[p].to(device=device, dtype=self.dtype, non_blocking=True)
-                if not t.is_contiguous() and (self.dtype != torch.float32 or device.type != "cpu"):
-                    t = t.contiguous()  # same layout rule as loading (see Checkpoint.load_tensor)
+                if not t.is_contiguous():
+                    t = t.contiguous()  # our Linear weights are contiguous (in, out), as loading makes them
                 self._set_param(p, t)
             else:
                 self._set_param(p, self.checkpoint.load_tensor(p, device, self.dtype))
@@ -271,7 +274,7 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: st
     except KeyError as e:
         raise LoadError(f"config.json in {folder} lacks {e.args[0]!r}, which {model_type} models need") from None
     checkpoint.key_map = lambda name: family.hf_keys(name, cfg)
-    checkpoint.transposed = family.transposed
+    checkpoint.transposed = lambda name: family.transposed(name, cfg)
     with torch.device("meta"):
         module = family.Transformer(cfg)
     expected = module.state_dict()
