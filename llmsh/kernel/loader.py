@@ -36,8 +36,9 @@ def configure_torch_threads() -> int:
     All compute of a device happens on its one engine thread, so intra-op parallelism is the only parallelism that helps:
     use every core this process may run on (`sched_getaffinity`, not `cpu_count()`, which overcounts in containers and
     cgroups and makes OpenMP threads fight over too few cores). The event loop and loader threads are mostly waiting on
-    sockets and disk and release the GIL, so they need no reserved core. Inter-op threads are set to 1 because nothing
-    here uses inter-op parallelism (no `torch.jit.fork`), and a second pool would only add idle spinning threads.
+    sockets and disk and release the GIL, so they need no reserved core. The inter-op pool is left alone: nothing here
+    uses it (no `torch.jit.fork`), and calling `set_num_interop_threads` from the main thread was measured (torch 2.13,
+    Linux) to leave every *other* Python thread - our engine threads - with a single intra-op thread.
     `LLMSH_TORCH_THREADS` overrides the count (e.g. to share a machine).
     """
     global _torch_configured
@@ -46,10 +47,6 @@ def configure_torch_threads() -> int:
     n = int(os.environ.get("LLMSH_TORCH_THREADS", "0") or 0) or len(os.sched_getaffinity(0))
     if not _torch_configured:
         torch.set_num_threads(n)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:  # only settable before the first parallel op; harmless when already fixed
-            pass
         _torch_configured = True
     return torch.get_num_threads()
 

@@ -7,9 +7,12 @@ All in one run, on one machine, with the same GPT-2-124M-shaped random checkpoin
   sequential  16 transformers `generate` calls, one prompt each
   stream      one request streamed through the kernel vs the same request with the in-process runtime (`Model.stream`):
               the cost of the kernel, ZeroMQ and the client
---quick: 16 tokens per request, one repetition, and the sequential time measured on 4 prompts and scaled to all.
+The kernel and its references are measured interleaved in rounds (medians), all models resident at once, so that a
+shared machine's background load hits them alike; the long sequential reference runs once.
+--quick: 16 tokens per request, one round, and the sequential time measured on 4 prompts and scaled to all.
 Last line: ratio_static=<static s / kernel s> ratio_seq=<sequential s / kernel s> stream_overhead=<kernel/in-process - 1>
 (ratios > 1 mean the kernel is faster). Usage: python scripts/bench/concurrency.py [--quick] [--clients 16] [--tokens 64]
+[--repeat N]. Progress lines are timestamped; the summary and the key=value line come last.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +41,7 @@ def _isolate() -> Path:
         os.environ[var] = str(home / var)
     os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the kernel sets for itself (process.setup): same footing
     sys.path.insert(0, str(REPO))
     return home
 
@@ -161,10 +166,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer tokens and one repetition (under a minute)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=None, help="tokens per request (default 64, quick 16)")
-    ap.add_argument("--repeat", type=int, default=None, help="repetitions, the best is kept (default 2, quick 1)")
+    ap.add_argument("--repeat", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
     opts = ap.parse_args()
     tokens = opts.tokens or (16 if opts.quick else 64)
-    repeat = opts.repeat or (1 if opts.quick else 2)
+    repeat = max(1, opts.repeat or (1 if opts.quick else 3))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `timeout` still stops the kernel in `finally`
+    t_start = time.perf_counter()
+
+    def note(text: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {text}", flush=True)
+
     home = _isolate()
     folder = _checkpoint(GPT2_124M, "124m")
 
@@ -177,46 +188,13 @@ def main() -> None:
     threads = configure_torch_threads()  # the same intra-op thread count the kernel uses
     prompts = [f"Request {i}: once upon a time there was a little model that could" for i in range(opts.clients)]
 
-    proc, cf = _start_kernel(home)
-    clients = []
-    try:
-        main_kc = _client(cf)
-        _execute(main_kc, f"load {folder} --name bench --max-batch {opts.clients} --ctx 256")
-        clients = [_client(cf) for _ in range(opts.clients)]
-        _execute(main_kc, "run bench --max-tokens 4 --temperature 0 warm up")  # first-step allocations
-        kernel_s = min(_kernel_concurrent(clients, prompts, tokens) for _ in range(repeat))
-        stats, _ = _execute(main_kc, "ps --json")
-        import json
-
-        row = [r for r in json.loads(stats) if r["name"] == "bench"][0]
-        # one streamed request through the kernel (after the others, alone on the device)
-        stream_kernel = []
-        for _ in range(repeat + 1):
-            t0 = time.perf_counter()
-            _execute(main_kc, f"run bench --max-tokens {tokens} --temperature 0 --ignore-eos {prompts[0]!r}")
-            stream_kernel.append(time.perf_counter() - t0)
-        _execute(main_kc, "kill -KILL bench")
-    finally:
-        for kc in clients:
-            kc.stop_channels()
-        proc.terminate()
-        proc.wait(timeout=30)
-
-    # in-process runtime, the reference for the streaming overhead
+    # everything resident at once, so the measurements can be interleaved: on a shared machine the background load
+    # then hits the kernel and its references alike (pairs are compared within a round, medians over rounds)
     model = load(str(folder))
-    _in_thread(_drain, model.stream(prompts[0], max_tokens=4, temperature=0))  # warm up: page the mmap'd weights in
-    stream_local = [
-        _in_thread(_timed, _drain, model.stream(prompts[0], max_tokens=tokens, temperature=0, ignore_eos=True))
-        for _ in range(repeat + 1)
-    ]
     tok = model.tokenizer
-    del model
-
     transformers.utils.logging.set_verbosity_error()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     input_ids, mask = _hf_inputs(tok, prompts, hf.config.eos_token_id)
-    _in_thread(_hf_generate, hf, input_ids[:1], mask[:1], 2)  # warm up
-    static = [_in_thread(_timed, _hf_generate, hf, input_ids, mask, tokens) for _ in range(repeat)]
     seq_n = min(4, opts.clients) if opts.quick else opts.clients  # --quick times 4 of them and scales to all
     singles = [_hf_inputs(tok, [p], hf.config.eos_token_id) for p in prompts[:seq_n]]
 
@@ -224,20 +202,57 @@ def main() -> None:
         for ids, m in singles:
             _hf_generate(hf, ids, m, tokens)
 
-    seq = [_in_thread(_timed, sequential) * opts.clients / seq_n for _ in range(repeat)]
+    stream_line = f"run bench --max-tokens {tokens} --temperature 0 --ignore-eos {prompts[0]!r}"
+    kernel_runs, static, stream_kernel, stream_local, seq = [], [], [], [], []
+    proc, cf = _start_kernel(home)
+    clients = []
+    try:
+        main_kc = _client(cf)
+        _execute(main_kc, f"load {folder} --name bench --max-batch {opts.clients} --ctx 256")
+        clients = [_client(cf) for _ in range(opts.clients)]
+        _execute(main_kc, "run bench --max-tokens 4 --temperature 0 warm up")  # first-step allocations
+        _in_thread(_drain, model.stream(prompts[0], max_tokens=4, temperature=0))  # page the mmap'd weights in
+        _in_thread(_hf_generate, hf, input_ids[:1], mask[:1], 2)
+        note(f"ready; {repeat} round(s)")
+        for r in range(repeat):
+            kernel_runs.append(_kernel_concurrent(clients, prompts, tokens))
+            static.append(_in_thread(_timed, _hf_generate, hf, input_ids, mask, tokens))
+            note(f"round {r + 1}: kernel {opts.clients} clients {kernel_runs[-1]:.2f} s, "
+                 f"transformers static batch {static[-1]:.2f} s")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                _execute(main_kc, stream_line)
+                stream_kernel.append(time.perf_counter() - t0)
+                stream_local.append(
+                    _in_thread(_timed, _drain, model.stream(prompts[0], max_tokens=tokens, temperature=0, ignore_eos=True)))
+            note(f"round {r + 1}: one streamed request: kernel {stream_kernel[-1]:.2f} s, "
+                 f"in-process runtime {stream_local[-1]:.2f} s")
+        stats, _ = _execute(main_kc, "ps --json")
+        import json
 
+        row = [r for r in json.loads(stats) if r["name"] == "bench"][0]
+        seq.append(_in_thread(_timed, sequential) * opts.clients / seq_n)  # long: once, the kernel idle meanwhile
+        note(f"transformers sequential: {seq[-1]:.2f} s")
+        _execute(main_kc, "kill -KILL bench")
+    finally:
+        for kc in clients:
+            kc.stop_channels()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    kernel_s = statistics.median(kernel_runs)
     total = opts.clients * tokens
-    static_s, seq_s = min(static), min(seq)
+    static_s, seq_s = statistics.median(static), min(seq)
     sk, sl = statistics.median(stream_kernel), statistics.median(stream_local)
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus (affinity {len(os.sched_getaffinity(0))}), "
           f"load {os.getloadavg()[0]:.2f}, torch {torch.__version__} {threads} threads, transformers {transformers.__version__}")
-    print(f"model: GPT-2-124M-shaped random weights ({folder}); {opts.clients} clients x {tokens} tokens, best of {repeat}")
+    print(f"model: GPT-2-124M-shaped random weights ({folder}); {opts.clients} clients x {tokens} tokens, median of {repeat} interleaved round(s)")
     print(f"kernel (continuous batching): {kernel_s:.2f} s  {total / kernel_s:.0f} tok/s  "
           f"(max batch {row['max_batch']}, {row['steps']} steps in total)")
     print(f"transformers static batch-{opts.clients}: {static_s:.2f} s  {total / static_s:.0f} tok/s")
     scaled = f" (timed {seq_n}, scaled to {opts.clients})" if seq_n != opts.clients else ""
     print(f"transformers {opts.clients} sequential: {seq_s:.2f} s  {total / seq_s:.0f} tok/s{scaled}")
-    print(f"one streamed request: kernel {sk * 1e3:.0f} ms, in-process runtime {sl * 1e3:.0f} ms (median of {repeat + 1})")
+    print(f"one streamed request: kernel {sk * 1e3:.0f} ms, in-process runtime {sl * 1e3:.0f} ms (median of {len(stream_kernel)}, interleaved)")
     print(f"ratio_static={static_s / kernel_s:.3f} ratio_seq={seq_s / kernel_s:.3f} stream_overhead={sk / sl - 1:.3f}")
 
 
