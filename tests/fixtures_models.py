@@ -3,7 +3,7 @@
 Each folder is what a user would download: `config.json`, `model.safetensors` (or shards + index), `generation_config.json`,
 a real `tokenizer.json` trained here with the `tokenizers` library, and `tokenizer_config.json` with special tokens and a
 chat template. Weights come from transformers' own `save_pretrained`, so the runtime is tested against the reference
-implementation's files rather than files it wrote itself. Folders are cached per session: building one costs ~0.2 s.
+implementation's files rather than files it wrote itself. Folders are cached per session: building one costs well under a second.
 """
 
 from __future__ import annotations
