@@ -1,8 +1,8 @@
 """Concurrency through the kernel: 16 clients × 64 tokens vs transformers' static batch and sequential generates.
 
 All in one run, on one machine, with the same GPT-2-124M-shaped random checkpoint (built once, cached in the temp dir):
-  kernel      16 jupyter_client clients each `run bench --max-tokens 64 --temperature 0 --ignore-eos PROMPT_i` at once;
-              the scheduler batches them continuously (requests join at the next step)
+  kernel      16 clients each `run bench --max-tokens 64 --temperature 0 --ignore-eos PROMPT_i` at once (llmsh's own
+              asyncio client, or jupyter_client's with --client jupyter); the scheduler batches them continuously
   static      transformers `generate` on the 16 prompts as one left-padded batch (greedy, exactly 64 new tokens)
   sequential  16 transformers `generate` calls, one prompt each
   stream      one request streamed through the kernel vs the same request with the in-process runtime (`Model.stream`):
@@ -120,6 +120,65 @@ def _kernel_concurrent(clients: list, prompts: list[str], tokens: int) -> float:
     return time.perf_counter() - t0
 
 
+def _proc_row(kc) -> dict:
+    """The bench process's `ps --json` row."""
+    import json
+
+    stats, _ = _execute(kc, "ps --json")
+    return [r for r in json.loads(stats) if r["name"] == "bench"][0]
+
+
+class LlmshClients:
+    """N of llmsh's own asyncio clients (what `llmsh` uses) on one event loop in a background thread."""
+
+    def __init__(self, cf: Path, n: int) -> None:
+        import asyncio
+
+        from llmsh.client.kernel_client import KernelClient
+        from llmsh.protocol.connection import read_connection_file
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-clients", daemon=True)
+        self.thread.start()
+        info = read_connection_file(cf)
+
+        async def start() -> list:
+            clients = [KernelClient(info, on_output=lambda msg: None) for _ in range(n)]
+            await asyncio.gather(*(c.start() for c in clients))
+            return clients
+
+        self.clients = self._call(start())
+
+    def _call(self, coro):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def run_all(self, lines: list[str]) -> float:
+        """Send every line at once (one per client); wall seconds until the last reply."""
+        import asyncio
+
+        async def go() -> float:
+            t0 = time.perf_counter()
+            replies = await asyncio.gather(*(c.execute(line) for c, line in zip(self.clients, lines)))
+            bad = [r for r in replies if r.get("status") != "ok"]
+            if bad:
+                raise SystemExit(f"a client's run failed: {bad[0].get('evalue')}")
+            return time.perf_counter() - t0
+
+        return self._call(go())
+
+    def close(self) -> None:
+        import asyncio
+
+        async def close_all() -> None:
+            await asyncio.gather(*(c.close() for c in self.clients))
+
+        self._call(close_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
 def _hf_inputs(tok, prompts: list[str], pad_id: int):
     import torch
 
@@ -165,6 +224,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tokens and one repetition (under a minute)")
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--client", choices=("llmsh", "jupyter"), default="llmsh",
+                    help="the concurrent clients: llmsh's asyncio client (default) or jupyter_client's blocking one")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per request (default 64, quick 16)")
     ap.add_argument("--repeat", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
     opts = ap.parse_args()
@@ -206,18 +267,27 @@ def main() -> None:
     kernel_runs, static, stream_kernel, stream_local, seq = [], [], [], [], []
     proc, cf = _start_kernel(home)
     clients = []
+    lines = [f"run bench --max-tokens {tokens} --temperature 0 --ignore-eos {p!r}" for p in prompts]
     try:
         main_kc = _client(cf)
         _execute(main_kc, f"load {folder} --name bench --max-batch {opts.clients} --ctx 256")
-        clients = [_client(cf) for _ in range(opts.clients)]
+        if opts.client == "jupyter":
+            clients = [_client(cf) for _ in range(opts.clients)]
+            concurrent = lambda: _kernel_concurrent(clients, prompts, tokens)  # noqa: E731
+        else:
+            pool = LlmshClients(cf, opts.clients)
+            concurrent = lambda: pool.run_all(lines)  # noqa: E731
         _execute(main_kc, "run bench --max-tokens 4 --temperature 0 warm up")  # first-step allocations
         _in_thread(_drain, model.stream(prompts[0], max_tokens=4, temperature=0))  # page the mmap'd weights in
         _in_thread(_hf_generate, hf, input_ids[:1], mask[:1], 2)
         note(f"ready; {repeat} round(s)")
+        steps_s = []
         for r in range(repeat):
-            kernel_runs.append(_kernel_concurrent(clients, prompts, tokens))
+            t_before = _proc_row(main_kc)["time_s"]
+            kernel_runs.append(concurrent())
+            steps_s.append(_proc_row(main_kc)["time_s"] - t_before)
             static.append(_in_thread(_timed, _hf_generate, hf, input_ids, mask, tokens))
-            note(f"round {r + 1}: kernel {opts.clients} clients {kernel_runs[-1]:.2f} s, "
+            note(f"round {r + 1}: kernel {opts.clients} clients {kernel_runs[-1]:.2f} s ({steps_s[-1]:.2f} s in model steps), "
                  f"transformers static batch {static[-1]:.2f} s")
             for _ in range(2):
                 t0 = time.perf_counter()
@@ -227,16 +297,15 @@ def main() -> None:
                     _in_thread(_timed, _drain, model.stream(prompts[0], max_tokens=tokens, temperature=0, ignore_eos=True)))
             note(f"round {r + 1}: one streamed request: kernel {stream_kernel[-1]:.2f} s, "
                  f"in-process runtime {stream_local[-1]:.2f} s")
-        stats, _ = _execute(main_kc, "ps --json")
-        import json
-
-        row = [r for r in json.loads(stats) if r["name"] == "bench"][0]
+        row = _proc_row(main_kc)
         seq.append(_in_thread(_timed, sequential) * opts.clients / seq_n)  # long: once, the kernel idle meanwhile
         note(f"transformers sequential: {seq[-1]:.2f} s")
         _execute(main_kc, "kill -KILL bench")
     finally:
         for kc in clients:
             kc.stop_channels()
+        if opts.client == "llmsh" and "pool" in locals():
+            pool.close()
         proc.terminate()
         proc.wait(timeout=30)
 
@@ -246,9 +315,10 @@ def main() -> None:
     sk, sl = statistics.median(stream_kernel), statistics.median(stream_local)
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus (affinity {len(os.sched_getaffinity(0))}), "
           f"load {os.getloadavg()[0]:.2f}, torch {torch.__version__} {threads} threads, transformers {transformers.__version__}")
-    print(f"model: GPT-2-124M-shaped random weights ({folder}); {opts.clients} clients x {tokens} tokens, median of {repeat} interleaved round(s)")
+    print(f"model: GPT-2-124M-shaped random weights ({folder}); {opts.clients} {opts.client} clients x {tokens} tokens, "
+          f"median of {repeat} interleaved round(s)")
     print(f"kernel (continuous batching): {kernel_s:.2f} s  {total / kernel_s:.0f} tok/s  "
-          f"(max batch {row['max_batch']}, {row['steps']} steps in total)")
+          f"(max batch {row['max_batch']}; {statistics.median(steps_s):.2f} s of it in model steps)")
     print(f"transformers static batch-{opts.clients}: {static_s:.2f} s  {total / static_s:.0f} tok/s")
     scaled = f" (timed {seq_n}, scaled to {opts.clients})" if seq_n != opts.clients else ""
     print(f"transformers {opts.clients} sequential: {seq_s:.2f} s  {total / seq_s:.0f} tok/s{scaled}")
