@@ -14,6 +14,7 @@ import concurrent.futures
 import gc
 import json
 import os
+import sys
 import threading
 import tomllib
 from pathlib import Path
@@ -95,6 +96,20 @@ class ModelRuntime:
             import torch
 
             torch.cuda.empty_cache()
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc `malloc_trim`). After a first large free glibc raises its mmap
+    threshold, so later KV caches and weight copies live on the heap, where `free` alone keeps them in our RSS."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl…): nothing to do
+        pass
 
 
 def _context_length(config: Any) -> int | None:
