@@ -646,7 +646,6 @@ async def threads_cmd(ctx: Context, args: argparse.Namespace) -> int:
         for info in (obj.threads() if obj is not None and hasattr(obj, "threads") else []):
             known[info["thread"].ident or 0] = info
     loop_thread = threading.main_thread()
-    loop = getattr(ctx.kernel, "loop", None)
     try:
         running = asyncio.get_running_loop()
         loop_thread = threading.current_thread()
@@ -657,7 +656,7 @@ async def threads_cmd(ctx: Context, args: argparse.Namespace) -> int:
     for t in threading.enumerate():
         info = known.get(t.ident or 0)
         if t is loop_thread:
-            pool, task = "io-loop", f"asyncio event loop, {ntasks} tasks" + ("" if loop is None else "")
+            pool, task = "io-loop", f"asyncio event loop, {ntasks} tasks"
         elif info is not None:
             pool, task = info["pool"], info["task"]
         elif t.name.startswith("llmsh-"):  # the kernel's other threads: heartbeat, the pager's prefetch…
