@@ -641,7 +641,7 @@ async def threads_cmd(ctx: Context, args: argparse.Namespace) -> int:
     services = ctx.kernel.services
     cpu = {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
     known: dict[int, dict[str, Any]] = {}
-    for svc in ("scheduler", "loader"):
+    for svc in ("scheduler", "loader", "pager"):
         obj = services.get(svc)
         for info in (obj.threads() if obj is not None and hasattr(obj, "threads") else []):
             known[info["thread"].ident or 0] = info

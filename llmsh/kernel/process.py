@@ -175,6 +175,7 @@ class Process:
                 res = int(self.runtime.resident_bytes())
             except Exception:  # a half-freed model must not break `ps`
                 res = 0
+        res = max(0, res - self.paged_bytes)  # weights the pager has moved out are not resident
         return {
             "pid": self.pid,
             "name": self.name,

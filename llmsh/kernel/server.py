@@ -102,7 +102,8 @@ class _Foreground:
 
 
 class _Output:
-    """Contract B's `Output` for one execute_request: stream → iopub `stream`, result → `execute_result`."""
+    """Contract B's `Output` for one execute_request: stream → iopub `stream`, result → `execute_result`,
+    display → `display_data`."""
 
     __slots__ = ("_kernel", "_parent", "_count", "_silent")
 
@@ -121,6 +122,11 @@ class _Output:
         bundle = {"text/plain": text, "application/json": _jsonable(data)}
         content = {"data": bundle, "metadata": {}, "execution_count": self._count}
         self._kernel.publish("execute_result", content, self._parent)
+
+    def display(self, bundle: dict[str, Any]) -> None:
+        """Send a `display_data` (e.g. load progress, which the shell draws as a bar and Jupyter shows as text)."""
+        if not self._silent:
+            self._kernel.publish("display_data", {"data": bundle, "metadata": {}, "transient": {}}, self._parent)
 
 
 class Kernel:
