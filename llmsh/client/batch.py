@@ -91,7 +91,10 @@ def run_batch(info: dict, name: str, source: str | Iterable[str], *, keep_going:
             code = exit_request(piece.code)
             if code is not None:
                 return status if code is True else int(code)
-            reply = client.execute(piece.code)
+            try:
+                reply = client.execute(piece.code)
+            finally:
+                printer.done()  # a progress bar (load) leaves the terminal with its command
             status = exit_code(reply)
             if reply.get("ename") == "Exit":  # `… && exit N` ran in the kernel: leave with N, no message
                 return status

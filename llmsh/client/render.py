@@ -2,6 +2,9 @@
 
 `sys.stdout`/`sys.stderr` are looked up at each write, so the interactive shell's `patch_stdout` (which swaps them
 for proxies that print above the prompt) is honoured.
+
+Progress (display_data with PROGRESS_MIME, e.g. `load`) is drawn with rich.progress on stderr, only when stderr is a
+terminal; rich is imported on the first progress message, never on the fast path of `llmsh -c`.
 """
 
 from __future__ import annotations
@@ -14,13 +17,40 @@ RED, RESET = "\x1b[31m", "\x1b[0m"
 PROGRESS_MIME = "application/vnd.llmsh.progress+json"
 
 
-def _color(stream: TextIO) -> bool:
-    if os.environ.get("NO_COLOR"):
-        return False
+def _isatty(stream: TextIO) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _color(stream: TextIO) -> bool:
+    return not os.environ.get("NO_COLOR") and _isatty(stream)
+
+
+class _Bar:
+    """One rich progress bar on stderr, redrawn on each update (no refresh thread), removed when done."""
+
+    def __init__(self, label: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        console = Console(file=sys.stderr, force_terminal=True, no_color=bool(os.environ.get("NO_COLOR")))
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+            console=console, auto_refresh=False, transient=True, redirect_stdout=False, redirect_stderr=False,
+        )
+        self.task = self.progress.add_task(label, total=1.0)
+        self.progress.start()
+
+    def update(self, fraction: float, label: str) -> None:
+        """Show `fraction` (0..1) with `label`."""
+        self.progress.update(self.task, completed=fraction, description=label)
+        self.progress.refresh()
+
+    def close(self) -> None:
+        """Remove the bar from the terminal."""
+        self.progress.stop()
 
 
 class Printer:
@@ -28,7 +58,7 @@ class Printer:
 
     def __init__(self, color: bool | None = None) -> None:
         self.color = color
-        self._progress_shown = False
+        self._bar: _Bar | None = None
 
     def on_output(self, msg: dict[str, Any]) -> None:
         """Show one iopub message: `stream` text as is, `execute_result`/`display_data` as their text/plain."""
@@ -51,22 +81,27 @@ class Printer:
         # `error` is not printed here: the reply carries the same line and is shown once by `error()`
 
     def _progress(self, p: dict[str, Any]) -> None:
-        """A one-line progress bar on stderr, redrawn in place (only on a terminal)."""
-        if not _color(sys.stderr):
+        """Draw or advance the progress bar (only when stderr is a terminal); it goes away at 100 %."""
+        if not _isatty(sys.stderr):
             return
         frac = max(0.0, min(1.0, float(p.get("fraction", 0.0) or 0.0)))
-        width = 30
-        bar = "█" * int(frac * width) + "·" * (width - int(frac * width))
-        sys.stderr.write(f"\r{p.get('label', '')} {bar} {frac * 100:5.1f}%\x1b[K")
-        sys.stderr.flush()
-        self._progress_shown = frac < 1.0
+        label = str(p.get("label", ""))
+        if self._bar is None:
+            if frac >= 1.0:
+                return
+            self._bar = _Bar(label)
+        self._bar.update(frac, label)
         if frac >= 1.0:
-            sys.stderr.write("\n")
+            self._end_progress()
 
     def _end_progress(self) -> None:
-        if self._progress_shown:
-            sys.stderr.write("\n")
-            self._progress_shown = False
+        if self._bar is not None:
+            bar, self._bar = self._bar, None
+            bar.close()
+
+    def done(self) -> None:
+        """A command finished: take any progress bar it left off the terminal."""
+        self._end_progress()
 
     def error(self, line: str) -> None:
         """One error line on stderr, red on a terminal."""

@@ -4,13 +4,15 @@ background jobs) thanks to `patch_stdout` + `prompt_async`.
 
 Keys: Enter runs the line if the parser says it is complete, else starts a new line; Tab asks the kernel for
 completions; Ctrl-C at the prompt clears it, while a command runs it sends `interrupt_request` (the foreground
-command stops, jobs keep running); Ctrl-D (or `exit`) leaves.
+command stops, jobs keep running); Ctrl-D (or `exit`) leaves. `chat PID|NAME` without a message opens a chat
+sub-prompt (`llmsh/client/chat.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from pathlib import Path
 from typing import Any, AsyncGenerator, Iterable
 
@@ -23,6 +25,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 
 from llmsh import __version__, paths
 from llmsh.client.batch import exit_request
+from llmsh.client.chat import chat_loop, chat_request
 from llmsh.client.kernel_client import KernelClient, KernelGone
 from llmsh.client.render import Printer, exit_code, reply_error
 from llmsh.commands.parser import is_complete
@@ -61,6 +64,20 @@ def _bindings() -> KeyBindings:
     return kb
 
 
+def _chat_bindings() -> KeyBindings:
+    kb = KeyBindings()
+
+    @kb.add("c-c")
+    def _(event: Any) -> None:  # Ctrl-C clears a typed line; at an empty chat prompt it leaves the chat
+        buf = event.current_buffer
+        if buf.text:
+            buf.reset()
+        else:
+            event.app.exit(exception=KeyboardInterrupt(), style="class:aborting")
+
+    return kb
+
+
 def history_file() -> Path:
     """The shell's history, in the state dir."""
     return paths.state_dir() / "history"
@@ -71,6 +88,21 @@ class _Exit(Exception):
 
     def __init__(self, code: int) -> None:
         self.code = code
+
+
+async def _settle_output() -> None:
+    """Let patch_stdout's writer thread print what the command wrote before the next prompt is drawn (else the
+    prompt shows, is erased and redrawn below the last output: a flicker, and a partial line glued to it)."""
+    for stream in (sys.stdout, sys.stderr):
+        pending = getattr(stream, "_flush_queue", None)  # prompt_toolkit's StdoutProxy
+        if pending is None:
+            continue
+        stream.flush()
+        for _ in range(100):  # at most ~0.5 s
+            if pending.empty():
+                break
+            await asyncio.sleep(0.005)
+    await asyncio.sleep(0.01)  # the thread took the last piece: give it time to write it
 
 
 async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
@@ -88,6 +120,8 @@ async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
         reply = await client.execute(code)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+        printer.done()
+        await _settle_output()
     if reply.get("ename") == "Exit":
         raise _Exit(exit_code(reply))
     if reply.get("status") != "ok":
@@ -112,6 +146,13 @@ async def run_repl(info: dict[str, Any]) -> int:
             multiline=True,
             prompt_continuation=lambda width, line, wrap: "> ".rjust(width),
         )
+        chat_session: PromptSession[str] = PromptSession(
+            history=FileHistory(str(history_file().with_name("chat_history"))), key_bindings=_chat_bindings()
+        )
+
+        async def run(code: str) -> int:
+            return await _run_line(client, printer, code)
+
         with patch_stdout(raw=True):
             print(f"llmsh {__version__} — kernel pid {info.get('pid', '?')}. 'help' lists the commands; Ctrl-D leaves.")
             while True:
@@ -126,6 +167,10 @@ async def run_repl(info: dict[str, Any]) -> int:
                 code = exit_request(text)
                 if code is not None:
                     return status if code is True else int(code)
+                spec = chat_request(text)
+                if spec is not None:
+                    status = await chat_loop(spec, chat_session.prompt_async, run, print)
+                    continue
                 status = await _run_line(client, printer, text)
     except _Exit as e:
         return e.code
