@@ -224,6 +224,27 @@ def test_kill_fails_waiting_clients_and_frees() -> None:
     assert other.last == ("done", "length")  # the other process keeps running
 
 
+def test_kill_during_a_step_shows_exiting_until_the_step_ends() -> None:
+    """`kill -KILL PID; ps` must not show the process still running while the engine finishes its step."""
+    table, sched, (p,) = make(1)
+    a = Collect()
+    sched.submit(p, [1], {}, a)
+    run_steps(sched, 1)
+    seen: list[dict] = []
+    step = p.batch.step
+
+    def step_with_kill_arriving() -> list:
+        sched.kill(p)  # the signal lands while the engine thread is inside the step
+        seen.extend(r for r in table.snapshot() if r["pid"] == p.pid)
+        return step()
+
+    p.batch.step = step_with_kill_arriving
+    run_steps(sched, 1)
+    assert a.last[1][0] == "killed"
+    assert seen and seen[0]["state"] == "exiting" and seen[0]["reqs_active"] == 0, seen
+    assert table.get(p.pid) is None and table.exited[-1]["exit"] == ExitHow.KILL.value
+
+
 def test_term_finishes_accepted_requests_then_unloads() -> None:
     table, sched, (p,) = make(1)
     a = Collect()

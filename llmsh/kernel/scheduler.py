@@ -487,6 +487,9 @@ class Scheduler:
             proc.exit_how = how
             proc.reason = reason
             stepping = proc.stepping
+            if stepping:  # released right after the step; until then `ps` shows it going, not still running
+                proc.active.clear()
+                proc.transition(ProcState.EXITING, "KILL: aborting the step in progress")
             if proc in eng.procs:
                 eng.procs.remove(proc)
         if not stepping:  # otherwise the engine releases it right after the step
