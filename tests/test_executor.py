@@ -124,6 +124,16 @@ async def test_unknown_command_suggests_nearest() -> None:
     assert res.evalue == "llmsh: zzzzqqq: command not found; type 'help' for the list"
 
 
+async def test_a_wrapped_usage_stays_one_readable_line() -> None:
+    """argparse wraps long usages over several lines; joined, they must read as one usage, not `…; [--x N]; PATH`."""
+    from llmsh.commands import load_all
+    load_all()
+    res, _ = await run("kill")  # kill's usage is longer than argparse's wrap width
+    assert res.exit_code == 2 and "\n" not in res.evalue
+    usage = res.evalue.split("; usage: ", 1)[1]
+    assert usage.startswith("kill [-h]") and ";" not in usage and "  " not in usage, res.evalue
+
+
 async def test_bad_arguments_give_one_usage_line() -> None:
     res, out = await run("sleep abc")
     assert (res.exit_code, res.ename) == (2, "UsageError")

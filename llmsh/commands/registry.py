@@ -78,11 +78,12 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting: the kernel must never call sys.exit for a user's typo."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message}\n{self.format_usage().strip()}")
+        usage = " ".join(self.format_usage().split())  # argparse wraps long usages; the shell shows one line
+        raise UsageError(f"{message}\n{usage}")
 
     def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
         if status:
-            raise UsageError((message or "").strip() or self.format_usage().strip())
+            raise UsageError((message or "").strip() or " ".join(self.format_usage().split()))
         raise HelpRequested()
 
     def print_help(self, file: Any = None) -> None:  # -h is handled by the executor
