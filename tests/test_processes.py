@@ -116,6 +116,7 @@ def test_two_clients_are_batched(kernel: Any, tiny_gpt2: Path) -> None:
     ok(kernel, f"kill -CONT {pid}")
     ra, rb = a.result(), b.result()
     assert ra["reply"]["status"] == "ok" and rb["reply"]["status"] == "ok"
+    assert f"process {pid} (batch) is stopped; the request waits for 'kill -CONT {pid}'" in ra["stderr"]  # not a silent hang
     assert ra["stdout"] == ref and rb["stdout"] == ref  # batched greedy decoding = single greedy decoding
     row = ps(kernel)[pid]
     assert row["max_batch"] == 2  # both requests ran in the same steps

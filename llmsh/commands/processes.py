@@ -346,8 +346,14 @@ async def _generate(
     from llmsh.kernel.process import StateError
     from llmsh.kernel.scheduler import BusyError, RequestError
 
+    from llmsh.kernel.process import ProcState
+
     sched = _services(ctx)[1]
     pieces = [] if pieces is None else pieces
+    if proc.state is ProcState.STOPPED:  # it queues silently otherwise, and the user sees a hung command
+        name = getattr(ctx.command, "name", "run")
+        ctx.warn(f"llmsh: {name}: process {proc.pid} ({proc.name}) is stopped; the request waits for "
+                 f"'kill -CONT {proc.pid}' (Ctrl-C gives up)\n")
     try:
         async with contextlib.aclosing(sched.stream(proc, ids, params, ctx.client)) as stream:
             async for piece in stream:
