@@ -46,10 +46,15 @@ def talker(kernel: Any, tiny_llama: Path) -> str:
     return "talker"
 
 
+def _send(shell: Any, text: str) -> None:
+    """Type a line at the chat prompt and wait until the prompt has accepted it (Enter's newline after it)."""
+    shell.sendline(text)
+    shell.expect(re.escape(text) + r"(\x1b\[[0-9;?]*[A-Za-z])*\r+\n")
+
+
 def _turn(shell: Any, text: str) -> str:
     """Send one chat line; return what was printed up to the next chat prompt (the echo of the line removed)."""
-    shell.sendline(text)
-    shell.expect_exact(text)  # the prompt line redrawn as accepted
+    _send(shell, text)
     shell.expect_exact(CHAT_PROMPT, timeout=30)
     return ANSI.sub("", shell.before).replace("\r", "")
 
@@ -58,7 +63,7 @@ def test_chat_sub_prompt(kernel: Any, talker: str) -> None:
     shell = spawn(kernel)
     try:
         shell.sendline(f"chat {talker} {OPTS}")
-        shell.expect_exact("Ctrl-C stops a reply")
+        shell.expect_exact("Ctrl-C stops a reply")  # the help line
         shell.expect_exact(CHAT_PROMPT)
         first = _turn(shell, "hello there")
         # the same turn from a fresh session (a new conversation) gives the same greedy reply
@@ -70,8 +75,7 @@ def test_chat_sub_prompt(kernel: Any, talker: str) -> None:
         # Ctrl-C mid-reply: the process is STOPped so the turn is certainly still waiting when ^C arrives
         pid = _pid(kernel, talker)
         assert kernel.execute(f"kill -STOP {pid}")["status"] == "ok"
-        shell.sendline("third message")
-        shell.expect_exact("third message")
+        _send(shell, "third message")
         shell.send("\x03")
         shell.expect_exact("llmsh: interrupted", timeout=10)
         shell.expect_exact(CHAT_PROMPT)  # the chat goes on

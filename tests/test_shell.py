@@ -4,6 +4,8 @@ background job notices printed while the prompt waits, Ctrl-D and `exit N`, the 
 
 from __future__ import annotations
 
+import io
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Any
 
 import pexpect
 import pytest
+
+from llmsh.client.render import PROGRESS_MIME
 
 PROMPT = r"llmsh>"  # prompt-toolkit draws the trailing space as a cursor move, so match up to ">"
 
@@ -82,3 +86,48 @@ def test_ctrl_c_stops_the_foreground_command_not_the_jobs(shell: Any) -> None:
     shell.expect(pexpect.EOF)
     shell.close()
     assert shell.exitstatus == 4
+
+
+class _Tty(io.StringIO):
+    """A captured stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _progress_msg(fraction: float) -> dict[str, Any]:
+    data = {PROGRESS_MIME: {"fraction": fraction, "label": "load m (pid 1): reading"}, "text/plain": "load m 50%"}
+    return {"msg_type": "display_data", "content": {"data": data}}
+
+
+def test_progress_bar_is_rich_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmsh.client.render import Printer
+
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", piped)
+    printer = Printer()
+    printer.on_output(_progress_msg(0.5))
+    printer.done()
+    assert piped.getvalue() == ""  # no terminal: nothing drawn (not even the text/plain)
+    tty = _Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    printer.on_output(_progress_msg(0.25))
+    printer.on_output(_progress_msg(0.5))
+    drawn = tty.getvalue()
+    assert "load m (pid 1): reading" in drawn and "50%" in drawn and "━" in drawn
+    assert "rich.progress" in sys.modules
+    printer.done()  # transient: the bar is erased when the command ends
+    assert len(tty.getvalue()) > len(drawn)
+    printer.done()  # idempotent
+
+
+def test_rich_is_imported_only_for_progress(kernel: Any) -> None:
+    code = """
+import sys
+from llmsh.client.render import Printer
+p = Printer()
+p.on_output({"msg_type": "stream", "content": {"name": "stdout", "text": "hi\\n"}})
+print("RICH", "rich" in sys.modules)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=kernel.env, timeout=60)
+    assert r.stdout.splitlines()[-1] == "RICH False", r.stdout + r.stderr

@@ -18,7 +18,7 @@ from llmsh.commands.parser import ParseError, parse
 VALUE_OPTIONS = {"--system", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--stop", "--repetition-penalty"}
 # options that only make sense once (when the chat opens), not on every turn
 ONCE_OPTIONS = {"--system", "--reset", "--show"}
-HELP = "chat: type a message and Enter; Ctrl-C stops a reply; /reset forgets the conversation, /show prints it; Ctrl-D or /exit leaves"
+HELP = "chat with {}: Enter sends a line; Ctrl-C stops a reply; /reset, /show, /help; Ctrl-D or /exit leaves"
 
 
 def quote(word: str) -> str:
@@ -101,7 +101,7 @@ async def chat_loop(spec: ChatSpec, prompt: Callable[[str], Awaitable[str]], run
     status = await run(spec.opening())
     if status != 0:
         return status  # unknown process, no chat template…: the kernel's one line was shown
-    say(HELP)
+    say(HELP.format(spec.target))
     while True:
         try:
             line = await prompt(f"{spec.target}> ")
@@ -120,6 +120,6 @@ async def chat_loop(spec: ChatSpec, prompt: Callable[[str], Awaitable[str]], run
             status = await run(spec.show())
             continue
         if message in ("/help", "/?"):
-            say(HELP)
+            say(HELP.format(spec.target) + "; /reset forgets the conversation, /show prints it")
             continue
         status = await run(spec.turn(line))
