@@ -106,6 +106,14 @@ def test_life_cycle(kernel: Any, tiny_gpt2: Path) -> None:
     assert "no process with PID" in fails(kernel, f"run {pid} hi")
 
 
+def test_kill_on_shell_jobs(kernel: Any) -> None:
+    """`kill %N` interrupts a job; -STOP/-CONT cannot pause a job, so they fail and leave it running."""
+    r = kernel.execute("sleep 5 & kill -STOP %1; jobs --json; kill %1; sleep 0.2; jobs --json")
+    assert "llmsh: kill: STOP: %1 is a shell job, which cannot be stopped or continued" in r["stderr"], r
+    first, last = [d["application/json"] for d in r["results"] if "application/json" in d][-2:]
+    assert first[0]["state"] == "running" and last[0]["state"] == "interrupted", (first, last)
+
+
 def test_two_clients_are_batched(kernel: Any, tiny_gpt2: Path) -> None:
     pid = load(kernel, tiny_gpt2, "--name batch")
     ref = ok(kernel, f"run batch --max-tokens 40 {GREEDY} the fox")["stdout"]

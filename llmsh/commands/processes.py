@@ -567,6 +567,10 @@ async def kill_cmd(ctx: Context, args: argparse.Namespace) -> int:
             except CommandError as e:
                 errors.append(str(e))
                 continue
+            if sig in ("STOP", "CONT"):  # a job cannot pause; cancelling it would surprise whoever asked to pause it
+                errors.append(f"{sig}: {ref} is a shell job, which cannot be stopped or continued; "
+                              f"send -{sig} to its model process (see 'ps'), or 'kill {ref}' to interrupt it")
+                continue
             rows.append({"job": job.id, "signal": sig, "delivered": jobs.cancel(job)})
             continue
         try:
