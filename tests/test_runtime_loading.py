@@ -101,6 +101,12 @@ def test_checksum_cli_rejects_non_folder(tmp_path, capsys):
     assert cli_main(["checksum", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "is not a folder" in err and err.count("\n") == 1
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a model")
+    assert cli_main(["checksum", str(tmp_path / "notes")]) == 2
+    err = capsys.readouterr().err
+    assert "not a model folder" in err and err.count("\n") == 1
+    assert not list((tmp_path / "notes").glob("llmsh-checksums*"))  # nothing written
 
 
 def _git_sha1(data: bytes) -> str:

@@ -155,6 +155,10 @@ def main(args) -> int:
     if not folder.is_dir():
         print(f"llmsh checksum: {args.path} is not a folder; pass a model folder (config.json, *.safetensors)", file=sys.stderr)
         return 2
+    if not (folder / "config.json").is_file():  # a manifest of some other folder would only mislead later loads
+        print(f"llmsh checksum: {args.path} has no config.json, so it is not a model folder; "
+              "pass the folder that holds config.json and *.safetensors", file=sys.stderr)
+        return 2
     if _is_hub_snapshot(folder):
         print(f"llmsh checksum: {args.path} is in the Hugging Face cache, whose blobs are already named by their hash; "
               "nothing to write", file=sys.stderr)
