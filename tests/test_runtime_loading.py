@@ -79,6 +79,23 @@ def test_truncated_shard_fails_naming_the_file(sharded, tmp_path):
     assert shard.name in msg and "truncated" in msg
 
 
+@pytest.mark.parametrize("entry", [{"dtype": "F32", "shape": [2]}, {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "x"])
+def test_header_that_parses_but_is_malformed_fails_naming_the_file(sharded, tmp_path, entry):
+    """A flipped byte can leave the header valid JSON of the wrong shape: one line, not `KeyError: 'data_offsets'`."""
+    folder = _copy(sharded, tmp_path / "m")
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header[next(k for k in header if k != "__metadata__")] = entry
+    new = json.dumps(header).encode()
+    shard.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+    with pytest.raises(LoadError) as err:
+        load(folder, verify=False)
+    msg = _one_line(err)
+    assert shard.name in msg and "corrupt header" in msg
+
+
 def test_missing_shard_fails_naming_the_file(sharded, tmp_path):
     folder = _copy(sharded, tmp_path / "m")
     shard = sorted(folder.glob("model-*.safetensors"))[0]

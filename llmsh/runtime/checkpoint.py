@@ -30,6 +30,16 @@ DTYPES = {
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
+def _valid_entry(e: object) -> bool:
+    """A header entry as safetensors writes it: {dtype: str, shape: [int…], data_offsets: [start, end]}."""
+    if not isinstance(e, dict) or not isinstance(e.get("dtype"), str):
+        return False
+    shape, offs = e.get("shape"), e.get("data_offsets")
+    return (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+            and 0 <= offs[0] <= offs[1])
+
+
 class SafetensorsFile:
     """One mmap'd .safetensors file: `.entries` from its header and zero-copy `.tensor(name)`."""
 
@@ -49,6 +59,10 @@ class SafetensorsFile:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise LoadError(f"{path.name} in {path.parent} has a corrupt header; re-download it") from None
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+        if not isinstance(header, dict) or not all(_valid_entry(e) for k, e in header.items() if k != "__metadata__"):
+            self._map = None
+            raise LoadError(f"{path.name} in {path.parent} has a corrupt header (a tensor entry without dtype, shape "
+                            "or data_offsets); re-download it")
         header.pop("__metadata__", None)
         self.data_start = 8 + n
         self.entries: dict[str, dict] = header
