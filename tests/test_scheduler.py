@@ -245,6 +245,15 @@ def test_kill_during_a_step_shows_exiting_until_the_step_ends() -> None:
     assert table.get(p.pid) is None and table.exited[-1]["exit"] == ExitHow.KILL.value
 
 
+def test_ps_all_shows_a_failed_entry_once_as_it_is_reaped() -> None:
+    table, sched, (p,) = make(1)
+    sched.fail_load(p, "bad weights")
+    rows = table.snapshot(reap=True, include_exited=True)  # `ps -a`: shown as failed, reaped behind the scenes
+    assert [(r["pid"], r["state"]) for r in rows] == [(p.pid, "failed")]
+    rows = table.snapshot(reap=True, include_exited=True)  # the next `ps -a` shows how it ended
+    assert [(r["pid"], r.get("exit")) for r in rows] == [(p.pid, ExitHow.REAPED.value)]
+
+
 def test_term_finishes_accepted_requests_then_unloads() -> None:
     table, sched, (p,) = make(1)
     a = Collect()

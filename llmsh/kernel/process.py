@@ -285,12 +285,13 @@ class ProcessTable:
         with self._lock:
             procs = sorted(self._procs.values(), key=lambda p: p.pid)
         rows = [p.row() for p in procs]
+        exited = list(self.exited)  # before reaping: a failed entry shown now must not also show as exited (reaped)
         if reap:
             for p in procs:
                 if p.state is ProcState.FAILED:
                     self.remove(p, ExitHow.REAPED)
         if include_exited:
-            rows = sorted([*rows, *list(self.exited)], key=lambda r: r["pid"])
+            rows = sorted([*rows, *exited], key=lambda r: r["pid"])
         return rows
 
     def exit_code(self, pid: int) -> int | None:
