@@ -9,6 +9,7 @@ requests without running them, so CONT lets them all join the same step.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -242,6 +243,17 @@ def test_bad_input_one_line_each(kernel: Any, tiny_gpt2: Path) -> None:
     assert "exceeds the context" in fails(kernel, f"run {pid} --max-tokens 1000 hi")
     assert "unknown signal" in fails(kernel, f"kill -s HUP {pid}")
     assert "already used" in fails(kernel, f"load {tiny_gpt2} --name strict")
+    assert ps(kernel)[pid]["state"] == "ready"
+    ok(kernel, f"kill -KILL {pid}")
+
+
+def test_model_without_tokenizer_json_says_so_on_run(kernel: Any, tiny_gpt2: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "notok"
+    shutil.copytree(tiny_gpt2, folder)
+    (folder / "tokenizer.json").unlink()
+    pid = load(kernel, folder)
+    for line in (f"run {pid} hi", f"chat {pid} hi"):
+        assert f"process {pid} (notok) has no tokenizer.json in {folder}" in fails(kernel, line)
     assert ps(kernel)[pid]["state"] == "ready"
     ok(kernel, f"kill -KILL {pid}")
 

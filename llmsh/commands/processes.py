@@ -325,9 +325,18 @@ async def _ready_process(ctx: Context, ref: str) -> Any:
     return proc
 
 
+def _tokenizer(proc: Any) -> Any:
+    """The process's tokenizer; a model folder without tokenizer.json loads, but cannot take text."""
+    tok = proc.runtime.model.tokenizer
+    if tok is None:
+        raise CommandError(f"process {proc.pid} ({proc.name}) has no tokenizer.json in {proc.path}, so it cannot take "
+                           "text prompts; add the model's tokenizer.json to that folder and load it again")
+    return tok
+
+
 def _encode(proc: Any, prompt: str, params: Any, special: bool = True) -> list[int]:
     """Prompt → ids, checked against the KV cache length; `special=False` for chat templates, which add BOS themselves."""
-    ids = list(proc.runtime.model.tokenizer.encode(prompt, add_special_tokens=special))
+    ids = list(_tokenizer(proc).encode(prompt, add_special_tokens=special))
     limit = proc.runtime.max_seq_len
     if not ids:
         raise CommandError("the prompt is empty after tokenization; give some text")
@@ -427,7 +436,7 @@ def _chats(ctx: Context) -> dict[tuple[str, int], list[dict[str, str]]]:
 def _chat_prompt(proc: Any, history: list[dict[str, str]], message: str, params: Any) -> list[int]:
     """Token ids of the conversation + the new message through the chat template; the oldest turns are left out
     (the system message is kept) until it fits the context with room for --max-tokens."""
-    tok = proc.runtime.model.tokenizer
+    tok = _tokenizer(proc)
     system = [m for m in history[:1] if m["role"] == "system"]
     turns = history[len(system):]
     while True:
