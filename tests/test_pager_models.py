@@ -213,3 +213,37 @@ def test_cuda_pages_come_from_pinned_host_copies(three_models) -> None:
         assert pager.used["cuda:0"] <= pager.budget("cuda:0")
     finally:
         pager.close()
+
+
+def test_a_renice_racing_the_end_of_a_load_does_not_fail_it(make_tiny_model: Callable[..., Path]) -> None:
+    """`load M & renice 3 M`: the renice's table event and the loader's 'ready' event both try to put the model under
+    the pager; the second must see it is already there, not fail the process with 'already attached'."""
+    import threading
+    from types import SimpleNamespace
+
+    from llmsh.kernel.loader import ModelRuntime
+    from llmsh.kernel.pager import PagerService
+    from llmsh.kernel.process import ProcessTable
+    from llmsh.kernel.scheduler import Scheduler
+
+    table = ProcessTable()
+    sched = Scheduler(table, threaded=False)
+    pager = Pager({"cpu": 1 << 30}, prefetch=False)
+    service = PagerService(SimpleNamespace(services={"procs": table, "scheduler": sched}), pager)
+    service.connect()
+    proc = table.add("m", str(make_tiny_model("gpt2")))
+    proc.runtime = ModelRuntime(_load(Path(proc.path)), max_batch=2)
+    real_attach, racers = pager.attach, []
+
+    def attach_while_another_event_arrives(*args, **kwargs):  # the other thread's event lands mid-attach
+        if not racers:
+            racers.append(threading.Thread(target=service._on_proc_event, args=(proc, "state")))
+            racers[0].start()
+        return real_attach(*args, **kwargs)
+
+    pager.attach = attach_while_another_event_arrives
+    assert sched.attach(proc)  # the loader's end of load: READY, then the table event that attaches the pages
+    racers[0].join(10)
+    assert proc.state.value == "ready", proc.reason
+    assert proc.pid in pager.procs
+    pager.close()

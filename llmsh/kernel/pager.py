@@ -116,6 +116,8 @@ class PagerService:
             with eng.cond if eng is not None else _nolock():
                 while getattr(proc, "stepping", False):
                     eng.cond.wait(0.01)
+                if proc.pid in pager.procs:  # another thread's event (a renice racing the load's end) attached it
+                    return
                 pager.attach(proc.pid, ModelSource(model), name=proc.name, nice=proc.nice,
                              keep_alive=self.default_keep_alive)
         except PagerError as e:
