@@ -44,6 +44,9 @@ def test_options_may_follow_the_prompt() -> None:
     assert processes._intermixed("run", args) == ("3", "-x y")
     with pytest.raises(UsageError, match="which process"):
         processes._intermixed("run", cmd.parse([]))
+    with pytest.raises(UsageError) as err:  # a bad option after the prompt: the usage names what run takes
+        processes._intermixed("run", cmd.parse(["3", "hi", "--seed", "x"]))
+    assert "PID|NAME PROMPT" in str(err.value) and "words" not in str(err.value)
 
 
 def test_find_and_resolve_models(tiny_gpt2: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -289,7 +289,7 @@ def _intermixed(name: str, args: argparse.Namespace) -> tuple[str, str]:
             p.add_argument(*a.flags, **{**a.options, "default": argparse.SUPPRESS})
     if entry.structured:
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    p.add_argument("words", nargs="*")
+    p.add_argument("words", nargs="*", metavar="PID|NAME PROMPT")  # shown in the usage of a bad option
     ns = p.parse_intermixed_args(args.words)
     for key, value in vars(ns).items():
         if key == "stop":
