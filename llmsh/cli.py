@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llmsh import __version__
+
 SUBCOMMANDS = ("kernel", "top", "checksum")
 
 
@@ -21,6 +23,7 @@ def _shell_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", dest="command", metavar="CMDS", help="run these commands and exit")
     p.add_argument("--kernel", metavar="FILE", help="connection file of the kernel to use")
     p.add_argument("--keep-going", action="store_true", help="batch mode: do not stop at the first failing line")
+    p.add_argument("--version", action="version", version=f"llmsh {__version__}")
     return p
 
 

@@ -47,6 +47,11 @@ def test_output_completion_multiline_and_ctrl_d(shell: Any, isolated_home: Path)
     shell.send("\r")
     shell.expect_exact("Type 'help CMD' or 'CMD --help' for details.")
     shell.expect(PROMPT)
+    shell.send("ech\t")  # a single match gets a trailing space, so the argument can follow at once
+    time.sleep(0.5)
+    shell.send("'sp''aced'\r")  # without the space this would be the unknown command echo'sp''aced'
+    shell.expect_exact("spaced\r\n")
+    shell.expect(PROMPT)
     shell.send("echo 'first\r")  # the quote is open: Enter continues the line
     time.sleep(0.3)
     shell.send("second'\r")

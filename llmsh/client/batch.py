@@ -3,7 +3,8 @@
 A script is cut into complete pieces with the parser's `is_complete` (a piece spans several lines when a quote,
 a trailing `\\`, `&&`, `||` or `|` continues it) and each piece is one execute_request. Inside a piece the usual
 shell rules apply (`a; b` runs b even if a fails); across pieces the script stops at the first failing one,
-printing `llmsh: FILE:LINE: …`, unless --keep-going. The exit code is the last command's, 130 after Ctrl-C.
+printing `llmsh: FILE:LINE: …`, unless --keep-going. The exit code is the last command's (with --keep-going, like `make -k`, that of the
+last failing line if any failed), 130 after Ctrl-C.
 Commands on stdin run as their lines arrive, so `producer | llmsh` works like a pipe into sh.
 """
 
@@ -83,6 +84,7 @@ def run_batch(info: dict, name: str, source: str | Iterable[str], *, keep_going:
     printer = Printer()
     client = SyncKernelClient(info, on_output=printer.on_output)
     status = 0
+    failed = 0  # with --keep-going, the status of the last failing line: a script with errors never exits 0
     try:
         client.start()
         todo: Iterable[Piece] = pieces(source) if isinstance(source, str) else iter_pieces(source)
@@ -103,7 +105,8 @@ def run_batch(info: dict, name: str, source: str | Iterable[str], *, keep_going:
                 printer.error(message if single else located(name, piece.line, message))
                 if status == 130 or not keep_going:
                     return status or 1
-        return status
+                failed = status or 1
+        return status or failed
     except KernelGone as e:
         printer.error(f"llmsh: {e}")
         return 1

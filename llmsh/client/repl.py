@@ -46,8 +46,12 @@ class KernelCompleter(Completer):
         except KernelGone:
             return
         start = int(reply.get("cursor_start", document.cursor_position))
-        for match in reply.get("matches", []):
-            yield Completion(str(match), start_position=start - document.cursor_position)
+        matches = [str(m) for m in reply.get("matches", [])]
+        for match in matches:
+            # A single complete word gets a trailing space, as in bash, so the next argument can follow at once;
+            # a folder (ends with /) stays open for the rest of its path.
+            text = match + " " if len(matches) == 1 and not match.endswith("/") else match
+            yield Completion(text, start_position=start - document.cursor_position, display=match)
 
 
 def _bindings() -> KeyBindings:
