@@ -103,15 +103,20 @@ class Command:
     completer: Completer | None = None  # completes the word being typed; default completes flags
     aliases: tuple[str, ...] = ()
     group: str = "core"  # heading in `help`
+    _parser: ArgumentParser | None = field(default=None, init=False, repr=False, compare=False)
 
     def parser(self) -> ArgumentParser:
-        """A fresh argparse parser built from the spec (cheap; parsers are not shared between tasks)."""
-        p = ArgumentParser(prog=self.name, description=self.description or self.summary, add_help=True)
-        for a in self.args:
-            p.add_argument(*a.flags, **a.options)
-        if self.structured:
-            p.add_argument("--json", action="store_true", help="print the result as JSON")
-        return p
+        """The argparse parser built from the spec, once: building one costs more than a whole `echo` (argparse
+        looks up gettext catalogues on disk for every string), and parse_args leaves the parser unchanged, so the
+        tasks of the kernel's single event-loop thread can share it."""
+        if self._parser is None:
+            p = ArgumentParser(prog=self.name, description=self.description or self.summary, add_help=True)
+            for a in self.args:
+                p.add_argument(*a.flags, **a.options)
+            if self.structured:
+                p.add_argument("--json", action="store_true", help="print the result as JSON")
+            object.__setattr__(self, "_parser", p)  # frozen dataclass: a cache, not state
+        return self._parser
 
     def parse(self, argv: Sequence[str]) -> argparse.Namespace:
         """Parse argv with the spec; raises UsageError or HelpRequested."""
