@@ -4,6 +4,7 @@ mid-command has that command cancelled (not leaked)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from queue import Empty
 from typing import Any, Callable
@@ -150,3 +151,21 @@ def test_sigint_interrupts_foreground_commands_and_kernel_lives(kernel, two_clie
     os.kill(kernel.pid, signal.SIGINT)
     assert _reply_for(a, msg_id)["content"]["ename"] == "KeyboardInterrupt"
     assert kernel.alive() and kernel.execute("echo alive")["stdout"] == "alive\n"
+
+
+def test_clients_that_leave_are_no_longer_counted_as_connected(kernel):
+    before = kernel.kernel_info()["counters"]
+    for _ in range(3):
+        assert kernel.llmsh("-c", "echo hi").returncode == 0  # each run is a new client session that then leaves
+    deadline = time.monotonic() + 10
+    while True:  # the disconnects arrive through the socket monitor, asynchronously
+        now = kernel.kernel_info()["counters"]
+        if now["clients"] <= before["clients"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert now["clients_seen"] >= before["clients_seen"] + 3
+    assert now["clients"] <= before["clients"]
+    status = kernel.llmsh("kernel", "status")
+    line = next(ln for ln in status.stdout.splitlines() if ln.startswith("clients"))
+    connected, seen = (int(w) for w in re.findall(r"(\d+) (?:connected|seen)", line))
+    assert seen >= now["clients_seen"] and connected <= now["clients"] + 1  # + the status command's own client

@@ -21,7 +21,8 @@ class Counters:
         self._out: dict[str, dict[str, list[int]]] = {}
         self.rejected: Counter[str] = Counter()
         self.cancelled: Counter[str] = Counter()  # foreground commands cancelled, by cause (interrupt, disconnect)
-        self.clients: dict[str, float] = clients if clients is not None else {}
+        self.clients: dict[str, float] = clients if clients is not None else {}  # connected now (the kernel prunes it)
+        self.clients_seen = 0  # client sessions seen since start
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
 
     def record(self, direction: str, socket: str, msg_type: str, nbytes: int, client: str = "") -> None:
@@ -58,7 +59,8 @@ class Counters:
             )
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready copy: {"in": {socket: {type: {count, bytes}}}, "out": …, "rejected": {reason: n}, "clients": n, "cancelled": …}."""
+        """A JSON-ready copy: {"in": {socket: {type: {count, bytes}}}, "out": …, "rejected": {reason: n}, "clients": n connected,
+        "clients_seen": n since start, "cancelled": …}."""
 
         def dump(table: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
             return {s: {t: {"count": c, "bytes": b} for t, (c, b) in per.items()} for s, per in table.items()}
@@ -69,5 +71,6 @@ class Counters:
                 "out": dump(self._out),
                 "rejected": dict(self.rejected),
                 "clients": len(self.clients),
+                "clients_seen": self.clients_seen,
                 "cancelled": dict(self.cancelled),
             }

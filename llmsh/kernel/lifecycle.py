@@ -363,7 +363,7 @@ def format_status(st: dict[str, Any]) -> str:
         f"uptime    {_human_time(st.get('uptime', 0))}",
         f"address   {st.get('transport', 'tcp')}://{st.get('ip')}" + ("  (CurveZMQ)" if st.get("curve") else ""),
         "ports     " + "  ".join(f"{k} {v}" for k, v in ports.items()),
-        f"clients   {c.get('clients', 0)} seen",
+        f"clients   {c.get('clients', 0)} connected, {c.get('clients_seen', 0)} seen",
         f"messages  in {ni} ({_human_bytes(bi)}), out {no} ({_human_bytes(bo)})",
         f"rejected  {sum(rejected.values())}" + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) + ")" if rejected else ""),
         f"running   {st.get('running', 0)} command(s)",

@@ -151,6 +151,7 @@ class Kernel:
         self._tasks: set[asyncio.Task] = set()
         self._foreground: dict[str, _Foreground] = {}
         self._executed_sessions: set[str] = set()
+        self._client_fds: dict[str, int] = {}  # client session → fd of its shell connection
         self._executor: Any = None
         self._loop_thread: int | None = None
         self._stop: asyncio.Event | None = None
@@ -424,7 +425,11 @@ class Kernel:
         msg_type, session = header["msg_type"], header.get("session", "")
         self.counters.record("in", channel, msg_type, nbytes, session)
         if session:
+            if session not in self.clients:
+                self.counters.clients_seen += 1
             self.clients[session] = time.time()
+            if channel == "shell" and fd >= 0:
+                self._client_fds[session] = fd  # its disconnect (socket monitor) takes it off `clients`
         if channel == "stdin":  # the kernel never asks for input; replies there are only counted
             return
         if msg_type == "execute_request" and channel == "shell":
@@ -537,6 +542,9 @@ class Kernel:
             for fg in list(self._foreground.values()):
                 if fg.fd == fd:
                     self._cancel(fg, "disconnect")
+            for session in [s for s, f in self._client_fds.items() if f == fd]:
+                del self._client_fds[session]
+                self.clients.pop(session, None)  # `clients` lists who is connected; counters keep how many were seen
 
     # ----------------------------------------------------------------- request handlers (sync)
     def _kernel_info(self, msg: dict[str, Any]) -> dict[str, Any]:
