@@ -18,7 +18,8 @@ import zmq.asyncio
 
 from llmsh.client.sync_client import KernelGone
 from llmsh.client.wire import Wire, WireError
-from llmsh.protocol.connection import url, uses_curve
+from llmsh.protocol.connection import url
+from llmsh.protocol.request import client_socket
 
 __all__ = ["KernelClient", "KernelGone"]
 
@@ -43,12 +44,7 @@ class KernelClient:
         self.last_heard = time.monotonic()
 
     def _socket(self, kind: int, channel: str, subscribe: bool = False) -> zmq.asyncio.Socket:
-        sock = self.ctx.socket(kind)
-        sock.linger = 0
-        if uses_curve(self.info):
-            public, secret = zmq.curve_keypair()
-            sock.curve_publickey, sock.curve_secretkey = public, secret
-            sock.curve_serverkey = self.info["curve_publickey"].encode("ascii")
+        sock = client_socket(self.ctx, kind, self.info)
         if kind == zmq.DEALER:
             sock.identity = self.wire.bsession
         if subscribe:

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import zmq
 
 from llmsh.client.wire import Wire, WireError
-from llmsh.protocol.connection import url, uses_curve
+from llmsh.protocol.connection import url
+from llmsh.protocol.request import client_socket
 
 
 class KernelGone(Exception):
@@ -46,12 +47,7 @@ class SyncKernelClient:
         self.last_heard = time.monotonic()
 
     def _socket(self, kind: int, channel: str) -> zmq.Socket:
-        sock = self.ctx.socket(kind)
-        sock.linger = 0
-        if uses_curve(self.info):
-            public, secret = zmq.curve_keypair()
-            sock.curve_publickey, sock.curve_secretkey = public, secret
-            sock.curve_serverkey = self.info["curve_publickey"].encode("ascii")
+        sock = client_socket(self.ctx, kind, self.info)
         if kind == zmq.DEALER:
             sock.identity = self.wire.bsession
         if kind == zmq.SUB:

@@ -14,7 +14,8 @@ import zmq
 from llmsh.protocol.connection import url, uses_curve
 
 
-def _socket(ctx: zmq.Context, kind: int, info: dict[str, Any]) -> zmq.Socket:
+def client_socket(ctx: zmq.Context, kind: int, info: dict[str, Any]) -> zmq.Socket:
+    """A client-side socket for the kernel `info` (linger 0; CurveZMQ with a fresh keypair when the kernel uses it)."""
     sock = ctx.socket(kind)
     sock.linger = 0
     if uses_curve(info):
@@ -28,7 +29,7 @@ def heartbeat(info: dict[str, Any], timeout: float = 1.0) -> bool:
     """True if the kernel's heartbeat echoes a ping within `timeout` seconds."""
     ctx = zmq.Context()
     try:
-        sock = _socket(ctx, zmq.REQ, info)
+        sock = client_socket(ctx, zmq.REQ, info)
         sock.connect(url(info, "hb"))
         payload = b"ping-%d" % time.monotonic_ns()
         sock.send(payload)
@@ -50,7 +51,7 @@ def request(
     session = make_session(info.get("key", ""), username="llmsh-cli")
     ctx = zmq.Context()
     try:
-        sock = _socket(ctx, zmq.DEALER, info)
+        sock = client_socket(ctx, zmq.DEALER, info)
         sock.identity = session.bsession
         sock.connect(url(info, channel))
         msg = session.msg(msg_type, content or {})
