@@ -290,10 +290,11 @@ class Kernel:
             info.update(pid=self.pid, started_at=self.started_at, llmsh_version=__version__)
         self.connection_info = info
 
-    def _unbind(self) -> None:
-        """Release whatever `_bind` got before it failed."""
+    def _unbind(self, linger: int = 0) -> None:
+        """Close the sockets, monitor, heartbeat and context: after a failed `_bind` (drop everything) or at
+        shutdown (linger so the last replies still leave)."""
         for sock in self._sockets.values():
-            sock.close(linger=0)
+            sock.close(linger=linger)
         if self._monitor is not None:
             self._monitor.close(linger=0)
         if self._heartbeat is not None:
@@ -356,14 +357,7 @@ class Kernel:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-        for sock in self._sockets.values():
-            sock.close(linger=1000)
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-        if self._ctx is not None:
-            self._ctx.term()
+        self._unbind(linger=1000)
         if self._owns_file or not self.restart_requested:
             self.connection_file.unlink(missing_ok=True)
         log.info("kernel stopped")
