@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchkit import client, start_kernel
+
 REPO = Path(__file__).resolve().parents[2]
 GPT2_124M = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
 
@@ -56,28 +58,6 @@ def _checkpoint(shape: dict, tag: str) -> Path:
         build_tiny_model(tmp, "gpt2", initializer_range=0.02, **shape)
         tmp.rename(folder)
     return folder
-
-
-def _start_kernel(home: Path) -> tuple[subprocess.Popen, Path]:
-    cf = home / "XDG_RUNTIME_DIR" / "kernel-bench.json"
-    cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(cf), "--telemetry-hz", "0"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not cf.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("llmsh kernel did not start")
-        time.sleep(0.02)
-    return proc, cf
-
-
-def _client(cf: Path):
-    from jupyter_client import BlockingKernelClient
-
-    kc = BlockingKernelClient(connection_file=str(cf))
-    kc.load_connection_file()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=60)
-    return kc
 
 
 def _execute(kc, code: str, timeout: float = 600) -> tuple[str, dict]:
@@ -265,14 +245,14 @@ def main() -> None:
 
     stream_line = f"run bench --max-tokens {tokens} --temperature 0 --ignore-eos {prompts[0]!r}"
     kernel_runs, static, stream_kernel, stream_local, seq = [], [], [], [], []
-    proc, cf = _start_kernel(home)
+    proc, cf = start_kernel(home)
     clients = []
     lines = [f"run bench --max-tokens {tokens} --temperature 0 --ignore-eos {p!r}" for p in prompts]
     try:
-        main_kc = _client(cf)
+        main_kc = client(cf)
         _execute(main_kc, f"load {folder} --name bench --max-batch {opts.clients} --ctx 256")
         if opts.client == "jupyter":
-            clients = [_client(cf) for _ in range(opts.clients)]
+            clients = [client(cf) for _ in range(opts.clients)]
             concurrent = lambda: _kernel_concurrent(clients, prompts, tokens)  # noqa: E731
         else:
             pool = LlmshClients(cf, opts.clients)

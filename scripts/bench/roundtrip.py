@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchkit import client, start_kernel
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -30,28 +32,6 @@ def _isolate() -> Path:
     os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     sys.path.insert(0, str(REPO))
     return home
-
-
-def _start_llmsh(home: Path) -> tuple[subprocess.Popen, Path]:
-    cf = home / "XDG_RUNTIME_DIR" / "kernel-bench.json"
-    cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(cf), "--telemetry-hz", "0"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not cf.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("llmsh kernel did not start")
-        time.sleep(0.02)
-    return proc, cf
-
-
-def _client(cf: str):
-    from jupyter_client import BlockingKernelClient
-
-    kc = BlockingKernelClient(connection_file=cf)
-    kc.load_connection_file()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=60)
-    return kc
 
 
 def _roundtrip(kc, code: str) -> float:
@@ -93,9 +73,9 @@ def main() -> None:
     home = _isolate()
     from jupyter_client.manager import start_new_kernel
 
-    proc, cf = _start_llmsh(home)
+    proc, cf = start_kernel(home)
     ipy_km, ipy = start_new_kernel(kernel_name="python3")
-    ours = _client(str(cf))
+    ours = client(cf)
     try:
         for _ in range(30):  # warm-up: imports, JIT-free but caches and sockets
             _roundtrip(ours, "echo hi")
