@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 from llmsh.client.sync_client import KernelGone, SyncKernelClient
 from llmsh.client.render import Printer, exit_code, reply_error
-from llmsh.commands.parser import ParseError, is_complete, parse
+from llmsh.commands.parser import ParseError, is_complete, parse, simple_argv
 
 
 class Piece(NamedTuple):
@@ -56,16 +56,10 @@ def _is_empty(code: str) -> bool:
 
 def exit_request(code: str) -> int | None | bool:
     """For a piece that is exactly `exit [N]` (or `quit`): N, or True for "the last status"; otherwise None."""
-    try:
-        stmts = parse(code).statements
-    except ParseError:
+    words = simple_argv(code)
+    if not words or words[0] not in ("exit", "quit"):
         return None
-    if len(stmts) != 1 or stmts[0].background or stmts[0].body.rest:
-        return None
-    cmds = stmts[0].body.first.commands
-    if len(cmds) != 1 or cmds[0].redirect is not None or cmds[0].argv[0] not in ("exit", "quit"):
-        return None
-    argv = cmds[0].argv[1:]
+    argv = words[1:]
     if not argv:
         return True
     if len(argv) == 1 and argv[0].lstrip("-").isdigit():

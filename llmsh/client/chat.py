@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from llmsh.commands.parser import ParseError, parse
+from llmsh.commands.parser import simple_argv
 
 # `chat` options that take a value (llmsh/commands/processes.py: --system and SAMPLING_ARGS); the rest are flags
 VALUE_OPTIONS = {"--system", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--stop", "--repetition-penalty"}
@@ -53,19 +53,13 @@ class ChatSpec:
 
 def chat_request(text: str) -> ChatSpec | None:
     """A ChatSpec when `text` is exactly `chat [options] PID|NAME` with no message (no pipe, `&` or redirect); else None."""
-    try:
-        stmts = parse(text).statements
-    except ParseError:
-        return None
-    if len(stmts) != 1 or stmts[0].background or stmts[0].body.rest:
-        return None
-    cmds = stmts[0].body.first.commands
-    if len(cmds) != 1 or cmds[0].redirect is not None or cmds[0].argv[0] != "chat":
+    line = simple_argv(text)
+    if not line or line[0] != "chat":
         return None
     words: list[str] = []
     turn: list[str] = []
     once: list[str] = []
-    argv = list(cmds[0].argv[1:])
+    argv = line[1:]
     i = 0
     while i < len(argv):
         word = argv[i]

@@ -324,6 +324,22 @@ def parse(code: str) -> Script:
     return _Parser(code, tokenize(code)).script()
 
 
+def simple_argv(code: str) -> list[str] | None:
+    """The words of `code` when it is exactly one simple command (no list, pipe, `&` or redirect), else None.
+
+    The shell uses it to spot lines it handles itself (`exit N`, `chat NAME`)."""
+    try:
+        stmts = parse(code).statements
+    except ParseError:
+        return None
+    if len(stmts) != 1 or stmts[0].background or stmts[0].body.rest:
+        return None
+    cmds = stmts[0].body.first.commands
+    if len(cmds) != 1 or cmds[0].redirect is not None:
+        return None
+    return list(cmds[0].argv)
+
+
 def is_complete(code: str) -> tuple[str, str]:
     """Jupyter's is_complete: ("complete"|"incomplete"|"invalid", indent) — unclosed quote, trailing `\\`, `&&`, `||`, `|` are incomplete."""
     lexer = _Lexer(code)
