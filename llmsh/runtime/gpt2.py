@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
-from llmsh.runtime.layers import Linear
+from llmsh.runtime.layers import Linear, TiedHead
 
 MODEL_TYPES = ("gpt2",)
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -133,7 +133,7 @@ class Transformer(nn.Module):
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = TiedHead(cfg.n_embd, cfg.vocab_size)
         self.page_hook: Callable[[int], None] | None = None
 
     def setup(self, device: torch.device | str) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
-from llmsh.runtime.layers import Linear
+from llmsh.runtime.layers import Linear, TiedHead
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -134,15 +134,21 @@ def rope_inv_freq(cfg: LlamaConfig) -> Tensor:
     raise LoadError(f"rope scaling {kind!r} in config.json is not supported (supported: {', '.join(ROPE_TYPES)})")
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dim (the Hugging Face RoPE layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_tables(inv_freq: Tensor, max_seq_len: int) -> tuple[Tensor, Tensor]:
+    """cos and *signed* sin tables (max_seq_len, head_dim) for `apply_rope`.
+
+    Hugging Face's RoPE is x*cos + rotate_half(x)*sin with rotate_half(x1, x2) = (-x2, x1). That equals
+    x*cos + roll(x, hd/2)*sin_signed with sin_signed = (-sin, sin) on the two halves: 4 ops instead of 6 per call, the
+    same float operations in the same order (so results match to the bit).
+    """
+    t = torch.arange(max_seq_len, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)                                          # (max_seq, hd/2)
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, nh, T, hd) by position angles cos/sin (B, 1, T, hd)."""
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate x (..., hd) by position angles; cos/sin_signed broadcast against x (see `rope_tables`)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class RMSNorm(nn.Module):
@@ -154,9 +160,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        if x.dtype == torch.float32:  # one fused op; same result as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -219,22 +225,19 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        # a tied head is the embedding matrix itself, (vocab, dim): it stays an nn.Linear sharing that Parameter
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if cfg.tie_embeddings else \
+        # a tied head is the embedding matrix itself, (vocab, dim), shared as one Parameter
+        self.output = TiedHead(cfg.dim, cfg.vocab_size) if cfg.tie_embeddings else \
             Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.page_hook: Callable[[int], None] | None = None
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)    # signed: see rope_tables
 
     def setup(self, device: torch.device | str) -> None:
         """After weights are assigned: tie the head if configured and build the RoPE tables on device."""
         if self.config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        inv_freq = rope_inv_freq(self.config)
-        t = torch.arange(self.config.max_seq_len, dtype=torch.int64).float()
-        freqs = torch.outer(t, inv_freq)                                          # (max_seq, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)                                   # (max_seq, hd)
-        self.rope_cos, self.rope_sin = emb.cos().to(device), emb.sin().to(device)
+        cos, sin = rope_tables(rope_inv_freq(self.config), self.config.max_seq_len)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def pages(self) -> list[tuple[str, list[str]]]:
         """(page name, parameter names) in execution order: embed, block.0 …, head."""
