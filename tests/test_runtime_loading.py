@@ -40,7 +40,8 @@ def test_sharded_load_matches_single_file(sharded, tiny_llama):
 
 
 def test_weights_are_views_of_the_mapped_file(make_tiny_model):
-    """GPT-2 (Conv1D, stored as our Linear wants) maps every tensor from the file; Llama all but its projections."""
+    """GPT-2 (Conv1D, stored as our Linear wants) maps every tensor from the file; Llama all but its projections
+    (transposed, and q|k|v and gate|up fused into one matrix each)."""
     for family in ("gpt2", "llama"):
         model = load(make_tiny_model(family))
         ranges = []
@@ -49,7 +50,8 @@ def test_weights_are_views_of_the_mapped_file(make_tiny_model):
             ranges.append((base, base + len(f._map)))
         for name, p in model.module.named_parameters():
             mapped = any(lo <= p.data_ptr() < hi for lo, hi in ranges)
-            assert mapped != model.checkpoint.transposed(name), name
+            copied = model.checkpoint.transposed(name) or bool(model.checkpoint.parts(name))
+            assert mapped != copied, name
             assert p.is_contiguous(), name
 
 
@@ -258,3 +260,13 @@ def test_paging_hooks(make_tiny_model):
     torch.testing.assert_close(model.forward(ids), want, atol=0, rtol=0)
     assert torch.equal(model.checkpoint.load_tensor("h.0.attn.c_attn.weight", "cpu", torch.float32),
                        host["h.0.attn.c_attn.weight"])
+
+
+def test_bytes_read_per_token_skips_only_lookup_tables(make_tiny_model):
+    """What the bandwidth limit divides by: untied embedding tables cost one row per token, a tied one is the head."""
+    for family, skipped in (("llama", ["tok_embeddings"]), ("llama3", []), ("gpt2", ["wpe"])):
+        model = load(make_tiny_model(family))
+        tables = [model.module.get_submodule(n).weight for n in skipped]
+        expected = model.weight_bytes() - sum(t.nbytes - t[0].nbytes for t in tables)
+        assert model.bytes_read_per_token() == expected, family
+        assert family != "llama3" or model.bytes_read_per_token() == model.weight_bytes()

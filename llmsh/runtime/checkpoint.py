@@ -104,8 +104,10 @@ class SafetensorsFile:
 class Checkpoint:
     """All safetensors files of a model folder, with the family's mapping from our parameter names to HF keys.
 
-    `key_map(param_name) -> list[str]` gives candidate HF keys (first present wins) and `transposed(param_name) -> bool`
-    says whether the stored matrix is the transpose of ours (Llama projections). Both are set by the model family.
+    `key_map(param_name) -> list[str]` gives candidate HF keys (first present wins), `transposed(param_name) -> bool`
+    says whether the stored matrix is the transpose of ours (Llama projections), and `parts(param_name) -> list[str]`
+    names the parameters that one of ours concatenates along its last (output) dimension, e.g. Llama's fused
+    `wqkv` = `wq | wk | wv`, each part then mapped and transposed as above. All three are set by the model family.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -138,6 +140,7 @@ class Checkpoint:
                 raise LoadError(f"{name} in {self.folder} lacks tensor {key} that {INDEX} places there; re-download it")
         self.key_map: Callable[[str], list[str]] = lambda name: [name]
         self.transposed: Callable[[str], bool] = lambda name: False
+        self.parts: Callable[[str], list[str]] = lambda name: []
 
     def keys(self) -> list[str]:
         """Every tensor name stored in the checkpoint (HF layout)."""
@@ -153,7 +156,12 @@ class Checkpoint:
         return DTYPES[max(floats, key=floats.get)] if floats else torch.float32
 
     def hf_key(self, param_name: str) -> str:
-        """The stored key holding our parameter `param_name`; LoadError if the checkpoint lacks it."""
+        """The stored key holding our parameter `param_name` (its first part's, if fused); LoadError if it lacks it."""
+        parts = self.parts(param_name)
+        if parts:
+            for part in parts[1:]:
+                self.hf_key(part)  # every part must exist
+            return self.hf_key(parts[0])
         candidates = self.key_map(param_name)
         for key in candidates:
             if key in self.where:
@@ -162,22 +170,45 @@ class Checkpoint:
                         "it is incomplete or for a different architecture than config.json says")
 
     def shape(self, param_name: str) -> list[int]:
-        """Shape of our parameter as stored (after undoing any transpose)."""
+        """Shape of our parameter as stored (after undoing any transpose; fused parts concatenated)."""
+        parts = self.parts(param_name)
+        if parts:
+            shapes = [self.shape(p) for p in parts]
+            if any(sh[:-1] != shapes[0][:-1] for sh in shapes):
+                raise LoadError(f"the tensors fused into {param_name} in {self.folder} have shapes {shapes} that do "
+                                "not fit together; the checkpoint does not match config.json")
+            return shapes[0][:-1] + [sum(sh[-1] for sh in shapes)]
         key = self.hf_key(param_name)
         shape = list(self.files[self.where[key]].entries[key]["shape"])
         return shape[::-1] if self.transposed(param_name) else shape
 
     def load_tensor(self, param_name: str, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Our parameter `param_name` read from the mmap'd file: a zero-copy view when device/dtype match the file."""
-        key = self.hf_key(param_name)
-        file = self.files[self.where[key]]
-        src = file.tensor(key)
+        """Our parameter `param_name` read from the mmap'd file: a zero-copy view when device/dtype match the file
+        (and it is neither transposed nor fused), else one copy written chunk by chunk."""
+        parts = self.parts(param_name)
+        if parts:
+            first = self._source(parts[0])[2]
+            out = torch.empty(self.shape(param_name), dtype=dtype or first.dtype, device=device)
+            at = 0
+            for part in parts:
+                file, key, src = self._source(part)
+                width = src.shape[0] if self.transposed(part) else src.shape[-1]
+                _copy_out(file, key, src, self.transposed(part), out[..., at:at + width])
+                at += width
+            return out
+        file, key, src = self._source(param_name)
         dtype, device = dtype or src.dtype, torch.device(device)
         transposed = self.transposed(param_name)  # stored (out, in), wanted (in, out) (see layers.py)
         if dtype == src.dtype and device.type == "cpu" and not transposed:
             return src  # zero copy: the parameter is the file's pages
-        return _copy_out(file, key, src, transposed, device, dtype)
+        shape = list(src.shape[::-1]) if transposed else list(src.shape)
+        return _copy_out(file, key, src, transposed, torch.empty(shape, dtype=dtype, device=device))
+
+    def _source(self, param_name: str) -> tuple[SafetensorsFile, str, torch.Tensor]:
+        key = self.hf_key(param_name)
+        file = self.files[self.where[key]]
+        return file, key, file.tensor(key)
 
     def nbytes(self) -> int:
         """Bytes of tensor data over all files."""
@@ -191,12 +222,9 @@ class Checkpoint:
 COPY_CHUNK = 16 << 20
 
 
-def _copy_out(file: SafetensorsFile, key: str, src: torch.Tensor, transposed: bool, device: torch.device,
-              dtype: torch.dtype) -> torch.Tensor:
-    """Copy (and convert / move / un-transpose) a stored tensor chunk by chunk, dropping each chunk's source pages,
-    so that peak memory is the result plus one 16 MiB chunk, not the result plus the whole source tensor."""
-    shape = list(src.shape[::-1]) if transposed else list(src.shape)
-    out = torch.empty(shape, dtype=dtype, device=device)
+def _copy_out(file: SafetensorsFile, key: str, src: torch.Tensor, transposed: bool, out: torch.Tensor) -> torch.Tensor:
+    """Copy (and convert / move / un-transpose) a stored tensor into `out` chunk by chunk, dropping each chunk's source
+    pages, so that peak memory is the result plus one 16 MiB chunk, not the result plus the whole source tensor."""
     if src.dim() == 0 or src.numel() == 0:
         return out.copy_(src)
     row_bytes = src[0].numel() * src.element_size()

@@ -175,4 +175,9 @@ def transposed(name: str, cfg: GPT2Config) -> bool:
     return False
 
 
+def fused_parts(name: str, cfg: GPT2Config) -> list[str]:
+    """The checkpoint already fuses q/k/v (`c_attn`): no parameter is assembled from several."""
+    return []
+
+
 Config = GPT2Config

@@ -22,6 +22,7 @@ BF16_BLOCKED_MIN_ROWS = 2          # below this many rows (tokens) torch's own b
 BLOCK_ELEMS = 384 * 1024           # float32 block: 1.5 MiB, measured best at batch 16 on a 1 MiB-L2 core
 
 
+@torch.no_grad()  # inference only: the in-place block products have no autograd formula
 def _bf16_blocked(x2: Tensor, w: Tensor, transposed: bool) -> Tensor:
     """x2 (M, K) @ w in float32 blocks; w is (K, N) bf16, or (N, K) when `transposed`. Returns (M, N) bf16."""
     xf = x2.float()

@@ -5,8 +5,9 @@
 
 Switches: GQA (`n_kv_head`), q/k/v bias (Qwen2), bias everywhere (`attention_bias`), sliding-window attention
 (Mistral, Qwen2 `use_sliding_window`), RoPE scaling (linear, llama3), tied input/output embeddings (SmolLM, Llama 3.2).
-Parameter names follow gpt-fast; `hf_keys` is the load hook mapping them to the Hugging Face layout, and
-`transposed` says which stored (out, in) matrices become our (in, out) `Linear` weights.
+Parameter names follow gpt-fast; `hf_keys` is the load hook mapping them to the Hugging Face layout, `transposed`
+says which stored (out, in) matrices become our (in, out) `Linear` weights, and `fused_parts` which stored matrices
+are concatenated into one (q|k|v as `wqkv`, gate|up as `w13`: fewer, larger GEMMs per decode step).
 """
 
 from __future__ import annotations
@@ -166,39 +167,38 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE over the slotted KV cache."""
+    """Grouped-query self-attention with RoPE over the slotted KV cache; q, k, v come from one fused projection."""
 
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
         self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.window = cfg.windows[layer]
-        self.wq = Linear(cfg.dim, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wk = Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wv = Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        # wq | wk | wv as one (dim, (n_head + 2 n_kv_head) * head_dim) matrix: one GEMM instead of three per layer
+        self.wqkv = Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, nh, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, n_kv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = step.update(self.layer, k, v)                                      # (B, n_kv, L, hd)
+        nh, nqk = self.n_head, self.n_head + self.n_kv_head
+        qkv = self.wqkv(x).view(B, T, nqk + self.n_kv_head, self.head_dim)
+        qk = apply_rope(qkv[:, :, :nqk], cos, sin)                                # q and k heads rotated at once
+        q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)      # (B, nh, T, hd), (B, n_kv, T, hd)
+        k, v = step.update(self.layer, k, qkv[:, :, nqk:].transpose(1, 2))       # (B, n_kv, L, hd)
         y = attend(q, k, v, step, self.window)                                     # (B, nh, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.wo(y.transpose(1, 2).reshape(B, T, nh * self.head_dim))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 | w3 fused into one matrix `w13`."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.w1 = Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)   # gate
-        self.w3 = Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)   # up
-        self.w2 = Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)   # down
+        self.w13 = Linear(cfg.dim, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)   # gate | up
+        self.w2 = Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)        # down
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate).mul_(up))
 
 
 class Block(nn.Module):
@@ -252,8 +252,8 @@ class Transformer(nn.Module):
         if hook:
             hook(0)
         x = self.tok_embeddings(idx)                                              # (B, T, dim)
-        cos = self.rope_cos[step.input_pos].to(x.dtype)[:, None]                  # (B, 1, T, hd)
-        sin = self.rope_sin[step.input_pos].to(x.dtype)[:, None]
+        cos = self.rope_cos[step.input_pos].to(x.dtype)[:, :, None]               # (B, T, 1, hd)
+        sin = self.rope_sin[step.input_pos].to(x.dtype)[:, :, None]
         for i, layer in enumerate(self.layers):
             if hook:
                 hook(1 + i)
@@ -288,6 +288,18 @@ def hf_keys(name: str, cfg: LlamaConfig) -> list[str]:
         if re.match(pattern, name):
             return [re.sub(pattern, repl, name)]
     return [name]
+
+
+_FUSED = {".attention.wqkv.": (".attention.wq.", ".attention.wk.", ".attention.wv."),
+          ".feed_forward.w13.": (".feed_forward.w1.", ".feed_forward.w3.")}
+
+
+def fused_parts(name: str, cfg: LlamaConfig) -> list[str]:
+    """Load hook: the checkpoint parameters our fused `wqkv` / `w13` concatenate (in our naming), else []."""
+    for fused, parts in _FUSED.items():
+        if fused in name:
+            return [name.replace(fused, part) for part in parts]
+    return []
 
 
 def transposed(name: str, cfg: LlamaConfig) -> bool:

@@ -73,6 +73,15 @@ class Model:
         """Bytes of all (distinct) parameters in the loaded dtype."""
         return sum(p.nbytes for p in self._pages)
 
+    def bytes_read_per_token(self) -> int:
+        """Weight bytes a batch-1 decode step streams (what memory bandwidth bounds decoding by): every parameter
+        except embedding tables that are only looked up, one row per token, unless the head multiplies by them (tied)."""
+        read = self.weight_bytes()
+        for name, mod in self.module.named_modules():
+            if isinstance(mod, nn.Embedding) and len(self._tied[f"{name}.weight"]) == 1:
+                read -= mod.weight.nbytes - mod.weight[0].nbytes
+        return read
+
     # ---- scheduler API ---------------------------------------------------------------------------------------
     def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
         """A KV cache with max_batch slots of up to max_seq_len positions (capped to the model's context)."""
@@ -275,6 +284,7 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: st
         raise LoadError(f"config.json in {folder} lacks {e.args[0]!r}, which {model_type} models need") from None
     checkpoint.key_map = lambda name: family.hf_keys(name, cfg)
     checkpoint.transposed = lambda name: family.transposed(name, cfg)
+    checkpoint.parts = lambda name: family.fused_parts(name, cfg)
     with torch.device("meta"):
         module = family.Transformer(cfg)
     expected = module.state_dict()

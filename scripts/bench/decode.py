@@ -6,7 +6,8 @@ model x dtype x batch size (1, 16): greedy, 128 new tokens after a 16-token prom
   llmsh:        BatchGenerator (prefill + decode steps over the slotted KV cache)
   transformers: model.generate(do_sample=False, min_new_tokens=max_new_tokens)
 timed alternately (best of --repeats) so machine noise hits both alike. Batch-1 is also compared with the
-memory-bandwidth limit: weight bytes per token / the measured copy bandwidth of a buffer that size.
+memory-bandwidth limit: weight bytes read per token (all weights but untied embedding tables, of which a token reads
+one row) / the measured copy bandwidth of a buffer the size of the weights (read + write bytes, as STREAM counts).
 Peak RSS while loading is measured in a fresh child process (load + one forward, which touches every weight).
 
 The machine may be shared: numbers are noisy; ratios measured in the same run are what to compare.
@@ -209,7 +210,7 @@ def _run(args: argparse.Namespace, root: Path, models: list[str], dtypes: list[s
                     f"ratio {tps_ours / tps_ref:.2f}")
             if b == 1:
                 bw = copy_bandwidth(wbytes)
-                limit = bw / wbytes
+                limit = bw / ours.bytes_read_per_token()
                 limits.append(tps_ours / limit)
                 line += f"   bandwidth limit {limit:.1f} tok/s ({bw / 1e9:.1f} GB/s copy) -> {tps_ours / limit:.2f}"
             print(line, flush=True)
