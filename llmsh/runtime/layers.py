@@ -8,17 +8,20 @@ checkpoints are transposed once at load (in 16 MiB chunks, see `checkpoint._copy
 
 bfloat16 on CPUs without native bf16 instructions (no AVX512_BF16/AMX: `/proc/cpuinfo`) has no fast GEMM in MKL or
 oneDNN: at batch 16 a bf16 matmul ran 2x slower than the same matmul in float32, although it reads half the bytes.
-So for more than `BF16_BLOCKED_MIN_ROWS` rows we convert the weight in blocks that stay in the L2 cache and run float32
+So from `BF16_BLOCKED_MIN_ROWS` rows on we convert the weight in blocks that stay in the L2 cache and run float32
 GEMMs on them (`_bf16_blocked`); the weight stays bfloat16 in memory and the result is rounded to bfloat16 once, as
-a bf16 GEMM with float32 accumulation would. Batch 1 keeps torch's bf16 GEMV, which is faster there.
+a bf16 GEMM with float32 accumulation would. Fewer rows keep torch's bf16 GEMV, and so do CPUs with native bf16.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
-BF16_BLOCKED_MIN_ROWS = 2          # below this many rows (tokens) torch's own bf16 GEMV wins
+BF16_BLOCKED_MIN_ROWS = 4          # below this many rows (tokens) torch's own bf16 GEMV is as fast or faster
 BLOCK_ELEMS = 384 * 1024           # float32 block: 1.5 MiB, measured best at batch 16 on a 1 MiB-L2 core
 
 
@@ -48,9 +51,19 @@ def _bf16_blocked(x2: Tensor, w: Tensor, transposed: bool) -> Tensor:
     return yt.t().to(torch.bfloat16)
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN has real bf16 GEMMs (AVX512_BF16 or AMX, per /proc/cpuinfo); False elsewhere or if unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def _use_blocked(x: Tensor, w: Tensor) -> bool:
     return (w.dtype == torch.bfloat16 and w.device.type == "cpu"
-            and x.numel() // x.shape[-1] >= BF16_BLOCKED_MIN_ROWS)
+            and x.numel() // x.shape[-1] >= BF16_BLOCKED_MIN_ROWS and not cpu_has_native_bf16())
 
 
 class Linear(nn.Module):
