@@ -16,11 +16,21 @@ bandwidth limit> plus the minima and rss_load=<peak load RSS / weight bytes, wor
 Usage: python scripts/bench/decode.py [--quick] [--threads N] [--new-tokens 128] [--repeats 2] [--profile]
 
 What the profile (--profile, torch.profiler) showed and what moved the numbers:
-- ~90% of a decode step is GEMM/GEMV (addmm + the vocab head's mm); attention ~3-5%; everything else ~5%.
+- batch 1: ~80% of a decode step is GEMV (the layers' matmuls + the vocab head), running at ~95% of the copy
+  bandwidth; the rest is ~35 small ops per layer at 5-10 us each (Python + dispatch), which is what was cut:
+  - GQA decode without `repeat_interleave` of K/V (query heads of a group folded into the query axis): 4x (fp32) to
+    9x (bf16) cheaper attention, the largest single gain for the Llama cases (llmsh/runtime/kv_cache.py `attend`);
+  - q|k|v and gate|up fused into one matrix each at load (3 GEMMs per layer instead of 5), RoPE on q and k at once
+    with a signed-sin table (4 ops instead of 12), torch's fused `rms_norm`, `matmul` on 3-d inputs (one dispatch
+    instead of reshape + mm + view).
+- batch 16, bf16: this CPU has no AVX512_BF16/AMX, and MKL/oneDNN's bf16 GEMM ran 2x slower than float32 on the same
+  shapes; converting L2-sized weight blocks to float32 and running float32 GEMMs on them made batched bf16 ~1.9x
+  faster (llmsh/runtime/layers.py `_bf16_blocked`). Batch-1 bf16 keeps torch's GEMV, which reaches only ~0.7 of the
+  copy bandwidth on this CPU (it widens every weight); no torch kernel here does better, so bf16 stays below 0.85.
 - threads: on this shared 2-core VM, 2 OpenMP threads made GEMV ~4x slower whenever another process held a core;
   one thread already streams weights near the copy bandwidth (see THREADS below).
-- weight layout: GEMV over W stored (in, out) (`x @ W`, HF's Conv1D) streams 1.26x (fp32) / 1.5x (bf16) faster than
-  `F.linear` over (out, in); llmsh's Linear stores (in, out) (llmsh/runtime/layers.py).
+- weight layout: GEMV over W stored (in, out) (`x @ W`, HF's Conv1D) streams 5-26% (fp32) / 12-50% (bf16) faster
+  than `F.linear` over (out, in) at batch 1, but is ~25% slower at batch 16 in float32; llmsh keeps (in, out).
 - bf16 GEMM on a transposed *view* hit a ~15x slower kernel; weights are always contiguous in the layout used.
 - load RSS: mmap'd safetensors, zero-copy when dtype and layout match; otherwise a chunked copy that madvise()s
   away each source chunk, so peak load RSS stays ~1x the weights.
