@@ -66,7 +66,7 @@ def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., 
     assert next(r for r in free if r["device"] == "cpu")["budget"] == budget
 
     # keep_alive: idle past it → every page released, listed as paged-out, back on the next request
-    _ok(k, f"keepalive b 0")
+    assert _ok(k, "keepalive b 0 --json")["data"] == {"pid": b, "keep_alive_s": 0}
     deadline = time.monotonic() + 10
     while _state(k, b) != "paged-out":
         assert time.monotonic() < deadline, "b never showed paged-out"
@@ -76,17 +76,22 @@ def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., 
     _ok(k, "keepalive b forever")
 
     # mlock: a becomes resident and stays while b runs
-    _ok(k, "mlock a")
+    locked = _ok(k, "mlock a --json")["data"]
+    assert locked["pid"] == a and locked["locked"] and locked["res_bytes"] == sizes[0]
     assert _ok(k, f"run b {RUN} '{PROMPT}'")["stdout"].rstrip("\n") == refs[1]
     row = next(p for p in _ok(k, "mem --json")["data"]["procs"] if p["pid"] == a)
     assert row["locked"] and row["res_bytes"] == sizes[0]
+    r = k.execute("pageout a")
+    assert r["status"] == "error" and f"munlock {a}" in r["reply"]["evalue"]
     # a load that cannot fit even after everything unlocked gives way: one line saying what is needed and who holds it
     r = k.execute(f"load {big} --name c")
     assert r["status"] == "error"
     line = r["reply"]["evalue"]
     assert "needs" in line and f"pid {a} a" in line and "(mlocked)" in line and "--mem-budget" in line
     assert all(p["pid"] in (a, b) for p in _ok(k, "mem --json")["data"]["procs"])
-    _ok(k, "munlock a")
+    assert _ok(k, "munlock a --json")["data"] == {"pid": a, "locked": False}
+    assert _ok(k, "pageout a --json")["data"] == {"pid": a, "freed_bytes": sizes[0]}
+    assert _state(k, a) == "paged-out"
     c = _ok(k, f"load {big} --name c2")["data"]["pid"]  # now a gives way (the failed c stays listed until reaped)
     assert _state(k, c) == "ready"
 

@@ -1,4 +1,4 @@
-"""The decode-tuned layers: (in, out) Linear, the tied head, and bf16 GEMMs done in float32 blocks."""
+"""The decode-tuned layers: (in, out) Linear, the transposed tied embedding, and bf16 GEMMs in float32 blocks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmsh.runtime import layers
-from llmsh.runtime.layers import Linear, TiedHead
+from llmsh.runtime.layers import Linear, TiedEmbedding
 
 
 @pytest.fixture
@@ -20,36 +20,43 @@ def test_bf16_blocked_equals_float32_product_of_the_bf16_weights(small_blocks, r
     torch.manual_seed(0)
     w = torch.randn(37, 100).to(torch.bfloat16)                  # (K, N): 37 = 12 blocks of 3 and one of 1
     x = torch.randn(rows, 37).to(torch.bfloat16)
-    ref = (x.float() @ w.float()).to(torch.bfloat16)
-    got = layers._bf16_blocked(x, w, transposed=False)
+    got = layers._bf16_blocked(x, w)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 100)
-    torch.testing.assert_close(got, ref, atol=0.05, rtol=0.01)    # float32 sums in another order, one bf16 rounding
-    wt = torch.randn(101, 100).to(torch.bfloat16)               # (N, K) as a tied head stores it
-    x = torch.randn(rows, 100).to(torch.bfloat16)
-    torch.testing.assert_close(layers._bf16_blocked(x, wt, transposed=True), (x.float() @ wt.float().t()).to(torch.bfloat16),
-                               atol=0.05, rtol=0.01)
+    # float32 sums in another order, then one bf16 rounding
+    torch.testing.assert_close(got, (x.float() @ w.float()).to(torch.bfloat16), atol=0.05, rtol=0.01)
 
 
-def test_layers_pick_the_blocked_path_for_bf16_batches_only(small_blocks, monkeypatch):
+def test_linear_picks_the_blocked_path_for_bf16_batches_only(small_blocks, monkeypatch):
     monkeypatch.setattr(layers, "cpu_has_native_bf16", lambda: False)  # as on this project's CI machines
     calls = []
     real = layers._bf16_blocked
     monkeypatch.setattr(layers, "_bf16_blocked", lambda *a: calls.append(a[0].shape) or real(*a))
-    lin, head = Linear(37, 100), TiedHead(100, 101)
+    lin = Linear(37, 100)
     with torch.no_grad():
-        for p in (*lin.parameters(), *head.parameters()):
+        for p in lin.parameters():
             p.copy_(torch.randn(p.shape))
-    for module, width in ((lin, 37), (head, 100)):
-        x = torch.randn(5, 1, width)
-        out32 = module(x)                                            # float32: torch's GEMM
-        module.to(torch.bfloat16)
-        one = module(x[:1].to(torch.bfloat16))                      # one row: torch's bf16 GEMV
-        assert calls == []
-        many = module(x.to(torch.bfloat16))                         # five rows: blocked float32
-        assert calls == [(5, width)] and many.shape == out32.shape
-        torch.testing.assert_close(many.float(), out32, atol=0.3, rtol=0.02)
-        torch.testing.assert_close(one.float(), out32[:1], atol=0.3, rtol=0.02)
-        calls.clear()
+    x = torch.randn(5, 1, 37)
+    out32 = lin(x)                                               # float32: torch's GEMM
+    lin.to(torch.bfloat16)
+    one = lin(x[:1].to(torch.bfloat16))                         # one row: torch's bf16 GEMV
+    assert calls == []
+    many = lin(x.to(torch.bfloat16))                            # five rows: blocked float32
+    assert calls == [(5, 37)] and many.shape == out32.shape
+    torch.testing.assert_close(many.float(), out32, atol=0.3, rtol=0.02)
+    torch.testing.assert_close(one.float(), out32[:1], atol=0.3, rtol=0.02)
+
+
+def test_tied_embedding_looks_up_columns_of_the_heads_weight():
+    emb = TiedEmbedding(50, 8)
+    table = torch.randn(50, 8)                                   # (vocab, dim) as checkpoints store it
+    with torch.no_grad():
+        emb.weight.copy_(table.t())
+    idx = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(emb(idx), torch.nn.functional.embedding(idx, table))
+    head = Linear(8, 50, bias=False)
+    head.weight = emb.weight                                     # tied: one Parameter
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(head(x), x @ table.t())
 
 
 def test_native_bf16_cpus_keep_torchs_gemm(monkeypatch):

@@ -40,8 +40,8 @@ def test_sharded_load_matches_single_file(sharded, tiny_llama):
 
 
 def test_weights_are_views_of_the_mapped_file(make_tiny_model):
-    """GPT-2 (Conv1D, stored as our Linear wants) maps every tensor from the file; Llama all but its projections
-    (transposed, and q|k|v and gate|up fused into one matrix each)."""
+    """GPT-2 (Conv1D, stored as our Linear wants) maps every tensor from the file but the tied embedding (transposed to
+    be the head's (in, out) weight); Llama all but its projections (transposed; q|k|v and gate|up fused)."""
     for family in ("gpt2", "llama"):
         model = load(make_tiny_model(family))
         ranges = []

@@ -266,8 +266,11 @@ async def bg(ctx: Context, args: argparse.Namespace) -> None:
 )
 async def wait(ctx: Context, args: argparse.Namespace) -> int:
     table = job_table(ctx.kernel)
-    if not args.target:
+    if not args.target:  # like sh: every job is then reaped, so 'jobs' no longer lists them
         await table.wait(table.running(ctx.client))
+        for job in table.list(ctx.client):
+            if job.done:
+                table.forget(job)
         return 0
     code = 0
     for target in args.target:

@@ -113,6 +113,7 @@ async def mem_cmd(ctx: Context, args: argparse.Namespace) -> int:
     description="Pages every layer of the process in (paging out others as needed) and keeps them there until "
     "'munlock'. Fails if the locked processes would not fit in the device's budget.",
     completer=_complete_procs,
+    structured=True,
     group=GROUP,
 )
 async def mlock_cmd(ctx: Context, args: argparse.Namespace) -> int:
@@ -128,7 +129,8 @@ async def mlock_cmd(ctx: Context, args: argparse.Namespace) -> int:
     if service is not None:
         service.sync_rows()
     row = pager.proc_row(pid)
-    ctx.write(f"pid {pid} ({row['name']}) locked: {human_bytes(row['res_bytes'])} resident\n")
+    ctx.result({"pid": pid, "name": row["name"], "locked": True, "res_bytes": row["res_bytes"]},
+               f"pid {pid} ({row['name']}) locked: {human_bytes(row['res_bytes'])} resident\n")
     return 0
 
 
@@ -137,6 +139,7 @@ async def mlock_cmd(ctx: Context, args: argparse.Namespace) -> int:
     "let a locked process's weights be paged out again",
     arg("pid", metavar="PID|NAME", help="the process"),
     completer=_complete_procs,
+    structured=True,
     group=GROUP,
 )
 async def munlock_cmd(ctx: Context, args: argparse.Namespace) -> int:
@@ -144,7 +147,7 @@ async def munlock_cmd(ctx: Context, args: argparse.Namespace) -> int:
     pager, _ = _pager(ctx)
     pid = _pid(ctx, args.pid)
     pager.munlock(pid)
-    ctx.write(f"pid {pid} unlocked\n")
+    ctx.result({"pid": pid, "locked": False}, f"pid {pid} unlocked\n")
     return 0
 
 
@@ -156,6 +159,7 @@ async def munlock_cmd(ctx: Context, args: argparse.Namespace) -> int:
     description="An idle process past its keep_alive has all its pages released: it stays in 'ps' as paged-out "
     "and its weights come back from disk on its next request.",
     completer=_complete_procs,
+    structured=True,
     group=GROUP,
 )
 async def keepalive_cmd(ctx: Context, args: argparse.Namespace) -> int:
@@ -169,7 +173,8 @@ async def keepalive_cmd(ctx: Context, args: argparse.Namespace) -> int:
     pager, _ = _pager(ctx)
     pid = _pid(ctx, args.pid)
     pager.set_keep_alive(pid, seconds)
-    ctx.write(f"pid {pid} keep_alive {'forever' if seconds is None else f'{seconds:g}s'}\n")
+    ctx.result({"pid": pid, "keep_alive_s": seconds},
+               f"pid {pid} keep_alive {'forever' if seconds is None else f'{seconds:g}s'}\n")
     return 0
 
 
@@ -178,6 +183,7 @@ async def keepalive_cmd(ctx: Context, args: argparse.Namespace) -> int:
     "release every page of an idle process now (it comes back on its next request)",
     arg("pid", metavar="PID|NAME", help="the process"),
     completer=_complete_procs,
+    structured=True,
     group=GROUP,
 )
 async def pageout_cmd(ctx: Context, args: argparse.Namespace) -> int:
@@ -191,7 +197,7 @@ async def pageout_cmd(ctx: Context, args: argparse.Namespace) -> int:
     freed = pager.page_out(pid)
     if service is not None:
         service.sync_rows()
-    ctx.write(f"pid {pid}: {human_bytes(freed)} paged out\n")
+    ctx.result({"pid": pid, "freed_bytes": freed}, f"pid {pid}: {human_bytes(freed)} paged out\n")
     return 0
 
 

@@ -245,8 +245,9 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
     "ps",
     "list model processes",
     arg("-a", "--all", action="store_true", help="also list processes that have exited, with how they ended"),
-    description="Columns: PID NAME STATE NI DEVICE RES (resident bytes) REQS (active+queued) TOK/S TOKENS TIME (compute "
-    "time) NODE. A failed process is listed with its reason once, then reaped.",
+    description="Columns: PID NAME STATE NI DEVICE RES (resident bytes: weights in memory plus the KV cache it has "
+    "allocated, like RSS; 'mem' shows the KV bytes in use) REQS (active+queued) TOK/S TOKENS TIME (compute time) "
+    "NODE. A failed process is listed with its reason once, then reaped.",
     structured=True,
     group=GROUP,
 )

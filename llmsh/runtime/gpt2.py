@@ -4,8 +4,8 @@
     out = h + MLP(LayerNorm(h))              # c_proj(gelu_tanh(c_fc h))
 
 Hugging Face stores GPT-2's projections as `Conv1D` with weights shaped (in, out), which is exactly our `Linear`
-(layers.py), so every tensor is used straight from the mmap'd file, in every dtype, with no copy.
-The output head always shares the token-embedding matrix.
+(layers.py), so they are used straight from the mmap'd file with no copy. The output head always shares the
+token-embedding matrix, which is transposed once at load to serve as the head's (in, out) weight.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
-from llmsh.runtime.layers import Linear, TiedHead
+from llmsh.runtime.layers import Linear, TiedEmbedding
 
 MODEL_TYPES = ("gpt2",)
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -86,10 +86,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, step: Step) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)   # (B, nh, T, hd)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                            # each (B, nh, T, hd), views
         k, v = step.update(self.layer, k, v)                             # (B, nh, L, hd)
         y = attend(q, k, v, step, scale=self.scale)                       # (B, nh, T, hd)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -129,11 +127,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wte = TiedEmbedding(cfg.vocab_size, cfg.n_embd)                 # (C, vocab): also the head's weight
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.lm_head = TiedHead(cfg.n_embd, cfg.vocab_size)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.page_hook: Callable[[int], None] | None = None
 
     def setup(self, device: torch.device | str) -> None:
@@ -171,8 +169,9 @@ def hf_keys(name: str, cfg: GPT2Config) -> list[str]:
 
 
 def transposed(name: str, cfg: GPT2Config) -> bool:
-    """Conv1D weights are stored (in, out), like our Linear: nothing to transpose."""
-    return False
+    """Conv1D weights are stored (in, out), like our Linear; only the tied token embedding is transposed, so that the
+    head can use it as an (in, out) weight (see layers.TiedEmbedding)."""
+    return name in ("wte.weight", "lm_head.weight")
 
 
 def fused_parts(name: str, cfg: GPT2Config) -> list[str]:

@@ -26,29 +26,18 @@ BLOCK_ELEMS = 384 * 1024           # float32 block: 1.5 MiB, measured best at ba
 
 
 @torch.no_grad()  # inference only: the in-place block products have no autograd formula
-def _bf16_blocked(x2: Tensor, w: Tensor, transposed: bool) -> Tensor:
-    """x2 (M, K) @ w in float32 blocks; w is (K, N) bf16, or (N, K) when `transposed`. Returns (M, N) bf16."""
+def _bf16_blocked(x2: Tensor, w: Tensor) -> Tensor:
+    """x2 (M, K) @ w (K, N), both bf16, as float32 GEMMs over blocks of w's rows, accumulated; returns (M, N) bf16."""
+    K, N = w.shape
+    rows = max(1, BLOCK_ELEMS // N)
     xf = x2.float()
-    if not transposed:                                   # (K, N): blocks of whole rows, accumulated
-        K, N = w.shape
-        rows = max(1, BLOCK_ELEMS // N)
-        y = torch.zeros(x2.shape[0], N)
-        buf = torch.empty(min(rows, K), N)
-        for i in range(0, K, rows):
-            blk = buf[:min(rows, K - i)]
-            blk.copy_(w[i:i + rows])
-            y.addmm_(xf[:, i:i + rows], blk)
-        return y.to(torch.bfloat16)
-    N, K = w.shape                                       # (N, K): blocks of output rows, written into y^T
-    rows = max(1, BLOCK_ELEMS // K)
-    yt = torch.empty(N, x2.shape[0])
-    buf = torch.empty(min(rows, N), K)
-    xt = xf.t()
-    for o in range(0, N, rows):
-        blk = buf[:min(rows, N - o)]
-        blk.copy_(w[o:o + rows])
-        torch.mm(blk, xt, out=yt[o:o + rows])
-    return yt.t().to(torch.bfloat16)
+    y = torch.zeros(x2.shape[0], N)
+    buf = torch.empty(min(rows, K), N)
+    for i in range(0, K, rows):
+        blk = buf[:min(rows, K - i)]
+        blk.copy_(w[i:i + rows])                           # bf16 -> float32, into a block that stays in L2
+        y.addmm_(xf[:, i:i + rows], blk)
+    return y.to(torch.bfloat16)
 
 
 @functools.cache
@@ -77,7 +66,7 @@ class Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if _use_blocked(x, self.weight):
-            y = _bf16_blocked(x.reshape(-1, self.in_features), self.weight, False).view(*x.shape[:-1], -1)
+            y = _bf16_blocked(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], -1)
         else:
             y = torch.matmul(x, self.weight)  # folds (B, T) into one GEMM in C++: fewer dispatches than reshape+mm
         return y if self.bias is None else y.add_(self.bias)
@@ -86,14 +75,17 @@ class Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class TiedHead(nn.Module):
-    """The output head when it is the token-embedding matrix itself: weight (vocab, dim), y = x @ weight^T."""
+class TiedEmbedding(nn.Module):
+    """A token embedding stored (dim, vocab): the same matrix is then the (in, out) weight of a tied output `Linear`.
 
-    def __init__(self, dim: int, vocab_size: int) -> None:
+    A lookup gathers one column per token (a few KiB); the head, which streams the whole matrix every step, gets the
+    layout GEMV is fastest on: a 50257-wide head ran 10% (float32) and 16% (bfloat16) faster than `F.linear` over the
+    checkpoint's (vocab, dim). Checkpoints store (vocab, dim), so tied matrices are transposed once at load.
+    """
+
+    def __init__(self, vocab_size: int, dim: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+        self.weight = nn.Parameter(torch.empty(dim, vocab_size))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if _use_blocked(x, self.weight):
-            return _bf16_blocked(x.reshape(-1, x.shape[-1]), self.weight, True).view(*x.shape[:-1], -1)
-        return torch.nn.functional.linear(x, self.weight)
+    def forward(self, idx: Tensor) -> Tensor:
+        return torch.nn.functional.embedding(idx, self.weight.t())        # (…, dim), gathered from the strided view

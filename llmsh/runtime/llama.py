@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
-from llmsh.runtime.layers import Linear, TiedHead
+from llmsh.runtime.layers import Linear, TiedEmbedding
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -222,12 +222,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # tied: one (dim, vocab) matrix that is both the lookup table and the head's (in, out) weight
+        self.tok_embeddings = TiedEmbedding(cfg.vocab_size, cfg.dim) if cfg.tie_embeddings else \
+            nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        # a tied head is the embedding matrix itself, (vocab, dim), shared as one Parameter
-        self.output = TiedHead(cfg.dim, cfg.vocab_size) if cfg.tie_embeddings else \
-            Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.page_hook: Callable[[int], None] | None = None
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)    # signed: see rope_tables
@@ -303,9 +303,10 @@ def fused_parts(name: str, cfg: LlamaConfig) -> list[str]:
 
 
 def transposed(name: str, cfg: LlamaConfig) -> bool:
-    """Checkpoints store projections (out, in); our `Linear` keeps (in, out) (see layers.py), the tied head does not."""
-    if name == "output.weight":
-        return not cfg.tie_embeddings
+    """Checkpoints store projections (out, in); our `Linear` keeps (in, out) (see layers.py). The output head is one
+    too, and a tied embedding is stored as that head's weight (layers.TiedEmbedding); an untied embedding is not."""
+    if name in ("output.weight", "tok_embeddings.weight"):
+        return name == "output.weight" or cfg.tie_embeddings
     return name.endswith(".weight") and (".attention.w" in name or ".feed_forward.w" in name)
 
 Config = LlamaConfig
