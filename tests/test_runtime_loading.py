@@ -270,3 +270,20 @@ def test_bytes_read_per_token_skips_only_lookup_tables(make_tiny_model):
         expected = model.weight_bytes() - sum(t.nbytes - t[0].nbytes for t in tables)
         assert model.bytes_read_per_token() == expected, family
         assert family != "llama3" or model.bytes_read_per_token() == model.weight_bytes()
+
+
+def test_a_missing_or_misshapen_part_of_a_fused_matrix_fails_naming_it(tiny_llama, tmp_path):
+    """q|k|v are loaded as one matrix: a checkpoint lacking k_proj, or with a k_proj of the wrong width, fails clearly."""
+    from safetensors.torch import load_file, save_file
+
+    key = "model.layers.0.self_attn.k_proj.weight"
+    tensors = load_file(tiny_llama / "model.safetensors")
+    for name, change in (("lacks", lambda t: t.pop(key)), ("misshapen", lambda t: t.update({key: t[key][:, :-1].contiguous()}))):
+        folder = _copy(tiny_llama, tmp_path / name)
+        broken = dict(tensors)
+        change(broken)
+        save_file(broken, folder / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(LoadError) as err:
+            load(folder)
+        line = str(err.value)
+        assert "\n" not in line and ("k_proj" in line if name == "lacks" else "wqkv" in line or "shape" in line), line
