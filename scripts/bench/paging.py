@@ -40,7 +40,7 @@ def make_checkpoint(folder: Path, seed: int) -> Path:
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in shapes.items():
-        shape = tuple(reversed(shape)) if gpt2.transposed(name) else tuple(shape)
+        shape = tuple(reversed(shape)) if gpt2.transposed(name, cfg) else tuple(shape)
         t = torch.randn(shape, generator=g) * 0.02 if len(shape) > 1 else torch.ones(shape)
         tensors["transformer." + name] = t.contiguous()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
