@@ -120,16 +120,16 @@ def test_oom_during_page_in_fails_the_request_and_the_pager_recovers(three_model
         for pid, m in enumerate(models, 1):
             pager.attach(pid, ModelSource(m))
         ckpt = models[1].checkpoint
-        real = ckpt.load_tensor
+        real = ckpt.read_into
         calls = {"n": 0}
 
-        def flaky(name, device="cpu", dtype=None):
+        def flaky(name, out):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise torch.OutOfMemoryError("CPU out of memory: tried to allocate 1 MiB")
-            return real(name, device, dtype)
+            return real(name, out)
 
-        monkeypatch.setattr(ckpt, "load_tensor", flaky)
+        monkeypatch.setattr(ckpt, "read_into", flaky)
         assert models[0].generate(PROMPTS, **GREEDY) == refs[0]  # pushes model 2 out
         with pytest.raises(PageInError, match="out of memory"):
             models[1].generate(PROMPTS, **GREEDY)

@@ -185,25 +185,25 @@ class Checkpoint:
     def load_tensor(self, param_name: str, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> torch.Tensor:
         """Our parameter `param_name` read from the mmap'd file: a zero-copy view when device/dtype match the file
-        (and it is neither transposed nor fused), else one copy written chunk by chunk."""
+        (and it is neither transposed nor fused), else one copy written chunk by chunk (`read_into`)."""
+        first = self._source((self.parts(param_name) or [param_name])[0])[2]
+        dtype, device = dtype or first.dtype, torch.device(device)
+        if not self.parts(param_name) and not self.transposed(param_name) and dtype == first.dtype and device.type == "cpu":
+            return first  # zero copy: the parameter is the file's pages
+        return self.read_into(param_name, torch.empty(self.shape(param_name), dtype=dtype, device=device))
+
+    def read_into(self, param_name: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy our parameter into `out` (its shape; any dtype, device or pinned buffer) in one chunked pass that
+        converts, un-transposes and assembles fused parts on the way, dropping each source chunk's file pages."""
         parts = self.parts(param_name)
-        if parts:
-            first = self._source(parts[0])[2]
-            out = torch.empty(self.shape(param_name), dtype=dtype or first.dtype, device=device)
-            at = 0
-            for part in parts:
-                file, key, src = self._source(part)
-                width = src.shape[0] if self.transposed(part) else src.shape[-1]
-                _copy_out(file, key, src, self.transposed(part), out[..., at:at + width])
-                at += width
-            return out
-        file, key, src = self._source(param_name)
-        dtype, device = dtype or src.dtype, torch.device(device)
-        transposed = self.transposed(param_name)  # stored (out, in), wanted (in, out) (see layers.py)
-        if dtype == src.dtype and device.type == "cpu" and not transposed:
-            return src  # zero copy: the parameter is the file's pages
-        shape = list(src.shape[::-1]) if transposed else list(src.shape)
-        return _copy_out(file, key, src, transposed, torch.empty(shape, dtype=dtype, device=device))
+        at = 0
+        for part in parts or [param_name]:
+            file, key, src = self._source(part)
+            transposed = self.transposed(part)  # stored (out, in), wanted (in, out) (see layers.py)
+            width = src.shape[0] if transposed else src.shape[-1] if src.dim() else 1
+            _copy_out(file, key, src, transposed, out[..., at:at + width] if parts else out)
+            at += width
+        return out
 
     def _source(self, param_name: str) -> tuple[SafetensorsFile, str, torch.Tensor]:
         key = self.hf_key(param_name)

@@ -66,25 +66,19 @@ class ModelSource:
 
     def read(self, index: int, device: str, *, pin: bool = False,
              out: list["torch.Tensor"] | None = None) -> dict[str, "torch.Tensor"]:
-        """Copy the page out of the mmap into fresh host memory (one pass, converting the dtype on the way), so that
-        its bytes are really owned by the pager — a zero-copy view would leave them to the page cache. With `out`
-        (buffers of an evicted page with the same `layout`), copy into those instead of allocating."""
-        result = {}
-        for i, name in enumerate(self._pages[index].param_names):
-            raw = self.model.checkpoint.load_tensor(name, "cpu")  # a view of the mmap'd file
-            t = out[i] if out is not None else self._alloc(raw, pin)
-            t.copy_(raw)
-            result[name] = t
-        return result
-
-    def _alloc(self, raw: "torch.Tensor", pin: bool) -> "torch.Tensor":
-        """A buffer in the file's layout (GPT-2's Conv1D weights are transposed views): the copy is then a straight
-        memcpy rather than a cache-hostile transpose, and the matmuls see the same strides as a resident model."""
+        """Copy the page out of the mmap into fresh host memory (one pass that converts the dtype, un-transposes and
+        assembles fused matrices on the way), so that its bytes are really owned by the pager — a zero-copy view would
+        leave them to the page cache. With `out` (buffers of an evicted page with the same `layout`), copy into those
+        instead of allocating."""
         import torch
 
-        if raw.is_contiguous() or (raw.dim() == 2 and raw.t().is_contiguous()):
-            return torch.empty_strided(raw.shape, raw.stride(), dtype=self.model.dtype, pin_memory=pin)
-        return torch.empty(raw.shape, dtype=self.model.dtype, pin_memory=pin)
+        checkpoint = self.model.checkpoint
+        result = {}
+        for i, name in enumerate(self._pages[index].param_names):
+            t = out[i] if out is not None else torch.empty(checkpoint.shape(name), dtype=self.model.dtype,
+                                                           pin_memory=pin)
+            result[name] = checkpoint.read_into(name, t)
+        return result
 
     def layout(self, index: int) -> tuple | None:
         """Shapes, strides and dtype of the buffers `read` fills for this page (pages of equal layout share buffers);
