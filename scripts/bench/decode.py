@@ -22,7 +22,9 @@ What the profile (--profile, torch.profiler) showed and what moved the numbers:
     9x (bf16) cheaper attention, the largest single gain for the Llama cases (llmsh/runtime/kv_cache.py `attend`);
   - q|k|v and gate|up fused into one matrix each at load (3 GEMMs per layer instead of 5), RoPE on q and k at once
     with a signed-sin table (4 ops instead of 12), torch's fused `rms_norm`, `matmul` on 3-d inputs (one dispatch
-    instead of reshape + mm + view).
+    instead of reshape + mm + view);
+  - tied embeddings stored (dim, vocab), so the vocab head is an (in, out) GEMV: ~15% (fp32) / ~45% (bf16) faster
+    head, GPT-2 batch 1 +6-10% (llmsh/runtime/layers.py `TiedEmbedding`).
 - batch 16, bf16: this CPU has no AVX512_BF16/AMX, and MKL/oneDNN's bf16 GEMM ran 2x slower than float32 on the same
   shapes; converting L2-sized weight blocks to float32 and running float32 GEMMs on them made batched bf16 ~1.9x
   faster (llmsh/runtime/layers.py `_bf16_blocked`). Batch-1 bf16 keeps torch's GEMV, which reaches only ~0.7 of the
