@@ -126,14 +126,21 @@ def test_attach_keeps_what_fits_and_forward_matches(pager: Pager) -> None:
     assert row["hits"] >= 4
 
 
-def test_two_models_share_a_budget_of_one(pager: Pager) -> None:
+def _two_models_in_budget_of_one(pager: Pager, seeds: tuple[int, int]) -> tuple:
+    """Two 4-page models of 3 KiB pages attached to a 12 KiB budget (room for one), with their all-resident outputs;
+    returns (a, b, x, ref_a, ref_b, seen) where `seen` records every budget check."""
     pager.set_budget("cpu", 12 * KB)
     seen = _budget_checker(pager)
-    a, b = TensorSource([3 * KB] * 4, seed=2), TensorSource([3 * KB] * 4, seed=3)
+    a, b = TensorSource([3 * KB] * 4, seed=seeds[0]), TensorSource([3 * KB] * 4, seed=seeds[1])
     x = torch.ones(8)
     ref_a, ref_b = a.forward(x), b.forward(x)
     pager.attach(1, a)
     pager.attach(2, b)
+    return a, b, x, ref_a, ref_b, seen
+
+
+def test_two_models_share_a_budget_of_one(pager: Pager) -> None:
+    a, b, x, ref_a, ref_b, seen = _two_models_in_budget_of_one(pager, (2, 3))
     for _ in range(3):  # round-robin requests of a few steps each
         for src, ref in ((a, ref_a), (b, ref_b)):
             for _ in range(3):
@@ -148,13 +155,7 @@ def test_two_models_share_a_budget_of_one(pager: Pager) -> None:
 
 
 def test_page_in_reuses_the_buffers_of_an_evicted_page_of_the_same_layout(pager: Pager) -> None:
-    pager.set_budget("cpu", 12 * KB)
-    seen = _budget_checker(pager)
-    a, b = TensorSource([3 * KB] * 4, seed=31), TensorSource([3 * KB] * 4, seed=32)
-    x = torch.ones(8)
-    ref_a, ref_b = a.forward(x), b.forward(x)
-    pager.attach(1, a)
-    pager.attach(2, b)
+    a, b, x, ref_a, ref_b, seen = _two_models_in_budget_of_one(pager, (31, 32))
     for _ in range(3):
         assert torch.equal(a.forward(x), ref_a) and torch.equal(b.forward(x), ref_b)
     # the pages first came in as fresh copies (a's were the checkpoint's own, never written to); since then every

@@ -186,9 +186,10 @@ class Checkpoint:
                     dtype: torch.dtype | None = None) -> torch.Tensor:
         """Our parameter `param_name` read from the mmap'd file: a zero-copy view when device/dtype match the file
         (and it is neither transposed nor fused), else one copy written chunk by chunk (`read_into`)."""
-        first = self._source((self.parts(param_name) or [param_name])[0])[2]
+        parts = self.parts(param_name)
+        first = self._source((parts or [param_name])[0])[2]
         dtype, device = dtype or first.dtype, torch.device(device)
-        if not self.parts(param_name) and not self.transposed(param_name) and dtype == first.dtype and device.type == "cpu":
+        if not parts and not self.transposed(param_name) and dtype == first.dtype and device.type == "cpu":
             return first  # zero copy: the parameter is the file's pages
         return self.read_into(param_name, torch.empty(self.shape(param_name), dtype=dtype, device=device))
 

@@ -92,7 +92,7 @@ class Entry:
     deps: tuple[int, ...] = ()  # pages that must be resident with this one (a tied head needs the embedding)
     tensors: list[Any] | None = None  # buffers the pager allocated for it while IN (never the checkpoint's mmap)
     buffers: list[Any] | None = None  # an evicted page's buffers to read into (same layout), reserved for it
-    layout: tuple | None = None  # shapes/strides/dtype of its buffers, when the source can tell
+    layout: tuple | None = None  # shapes/dtype of its buffers, when the source can tell
 
 
 @dataclass(eq=False)

@@ -81,19 +81,15 @@ class ModelSource:
         return result
 
     def layout(self, index: int) -> tuple | None:
-        """Shapes, strides and dtype of the buffers `read` fills for this page (pages of equal layout share buffers);
-        taken from the parameters as loaded (views of the file), None if the page was not resident then."""
+        """Shape and dtype of each buffer `read` allocates for this page (pages of equal layout share buffers);
+        None if the page was not resident when the source was made."""
         return self._layouts[index]
 
     def _layout_now(self, index: int) -> tuple | None:
-        out = []
-        for name in self._pages[index].param_names:
-            p = self.model.module.get_parameter(name)
-            if p.is_meta:
-                return None
-            dense = p.is_contiguous() or (p.dim() == 2 and p.t().is_contiguous())
-            out.append((tuple(p.shape), tuple(p.stride()) if dense else None, str(self.model.dtype)))
-        return tuple(out)
+        names = self._pages[index].param_names
+        if any(self.model.module.get_parameter(n).is_meta for n in names):
+            return None
+        return tuple((tuple(self.model.checkpoint.shape(n)), str(self.model.dtype)) for n in names)
 
     def deps(self, index: int) -> list[int]:
         """Pages that must be resident too while this one runs: a tied head reads the embedding matrix."""
