@@ -36,3 +36,10 @@ def state_dir() -> Path:
 def config_dir() -> Path:
     """`config.toml` lives here."""
     return Path(platformdirs.user_config_dir(APP))
+
+
+def cache_dir() -> Path:
+    """Rebuildable files: the CPU decode kernels compiled for this machine (llmsh/runtime/kernels)."""
+    path = Path(platformdirs.user_cache_dir(APP))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

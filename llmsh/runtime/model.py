@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmsh.runtime import gpt2, hub, integrity, llama
+from llmsh.runtime import fast_decode, gpt2, hub, integrity, llama
 from llmsh.runtime.checkpoint import Checkpoint
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.generation import BatchGenerator, Sequence
@@ -60,6 +60,8 @@ class Model:
         for names in by_id.values():
             for pname in names:
                 self._tied[pname] = names
+        # small-batch CPU decode steps through the C kernels (fast_decode.py); None: torch modules only
+        self.fast_decode: fast_decode.Decoder | None = fast_decode.for_model(self)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, {type(self.config).__name__}, device={self.device}, dtype={self.dtype})"
@@ -123,6 +125,11 @@ class Model:
         pos = [cache.lengths[s] for s in slots]
         if max(pos) >= cache.max_seq_len:
             raise ValueError(f"a slot is full ({cache.max_seq_len} positions); finish that sequence")
+        if self.fast_decode is not None and len(slots) <= fast_decode.MAX_ROWS:
+            logits = self.fast_decode(cache, slots, tokens, pos)
+            for s in slots:
+                cache.lengths[s] += 1
+            return logits
         idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]      # (B, 1)
         input_pos = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         logits = self.module(idx, Step.build(input_pos, cache, slots))[:, -1]

@@ -1,0 +1,173 @@
+"""Decode steps of a few sequences through the C kernels (kernels/cpu_decode.c) instead of torch modules.
+
+A batch-1 decode step should cost the time to stream the weights once. With torch ops it also paid ~10 ms of
+dispatch per step for ~20 tiny ops per layer (rms_norm alone took 39 us for 768 floats) and, in bfloat16, a GEMV
+that reached ~0.7 of the copy bandwidth on CPUs without native bf16. Here a step is one C call for all the layers
+(`lm_layers`, over float32 activations) plus the head, reading the same parameters and the same KV cache as the
+torch modules, so the two paths mix freely: prefill and larger batches run the modules, and a sequence may decode
+in either. With a page hook (the pager), layers run one call each, the hook first, as the modules do.
+
+Used for decode steps of up to MAX_ROWS sequences of a float32 or bfloat16 model on the CPU, when the kernels
+could be built (`kernels.library()`); the family modules stay the reference that tests compare against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmsh.runtime import gpt2, llama
+from llmsh.runtime.kernels import MAX_HEAD_DIM, Layer, Step, library
+from llmsh.runtime.kv_cache import KVCache
+
+# Above this many rows a GEMM (MKL, or layers._bf16_blocked) reuses each weight from cache better than these
+# row-at-a-time kernels: measured float32 0.8 of the copy bandwidth at 2-4 rows against MKL's 0.5, bf16 0.5 at 2.
+MAX_ROWS = 4
+
+Decoder = Callable[[KVCache, list[int], list[int], list[int]], Tensor]
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def for_model(model: Any) -> Decoder | None:
+    """A decoder for model, or None where the kernels do not apply (device, dtype, family, no compiler)."""
+    net, cfg = model.module, model.config
+    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if cfg.head_dim > MAX_HEAD_DIM or not isinstance(net, (llama.Transformer, gpt2.Transformer)):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    family = _Llama if isinstance(net, llama.Transformer) else _GPT2
+    return family(net, lib, model.dtype).decode
+
+
+class _Family:
+    """One model's decode step: embed (torch indexing), lm_layers, final norm and head (C)."""
+
+    def __init__(self, net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
+        self.net, self.lib, self.bf16 = net, lib, int(dtype == torch.bfloat16)
+        self.cfg = net.config
+
+    def decode(self, cache: KVCache, slots: list[int], tokens: list[int], pos: list[int]) -> Tensor:
+        """Float32 logits (B, vocab) of one token per slot at that slot's position; writes their K/V to cache."""
+        net, cfg, hook = self.net, self.cfg, self.net.page_hook
+        B = len(tokens)
+        slots_t, pos_t = torch.tensor(slots), torch.tensor(pos)
+        step = self.step_args(B, cache.max_seq_len, slots_t, pos_t)
+        scratch = torch.empty(self.lib.lm_scratch_floats(B, step.dim, step.n_head, step.n_kv, step.head_dim,
+                                                          step.hidden, step.max_seq))
+        step.scratch = scratch.data_ptr()
+        if hook:
+            hook(0)
+        x = self.embed(torch.tensor(tokens), pos_t)
+        blocks = self.blocks()
+        if hook:                                          # the pager: page in each layer right before it runs
+            for i, block in enumerate(blocks):
+                hook(1 + i)
+                self.lib.lm_layers(x.data_ptr(), ctypes.byref(self.layer_args(block, i, cache)), 1,
+                                   ctypes.byref(step))
+            if cfg.tie_embeddings:
+                hook(0)                                   # the head reads the embedding page's matrix
+            hook(len(blocks) + 1)
+        else:
+            layers = (Layer * len(blocks))(*(self.layer_args(block, i, cache) for i, block in enumerate(blocks)))
+            self.lib.lm_layers(x.data_ptr(), layers, len(blocks), ctypes.byref(step))
+        h = torch.empty_like(x)
+        self.final_norm(x, h)
+        logits = torch.empty(B, cfg.vocab_size)
+        head = self.head()
+        self.lib.lm_linear(h.data_ptr(), B, head.weight.shape[0], head.weight.data_ptr(), head.weight.shape[1], None,
+                           self.bf16, 0, logits.data_ptr())
+        return logits
+
+    def step_args(self, B: int, max_seq: int, slots: Tensor, pos: Tensor) -> Step:
+        raise NotImplementedError
+
+    def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def layer_args(self, block: nn.Module, i: int, cache: KVCache) -> Layer:
+        raise NotImplementedError
+
+    def final_norm(self, x: Tensor, out: Tensor) -> None:
+        raise NotImplementedError
+
+    def head(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class _Llama(_Family):
+    def step_args(self, B: int, max_seq: int, slots: Tensor, pos: Tensor) -> Step:
+        c = self.cfg
+        self._keep = (slots, pos)                          # the C side reads them through raw pointers
+        return Step(M=B, dim=c.dim, n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
+                    hidden=c.intermediate_size, max_seq=max_seq, is_bf16=self.bf16, is_gpt2=0, exact_gelu=0,
+                    eps=c.norm_eps, rope_cos=self.net.rope_cos.data_ptr(), rope_sin=self.net.rope_sin.data_ptr(),
+                    pos=pos.data_ptr(), slots=slots.data_ptr())
+
+    def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        emb = self.net.tok_embeddings.weight
+        return (emb[:, tokens].t() if self.cfg.tie_embeddings else emb[tokens]).float().contiguous()
+
+    def blocks(self) -> nn.ModuleList:
+        return self.net.layers
+
+    def layer_args(self, block: llama.Block, i: int, cache: KVCache) -> Layer:
+        a, ff = block.attention, block.feed_forward
+        return Layer(norm1=block.attention_norm.weight.data_ptr(), w_qkv=a.wqkv.weight.data_ptr(),
+                     b_qkv=_ptr(a.wqkv.bias), w_o=a.wo.weight.data_ptr(), b_o=_ptr(a.wo.bias),
+                     norm2=block.ffn_norm.weight.data_ptr(), w_up=ff.w13.weight.data_ptr(), b_up=_ptr(ff.w13.bias),
+                     w_down=ff.w2.weight.data_ptr(), b_down=_ptr(ff.w2.bias), k_cache=cache.k[i].data_ptr(),
+                     v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=self.cfg.head_dim ** -0.5)
+
+    def final_norm(self, x: Tensor, out: Tensor) -> None:
+        self.lib.lm_rmsnorm(x.data_ptr(), x.shape[0], x.shape[1], self.net.norm.weight.data_ptr(), self.bf16,
+                            self.cfg.norm_eps, out.data_ptr())
+
+    def head(self) -> nn.Module:
+        return self.net.output
+
+
+class _GPT2(_Family):
+    def step_args(self, B: int, max_seq: int, slots: Tensor, pos: Tensor) -> Step:
+        c = self.cfg
+        self._keep = (slots, pos)
+        return Step(M=B, dim=c.n_embd, n_head=c.n_head, n_kv=c.n_head, head_dim=c.head_dim, hidden=c.n_inner,
+                    max_seq=max_seq, is_bf16=self.bf16, is_gpt2=1, exact_gelu=int(c.gelu_approximate == "none"),
+                    eps=c.layer_norm_epsilon, pos=pos.data_ptr(), slots=slots.data_ptr())
+
+    def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        x = self.net.wte.weight[:, tokens].t().float()                     # wte is stored (C, vocab)
+        return x.add_(self.net.wpe.weight[pos]).contiguous()
+
+    def blocks(self) -> nn.ModuleList:
+        return self.net.h
+
+    def layer_args(self, block: gpt2.Block, i: int, cache: KVCache) -> Layer:
+        a, mlp = block.attn, block.mlp
+        return Layer(norm1=block.ln_1.weight.data_ptr(), norm1_bias=block.ln_1.bias.data_ptr(),
+                     w_qkv=a.c_attn.weight.data_ptr(), b_qkv=a.c_attn.bias.data_ptr(),
+                     w_o=a.c_proj.weight.data_ptr(), b_o=a.c_proj.bias.data_ptr(),
+                     norm2=block.ln_2.weight.data_ptr(), norm2_bias=block.ln_2.bias.data_ptr(),
+                     w_up=mlp.c_fc.weight.data_ptr(), b_up=mlp.c_fc.bias.data_ptr(),
+                     w_down=mlp.c_proj.weight.data_ptr(), b_down=mlp.c_proj.bias.data_ptr(),
+                     k_cache=cache.k[i].data_ptr(), v_cache=cache.v[i].data_ptr(), window=0, attn_scale=a.scale)
+
+    def final_norm(self, x: Tensor, out: Tensor) -> None:
+        ln = self.net.ln_f
+        self.lib.lm_layernorm(x.data_ptr(), x.shape[0], x.shape[1], ln.weight.data_ptr(), ln.bias.data_ptr(),
+                              self.bf16, ln.eps, out.data_ptr())
+
+    def head(self) -> nn.Module:
+        return self.net.lm_head
