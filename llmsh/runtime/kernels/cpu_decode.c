@@ -91,17 +91,17 @@ void lm_linear(const float *x, long M, long K, const void *w, long N, const void
 /* ---- elementwise --------------------------------------------------------------------------------------------- */
 
 /* exp(x) as 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p a degree-6 Taylor polynomial (relative error < 2e-7).
- * Written out so that loops calling it vectorise: libm's expf is a scalar call in every loop it appears in. */
+ * Written out so that loops calling it vectorise: libm's expf is a scalar call, and GCC will not vectorise floorf
+ * without -fno-trapping-math, so n is rounded by adding 1.5 * 2^23 (its low mantissa bits then hold n). */
 static inline float exp_approx(float x) {
     x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
-    float n = floorf(x * 1.44269504f + 0.5f);
+    union { float f; int32_t i; } shifted = {.f = x * 1.44269504f + 12582912.0f}, scale;
+    float n = shifted.f - 12582912.0f;
     float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
+    scale.i = (shifted.i - 0x4B400000 + 127) << 23;                           /* 2^n */
+    return p * scale.f;
 }
 
 /* out[m, i] = silu(gate[m, i]) * up[m, i] for rows gu[m] = gate (F) | up (F) (the fused w13's output) */
@@ -173,9 +173,36 @@ void lm_rope(float *x, long M, long stride, long n_heads, long hd, const float *
     }
 }
 
+/* Attention of one query head over cache positions lo..p of its kv group (K, V: (max_seq, hd) rows of type T):
+ * o = softmax(scale * K q) V, scores being scratch. Scores, exponentials and the weighted sum each run as one
+ * vectorised loop over positions or over hd. */
+#define DEFINE_ATTEND_HEAD(name, T, cvt)                                                                      \
+    static void name(const float *restrict q, const T *restrict K, const T *restrict V, long lo, long p,       \
+                     long hd, float scale, float *restrict scores, float *restrict o) {                        \
+        float top = -INFINITY, total = 0.0f;                                                                  \
+        for (long j = lo; j <= p; j++) {                                                                      \
+            float s = 0.0f;                                                                                   \
+            _Pragma("omp simd reduction(+ : s)") for (long d = 0; d < hd; d++) s += q[d] * cvt(K[j * hd + d]); \
+            scores[j] = s * scale;                                                                            \
+            top = scores[j] > top ? scores[j] : top;                                                          \
+        }                                                                                                     \
+        _Pragma("omp simd reduction(+ : total)") for (long j = lo; j <= p; j++) {                             \
+            scores[j] = exp_approx(scores[j] - top);                                                          \
+            total += scores[j];                                                                               \
+        }                                                                                                     \
+        memset(o, 0, sizeof(float) * hd);                                                                     \
+        for (long j = lo; j <= p; j++) {                                                                      \
+            float wj = scores[j] / total;                                                                     \
+            for (long d = 0; d < hd; d++) o[d] += wj * cvt(V[j * hd + d]);                                    \
+        }                                                                                                     \
+    }
+
+DEFINE_ATTEND_HEAD(attend_head_f32, float, F32)
+DEFINE_ATTEND_HEAD(attend_head_bf16, bf16, bf16_to_f32)
+
 /* One decode token per row m: write its k, v into the cache at (slots[m], :, pos[m]), then attend its query heads
- * over cache positions lo..pos[m] (lo > 0 under a sliding window) of its kv group. qkv rows are q heads | k heads |
- * v heads, (n_head + 2 n_kv) * hd floats; out rows n_head * hd; scores is scratch of max_seq floats. */
+ * over cache positions lo..pos[m] (lo > 0 under a sliding window: j > pos - window) of its kv group. qkv rows are
+ * q heads | k heads | v heads, (n_head + 2 n_kv) * hd floats; out rows n_head * hd; scores: max_seq floats. */
 void lm_attention(const float *qkv, long M, long n_head, long n_kv, long hd, void *k_cache, void *v_cache,
                   int is_bf16, long max_seq, const int64_t *slots, const int64_t *pos, long window, float scale,
                   float *restrict scores, float *restrict out) {
@@ -197,39 +224,13 @@ void lm_attention(const float *qkv, long M, long n_head, long n_kv, long hd, voi
         }
         for (long h = 0; h < n_head; h++) {
             long base = (slots[m] * n_kv + h / rep) * max_seq * hd;
-            const float *qh = q + h * hd;
-            float top = -INFINITY;
-            for (long j = lo; j <= p; j++) {
-                float s = 0.0f;
-                if (is_bf16) {
-                    const bf16 *kj = (const bf16 *)k_cache + base + j * hd;
-#pragma omp simd reduction(+ : s)
-                    for (long d = 0; d < hd; d++) s += qh[d] * bf16_to_f32(kj[d]);
-                } else {
-                    const float *kj = (const float *)k_cache + base + j * hd;
-#pragma omp simd reduction(+ : s)
-                    for (long d = 0; d < hd; d++) s += qh[d] * kj[d];
-                }
-                scores[j] = s * scale;
-                top = scores[j] > top ? scores[j] : top;
-            }
-            float total = 0.0f;
-            for (long j = lo; j <= p; j++) {
-                scores[j] = exp_approx(scores[j] - top);
-                total += scores[j];
-            }
             float *o = out + m * n_head * hd + h * hd;
-            memset(o, 0, sizeof(float) * hd);
-            for (long j = lo; j <= p; j++) {
-                float wj = scores[j] / total;
-                if (is_bf16) {
-                    const bf16 *vj = (const bf16 *)v_cache + base + j * hd;
-                    for (long d = 0; d < hd; d++) o[d] += wj * bf16_to_f32(vj[d]);
-                } else {
-                    const float *vj = (const float *)v_cache + base + j * hd;
-                    for (long d = 0; d < hd; d++) o[d] += wj * vj[d];
-                }
-            }
+            if (is_bf16)
+                attend_head_bf16(q + h * hd, (const bf16 *)k_cache + base, (const bf16 *)v_cache + base, lo, p, hd,
+                                 scale, scores, o);
+            else
+                attend_head_f32(q + h * hd, (const float *)k_cache + base, (const float *)v_cache + base, lo, p, hd,
+                                scale, scores, o);
         }
     }
 }

@@ -1,0 +1,214 @@
+"""The C decode kernels (llmsh/runtime/kernels) against torch, and the fast decode path against the torch modules.
+
+The kernels are compiled on first use; without a C compiler these tests skip, and the runtime falls back to torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmsh.runtime import kernels, load
+from llmsh.runtime.llama import apply_rope, rope_inv_freq, rope_tables, LlamaConfig
+
+lib = kernels.library() if kernels.compiler() else None
+needs_kernels = pytest.mark.skipif(lib is None, reason="needs a C compiler (the kernels could not be built)")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _bf(dtype: torch.dtype) -> int:
+    return int(dtype == torch.bfloat16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(1, 64, 96), (1, 37, 4099), (2, 130, 33), (3, 16, 1), (4, 200, 700)])
+def test_linear_matches_torch(dtype, M, K, N):
+    g = torch.Generator().manual_seed(M * K + N)
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g).to(dtype), torch.randn(N, generator=g)
+    b = b.to(dtype)
+    expected = x @ w.float() + b.float()
+    y = torch.full((M, N), float("nan"))
+    lib.lm_linear(x.data_ptr(), M, K, w.data_ptr(), N, b.data_ptr(), _bf(dtype), 0, y.data_ptr())
+    torch.testing.assert_close(y, expected, atol=1e-4 * math.sqrt(K), rtol=1e-5)
+    residual = torch.randn(M, N, generator=g)
+    y = residual.clone()
+    lib.lm_linear(x.data_ptr(), M, K, w.data_ptr(), N, None, _bf(dtype), 1, y.data_ptr())   # y += x @ w, no bias
+    torch.testing.assert_close(y, residual + x @ w.float(), atol=1e-4 * math.sqrt(K), rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_match_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 70, generator=g) * 3 + 1
+    w, b = torch.randn(70, generator=g).to(dtype), torch.randn(70, generator=g).to(dtype)
+    y = torch.empty_like(x)
+    lib.lm_rmsnorm(x.data_ptr(), 3, 70, w.data_ptr(), _bf(dtype), 1e-5, y.data_ptr())
+    torch.testing.assert_close(y, F.rms_norm(x, (70,), w.float(), 1e-5), atol=1e-5, rtol=1e-5)
+    lib.lm_layernorm(x.data_ptr(), 3, 70, w.data_ptr(), b.data_ptr(), _bf(dtype), 1e-5, y.data_ptr())
+    torch.testing.assert_close(y, F.layer_norm(x, (70,), w.float(), b.float(), 1e-5), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_activations_match_torch_over_the_whole_float_range():
+    x = torch.cat([torch.linspace(-120, 120, 4001), torch.randn(999)])
+    for exact, approximate in [(0, "tanh"), (1, "none")]:
+        y = x.clone()
+        lib.lm_gelu(y.data_ptr(), y.numel(), exact)
+        torch.testing.assert_close(y, F.gelu(x, approximate=approximate), atol=1e-5, rtol=1e-5)
+    gate_up = torch.cat([x, x.flip(0)]).view(1, -1)
+    out = torch.empty(1, x.numel())
+    lib.lm_silu_mul(gate_up.data_ptr(), 1, x.numel(), out.data_ptr())
+    torch.testing.assert_close(out[0], F.silu(x) * x.flip(0), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_rope_matches_the_modules_rope():
+    cfg = LlamaConfig(dim=64, n_head=4, n_kv_head=2, max_seq_len=64)
+    cos, sin = rope_tables(rope_inv_freq(cfg), 64)
+    x = torch.randn(2, 8 * 16)                             # 2 rows: 6 rotated heads of 16 + 2 heads left alone (v)
+    pos = torch.tensor([5, 63])
+    expected = x.clone().view(2, 8, 16)
+    expected[:, :6] = apply_rope(expected[:, :6], cos[pos][:, None], sin[pos][:, None])
+    lib.lm_rope(x.data_ptr(), 2, 128, 6, 16, cos.data_ptr(), sin.data_ptr(), pos.data_ptr())
+    torch.testing.assert_close(x.view(2, 8, 16), expected, atol=1e-6, rtol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [0, 5])
+def test_attention_writes_the_cache_and_matches_sdpa(dtype, window):
+    """GQA (6 query heads on 2 kv heads), two rows at different positions in non-adjacent slots."""
+    g = torch.Generator().manual_seed(window)
+    nh, nkv, hd, S = 6, 2, 16, 32
+    kc = torch.randn(4, nkv, S, hd, generator=g).to(dtype)
+    vc = torch.randn(4, nkv, S, hd, generator=g).to(dtype)
+    qkv = torch.randn(2, (nh + 2 * nkv) * hd, generator=g)
+    slots, pos = torch.tensor([3, 1]), torch.tensor([9, 20])
+    expected_k, expected_v = kc.clone(), vc.clone()
+    out, scores = torch.empty(2, nh * hd), torch.empty(S)
+    lib.lm_attention(qkv.data_ptr(), 2, nh, nkv, hd, kc.data_ptr(), vc.data_ptr(), _bf(dtype), S, slots.data_ptr(),
+                     pos.data_ptr(), window, 0.3, scores.data_ptr(), out.data_ptr())
+    for m, (slot, p) in enumerate(zip(slots.tolist(), pos.tolist())):
+        q, k_new, v_new = qkv[m].split([nh * hd, nkv * hd, nkv * hd])
+        expected_k[slot, :, p] = k_new.view(nkv, hd).to(dtype)                    # rounded like torch rounds
+        expected_v[slot, :, p] = v_new.view(nkv, hd).to(dtype)
+        lo = max(0, p - window + 1) if window else 0
+        k = expected_k[slot, :, lo:p + 1].float().repeat_interleave(nh // nkv, 0)
+        v = expected_v[slot, :, lo:p + 1].float().repeat_interleave(nh // nkv, 0)
+        ref = F.scaled_dot_product_attention(q.view(nh, 1, hd), k, v, scale=0.3)
+        torch.testing.assert_close(out[m], ref.flatten(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(kc, expected_k) and torch.equal(vc, expected_v)
+
+
+FAMILIES = ["gpt2", "llama", "llama3", "mistral", "qwen2"]
+
+
+def _decode_both_ways(model, prompts, steps, hook=None):
+    """Logits of `steps` decode steps of all prompts as one batch, through the kernels and through the modules; both
+    paths are fed the same tokens."""
+    out = []
+    for fast in (model.fast_decode, None):
+        model.fast_decode = fast
+        model.set_page_hook(hook)
+        cache = model.new_cache(4, 64)
+        slots = [cache.alloc() for _ in range(4)][::-2]          # slots 3 and 1: not a contiguous range
+        for s, p in zip(slots, prompts):
+            model.prefill(cache, [s], [p])
+        tokens, logits = [p[-1] for p in prompts], []
+        for _ in range(steps):
+            step = model.decode_step(cache, slots, tokens)
+            logits.append(step)
+            tokens = [(t * 7 + 1) % model.config.vocab_size for t in tokens]
+        out.append(torch.stack(logits))
+    model.set_page_hook(None)
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_decode_matches_the_modules(family, make_tiny_model):
+    """Two sequences at different lengths (mistral's 24-token window is crossed), float32: same logits."""
+    model = load(make_tiny_model(family))
+    assert model.fast_decode is not None
+    prompts = [list(range(3, 23)), list(range(40, 45))]
+    fast, modules = _decode_both_ways(model, prompts, 12)
+    torch.testing.assert_close(fast, modules, atol=1e-4, rtol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["gpt2", "llama3"])
+def test_fast_decode_in_bfloat16_is_closer_to_float32_than_the_modules(family, make_tiny_model):
+    """bf16: the kernels keep activations in float32 where the modules round each op to bf16, so against a float32
+    run over the same bf16-rounded weights the kernels' logits are nearer (measured ~2x) than the modules'."""
+    folder = make_tiny_model(family)
+    prompts = [list(range(3, 13)), list(range(20, 27))]
+    reference = load(folder)
+    for p in reference.module.parameters():
+        p.data.copy_(p.data.bfloat16().float())
+    expected, _ = _decode_both_ways(reference, prompts, 6)
+    fast, modules = _decode_both_ways(load(folder, dtype="bfloat16"), prompts, 6)
+    fast_error, modules_error = (fast - expected).abs().max(), (modules - expected).abs().max()
+    assert fast_error < modules_error and fast_error < 0.1 * expected.std()
+
+
+@needs_kernels
+def test_fast_decode_calls_the_page_hook_like_the_modules(make_tiny_model):
+    model = load(make_tiny_model("llama3"))                     # tied: the head pages the embedding back in
+    calls: list[list[int]] = [[], []]
+    which = iter([0, 1])
+    current: list[int] = []
+
+    def hook(i: int) -> None:
+        current.append(i)
+
+    for fast in (model.fast_decode, None):
+        current = calls[next(which)]
+        model.fast_decode = fast
+        model.set_page_hook(hook)
+        cache = model.new_cache(1, 16)
+        slot = cache.alloc()
+        model.prefill(cache, [slot], [[1, 2, 3]])
+        current.clear()
+        model.decode_step(cache, [slot], [4])
+    model.set_page_hook(None)
+    assert calls[0] == calls[1] == [0, 1, 2, 0, 3]
+
+
+def test_without_kernels_decoding_uses_the_modules(make_tiny_model, monkeypatch):
+    monkeypatch.setenv("LLMSH_KERNELS", "0")
+    kernels.library.cache_clear()
+    try:
+        model = load(make_tiny_model("gpt2"))
+        assert model.fast_decode is None
+        assert len(model.generate(["hello"], max_tokens=4)) == 1
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_a_broken_compiler_means_torch_only_and_one_warning(monkeypatch, tmp_path, caplog):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: error: no such target' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    kernels.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="llmsh.runtime.kernels"):
+            assert kernels.library() is None
+        assert "no such target" in caplog.text
+        assert not list((tmp_path.parent).glob("**/*.so.tmp"))
+    finally:
+        kernels.library.cache_clear()
+
+
+@needs_kernels
+def test_the_build_is_cached_per_source_and_reused(tmp_path):
+    first = kernels.build(kernels.compiler(), tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert kernels.build(kernels.compiler(), tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]                 # no temporary left behind
