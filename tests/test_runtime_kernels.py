@@ -26,7 +26,8 @@ def _bf(dtype: torch.dtype) -> int:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,N", [(1, 64, 96), (1, 37, 4099), (2, 130, 33), (3, 16, 1), (4, 200, 700)])
+@pytest.mark.parametrize("M,K,N", [(1, 64, 96), (1, 37, 4099), (2, 130, 33), (3, 16, 1), (4, 200, 700), (7, 45, 130),
+                                   (16, 70, 8200)])
 def test_linear_matches_torch(dtype, M, K, N):
     g = torch.Generator().manual_seed(M * K + N)
     x, w, b = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g).to(dtype), torch.randn(N, generator=g)
@@ -116,8 +117,8 @@ def _decode_both_ways(model, prompts, steps, hook=None):
     for fast in (model.fast_decode, None):
         model.fast_decode = fast
         model.set_page_hook(hook)
-        cache = model.new_cache(4, 64)
-        slots = [cache.alloc() for _ in range(4)][::-2]          # slots 3 and 1: not a contiguous range
+        cache = model.new_cache(2 * len(prompts), 64)
+        slots = [cache.alloc() for _ in range(2 * len(prompts))][::-2]   # every other slot, last first
         for s, p in zip(slots, prompts):
             model.prefill(cache, [s], [p])
         tokens, logits = [p[-1] for p in prompts], []
@@ -133,10 +134,10 @@ def _decode_both_ways(model, prompts, steps, hook=None):
 @needs_kernels
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fast_decode_matches_the_modules(family, make_tiny_model):
-    """Two sequences at different lengths (mistral's 24-token window is crossed), float32: same logits."""
+    """Six sequences at different lengths (mistral's 24-token window is crossed), float32: same logits."""
     model = load(make_tiny_model(family))
     assert model.fast_decode is not None
-    prompts = [list(range(3, 23)), list(range(40, 45))]
+    prompts = [list(range(3, 23)), list(range(40, 45)), [7] * 9, list(range(100, 131)), [1, 2], list(range(60, 76))]
     fast, modules = _decode_both_ways(model, prompts, 12)
     torch.testing.assert_close(fast, modules, atol=1e-4, rtol=0)
 

@@ -76,13 +76,88 @@ DEFINE_PANEL(panel_bf16, bf16, bf16_to_f32)
 DEFINE_MATMUL(matmul_f32, float, panel_f32)
 DEFINE_MATMUL(matmul_bf16, bf16, panel_bf16)
 
+/* ---- several rows: a register-blocked GEMM ----------------------------------------------------------------------
+ * With M > 1 rows the work per weight grows while the bytes do not. MKL's sgemm took 93 ms (M=4) and 120 ms
+ * (M=16) for GPT-2's linears where streaming them costs 45 ms. A micro-tile keeps MR x (NR vectors) of y in
+ * registers while it walks KC rows of W: each weight vector is loaded (and widened, for bf16) once for MR rows of
+ * x. KC = 16 rows stream from memory together, as in the one-row path (32 or 64 were 20-50% slower); measured
+ * 58 ms at M=4 and 98 ms at M=16, where this VM's FMA peak (40 GFLOP/s) is the bound. GCC's vector extensions
+ * keep it portable: 16-float vectors are one AVX-512 register, two AVX2 or four NEON ones. */
+typedef float vf __attribute__((vector_size(64), aligned(4)));        /* aligned(4): unaligned loads are fine */
+typedef uint16_t vh __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+#define VL 16
+#define MR 4
+#define NR 4
+#define KC 16
+#define GEMM_TILE 8192                                                  /* columns of y per pass */
+
+static inline vf vload_f32(const float *p) { return *(const vf *)p; }
+static inline vf vload_bf16(const bf16 *p) { return (vf)(__builtin_convertvector(*(const vh *)p, vu) << 16); }
+
+/* y[0:rows, 0:NR*VL] += x[0:rows, 0:kc] @ W[0:kc, 0:NR*VL] for rows <= MR (a constant in each instance) */
+#define DEFINE_MICRO(name, T, vload, ROWS)                                                                   \
+    static inline void name(const float *x, long ldx, long kc, const T *W, long ldw, float *y, long ldy) {   \
+        vf acc[ROWS][NR];                                                                                     \
+        for (int m = 0; m < ROWS; m++)                                                                        \
+            for (int v = 0; v < NR; v++) acc[m][v] = *(const vf *)(y + m * ldy + v * VL);                    \
+        for (long k = 0; k < kc; k++) {                                                                       \
+            vf w[NR];                                                                                         \
+            for (int v = 0; v < NR; v++) w[v] = vload(W + k * ldw + v * VL);                                  \
+            for (int m = 0; m < ROWS; m++) {                                                                  \
+                vf xb = x[m * ldx + k] - (vf){0};      /* a broadcast: x - 0 is exactly x */            \
+                for (int v = 0; v < NR; v++) acc[m][v] += xb * w[v];                                          \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int m = 0; m < ROWS; m++)                                                                        \
+            for (int v = 0; v < NR; v++) *(vf *)(y + m * ldy + v * VL) = acc[m][v];                          \
+    }
+
+#define DEFINE_GEMM(name, T, vload, cvt)                                                                     \
+    DEFINE_MICRO(name##_1, T, vload, 1)                                                                      \
+    DEFINE_MICRO(name##_2, T, vload, 2)                                                                      \
+    DEFINE_MICRO(name##_3, T, vload, 3)                                                                      \
+    DEFINE_MICRO(name##_4, T, vload, 4)                                                                      \
+    static void name(const float *x, long M, long K, const T *w, long N, float *y) {                         \
+        long strip = NR * VL, full = N - N % strip;                                                          \
+        for (long t0 = 0; t0 < N; t0 += GEMM_TILE) {                                                         \
+            long t1 = t0 + GEMM_TILE < N ? t0 + GEMM_TILE : N;                                               \
+            for (long k0 = 0; k0 < K; k0 += KC) {                                                            \
+                long kc = K - k0 < KC ? K - k0 : KC;                                                         \
+                for (long j0 = t0; j0 < t1 && j0 < full; j0 += strip) {                                      \
+                    const T *W = w + k0 * N + j0;                                                            \
+                    long m = 0;                                                                              \
+                    for (; m + MR <= M; m += MR) name##_4(x + m * K + k0, K, kc, W, N, y + m * N + j0, N);   \
+                    const float *xm = x + m * K + k0;                                                        \
+                    float *ym = y + m * N + j0;                                                              \
+                    switch (M - m) {                                                                         \
+                        case 3: name##_3(xm, K, kc, W, N, ym, N); break;                                     \
+                        case 2: name##_2(xm, K, kc, W, N, ym, N); break;                                     \
+                        case 1: name##_1(xm, K, kc, W, N, ym, N); break;                                     \
+                    }                                                                                        \
+                }                                                                                            \
+                for (long m = 0; m < M; m++)                 /* columns past the last full strip */          \
+                    for (long k = k0; k < k0 + kc; k++)                                                      \
+                        for (long j = t0 > full ? t0 : full; j < t1; j++)                                    \
+                            y[m * N + j] += x[m * K + k] * cvt(w[k * N + j]);                                \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+DEFINE_GEMM(gemm_f32, float, vload_f32, F32)
+DEFINE_GEMM(gemm_bf16, bf16, vload_bf16, bf16_to_f32)
+
 void lm_linear(const float *x, long M, long K, const void *w, long N, const void *bias, int is_bf16, int accumulate,
                float *y) {
     if (!accumulate) memset(y, 0, (size_t)(M * N) * sizeof(float));
-    if (is_bf16)
+    if (M == 1 && is_bf16)
         matmul_bf16(x, M, K, (const bf16 *)w, N, y);
-    else
+    else if (M == 1)
         matmul_f32(x, M, K, (const float *)w, N, y);
+    else if (is_bf16)
+        gemm_bf16(x, M, K, (const bf16 *)w, N, y);
+    else
+        gemm_f32(x, M, K, (const float *)w, N, y);
     if (bias)
         for (long m = 0; m < M; m++)
             for (long j = 0; j < N; j++) y[m * N + j] += load(bias, j, is_bf16);
