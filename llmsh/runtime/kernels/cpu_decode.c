@@ -32,49 +32,50 @@ static inline float load(const void *p, long i, int is_bf16) {
     return is_bf16 ? bf16_to_f32(((const bf16 *)p)[i]) : ((const float *)p)[i];
 }
 
-/* ---- y (M, N) [+]= x (M, K) @ W (K, N) + bias ------------------------------------------------------------------
- * Memory-bound: every weight byte is read from memory once per call whatever M is. PANEL weight rows are streamed
- * together (measured on a 1-core AVX-512 VM: 8 rows 0.88, 16 rows 0.92, 32 rows 0.6 of the copy bandwidth), in
- * column tiles: one row of x takes long tiles; several rows take tiles small enough (PANEL x 512 columns) to stay
- * in L1 while each row uses them. */
-#define PANEL 16
-#define TILE_ONE_ROW 4096
-#define TILE_ROWS 512
-
-/* four independent partial sums: one 16-term chain would make every column wait on 16 dependent FMAs */
-#define P4(cvt, r) (xr[r] * cvt(W[(r) * ld + j]) + xr[r + 1] * cvt(W[(r + 1) * ld + j]) +                      \
-                    xr[r + 2] * cvt(W[(r + 2) * ld + j]) + xr[r + 3] * cvt(W[(r + 3) * ld + j]))
+/* Vectors of 16 floats through GCC's vector extensions: one AVX-512 register, two AVX2 or four NEON ones. */
+typedef float vf __attribute__((vector_size(64), aligned(4)));        /* aligned(4): unaligned loads are fine */
+typedef uint16_t vh __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+#define VL 16
 #define F32(v) (v)
 
-/* yr[0:width] += xr[0:rows] @ W[0:rows, 0:width], W's rows ld apart; the compiler vectorises over j */
-#define DEFINE_PANEL(name, T, cvt)                                                                           \
-    static inline void name(const float *restrict xr, long rows, const T *restrict W, long ld, long width,    \
-                            float *restrict yr) {                                                             \
-        if (rows == PANEL) {                                                                                  \
-            for (long j = 0; j < width; j++)                                                                  \
-                yr[j] += (P4(cvt, 0) + P4(cvt, 4)) + (P4(cvt, 8) + P4(cvt, 12));                              \
-            return;                                                                                           \
+static inline vf vload_f32(const float *p) { return *(const vf *)p; }
+static inline vf vload_bf16(const bf16 *p) { return (vf)(__builtin_convertvector(*(const vh *)p, vu) << 16); }
+
+/* ---- y (M, N) [+]= x (M, K) @ W (K, N) + bias ------------------------------------------------------------------
+ * One row (batch-1 decode) is memory-bound: the aim is to stream the weights at the copy bandwidth. PANEL weight
+ * rows are read together, each sequentially (measured on a 1-core AVX-512 VM: 8 rows 0.88, 16 rows 0.92, 32 rows
+ * 0.6 of the copy bandwidth); y is loaded and stored once per panel, and two accumulators keep two FMA chains in
+ * flight. */
+#define PANEL 16
+
+#define DEFINE_GEMV(name, T, vload, cvt)                                                                      \
+    static void name(const float *restrict x, long K, const T *restrict w, long N, float *restrict y) {       \
+        for (long i0 = 0; i0 < K; i0 += PANEL) {                                                              \
+            const T *W = w + i0 * N;                                                                          \
+            if (K - i0 < PANEL) {                                                                             \
+                for (long r = 0; r < K - i0; r++)                                                             \
+                    for (long j = 0; j < N; j++) y[j] += x[i0 + r] * cvt(W[r * N + j]);                       \
+                break;                                                                                        \
+            }                                                                                                 \
+            vf xb[PANEL];                                                                                     \
+            for (int r = 0; r < PANEL; r++) xb[r] = x[i0 + r] - (vf){0};      /* broadcast: x - 0 is x */     \
+            long j = 0;                                                                                       \
+            for (; j + VL <= N; j += VL) {                                                                    \
+                vf a0 = *(const vf *)(y + j), a1 = {0};                                                       \
+                for (int r = 0; r < PANEL; r += 2) {                                                          \
+                    a0 += xb[r] * vload(W + r * N + j);                                                       \
+                    a1 += xb[r + 1] * vload(W + (r + 1) * N + j);                                             \
+                }                                                                                             \
+                *(vf *)(y + j) = a0 + a1;                                                                     \
+            }                                                                                                 \
+            for (; j < N; j++)                                                                                \
+                for (int r = 0; r < PANEL; r++) y[j] += x[i0 + r] * cvt(W[r * N + j]);                       \
         }                                                                                                     \
-        for (long r = 0; r < rows; r++)                                                                       \
-            for (long j = 0; j < width; j++) yr[j] += xr[r] * cvt(W[r * ld + j]);                             \
     }
 
-#define DEFINE_MATMUL(name, T, panel)                                                                        \
-    static void name(const float *x, long M, long K, const T *w, long N, float *y) {                         \
-        long tile = M == 1 ? TILE_ONE_ROW : TILE_ROWS;                                                       \
-        for (long i0 = 0; i0 < K; i0 += PANEL) {                                                             \
-            long rows = K - i0 < PANEL ? K - i0 : PANEL;                                                     \
-            for (long j0 = 0; j0 < N; j0 += tile) {                                                          \
-                long width = N - j0 < tile ? N - j0 : tile;                                                  \
-                for (long m = 0; m < M; m++) panel(x + m * K + i0, rows, w + i0 * N + j0, N, width, y + m * N + j0); \
-            }                                                                                                \
-        }                                                                                                    \
-    }
-
-DEFINE_PANEL(panel_f32, float, F32)
-DEFINE_PANEL(panel_bf16, bf16, bf16_to_f32)
-DEFINE_MATMUL(matmul_f32, float, panel_f32)
-DEFINE_MATMUL(matmul_bf16, bf16, panel_bf16)
+DEFINE_GEMV(gemv_f32, float, vload_f32, F32)
+DEFINE_GEMV(gemv_bf16, bf16, vload_bf16, bf16_to_f32)
 
 /* ---- several rows: a register-blocked GEMM ----------------------------------------------------------------------
  * With M > 1 rows the work per weight grows while the bytes do not. MKL's sgemm took 93 ms (M=4) and 120 ms
@@ -83,17 +84,11 @@ DEFINE_MATMUL(matmul_bf16, bf16, panel_bf16)
  * x. KC = 16 rows stream from memory together, as in the one-row path (32 or 64 were 20-50% slower); measured
  * 58 ms at M=4 and 98 ms at M=16, where this VM's FMA peak (40 GFLOP/s) is the bound. GCC's vector extensions
  * keep it portable: 16-float vectors are one AVX-512 register, two AVX2 or four NEON ones. */
-typedef float vf __attribute__((vector_size(64), aligned(4)));        /* aligned(4): unaligned loads are fine */
-typedef uint16_t vh __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-#define VL 16
 #define MR 4
 #define NR 4
 #define KC 16
 #define GEMM_TILE 8192                                                  /* columns of y per pass */
 
-static inline vf vload_f32(const float *p) { return *(const vf *)p; }
-static inline vf vload_bf16(const bf16 *p) { return (vf)(__builtin_convertvector(*(const vh *)p, vu) << 16); }
 
 /* y[0:rows, 0:NR*VL] += x[0:rows, 0:kc] @ W[0:kc, 0:NR*VL] for rows <= MR (a constant in each instance) */
 #define DEFINE_MICRO(name, T, vload, ROWS)                                                                   \
@@ -151,9 +146,9 @@ void lm_linear(const float *x, long M, long K, const void *w, long N, const void
                float *y) {
     if (!accumulate) memset(y, 0, (size_t)(M * N) * sizeof(float));
     if (M == 1 && is_bf16)
-        matmul_bf16(x, M, K, (const bf16 *)w, N, y);
+        gemv_bf16(x, K, (const bf16 *)w, N, y);
     else if (M == 1)
-        matmul_f32(x, M, K, (const float *)w, N, y);
+        gemv_f32(x, K, (const float *)w, N, y);
     else if (is_bf16)
         gemm_bf16(x, M, K, (const bf16 *)w, N, y);
     else
