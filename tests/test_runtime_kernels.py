@@ -213,3 +213,20 @@ def test_the_build_is_cached_per_source_and_reused(tmp_path):
     mtime = first.stat().st_mtime_ns
     assert kernels.build(kernels.compiler(), tmp_path) == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]                 # no temporary left behind
+
+
+@needs_kernels
+def test_a_released_page_is_an_error_not_a_crash(make_tiny_model):
+    """Without the pager's hook nothing pages a released layer back in: one clear error, the cache untouched."""
+    model = load(make_tiny_model("llama"))
+    cache = model.new_cache(1, 16)
+    slot = cache.alloc()
+    model.prefill(cache, [slot], [[1, 2, 3]])
+    expected = model.decode_step(cache, [slot], [4])
+    cache.lengths[slot] = 3
+    model.release_page(1)
+    with pytest.raises(RuntimeError, match="not resident"):
+        model.decode_step(cache, [slot], [4])
+    assert cache.lengths[slot] == 3
+    model.materialize_page(1)
+    torch.testing.assert_close(model.decode_step(cache, [slot], [4]), expected)

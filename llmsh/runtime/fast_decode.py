@@ -34,7 +34,13 @@ Decoder = Callable[[KVCache, list[int], list[int], list[int]], Tensor]
 
 
 def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+    """The address C reads t at (None for an absent bias). A released page's parameters are meta tensors with no
+    storage: the modules would compute nothing from them, C would read address 0, so that is an error here."""
+    if t is None:
+        return None
+    if t.is_meta:
+        raise RuntimeError("a weight of this model is not resident (its page was released): page it in first")
+    return t.data_ptr()
 
 
 def for_model(model: Any) -> Decoder | None:
@@ -62,7 +68,9 @@ class _Family:
         """Float32 logits (B, vocab) of one token per slot at that slot's position; writes their K/V to cache."""
         net, cfg, hook = self.net, self.cfg, self.net.page_hook
         B = len(tokens)
-        slots_t, pos_t = torch.tensor(slots), torch.tensor(pos)
+        if cache.k[0].dtype != (torch.bfloat16 if self.bf16 else torch.float32):
+            raise ValueError(f"KV cache is {cache.k[0].dtype}, this model decodes in {'bf16' if self.bf16 else 'fp32'}")
+        slots_t, pos_t = torch.tensor(slots), torch.tensor(pos)          # alive until return: C reads them
         step = self.step_args(B, cache.max_seq_len, slots_t, pos_t)
         scratch = torch.empty(self.lib.lm_scratch_floats(B, step.dim, step.n_head, step.n_kv, step.head_dim,
                                                           step.hidden, step.max_seq))
@@ -70,23 +78,24 @@ class _Family:
         if hook:
             hook(0)
         x = self.embed(torch.tensor(tokens), pos_t)
+        x_ptr = _ptr(x)                                   # (meta if the embedding page was released)
         blocks = self.blocks()
         if hook:                                          # the pager: page in each layer right before it runs
             for i, block in enumerate(blocks):
                 hook(1 + i)
-                self.lib.lm_layers(x.data_ptr(), ctypes.byref(self.layer_args(block, i, cache)), 1,
+                self.lib.lm_layers(x_ptr, ctypes.byref(self.layer_args(block, i, cache)), 1,
                                    ctypes.byref(step))
             if cfg.tie_embeddings:
                 hook(0)                                   # the head reads the embedding page's matrix
             hook(len(blocks) + 1)
         else:
             layers = (Layer * len(blocks))(*(self.layer_args(block, i, cache) for i, block in enumerate(blocks)))
-            self.lib.lm_layers(x.data_ptr(), layers, len(blocks), ctypes.byref(step))
+            self.lib.lm_layers(x_ptr, layers, len(blocks), ctypes.byref(step))
         h = torch.empty_like(x)
         self.final_norm(x, h)
         logits = torch.empty(B, cfg.vocab_size)
         head = self.head()
-        self.lib.lm_linear(h.data_ptr(), B, head.weight.shape[0], head.weight.data_ptr(), head.weight.shape[1], None,
+        self.lib.lm_linear(h.data_ptr(), B, head.weight.shape[0], _ptr(head.weight), head.weight.shape[1], None,
                            self.bf16, 0, logits.data_ptr())
         return logits
 
@@ -112,7 +121,6 @@ class _Family:
 class _Llama(_Family):
     def step_args(self, B: int, max_seq: int, slots: Tensor, pos: Tensor) -> Step:
         c = self.cfg
-        self._keep = (slots, pos)                          # the C side reads them through raw pointers
         return Step(M=B, dim=c.dim, n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
                     hidden=c.intermediate_size, max_seq=max_seq, is_bf16=self.bf16, is_gpt2=0, exact_gelu=0,
                     eps=c.norm_eps, rope_cos=self.net.rope_cos.data_ptr(), rope_sin=self.net.rope_sin.data_ptr(),
@@ -127,14 +135,14 @@ class _Llama(_Family):
 
     def layer_args(self, block: llama.Block, i: int, cache: KVCache) -> Layer:
         a, ff = block.attention, block.feed_forward
-        return Layer(norm1=block.attention_norm.weight.data_ptr(), w_qkv=a.wqkv.weight.data_ptr(),
-                     b_qkv=_ptr(a.wqkv.bias), w_o=a.wo.weight.data_ptr(), b_o=_ptr(a.wo.bias),
-                     norm2=block.ffn_norm.weight.data_ptr(), w_up=ff.w13.weight.data_ptr(), b_up=_ptr(ff.w13.bias),
-                     w_down=ff.w2.weight.data_ptr(), b_down=_ptr(ff.w2.bias), k_cache=cache.k[i].data_ptr(),
+        return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight),
+                     b_qkv=_ptr(a.wqkv.bias), w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias),
+                     norm2=_ptr(block.ffn_norm.weight), w_up=_ptr(ff.w13.weight), b_up=_ptr(ff.w13.bias),
+                     w_down=_ptr(ff.w2.weight), b_down=_ptr(ff.w2.bias), k_cache=cache.k[i].data_ptr(),
                      v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=self.cfg.head_dim ** -0.5)
 
     def final_norm(self, x: Tensor, out: Tensor) -> None:
-        self.lib.lm_rmsnorm(x.data_ptr(), x.shape[0], x.shape[1], self.net.norm.weight.data_ptr(), self.bf16,
+        self.lib.lm_rmsnorm(x.data_ptr(), x.shape[0], x.shape[1], _ptr(self.net.norm.weight), self.bf16,
                             self.cfg.norm_eps, out.data_ptr())
 
     def head(self) -> nn.Module:
@@ -144,7 +152,6 @@ class _Llama(_Family):
 class _GPT2(_Family):
     def step_args(self, B: int, max_seq: int, slots: Tensor, pos: Tensor) -> Step:
         c = self.cfg
-        self._keep = (slots, pos)
         return Step(M=B, dim=c.n_embd, n_head=c.n_head, n_kv=c.n_head, head_dim=c.head_dim, hidden=c.n_inner,
                     max_seq=max_seq, is_bf16=self.bf16, is_gpt2=1, exact_gelu=int(c.gelu_approximate == "none"),
                     eps=c.layer_norm_epsilon, pos=pos.data_ptr(), slots=slots.data_ptr())
@@ -158,17 +165,17 @@ class _GPT2(_Family):
 
     def layer_args(self, block: gpt2.Block, i: int, cache: KVCache) -> Layer:
         a, mlp = block.attn, block.mlp
-        return Layer(norm1=block.ln_1.weight.data_ptr(), norm1_bias=block.ln_1.bias.data_ptr(),
-                     w_qkv=a.c_attn.weight.data_ptr(), b_qkv=a.c_attn.bias.data_ptr(),
-                     w_o=a.c_proj.weight.data_ptr(), b_o=a.c_proj.bias.data_ptr(),
-                     norm2=block.ln_2.weight.data_ptr(), norm2_bias=block.ln_2.bias.data_ptr(),
-                     w_up=mlp.c_fc.weight.data_ptr(), b_up=mlp.c_fc.bias.data_ptr(),
-                     w_down=mlp.c_proj.weight.data_ptr(), b_down=mlp.c_proj.bias.data_ptr(),
+        return Layer(norm1=_ptr(block.ln_1.weight), norm1_bias=_ptr(block.ln_1.bias),
+                     w_qkv=_ptr(a.c_attn.weight), b_qkv=_ptr(a.c_attn.bias),
+                     w_o=_ptr(a.c_proj.weight), b_o=_ptr(a.c_proj.bias),
+                     norm2=_ptr(block.ln_2.weight), norm2_bias=_ptr(block.ln_2.bias),
+                     w_up=_ptr(mlp.c_fc.weight), b_up=_ptr(mlp.c_fc.bias),
+                     w_down=_ptr(mlp.c_proj.weight), b_down=_ptr(mlp.c_proj.bias),
                      k_cache=cache.k[i].data_ptr(), v_cache=cache.v[i].data_ptr(), window=0, attn_scale=a.scale)
 
     def final_norm(self, x: Tensor, out: Tensor) -> None:
         ln = self.net.ln_f
-        self.lib.lm_layernorm(x.data_ptr(), x.shape[0], x.shape[1], ln.weight.data_ptr(), ln.bias.data_ptr(),
+        self.lib.lm_layernorm(x.data_ptr(), x.shape[0], x.shape[1], _ptr(ln.weight), _ptr(ln.bias),
                               self.bf16, ln.eps, out.data_ptr())
 
     def head(self) -> nn.Module:

@@ -15,27 +15,32 @@ Last line: ratio_bs1=<geo-mean llmsh/transformers at batch 1> ratio_bs16=… lim
 bandwidth limit> plus the minima and rss_load=<peak load RSS / weight bytes, worst case>.
 Usage: python scripts/bench/decode.py [--quick] [--threads N] [--new-tokens 128] [--repeats 2] [--profile]
 
-What the profile (--profile, torch.profiler) showed and what moved the numbers:
-- batch 1: ~80% of a decode step is GEMV (the layers' matmuls + the vocab head), running at ~95% of the copy
-  bandwidth; the rest is ~35 small ops per layer at 5-10 us each (Python + dispatch), which is what was cut:
-  - GQA decode without `repeat_interleave` of K/V (query heads of a group folded into the query axis): 4x (fp32) to
-    9x (bf16) cheaper attention, the largest single gain for the Llama cases (llmsh/runtime/kv_cache.py `attend`);
-  - q|k|v and gate|up fused into one matrix each at load (3 GEMMs per layer instead of 5), RoPE on q and k at once
-    with a signed-sin table (4 ops instead of 12), torch's fused `rms_norm`, `matmul` on 3-d inputs (one dispatch
-    instead of reshape + mm + view);
-  - tied embeddings stored (dim, vocab), so the vocab head is an (in, out) GEMV: ~15% (fp32) / ~45% (bf16) faster
-    head, GPT-2 batch 1 +6-10% (llmsh/runtime/layers.py `TiedEmbedding`).
-- batch 16, bf16: this CPU has no AVX512_BF16/AMX, and MKL/oneDNN's bf16 GEMM ran 2x slower than float32 on the same
-  shapes; converting L2-sized weight blocks to float32 and running float32 GEMMs on them made batched bf16 ~1.9x
-  faster (llmsh/runtime/layers.py `_bf16_blocked`). Batch-1 bf16 keeps torch's GEMV, which reaches only ~0.7 of the
-  copy bandwidth on this CPU (it widens every weight); no torch kernel here does better, so bf16 stays below 0.85.
+What the profiles (torch.profiler, cProfile) showed and what moved the numbers:
+- decode steps of up to 16 sequences run C kernels (llmsh/runtime/kernels/cpu_decode.c, compiled for this CPU on
+  first use; llmsh/runtime/fast_decode.py), one ctypes call for all layers plus the head:
+  - with torch ops, a batch-1 step spent ~10 ms beyond its GEMVs on ~20 small ops per layer (rms_norm alone 39 us
+    for 768 floats, SDPA 35-150 us), about twice what the same Python costs with warm caches, because the weights
+    streaming through evict the interpreter's working set; one call per step instead of ~10 per layer removed it;
+  - bf16 GEMV: torch's kernel reached ~0.7 of the copy bandwidth on this CPU (no AVX512_BF16); widening bf16 in
+    registers over 16-row panels reaches ~0.75-0.9 (float32: ~1.0, as MKL);
+  - 2-16 rows: MKL's sgemm took 93 ms (4 rows) / 120 ms (16 rows) for GPT-2's linears, which stream in 45 ms; a
+    register-blocked GEMM takes 58 / 98 ms (bf16: 44 / 126 against torch's 124 / 252). At 16 rows this VM's FMA
+    peak (40 GFLOP/s measured) is the bound;
+  - bf16 activations stay float32 between the kernels (nearer to a float32 run than the modules, which round each
+    op to bf16; tests/test_runtime_kernels.py).
+- before that, in the torch modules (still what prefill and larger batches run): GQA decode without
+  `repeat_interleave` of K/V (4-9x cheaper attention); q|k|v and gate|up fused into one matrix each at load; RoPE
+  on q and k at once with a signed-sin table; torch's `rms_norm`; `matmul` on 3-d inputs; tied embeddings stored
+  (dim, vocab) so the vocab head is an (in, out) GEMV (~15% fp32 / ~45% bf16 faster head); batched bf16 as float32
+  GEMMs over L2-sized converted blocks (~1.9x, layers.py `_bf16_blocked`).
 - threads: on this shared 2-core VM, 2 OpenMP threads made GEMV ~4x slower whenever another process held a core;
   one thread already streams weights near the copy bandwidth (see THREADS below).
 - weight layout: GEMV over W stored (in, out) (`x @ W`, HF's Conv1D) streams 5-26% (fp32) / 12-50% (bf16) faster
-  than `F.linear` over (out, in) at batch 1, but is ~25% slower at batch 16 in float32; llmsh keeps (in, out).
-- bf16 GEMM on a transposed *view* hit a ~15x slower kernel; weights are always contiguous in the layout used.
+  than `F.linear` over (out, in) at batch 1 with torch's kernels; llmsh keeps (in, out) and the kernels use it.
 - load RSS: mmap'd safetensors, zero-copy when dtype and layout match; otherwise a chunked copy that madvise()s
   away each source chunk, so peak load RSS stays ~1x the weights.
+- tried, no gain: transparent huge pages, oneDNN prepacked weights, a numba bf16 kernel, software prefetch (NTA)
+  in the GEMV, 32-row panels, torch.compile (needs a compiler at run time anyway and recompiles per batch shape).
 """
 
 from __future__ import annotations
