@@ -46,10 +46,11 @@ static inline vf vload_bf16(const bf16 *p) { return (vf)(__builtin_convertvector
  * One row (batch-1 decode) is memory-bound: the aim is to stream the weights at the copy bandwidth. PANEL weight
  * rows are read together, each sequentially (measured on a 1-core AVX-512 VM: 8 rows 0.88, 16 rows 0.92, 32 rows
  * 0.6 of the copy bandwidth); y is loaded and stored once per panel, and two accumulators keep two FMA chains in
- * flight. */
+ * flight. bf16 rows also prefetch 256 bytes ahead: +7-15% on this VM, where the hardware prefetcher alone left
+ * narrow (768-1280 column) bf16 matrices at ~0.7 of the bandwidth; it gained nothing for float32 (PREFETCH 0). */
 #define PANEL 16
 
-#define DEFINE_GEMV(name, T, vload, cvt)                                                                      \
+#define DEFINE_GEMV(name, T, vload, cvt, PREFETCH)                                                            \
     static void name(const float *restrict x, long K, const T *restrict w, long N, float *restrict y) {       \
         for (long i0 = 0; i0 < K; i0 += PANEL) {                                                              \
             const T *W = w + i0 * N;                                                                          \
@@ -64,6 +65,8 @@ static inline vf vload_bf16(const bf16 *p) { return (vf)(__builtin_convertvector
             for (; j + VL <= N; j += VL) {                                                                    \
                 vf a0 = *(const vf *)(y + j), a1 = {0};                                                       \
                 for (int r = 0; r < PANEL; r += 2) {                                                          \
+                    if (PREFETCH) __builtin_prefetch(W + r * N + j + PREFETCH);                               \
+                    if (PREFETCH) __builtin_prefetch(W + (r + 1) * N + j + PREFETCH);                         \
                     a0 += xb[r] * vload(W + r * N + j);                                                       \
                     a1 += xb[r + 1] * vload(W + (r + 1) * N + j);                                             \
                 }                                                                                             \
@@ -74,8 +77,8 @@ static inline vf vload_bf16(const bf16 *p) { return (vf)(__builtin_convertvector
         }                                                                                                     \
     }
 
-DEFINE_GEMV(gemv_f32, float, vload_f32, F32)
-DEFINE_GEMV(gemv_bf16, bf16, vload_bf16, bf16_to_f32)
+DEFINE_GEMV(gemv_f32, float, vload_f32, F32, 0)
+DEFINE_GEMV(gemv_bf16, bf16, vload_bf16, bf16_to_f32, 128)
 
 /* ---- several rows: a register-blocked GEMM ----------------------------------------------------------------------
  * With M > 1 rows the work per weight grows while the bytes do not. MKL's sgemm took 93 ms (M=4) and 120 ms
