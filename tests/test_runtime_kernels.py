@@ -25,20 +25,21 @@ def _bf(dtype: torch.dtype) -> int:
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,N", [(1, 64, 96), (1, 37, 4099), (2, 130, 33), (3, 16, 1), (4, 200, 700), (7, 45, 130),
                                    (16, 70, 8200)])
-def test_linear_matches_torch(dtype, M, K, N):
+def test_linear_matches_torch(dtype, M, K, N, threads):
     g = torch.Generator().manual_seed(M * K + N)
     x, w, b = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g).to(dtype), torch.randn(N, generator=g)
     b = b.to(dtype)
     expected = x @ w.float() + b.float()
     y = torch.full((M, N), float("nan"))
-    lib.lm_linear(x.data_ptr(), M, K, w.data_ptr(), N, b.data_ptr(), _bf(dtype), 0, y.data_ptr())
+    lib.lm_linear(x.data_ptr(), M, K, w.data_ptr(), N, b.data_ptr(), _bf(dtype), 0, y.data_ptr(), threads)
     torch.testing.assert_close(y, expected, atol=1e-4 * math.sqrt(K), rtol=1e-5)
     residual = torch.randn(M, N, generator=g)
     y = residual.clone()
-    lib.lm_linear(x.data_ptr(), M, K, w.data_ptr(), N, None, _bf(dtype), 1, y.data_ptr())   # y += x @ w, no bias
+    lib.lm_linear(x.data_ptr(), M, K, w.data_ptr(), N, None, _bf(dtype), 1, y.data_ptr(), threads)  # y += x @ w
     torch.testing.assert_close(y, residual + x @ w.float(), atol=1e-4 * math.sqrt(K), rtol=1e-5)
 
 
@@ -83,7 +84,8 @@ def test_rope_matches_the_modules_rope():
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 5])
-def test_attention_writes_the_cache_and_matches_sdpa(dtype, window):
+@pytest.mark.parametrize("threads", [1, 4])
+def test_attention_writes_the_cache_and_matches_sdpa(dtype, window, threads):
     """GQA (6 query heads on 2 kv heads), two rows at different positions in non-adjacent slots."""
     g = torch.Generator().manual_seed(window)
     nh, nkv, hd, S = 6, 2, 16, 32
@@ -92,9 +94,9 @@ def test_attention_writes_the_cache_and_matches_sdpa(dtype, window):
     qkv = torch.randn(2, (nh + 2 * nkv) * hd, generator=g)
     slots, pos = torch.tensor([3, 1]), torch.tensor([9, 20])
     expected_k, expected_v = kc.clone(), vc.clone()
-    out, scores = torch.empty(2, nh * hd), torch.empty(S)
+    out, scores = torch.empty(2, nh * hd), torch.empty(threads, S)
     lib.lm_attention(qkv.data_ptr(), 2, nh, nkv, hd, kc.data_ptr(), vc.data_ptr(), _bf(dtype), S, slots.data_ptr(),
-                     pos.data_ptr(), window, 0.3, scores.data_ptr(), out.data_ptr())
+                     pos.data_ptr(), window, 0.3, scores.data_ptr(), out.data_ptr(), threads)
     for m, (slot, p) in enumerate(zip(slots.tolist(), pos.tolist())):
         q, k_new, v_new = qkv[m].split([nh * hd, nkv * hd, nkv * hd])
         expected_k[slot, :, p] = k_new.view(nkv, hd).to(dtype)                    # rounded like torch rounds
@@ -131,9 +133,19 @@ def _decode_both_ways(model, prompts, steps, hook=None):
     return out
 
 
+@pytest.fixture
+def torch_threads(request):
+    """Run the test with torch.get_num_threads() == request.param (the kernels take torch's count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @needs_kernels
+@pytest.mark.parametrize("torch_threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fast_decode_matches_the_modules(family, make_tiny_model):
+def test_fast_decode_matches_the_modules(family, make_tiny_model, torch_threads):
     """Six sequences at different lengths (mistral's 24-token window is crossed), float32: same logits."""
     model = load(make_tiny_model(family))
     assert model.fast_decode is not None

@@ -72,8 +72,9 @@ class _Family:
             raise ValueError(f"KV cache is {cache.k[0].dtype}, this model decodes in {'bf16' if self.bf16 else 'fp32'}")
         slots_t, pos_t = torch.tensor(slots), torch.tensor(pos)          # alive until return: C reads them
         step = self.step_args(B, cache.max_seq_len, slots_t, pos_t)
+        step.n_threads = threads = torch.get_num_threads()                # as many as torch's own ops would use
         scratch = torch.empty(self.lib.lm_scratch_floats(B, step.dim, step.n_head, step.n_kv, step.head_dim,
-                                                          step.hidden, step.max_seq))
+                                                          step.hidden, step.max_seq, threads))
         step.scratch = scratch.data_ptr()
         if hook:
             hook(0)
@@ -96,7 +97,7 @@ class _Family:
         logits = torch.empty(B, cfg.vocab_size)
         head = self.head()
         self.lib.lm_linear(h.data_ptr(), B, head.weight.shape[0], _ptr(head.weight), head.weight.shape[1], None,
-                           self.bf16, 0, logits.data_ptr())
+                           self.bf16, 0, logits.data_ptr(), threads)
         return logits
 
     def step_args(self, B: int, max_seq: int, slots: Tensor, pos: Tensor) -> Step:

@@ -5,6 +5,10 @@ CPU has (AVX-512, AVX2 or NEON) and keeps the package pure Python to install. Th
 the user cache directory (platformdirs, honouring XDG_CACHE_HOME), keyed by the source, the flags, the compiler
 and the machine, and written atomically, so concurrent processes and upgrades never load a stale or partial file.
 
+Threads come from OpenMP (`-fopenmp`): torch has already loaded its own libgomp under the same soname, so the
+kernels join torch's runtime rather than starting a second pool, and take torch.get_num_threads() per call. A
+compiler without OpenMP gets a single-threaded build.
+
 Without a C compiler, or with LLMSH_KERNELS=0, `library()` returns None and the runtime decodes with torch ops
 alone: slower at small batches, same results to float rounding.
 """
@@ -34,15 +38,15 @@ MAX_HEAD_DIM = 512                              # lm_rope's scratch row
 
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 SIGNATURES = {
-    "lm_linear": [_P, _L, _L, _P, _L, _P, _I, _I, _P],
+    "lm_linear": [_P, _L, _L, _P, _L, _P, _I, _I, _P, _I],
     "lm_silu_mul": [_P, _L, _L, _P],
     "lm_gelu": [_P, _L, _I],
     "lm_rmsnorm": [_P, _L, _L, _P, _I, _F, _P],
     "lm_layernorm": [_P, _L, _L, _P, _P, _I, _F, _P],
     "lm_rope": [_P, _L, _L, _L, _L, _P, _P, _P],
-    "lm_attention": [_P, _L, _L, _L, _L, _P, _P, _I, _L, _P, _P, _L, _F, _P, _P],
+    "lm_attention": [_P, _L, _L, _L, _L, _P, _P, _I, _L, _P, _P, _L, _F, _P, _P, _I],
     "lm_layers": [_P, _P, _L, _P],
-    "lm_scratch_floats": [_L] * 7,
+    "lm_scratch_floats": [_L] * 8,
 }
 RESTYPES = {"lm_scratch_floats": _L}
 
@@ -59,7 +63,7 @@ class Step(ctypes.Structure):
     """lm_step: what every layer of one decode step shares."""
 
     _fields_ = [(name, _L) for name in ("M", "dim", "n_head", "n_kv", "head_dim", "hidden", "max_seq")] + \
-        [(name, _I) for name in ("is_bf16", "is_gpt2", "exact_gelu")] + [("eps", _F)] + \
+        [(name, _I) for name in ("is_bf16", "is_gpt2", "exact_gelu", "n_threads")] + [("eps", _F)] + \
         [(name, _P) for name in ("rope_cos", "rope_sin", "pos", "slots", "scratch")]
 
 
@@ -70,10 +74,10 @@ def compiler() -> str | None:
     return next((found for name in ("cc", "gcc", "clang") if (found := shutil.which(name))), None)
 
 
-def _cache_key(cc: str) -> str:
+def _cache_key(cc: str, flags: list[str]) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (" ".join(FLAGS), cc, version, platform.machine(), platform.processor(), _cpu_flags()):
+    for part in (" ".join(flags), cc, version, platform.machine(), platform.processor(), _cpu_flags()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -86,16 +90,16 @@ def _cpu_flags() -> str:
         return ""
 
 
-def build(cc: str, out_dir: Path) -> Path:
-    """Compile SOURCE into out_dir (if not there yet) and return the shared library's path."""
-    target = out_dir / f"cpu_decode-{_cache_key(cc)}.so"
+def build(cc: str, out_dir: Path, flags: list[str] = FLAGS) -> Path:
+    """Compile SOURCE with flags into out_dir (if not there yet) and return the shared library's path."""
+    target = out_dir / f"cpu_decode-{_cache_key(cc, flags)}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"{cc} failed")
         os.replace(tmp, target)
@@ -114,10 +118,17 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         log.info("no C compiler found: decoding with torch ops only (install gcc or clang for faster decoding)")
         return None
-    try:
-        lib = ctypes.CDLL(str(build(cc, paths.cache_dir() / "kernels")))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("could not build the CPU decode kernels (%s): decoding with torch ops only", e)
+    import torch  # noqa: F401  (loads torch's libgomp first, which the OpenMP build then shares)
+
+    out_dir, error = paths.cache_dir() / "kernels", None
+    for flags in (FLAGS + ["-fopenmp"], FLAGS):          # OpenMP if the compiler and runtime have it, else serial
+        try:
+            lib = ctypes.CDLL(str(build(cc, out_dir, flags)))
+            break
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            error = e
+    else:
+        log.warning("could not build the CPU decode kernels (%s): decoding with torch ops only", error)
         return None
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)

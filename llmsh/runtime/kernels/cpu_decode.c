@@ -8,6 +8,9 @@
  * row-major, KV cache (max_batch, n_kv_head, max_seq_len, head_dim).
  */
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -51,12 +54,13 @@ static inline vf vload_bf16(const bf16 *p) { return (vf)(__builtin_convertvector
 #define PANEL 16
 
 #define DEFINE_GEMV(name, T, vload, cvt, PREFETCH)                                                            \
-    static void name(const float *restrict x, long K, const T *restrict w, long N, float *restrict y) {       \
+    static void name(const float *restrict x, long K, const T *restrict w, long ld, long N,                   \
+                     float *restrict y) {                                                                     \
         for (long i0 = 0; i0 < K; i0 += PANEL) {                                                              \
-            const T *W = w + i0 * N;                                                                          \
+            const T *W = w + i0 * ld;                                                                         \
             if (K - i0 < PANEL) {                                                                             \
                 for (long r = 0; r < K - i0; r++)                                                             \
-                    for (long j = 0; j < N; j++) y[j] += x[i0 + r] * cvt(W[r * N + j]);                       \
+                    for (long j = 0; j < N; j++) y[j] += x[i0 + r] * cvt(W[r * ld + j]);                       \
                 break;                                                                                        \
             }                                                                                                 \
             vf xb[PANEL];                                                                                     \
@@ -65,15 +69,15 @@ static inline vf vload_bf16(const bf16 *p) { return (vf)(__builtin_convertvector
             for (; j + VL <= N; j += VL) {                                                                    \
                 vf a0 = *(const vf *)(y + j), a1 = {0};                                                       \
                 for (int r = 0; r < PANEL; r += 2) {                                                          \
-                    if (PREFETCH) __builtin_prefetch(W + r * N + j + PREFETCH);                               \
-                    if (PREFETCH) __builtin_prefetch(W + (r + 1) * N + j + PREFETCH);                         \
-                    a0 += xb[r] * vload(W + r * N + j);                                                       \
-                    a1 += xb[r + 1] * vload(W + (r + 1) * N + j);                                             \
+                    if (PREFETCH) __builtin_prefetch(W + r * ld + j + PREFETCH);                               \
+                    if (PREFETCH) __builtin_prefetch(W + (r + 1) * ld + j + PREFETCH);                         \
+                    a0 += xb[r] * vload(W + r * ld + j);                                                       \
+                    a1 += xb[r + 1] * vload(W + (r + 1) * ld + j);                                             \
                 }                                                                                             \
                 *(vf *)(y + j) = a0 + a1;                                                                     \
             }                                                                                                 \
             for (; j < N; j++)                                                                                \
-                for (int r = 0; r < PANEL; r++) y[j] += x[i0 + r] * cvt(W[r * N + j]);                       \
+                for (int r = 0; r < PANEL; r++) y[j] += x[i0 + r] * cvt(W[r * ld + j]);                       \
         }                                                                                                     \
     }
 
@@ -116,28 +120,28 @@ DEFINE_GEMV(gemv_bf16, bf16, vload_bf16, bf16_to_f32, 128)
     DEFINE_MICRO(name##_2, T, vload, 2)                                                                      \
     DEFINE_MICRO(name##_3, T, vload, 3)                                                                      \
     DEFINE_MICRO(name##_4, T, vload, 4)                                                                      \
-    static void name(const float *x, long M, long K, const T *w, long N, float *y) {                         \
+    static void name(const float *x, long M, long K, const T *w, long ld, long N, float *y, long ldy) {     \
         long strip = NR * VL, full = N - N % strip;                                                          \
         for (long t0 = 0; t0 < N; t0 += GEMM_TILE) {                                                         \
             long t1 = t0 + GEMM_TILE < N ? t0 + GEMM_TILE : N;                                               \
             for (long k0 = 0; k0 < K; k0 += KC) {                                                            \
                 long kc = K - k0 < KC ? K - k0 : KC;                                                         \
                 for (long j0 = t0; j0 < t1 && j0 < full; j0 += strip) {                                      \
-                    const T *W = w + k0 * N + j0;                                                            \
+                    const T *W = w + k0 * ld + j0;                                                           \
                     long m = 0;                                                                              \
-                    for (; m + MR <= M; m += MR) name##_4(x + m * K + k0, K, kc, W, N, y + m * N + j0, N);   \
+                    for (; m + MR <= M; m += MR) name##_4(x + m * K + k0, K, kc, W, ld, y + m * ldy + j0, ldy);\
                     const float *xm = x + m * K + k0;                                                        \
-                    float *ym = y + m * N + j0;                                                              \
+                    float *ym = y + m * ldy + j0;                                                            \
                     switch (M - m) {                                                                         \
-                        case 3: name##_3(xm, K, kc, W, N, ym, N); break;                                     \
-                        case 2: name##_2(xm, K, kc, W, N, ym, N); break;                                     \
-                        case 1: name##_1(xm, K, kc, W, N, ym, N); break;                                     \
+                        case 3: name##_3(xm, K, kc, W, ld, ym, ldy); break;                                     \
+                        case 2: name##_2(xm, K, kc, W, ld, ym, ldy); break;                                     \
+                        case 1: name##_1(xm, K, kc, W, ld, ym, ldy); break;                                     \
                     }                                                                                        \
                 }                                                                                            \
                 for (long m = 0; m < M; m++)                 /* columns past the last full strip */          \
                     for (long k = k0; k < k0 + kc; k++)                                                      \
                         for (long j = t0 > full ? t0 : full; j < t1; j++)                                    \
-                            y[m * N + j] += x[m * K + k] * cvt(w[k * N + j]);                                \
+                            y[m * ldy + j] += x[m * K + k] * cvt(w[k * ld + j]);                                \
             }                                                                                                \
         }                                                                                                    \
     }
@@ -145,17 +149,35 @@ DEFINE_GEMV(gemv_bf16, bf16, vload_bf16, bf16_to_f32, 128)
 DEFINE_GEMM(gemm_f32, float, vload_f32, F32)
 DEFINE_GEMM(gemm_bf16, bf16, vload_bf16, bf16_to_f32)
 
-void lm_linear(const float *x, long M, long K, const void *w, long N, const void *bias, int is_bf16, int accumulate,
-               float *y) {
-    if (!accumulate) memset(y, 0, (size_t)(M * N) * sizeof(float));
+/* Threads split the columns (whole GEMM strips, so the split costs no tail work): each streams its own slice of
+ * every weight row. With OpenMP the kernels join torch's own libgomp (it is already loaded, under the same soname),
+ * so n_threads = torch.get_num_threads() adds no second thread pool; without OpenMP the pragmas are ignored. */
+static void linear_columns(const float *x, long M, long K, const void *w, long N, int is_bf16, float *y, long j0,
+                           long j1) {
     if (M == 1 && is_bf16)
-        gemv_bf16(x, K, (const bf16 *)w, N, y);
+        gemv_bf16(x, K, (const bf16 *)w + j0, N, j1 - j0, y + j0);
     else if (M == 1)
-        gemv_f32(x, K, (const float *)w, N, y);
+        gemv_f32(x, K, (const float *)w + j0, N, j1 - j0, y + j0);
     else if (is_bf16)
-        gemm_bf16(x, M, K, (const bf16 *)w, N, y);
+        gemm_bf16(x, M, K, (const bf16 *)w + j0, N, j1 - j0, y + j0, N);
     else
-        gemm_f32(x, M, K, (const float *)w, N, y);
+        gemm_f32(x, M, K, (const float *)w + j0, N, j1 - j0, y + j0, N);
+}
+
+void lm_linear(const float *x, long M, long K, const void *w, long N, const void *bias, int is_bf16, int accumulate,
+               float *y, int n_threads) {
+    if (!accumulate) memset(y, 0, (size_t)(M * N) * sizeof(float));
+    long strip = NR * VL, strips = (N + strip - 1) / strip;
+    long parts = n_threads < strips ? n_threads : strips;
+    if (parts <= 1) {
+        linear_columns(x, M, K, w, N, is_bf16, y, 0, N);
+    } else {
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+        for (long p = 0; p < parts; p++) {
+            long j0 = strips * p / parts * strip, j1 = strips * (p + 1) / parts * strip;
+            linear_columns(x, M, K, w, N, is_bf16, y, j0, j1 < N ? j1 : N);
+        }
+    }
     if (bias)
         for (long m = 0; m < M; m++)
             for (long j = 0; j < N; j++) y[m * N + j] += load(bias, j, is_bf16);
@@ -275,16 +297,16 @@ DEFINE_ATTEND_HEAD(attend_head_bf16, bf16, bf16_to_f32)
 
 /* One decode token per row m: write its k, v into the cache at (slots[m], :, pos[m]), then attend its query heads
  * over cache positions lo..pos[m] (lo > 0 under a sliding window: j > pos - window) of its kv group. qkv rows are
- * q heads | k heads | v heads, (n_head + 2 n_kv) * hd floats; out rows n_head * hd; scores: max_seq floats. */
+ * q heads | k heads | v heads, (n_head + 2 n_kv) * hd floats; out rows n_head * hd; scores: n_threads x max_seq
+ * floats. Threads share out the (row, head) pairs. */
 void lm_attention(const float *qkv, long M, long n_head, long n_kv, long hd, void *k_cache, void *v_cache,
                   int is_bf16, long max_seq, const int64_t *slots, const int64_t *pos, long window, float scale,
-                  float *restrict scores, float *restrict out) {
+                  float *restrict scores, float *restrict out, int n_threads) {
     long stride = (n_head + 2 * n_kv) * hd, rep = n_head / n_kv;
-    for (long m = 0; m < M; m++) {
-        long p = pos[m], lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-        const float *q = qkv + m * stride, *k_new = q + n_head * hd, *v_new = k_new + n_kv * hd;
+    for (long m = 0; m < M; m++) {                         /* this step's keys and values first: all heads read them */
+        const float *k_new = qkv + m * stride + n_head * hd, *v_new = k_new + n_kv * hd;
         for (long g = 0; g < n_kv; g++) {
-            long at = ((slots[m] * n_kv + g) * max_seq + p) * hd;
+            long at = ((slots[m] * n_kv + g) * max_seq + pos[m]) * hd;
             for (long d = 0; d < hd; d++) {
                 if (is_bf16) {
                     ((bf16 *)k_cache)[at + d] = f32_to_bf16(k_new[g * hd + d]);
@@ -295,15 +317,27 @@ void lm_attention(const float *qkv, long M, long n_head, long n_kv, long hd, voi
                 }
             }
         }
-        for (long h = 0; h < n_head; h++) {
+    }
+    int parts = n_threads < M * n_head ? n_threads : (int)(M * n_head);
+#pragma omp parallel num_threads(parts) if (parts > 1)
+    {
+        float *my_scores = scores;
+#ifdef _OPENMP
+        my_scores += omp_get_thread_num() * max_seq;                  /* scores holds n_threads rows */
+#endif
+#pragma omp for schedule(static)
+        for (long mh = 0; mh < M * n_head; mh++) {
+            long m = mh / n_head, h = mh % n_head, p = pos[m];
+            long lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
             long base = (slots[m] * n_kv + h / rep) * max_seq * hd;
+            const float *q = qkv + m * stride + h * hd;
             float *o = out + m * n_head * hd + h * hd;
             if (is_bf16)
-                attend_head_bf16(q + h * hd, (const bf16 *)k_cache + base, (const bf16 *)v_cache + base, lo, p, hd,
-                                 scale, scores, o);
+                attend_head_bf16(q, (const bf16 *)k_cache + base, (const bf16 *)v_cache + base, lo, p, hd, scale,
+                                 my_scores, o);
             else
-                attend_head_f32(q + h * hd, (const float *)k_cache + base, (const float *)v_cache + base, lo, p, hd,
-                                scale, scores, o);
+                attend_head_f32(q, (const float *)k_cache + base, (const float *)v_cache + base, lo, p, hd, scale,
+                                my_scores, o);
         }
     }
 }
@@ -323,14 +357,16 @@ typedef struct {                           /* one layer's parameters (model dtyp
 typedef struct {                           /* what every layer of the step shares */
     long M, dim, n_head, n_kv, head_dim, hidden, max_seq;
     int is_bf16, is_gpt2, exact_gelu;      /* gpt2: LayerNorm, no RoPE, gelu MLP; else RMSNorm, RoPE, SwiGLU */
+    int n_threads;
     float eps;
     const float *rope_cos, *rope_sin;
     const int64_t *pos, *slots;
     float *scratch;                        /* lm_scratch_floats() floats */
 } lm_step;
 
-long lm_scratch_floats(long M, long dim, long n_head, long n_kv, long head_dim, long hidden, long max_seq) {
-    return M * (dim + (2 * n_head + 2 * n_kv) * head_dim + 3 * hidden) + max_seq;
+long lm_scratch_floats(long M, long dim, long n_head, long n_kv, long head_dim, long hidden, long max_seq,
+                       long n_threads) {
+    return M * (dim + (2 * n_head + 2 * n_kv) * head_dim + 3 * hidden) + n_threads * max_seq;
 }
 
 static void norm(const lm_step *s, const float *x, const void *w, const void *b, float *y) {
@@ -343,25 +379,25 @@ static void norm(const lm_step *s, const float *x, const void *w, const void *b,
 /* x (M, dim) float32, updated in place: x += attention(norm1(x)); x += mlp(norm2(x)) for each of the n layers */
 void lm_layers(float *x, const lm_layer *layers, long n, const lm_step *s) {
     long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, F = s->hidden;
-    long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16;
+    long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16, nt = s->n_threads;
     float *h = s->scratch, *qkv = h + M * D, *att = qkv + M * qkv_width, *up = att + M * nh * hd;
     float *act = up + M * 2 * F, *scores = act + M * F;
     for (long i = 0; i < n; i++) {
         const lm_layer *l = layers + i;
         norm(s, x, l->norm1, l->norm1_bias, h);
-        lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv);
+        lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv, nt);
         if (!s->is_gpt2) lm_rope(qkv, M, qkv_width, nh + nkv, hd, s->rope_cos, s->rope_sin, s->pos);
         lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
-                     l->attn_scale, scores, att);
-        lm_linear(att, M, nh * hd, l->w_o, D, l->b_o, bf, 1, x);
+                     l->attn_scale, scores, att, nt);
+        lm_linear(att, M, nh * hd, l->w_o, D, l->b_o, bf, 1, x, nt);
         norm(s, x, l->norm2, l->norm2_bias, h);
         if (s->is_gpt2) {
-            lm_linear(h, M, D, l->w_up, F, l->b_up, bf, 0, act);
+            lm_linear(h, M, D, l->w_up, F, l->b_up, bf, 0, act, nt);
             lm_gelu(act, M * F, s->exact_gelu);
         } else {
-            lm_linear(h, M, D, l->w_up, 2 * F, l->b_up, bf, 0, up);
+            lm_linear(h, M, D, l->w_up, 2 * F, l->b_up, bf, 0, up, nt);
             lm_silu_mul(up, M, F, act);
         }
-        lm_linear(act, M, F, l->w_down, D, l->b_down, bf, 1, x);
+        lm_linear(act, M, F, l->w_down, D, l->b_down, bf, 1, x, nt);
     }
 }
