@@ -242,3 +242,19 @@ def test_a_released_page_is_an_error_not_a_crash(make_tiny_model):
     assert cache.lengths[slot] == 3
     model.materialize_page(1)
     torch.testing.assert_close(model.decode_step(cache, [slot], [4]), expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("slots,tokens,error", [
+    ([5], [1], "distinct slots"), ([0, 0], [1, 2], "distinct slots"), ([0], [10_000], "token ids"),
+    ([0], [-1], "token ids")])
+def test_bad_decode_arguments_are_rejected_before_c_reads_memory(make_tiny_model, slots, tokens, error):
+    model = load(make_tiny_model("gpt2"))
+    cache = model.new_cache(2, 16)
+    for _ in range(2):
+        cache.alloc()
+    with pytest.raises(ValueError, match=error):
+        model.fast_decode(cache, slots, tokens, [0] * len(slots))
+    with pytest.raises(ValueError, match="positions"):
+        model.fast_decode(cache, [0], [1], [16])
+    assert cache.lengths == [0, 0]

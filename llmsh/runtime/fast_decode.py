@@ -68,8 +68,15 @@ class _Family:
         """Float32 logits (B, vocab) of one token per slot at that slot's position; writes their K/V to cache."""
         net, cfg, hook = self.net, self.cfg, self.net.page_hook
         B = len(tokens)
+        # C indexes memory with these without bounds checks: anything torch would reject is rejected here first
         if cache.k[0].dtype != (torch.bfloat16 if self.bf16 else torch.float32):
             raise ValueError(f"KV cache is {cache.k[0].dtype}, this model decodes in {'bf16' if self.bf16 else 'fp32'}")
+        if not all(0 <= s < cache.max_batch for s in slots) or len(set(slots)) != B or len(pos) != B:
+            raise ValueError(f"slots must be {B} distinct slots of this cache (0..{cache.max_batch - 1}), one position each")
+        if not all(0 <= t < cfg.vocab_size for t in tokens):
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) for this model")
+        if not all(0 <= p < min(cache.max_seq_len, self.max_positions()) for p in pos):
+            raise ValueError(f"positions must be below the context of {min(cache.max_seq_len, self.max_positions())}")
         slots_t, pos_t = torch.tensor(slots), torch.tensor(pos)          # alive until return: C reads them
         step = self.step_args(B, cache.max_seq_len, slots_t, pos_t)
         step.n_threads = threads = torch.get_num_threads()                # as many as torch's own ops would use
@@ -103,6 +110,10 @@ class _Family:
     def step_args(self, B: int, max_seq: int, slots: Tensor, pos: Tensor) -> Step:
         raise NotImplementedError
 
+    def max_positions(self) -> int:
+        """Rows of the position tables (RoPE or learned positions) that the kernels may index."""
+        raise NotImplementedError
+
     def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -120,6 +131,9 @@ class _Family:
 
 
 class _Llama(_Family):
+    def max_positions(self) -> int:
+        return self.net.rope_cos.shape[0]
+
     def step_args(self, B: int, max_seq: int, slots: Tensor, pos: Tensor) -> Step:
         c = self.cfg
         return Step(M=B, dim=c.dim, n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
@@ -151,6 +165,9 @@ class _Llama(_Family):
 
 
 class _GPT2(_Family):
+    def max_positions(self) -> int:
+        return self.net.wpe.weight.shape[0]
+
     def step_args(self, B: int, max_seq: int, slots: Tensor, pos: Tensor) -> Step:
         c = self.cfg
         return Step(M=B, dim=c.n_embd, n_head=c.n_head, n_kv=c.n_head, head_dim=c.head_dim, hidden=c.n_inner,

@@ -3,9 +3,13 @@
  * Why not torch's ops: at batch 1 a decode step is ~10 tiny ops per layer around GEMVs, and on CPUs torch spends
  * more time dispatching them than computing (rms_norm 39 us for 768 floats, SDPA 35-150 us), while its bfloat16
  * GEMV reaches ~0.7 of the copy bandwidth on CPUs without native bf16 (it widens through a slow generic path).
- * These kernels are plain C that the compiler vectorises (-O3 -march=native): activations stay float32, weights
- * and the KV cache are float32 or bfloat16 as loaded, and every layout is the runtime's own: weights (in, out)
- * row-major, KV cache (max_batch, n_kv_head, max_seq_len, head_dim).
+ * These kernels are C built for the machine it runs on (-O3 -march=native): GCC vector extensions for the matrix
+ * products, loops the compiler vectorises for the rest, OpenMP threads where the compiler has it. Activations stay
+ * float32; weights and the KV cache are float32 or bfloat16 as loaded, in the runtime's own layouts: weights
+ * (in, out) row-major, KV cache (max_batch, n_kv_head, max_seq_len, head_dim).
+ *
+ * Contents: one-row GEMV, several-row GEMM, lm_linear (threads over columns); exp, SiLU, GELU; RMSNorm, LayerNorm;
+ * RoPE; attention with the KV-cache write; lm_layers, which runs whole Llama or GPT-2 layers in one call.
  */
 #include <math.h>
 #ifdef _OPENMP
