@@ -258,3 +258,17 @@ def test_bad_decode_arguments_are_rejected_before_c_reads_memory(make_tiny_model
     with pytest.raises(ValueError, match="positions"):
         model.fast_decode(cache, [0], [1], [16])
     assert cache.lengths == [0, 0]
+
+
+@pytest.mark.skipif(kernels.compiler() is None, reason="needs a C compiler to get as far as the cache directory")
+def test_an_unwritable_cache_directory_means_torch_only(monkeypatch, tmp_path, caplog):
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_dir))
+    kernels.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="llmsh.runtime.kernels"):
+            assert kernels.library() is None
+        assert "could not build" in caplog.text
+    finally:
+        kernels.library.cache_clear()

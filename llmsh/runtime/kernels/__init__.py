@@ -120,10 +120,10 @@ def library() -> ctypes.CDLL | None:
         return None
     import torch  # noqa: F401  (loads torch's libgomp first, which the OpenMP build then shares)
 
-    out_dir, error = paths.cache_dir() / "kernels", None
+    error: Exception | None = None
     for flags in (FLAGS + ["-fopenmp"], FLAGS):          # OpenMP if the compiler and runtime have it, else serial
-        try:
-            lib = ctypes.CDLL(str(build(cc, out_dir, flags)))
+        try:                                             # (an unwritable cache directory is an OSError here too)
+            lib = ctypes.CDLL(str(build(cc, paths.cache_dir() / "kernels", flags)))
             break
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             error = e
