@@ -193,30 +193,30 @@ def test_fast_decode_calls_the_page_hook_like_the_modules(make_tiny_model):
     assert calls[0] == calls[1] == [0, 1, 2, 0, 3]
 
 
-def test_without_kernels_decoding_uses_the_modules(make_tiny_model, monkeypatch):
-    monkeypatch.setenv("LLMSH_KERNELS", "0")
+@pytest.fixture
+def rebuilt_library():
+    """`kernels.library()` is cached per process: clear it so the test's environment decides, and again after."""
     kernels.library.cache_clear()
-    try:
-        model = load(make_tiny_model("gpt2"))
-        assert model.fast_decode is None
-        assert len(model.generate(["hello"], max_tokens=4)) == 1
-    finally:
-        kernels.library.cache_clear()
+    yield kernels.library
+    kernels.library.cache_clear()
 
 
-def test_a_broken_compiler_means_torch_only_and_one_warning(monkeypatch, tmp_path, caplog):
+def test_without_kernels_decoding_uses_the_modules(make_tiny_model, monkeypatch, rebuilt_library):
+    monkeypatch.setenv("LLMSH_KERNELS", "0")
+    model = load(make_tiny_model("gpt2"))
+    assert model.fast_decode is None
+    assert len(model.generate(["hello"], max_tokens=4)) == 1
+
+
+def test_a_broken_compiler_means_torch_only_and_one_warning(monkeypatch, tmp_path, caplog, rebuilt_library):
     broken = tmp_path / "cc"
     broken.write_text("#!/bin/sh\necho 'cc: error: no such target' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
-    kernels.library.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="llmsh.runtime.kernels"):
-            assert kernels.library() is None
-        assert "no such target" in caplog.text
-        assert not list((tmp_path.parent).glob("**/*.so.tmp"))
-    finally:
-        kernels.library.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="llmsh.runtime.kernels"):
+        assert rebuilt_library() is None
+    assert "no such target" in caplog.text
+    assert not list((tmp_path.parent).glob("**/*.so.tmp"))
 
 
 @needs_kernels
@@ -261,14 +261,10 @@ def test_bad_decode_arguments_are_rejected_before_c_reads_memory(make_tiny_model
 
 
 @pytest.mark.skipif(kernels.compiler() is None, reason="needs a C compiler to get as far as the cache directory")
-def test_an_unwritable_cache_directory_means_torch_only(monkeypatch, tmp_path, caplog):
+def test_an_unwritable_cache_directory_means_torch_only(monkeypatch, tmp_path, caplog, rebuilt_library):
     not_a_dir = tmp_path / "cache"
     not_a_dir.write_text("a file where the cache directory should be")
     monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_dir))
-    kernels.library.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="llmsh.runtime.kernels"):
-            assert kernels.library() is None
-        assert "could not build" in caplog.text
-    finally:
-        kernels.library.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="llmsh.runtime.kernels"):
+        assert rebuilt_library() is None
+    assert "could not build" in caplog.text
