@@ -61,7 +61,7 @@ class _Family:
     """One model's decode step: embed (torch indexing), lm_layers, final norm and head (C)."""
 
     def __init__(self, net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
-        self.net, self.lib, self.bf16 = net, lib, int(dtype == torch.bfloat16)
+        self.net, self.lib, self.dtype, self.bf16 = net, lib, dtype, int(dtype == torch.bfloat16)
         self.cfg = net.config
 
     def decode(self, cache: KVCache, slots: list[int], tokens: list[int], pos: list[int]) -> Tensor:
@@ -69,14 +69,15 @@ class _Family:
         net, cfg, hook = self.net, self.cfg, self.net.page_hook
         B = len(tokens)
         # C indexes memory with these without bounds checks: anything torch would reject is rejected here first
-        if cache.k[0].dtype != (torch.bfloat16 if self.bf16 else torch.float32):
-            raise ValueError(f"KV cache is {cache.k[0].dtype}, this model decodes in {'bf16' if self.bf16 else 'fp32'}")
+        if cache.k[0].dtype != self.dtype:
+            raise ValueError(f"KV cache is {cache.k[0].dtype}, this model decodes in {self.dtype}")
         if not all(0 <= s < cache.max_batch for s in slots) or len(set(slots)) != B or len(pos) != B:
             raise ValueError(f"slots must be {B} distinct slots of this cache (0..{cache.max_batch - 1}), one position each")
         if not all(0 <= t < cfg.vocab_size for t in tokens):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) for this model")
-        if not all(0 <= p < min(cache.max_seq_len, self.max_positions()) for p in pos):
-            raise ValueError(f"positions must be below the context of {min(cache.max_seq_len, self.max_positions())}")
+        context = min(cache.max_seq_len, self.max_positions())
+        if not all(0 <= p < context for p in pos):
+            raise ValueError(f"positions must be below the context of {context}")
         slots_t, pos_t = torch.tensor(slots), torch.tensor(pos)          # alive until return: C reads them
         step = self.step_args(B, cache.max_seq_len, slots_t, pos_t)
         step.n_threads = threads = torch.get_num_threads()                # as many as torch's own ops would use

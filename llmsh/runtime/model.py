@@ -126,16 +126,14 @@ class Model:
         if max(pos) >= cache.max_seq_len:
             raise ValueError(f"a slot is full ({cache.max_seq_len} positions); finish that sequence")
         if self.fast_decode is not None and len(slots) <= fast_decode.MAX_ROWS:
-            logits = self.fast_decode(cache, slots, tokens, pos)
-            for s in slots:
-                cache.lengths[s] += 1
-            return logits
-        idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]      # (B, 1)
-        input_pos = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        logits = self.module(idx, Step.build(input_pos, cache, slots))[:, -1]
+            logits = self.fast_decode(cache, slots, tokens, pos)                      # float32 already
+        else:
+            idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]      # (B, 1)
+            input_pos = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+            logits = self.module(idx, Step.build(input_pos, cache, slots))[:, -1].float()
         for s in slots:
             cache.lengths[s] += 1
-        return logits.float()
+        return logits
 
     @torch.inference_mode()
     def forward(self, token_ids: list[int]) -> Tensor:
