@@ -245,6 +245,27 @@ def test_a_released_page_is_an_error_not_a_crash(make_tiny_model):
 
 
 @needs_kernels
+def test_fast_decode_follows_weights_that_paging_swapped(make_tiny_model):
+    """The kernels' per-layer parameter addresses are cached between steps: a page moved to new tensors (as the
+    pager does) must be read there, not at the old, freed addresses."""
+    model = load(make_tiny_model("llama"))
+    cache = model.new_cache(1, 16)
+    slot = cache.alloc()
+    model.prefill(cache, [slot], [[1, 2, 3]])
+    before = model.decode_step(cache, [slot], [4])                          # caches the addresses
+    halved = {name: t * 0.5 for name, t in model.page_tensors(1).items()}
+    model.release_page(1)
+    model.materialize_page(1, host=halved)
+    logits = []
+    for fast in (model.fast_decode, None):
+        model.fast_decode = fast
+        cache.lengths[slot] = 3
+        logits.append(model.decode_step(cache, [slot], [4]))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
+    assert not torch.allclose(logits[0], before, atol=1e-3)
+
+
+@needs_kernels
 @pytest.mark.parametrize("slots,tokens,error", [
     ([5], [1], "distinct slots"), ([0, 0], [1, 2], "distinct slots"), ([0], [10_000], "token ids"),
     ([0], [-1], "token ids")])

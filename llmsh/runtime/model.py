@@ -61,7 +61,7 @@ class Model:
             for pname in names:
                 self._tied[pname] = names
         # small-batch CPU decode steps through the C kernels (fast_decode.py); None: torch modules only
-        self.fast_decode: fast_decode.Decoder | None = fast_decode.for_model(self)
+        self.fast_decode: fast_decode.FastDecoder | None = fast_decode.for_model(self)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, {type(self.config).__name__}, device={self.device}, dtype={self.dtype})"
@@ -192,6 +192,8 @@ class Model:
         for name in self._tied[pname]:  # tied weights stay one Parameter
             owner, _, attr = name.rpartition(".")
             self.module.get_submodule(owner)._parameters[attr] = param
+        if self.fast_decode is not None:
+            self.fast_decode.weights_changed()   # it caches parameter addresses
 
     def page_tensors(self, i: int) -> dict[str, Tensor]:
         """The current tensors of page i by parameter name (a pager can copy these to keep a host copy)."""
