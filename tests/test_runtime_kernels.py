@@ -5,8 +5,10 @@ The kernels are compiled on first use; without a C compiler these tests skip, an
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import platform
 
 import pytest
 import torch
@@ -15,8 +17,27 @@ import torch.nn.functional as F
 from llmsh.runtime import kernels, load
 from llmsh.runtime.llama import apply_rope, rope_inv_freq, rope_tables, LlamaConfig
 
-lib = kernels.library() if kernels.compiler() else None
-needs_kernels = pytest.mark.skipif(lib is None, reason="needs a C compiler (the kernels could not be built)")
+native = kernels.library() if kernels.compiler() else None
+needs_kernels = pytest.mark.skipif(native is None, reason="needs a C compiler (the kernels could not be built)")
+
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def lib(request, tmp_path_factory):
+    """The kernels built for this CPU, and on x86 also for plain AVX2 + FMA: most users' CPUs have no AVX-512, and
+    the code takes other paths there (two 256-bit halves per vector, no AVX512BW bf16 widening)."""
+    if native is None:
+        pytest.skip("needs a C compiler (the kernels could not be built)")
+    if request.param == "native":
+        return native
+    if platform.machine() not in ("x86_64", "AMD64") or " avx2 " not in kernels._cpu_flags() + " ":
+        pytest.skip("AVX2 build: needs an x86 CPU with AVX2")
+    flags = [f for f in kernels.FLAGS if f not in ("-march=native", "-mprefer-vector-width=512")] + ["-mavx2", "-mfma"]
+    out = tmp_path_factory.mktemp("avx2")
+    try:
+        path = kernels.build(kernels.compiler(), out, flags + ["-fopenmp"])
+    except RuntimeError:                                          # a compiler without OpenMP
+        path = kernels.build(kernels.compiler(), out, flags)
+    return kernels.declare(ctypes.CDLL(str(path)))
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -29,7 +50,7 @@ def _bf(dtype: torch.dtype) -> int:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,N", [(1, 64, 96), (1, 37, 4099), (2, 130, 33), (3, 16, 1), (4, 200, 700), (7, 45, 130),
                                    (16, 70, 8200)])
-def test_linear_matches_torch(dtype, M, K, N, threads):
+def test_linear_matches_torch(dtype, M, K, N, threads, lib):
     g = torch.Generator().manual_seed(M * K + N)
     x, w, b = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g).to(dtype), torch.randn(N, generator=g)
     b = b.to(dtype)
@@ -45,7 +66,7 @@ def test_linear_matches_torch(dtype, M, K, N, threads):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_norms_match_torch(dtype):
+def test_norms_match_torch(dtype, lib):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 70, generator=g) * 3 + 1
     w, b = torch.randn(70, generator=g).to(dtype), torch.randn(70, generator=g).to(dtype)
@@ -57,7 +78,7 @@ def test_norms_match_torch(dtype):
 
 
 @needs_kernels
-def test_activations_match_torch_over_the_whole_float_range():
+def test_activations_match_torch_over_the_whole_float_range(lib):
     x = torch.cat([torch.linspace(-120, 120, 4001), torch.randn(999)])
     for exact, approximate in [(0, "tanh"), (1, "none")]:
         y = x.clone()
@@ -70,7 +91,7 @@ def test_activations_match_torch_over_the_whole_float_range():
 
 
 @needs_kernels
-def test_rope_matches_the_modules_rope():
+def test_rope_matches_the_modules_rope(lib):
     cfg = LlamaConfig(dim=64, n_head=4, n_kv_head=2, max_seq_len=64)
     cos, sin = rope_tables(rope_inv_freq(cfg), 64)
     x = torch.randn(2, 8 * 16)                             # 2 rows: 6 rotated heads of 16 + 2 heads left alone (v)
@@ -85,14 +106,16 @@ def test_rope_matches_the_modules_rope():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("threads", [1, 4])
-def test_attention_writes_the_cache_and_matches_sdpa(dtype, window, threads):
-    """GQA (6 query heads on 2 kv heads), two rows at different positions in non-adjacent slots."""
-    g = torch.Generator().manual_seed(window)
-    nh, nkv, hd, S = 6, 2, 16, 32
+@pytest.mark.parametrize("hd", [16, 64, 40])                         # 40: not a whole number of vectors
+def test_attention_writes_the_cache_and_matches_sdpa(dtype, window, threads, hd, lib):
+    """GQA (6 query heads on 2 kv heads), two rows at different positions in non-adjacent slots: 10 positions (part
+    of one block of 16) and 38 (two whole blocks and part of a third)."""
+    g = torch.Generator().manual_seed(window + hd)
+    nh, nkv, S = 6, 2, 48
     kc = torch.randn(4, nkv, S, hd, generator=g).to(dtype)
     vc = torch.randn(4, nkv, S, hd, generator=g).to(dtype)
     qkv = torch.randn(2, (nh + 2 * nkv) * hd, generator=g)
-    slots, pos = torch.tensor([3, 1]), torch.tensor([9, 20])
+    slots, pos = torch.tensor([3, 1]), torch.tensor([9, 37])
     expected_k, expected_v = kc.clone(), vc.clone()
     out, scores = torch.empty(2, nh * hd), torch.empty(threads, S)
     lib.lm_attention(qkv.data_ptr(), 2, nh, nkv, hd, kc.data_ptr(), vc.data_ptr(), _bf(dtype), S, slots.data_ptr(),

@@ -130,6 +130,11 @@ def library() -> ctypes.CDLL | None:
     else:
         log.warning("could not build the CPU decode kernels (%s): decoding with torch ops only", error)
         return None
+    return declare(lib)
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Give lib's functions their C signatures (ctypes then converts and checks the arguments)."""
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, RESTYPES.get(name)
