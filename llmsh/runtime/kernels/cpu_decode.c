@@ -316,8 +316,8 @@ static inline vf sum_lanes16(const vf *a) {
  * vectors: scores 16 positions at a time (one vector of partial sums per position, summed by sum_lanes16), the
  * weighted sum of V rows in registers; head sizes 64 and 128 get their own copies, with the vector count a constant
  * the compiler unrolls. Per-position horizontal sums and o's loads and stores had made this ~40 ns per position and
- * head at position 143 (0.47 ms of a 22 ms Llama-110M bf16 step at position 80, and growing with the context).
- * Other head sizes take plain loops. */
+ * head at position 143 in bf16 (0.47 ms of a 22 ms Llama-110M bf16 step at position 80, growing with the context);
+ * now 10-17 ns (float32: 23 -> 8 ns). Other head sizes take plain loops. */
 #define MAX_VEC_HD 256
 #define DEFINE_ATTEND_HEAD(name, T, vload, cvt)                                                               \
     static inline __attribute__((always_inline)) void name##_vec(                                            \
