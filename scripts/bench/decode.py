@@ -22,10 +22,21 @@ What the profiles (torch.profiler, cProfile) showed and what moved the numbers:
     for 768 floats, SDPA 35-150 us), about twice what the same Python costs with warm caches, because the weights
     streaming through evict the interpreter's working set; one call per step instead of ~10 per layer removed it;
   - bf16 GEMV: torch's kernel reached ~0.7 of the copy bandwidth on this CPU (no AVX512_BF16); widening bf16 in
-    registers over 16-row panels reaches ~0.75-0.9 (float32: ~1.0, as MKL);
+    registers over 16-row panels reached ~0.75-0.9 (float32: ~1.0, as MKL). Timing each linear of a step (a
+    clock_gettime-instrumented build) showed the narrow matrices (768x768, 2048x768) lowest, at ~0.8: the software
+    prefetch ran past each row's end into rows already streaming, while the next panel's rows (16 rows away, beyond
+    what the hardware prefetcher guesses) started cold. Prefetching on into the next panel raised them to ~0.95-1.0,
+    and Llama-110M bf16 batch-1 from 0.80 to 0.91 of the limit;
+  - the per-step Python around the one C call still cost ~0.9 ms (cProfile: building the per-layer ctypes structs
+    from ~14 module attributes each); they are now built once per (weights, KV cache): 0.2 ms;
+  - attention (a step's ~3% at position 80, more with longer contexts): one horizontal sum per position and head
+    made it ~40 ns per head and position (perf annotate); 16 positions' sums in one transpose-add tree, V summed in
+    registers and bf16 widened in one instruction made it 10-17 ns;
   - 2-16 rows: MKL's sgemm took 93 ms (4 rows) / 120 ms (16 rows) for GPT-2's linears, which stream in 45 ms; a
     register-blocked GEMM takes 58 / 98 ms (bf16: 44 / 126 against torch's 124 / 252). At 16 rows this VM's FMA
-    peak (40 GFLOP/s measured) is the bound;
+    peak (40 GFLOP/s measured) is the bound. GCC widened bf16 through two 8-lane halves (5 instructions, seen in
+    objdump); one AVX512BW instruction instead took bf16 at 16 rows from 69 to 51 ms (float32 55 ms, torch's bf16
+    153 ms, same run), and batch-16 bf16 from ~2.1-2.3x transformers to ~3.1-3.2x;
   - bf16 activations stay float32 between the kernels (nearer to a float32 run than the modules, which round each
     op to bf16; tests/test_runtime_kernels.py).
 - before that, in the torch modules (still what prefill and larger batches run): GQA decode without
@@ -39,8 +50,11 @@ What the profiles (torch.profiler, cProfile) showed and what moved the numbers:
   than `F.linear` over (out, in) at batch 1 with torch's kernels; llmsh keeps (in, out) and the kernels use it.
 - load RSS: mmap'd safetensors, zero-copy when dtype and layout match; otherwise a chunked copy that madvise()s
   away each source chunk, so peak load RSS stays ~1x the weights.
-- tried, no gain: transparent huge pages, oneDNN prepacked weights, a numba bf16 kernel, software prefetch (NTA)
-  in the GEMV, 32-row panels, torch.compile (needs a compiler at run time anyway and recompiles per batch shape).
+- tried, no gain: transparent huge pages (+0-3%, within noise), oneDNN prepacked weights, a numba bf16 kernel,
+  NTA or longer (512-1024 byte) software prefetch in the GEMV, 8-, 32- or 64-column steps, 32-row panels,
+  torch.compile (needs a compiler at run time anyway and recompiles per batch shape).
+- what is left at batch 1: prefill (16 tokens through torch's GEMMs, ~3-4% of the bf16 runs) and the sampling and
+  detokenising around each step (~0.3 ms a token).
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ typedef uint32_t vu __attribute__((vector_size(64)));
 static inline vf vload_f32(const float *p) { return *(const vf *)p; }
 #ifdef __AVX512BW__
 #include <immintrin.h>
-/* GCC widens through two 8-lane halves (5 instructions); AVX512BW does it in one (vpmovzxwd ymm -> zmm) */
+/* GCC widens through two 8-lane halves (5 instructions); AVX512BW does it in one (vpmovzxwd ymm -> zmm). GPT-2's
+ * linears at 16 rows (compute-bound): 69 -> 51 ms in bf16, where float32 takes 55. */
 static inline vf vload_bf16(const bf16 *p) {
     return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
 }
