@@ -56,7 +56,7 @@ def for_model(model: Any) -> FastDecoder | None:
 
 
 class FastDecoder:
-    """One model's decode step: embed (torch indexing), lm_layers, final norm and head (C). Call it as decode()."""
+    """One model's decode step: embed (torch indexing), lm_layers, final norm and head (C); calling it decodes."""
 
     def __init__(self, net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
         self.net, self.lib, self.dtype, self.bf16 = net, lib, dtype, int(dtype == torch.bfloat16)
