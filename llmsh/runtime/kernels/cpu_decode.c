@@ -349,9 +349,16 @@ static inline vf sum_lanes16(const vf *a) {
     }                                                                                                         \
     static void name(const float *restrict q, const T *restrict K, const T *restrict V, long lo, long p,       \
                      long hd, float scale, float *restrict scores, float *restrict o) {                        \
-        if (hd == 64) return name##_vec(q, K, V, lo, p, 4, scale, scores, o);                                 \
-        if (hd == 128) return name##_vec(q, K, V, lo, p, 8, scale, scores, o);                                \
-        if (hd % VL == 0 && hd <= MAX_VEC_HD) return name##_vec(q, K, V, lo, p, hd / VL, scale, scores, o);   \
+        if (hd % VL == 0 && hd <= MAX_VEC_HD) {                                                               \
+            long nc = hd / VL;                                                                                \
+            if (nc == 4)                                                                                      \
+                name##_vec(q, K, V, lo, p, 4, scale, scores, o);                                              \
+            else if (nc == 8)                                                                                 \
+                name##_vec(q, K, V, lo, p, 8, scale, scores, o);                                              \
+            else                                                                                              \
+                name##_vec(q, K, V, lo, p, nc, scale, scores, o);                                             \
+            return;                                                                                           \
+        }                                                                                                     \
         for (long j = lo; j <= p; j++) {                                                                      \
             float s = 0.0f;                                                                                   \
             _Pragma("omp simd reduction(+ : s)") for (long d = 0; d < hd; d++) s += q[d] * cvt(K[j * hd + d]); \
