@@ -45,7 +45,6 @@ def _bf(dtype: torch.dtype) -> int:
     return int(dtype == torch.bfloat16)
 
 
-@needs_kernels
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,N", [(1, 64, 96), (1, 37, 4099), (2, 130, 33), (3, 16, 1), (4, 200, 700), (7, 45, 130),
@@ -64,7 +63,6 @@ def test_linear_matches_torch(dtype, M, K, N, threads, lib):
     torch.testing.assert_close(y, residual + x @ w.float(), atol=1e-4 * math.sqrt(K), rtol=1e-5)
 
 
-@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_norms_match_torch(dtype, lib):
     g = torch.Generator().manual_seed(0)
@@ -77,7 +75,6 @@ def test_norms_match_torch(dtype, lib):
     torch.testing.assert_close(y, F.layer_norm(x, (70,), w.float(), b.float(), 1e-5), atol=1e-5, rtol=1e-5)
 
 
-@needs_kernels
 def test_activations_match_torch_over_the_whole_float_range(lib):
     x = torch.cat([torch.linspace(-120, 120, 4001), torch.randn(999)])
     for exact, approximate in [(0, "tanh"), (1, "none")]:
@@ -90,7 +87,6 @@ def test_activations_match_torch_over_the_whole_float_range(lib):
     torch.testing.assert_close(out[0], F.silu(x) * x.flip(0), atol=1e-5, rtol=1e-5)
 
 
-@needs_kernels
 def test_rope_matches_the_modules_rope(lib):
     cfg = LlamaConfig(dim=64, n_head=4, n_kv_head=2, max_seq_len=64)
     cos, sin = rope_tables(rope_inv_freq(cfg), 64)
@@ -102,7 +98,6 @@ def test_rope_matches_the_modules_rope(lib):
     torch.testing.assert_close(x.view(2, 8, 16), expected, atol=1e-6, rtol=1e-6)
 
 
-@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("threads", [1, 4])

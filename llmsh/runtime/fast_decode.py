@@ -56,14 +56,14 @@ def for_model(model: Any) -> FastDecoder | None:
 
 
 class FastDecoder:
-    """One model's decode step: embed (torch indexing), lm_layers, final norm and head (C); calling it decodes."""
+    """One model's decode step: embed (torch indexing), lm_layers, final norm and head (C)."""
 
     def __init__(self, net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
         self.net, self.lib, self.dtype, self.bf16 = net, lib, dtype, int(dtype == torch.bfloat16)
         self.cfg = net.config
         self._layers: tuple[weakref.ref[KVCache], ctypes.Array[Layer]] | None = None
 
-    def decode(self, cache: KVCache, slots: list[int], tokens: list[int], pos: list[int]) -> Tensor:
+    def __call__(self, cache: KVCache, slots: list[int], tokens: list[int], pos: list[int]) -> Tensor:
         """Float32 logits (B, vocab) of one token per slot at that slot's position; writes their K/V to cache."""
         net, cfg, hook = self.net, self.cfg, self.net.page_hook
         B = len(tokens)
@@ -105,9 +105,6 @@ class FastDecoder:
         self.lib.lm_linear(h.data_ptr(), B, head.weight.shape[0], _ptr(head.weight), head.weight.shape[1], None,
                            self.bf16, 0, logits.data_ptr(), threads)
         return logits
-
-    def __call__(self, cache: KVCache, slots: list[int], tokens: list[int], pos: list[int]) -> Tensor:
-        return self.decode(cache, slots, tokens, pos)
 
     def all_layer_args(self, cache: KVCache) -> ctypes.Array[Layer]:
         """Every layer's Layer struct, built once per (weights, cache): building them reads ~14 module attributes

@@ -312,6 +312,19 @@ static inline vf sum_lanes16(const vf *a) {
            SHUFFLE(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+/* s = exp(s - max(s)) over n scores, in place; returns 1 / their sum */
+static inline float softmax_in_place(float *restrict s, long n) {
+    float top = -INFINITY, total = 0.0f;
+#pragma omp simd reduction(max : top)
+    for (long j = 0; j < n; j++) top = s[j] > top ? s[j] : top;
+#pragma omp simd reduction(+ : total)
+    for (long j = 0; j < n; j++) {
+        s[j] = exp_approx(s[j] - top);
+        total += s[j];
+    }
+    return 1.0f / total;
+}
+
 /* Attention of one query head over cache positions lo..p of its kv group (K, V: (max_seq, hd) rows of type T):
  * o = softmax(scale * K q) V, scores being scratch. Head sizes that are a multiple of 16 (up to MAX_VEC_HD) run in
  * vectors: scores 16 positions at a time (one vector of partial sums per position, summed by sum_lanes16), the
@@ -371,19 +384,6 @@ static inline vf sum_lanes16(const vf *a) {
             for (long d = 0; d < hd; d++) o[d] += wj * cvt(V[j * hd + d]);                                    \
         }                                                                                                     \
     }
-
-/* s = exp(s - max(s)) over n scores, in place; returns 1 / their sum */
-static inline float softmax_in_place(float *restrict s, long n) {
-    float top = -INFINITY, total = 0.0f;
-#pragma omp simd reduction(max : top)
-    for (long j = 0; j < n; j++) top = s[j] > top ? s[j] : top;
-#pragma omp simd reduction(+ : total)
-    for (long j = 0; j < n; j++) {
-        s[j] = exp_approx(s[j] - top);
-        total += s[j];
-    }
-    return 1.0f / total;
-}
 
 DEFINE_ATTEND_HEAD(attend_head_f32, float, vload_f32, F32)
 DEFINE_ATTEND_HEAD(attend_head_bf16, bf16, vload_bf16, bf16_to_f32)
