@@ -212,8 +212,10 @@ def test_fast_decode_calls_the_page_hook_like_the_modules(make_tiny_model):
 
 
 @pytest.fixture
-def rebuilt_library():
-    """`kernels.library()` is cached per process: clear it so the test's environment decides, and again after."""
+def rebuilt_library(monkeypatch):
+    """`kernels.library()` is cached per process: clear it so the test's environment decides, and again after. A
+    user's own LLMSH_KERNELS=0 is removed first: the tests set what they need."""
+    monkeypatch.delenv("LLMSH_KERNELS", raising=False)
     kernels.library.cache_clear()
     yield kernels.library
     kernels.library.cache_clear()
