@@ -29,7 +29,7 @@ def _shell_parser() -> argparse.ArgumentParser:
 
 def _budget(spec: str) -> str:
     """Validate `--mem-budget` before the kernel daemonises, so a typo is a usage line here, not a dead daemon."""
-    from llmsh.kernel.paging.budget import BudgetError, parse_budget  # plain parsing: no torch
+    from llmsh.engine.paging.budget import BudgetError, parse_budget  # plain parsing: no torch
 
     try:
         parse_budget(spec)
@@ -48,6 +48,8 @@ def _kernel_parser() -> argparse.ArgumentParser:
     start.add_argument("--mem-budget", metavar="SPEC", type=_budget, help="memory budget per device, e.g. cpu=4GiB,cuda:0=20GiB")
     start.add_argument("--telemetry-hz", type=float, default=2.0, help="telemetry publish rate (0 disables)")
     start.add_argument("--ray", metavar="ADDRESS", help="place processes on the nodes of this Ray cluster")
+    start.add_argument("--restore", action="store_true",
+                       help="bring back the processes of the last clean 'kernel stop' (after a crash they always come back)")
     for name, text in (("stop", "stop the kernel"), ("status", "show pid, uptime, ports and message counters")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--kernel", metavar="FILE", help="connection file (default: the newest running kernel)")

@@ -43,3 +43,10 @@ def cache_dir() -> Path:
     path = Path(platformdirs.user_cache_dir(APP))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def log_file(connection_file: Path | str) -> Path:
+    """Where the kernel of this connection file logs (state dir); its engines log there too."""
+    folder = state_dir() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{Path(connection_file).stem}.log"

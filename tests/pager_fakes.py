@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from llmsh.kernel.paging.sources import PageInfo
+from llmsh.engine.paging.sources import PageInfo
 
 
 class TensorSource:

@@ -7,6 +7,8 @@ semantics: exit codes, error lines, pipes, redirects, --json/--help, jobs, cance
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+import os
 import json
 import logging
 import sys
@@ -18,6 +20,7 @@ import pytest
 
 from llmsh.commands import executor
 from llmsh.commands.executor import ExecResult, complete, execute
+from llmsh.kernel.jobs import JobTable
 from llmsh.commands.registry import REGISTRY, Command, CommandError, arg
 
 
@@ -40,9 +43,20 @@ class Recorder:
         return [(d, t) for n, d, t in self.events if n == "result"]
 
 
+def fake_services() -> Any:
+    """The front's real services with an engine that is never started (these tests load no model)."""
+    from llmsh.kernel.engines import EngineLink
+    from llmsh.kernel.front import Processes, Services
+    from llmsh.kernel.table import ProcessTable
+
+    table = ProcessTable(None)
+    link = EngineLink("test", Path("/nonexistent/engine.sock"), Path(os.devnull))
+    return Services(table=table, procs=Processes(table, None, link), journal=None, jobs=JobTable())
+
+
 def fake_kernel() -> Any:
     return types.SimpleNamespace(
-        history=["echo one", "echo two", "sleep 1"], services={}, pid=4242, started_at=time.time() - 65, clients={"a": 0.0}
+        history=["echo one", "echo two", "sleep 1"], services=fake_services(), pid=4242, started_at=time.time() - 65, clients={"a": 0.0}
     )
 
 
@@ -264,7 +278,7 @@ async def test_background_jobs_wait_and_numbers() -> None:
     _, out5 = await run("jobs", k)
     assert out5.results()[0][0] == []
     await run("sleep 0.01 &", k)
-    assert k.services["jobs"].list("c1")[0].id == 1
+    assert k.services.jobs.list("c1")[0].id == 1
 
 
 async def test_wait_returns_the_job_exit_code(test_commands: Any) -> None:
@@ -278,7 +292,7 @@ async def test_wait_returns_the_job_exit_code(test_commands: Any) -> None:
     res, _ = await run("wait %9", k)
     assert res.exit_code == 1 and res.evalue == "llmsh: wait: %9: no such job; see 'jobs'"
     res, _ = await run("wait 123", k)
-    assert res.exit_code == 127 and "no such process" in res.evalue
+    assert res.exit_code == 127 and "no process with PID 123" in res.evalue
 
 
 async def test_fg_waits_and_ctrl_c_on_fg_stops_the_job() -> None:
@@ -287,7 +301,7 @@ async def test_fg_waits_and_ctrl_c_on_fg_stops_the_job() -> None:
     res, out = await run("fg %1", k)
     assert res.exit_code == 0 and out.text("stdout") == "sleep 0.2\n"
     await run("sleep 30 &", k)
-    (job,) = k.services["jobs"].list("c1")
+    (job,) = k.services.jobs.list("c1")
     fg = asyncio.ensure_future(run("fg", k))
     await asyncio.sleep(0.05)
     fg.cancel()
@@ -300,7 +314,7 @@ async def test_fg_waits_and_ctrl_c_on_fg_stops_the_job() -> None:
 async def test_ctrl_c_on_wait_leaves_the_job_running() -> None:
     k = fake_kernel()
     await run("sleep 30 &", k)
-    (job,) = k.services["jobs"].list("c1")
+    (job,) = k.services.jobs.list("c1")
     waiter = asyncio.ensure_future(run("wait", k))
     await asyncio.sleep(0.05)
     waiter.cancel()
@@ -309,7 +323,7 @@ async def test_ctrl_c_on_wait_leaves_the_job_running() -> None:
     assert job.state == "running"
     res, out = await run("bg %1", k)
     assert res.exit_code == 0 and out.text("stdout") == "[1]+ sleep 30 &\n"
-    assert k.services["jobs"].cancel(job)
+    assert k.services.jobs.cancel(job)
     await asyncio.sleep(0.01)
     assert job.state == "interrupted"
     res, _ = await run("fg %1", k)
@@ -338,7 +352,7 @@ async def test_complete() -> None:
     assert "echo" in matches and (start, end) == (0, 0)
     await run("sleep 30 &", k)
     assert complete(k, "fg ", 3, client="c1") == (["%1"], 3, 3)
-    k.services["jobs"].cancel(k.services["jobs"].list("c1")[0])
+    k.services.jobs.cancel(k.services.jobs.list("c1")[0])
 
 
 def test_complete_redirect_path(tmp_path: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from llmsh.kernel.paging.core import Pager
+from llmsh.engine.paging.core import Pager
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "def hello(name):", "Café, naïve"]
 MAX_TOKENS = 16
@@ -87,7 +87,7 @@ def test_a_request_that_alone_outgrows_the_kv_budget_ends_with_length(make_tiny_
 def test_page_in_out_of_memory_fails_the_steps_requests_only(make_tiny_model: Callable[..., Path], monkeypatch) -> None:
     import torch
 
-    from llmsh.kernel.paging.sources import ModelSource
+    from llmsh.engine.paging.sources import ModelSource
     from llmsh.runtime import load
     from llmsh.runtime.generation import BatchGenerator, Sequence
     from llmsh.runtime.sampling import SamplingParams

@@ -11,9 +11,9 @@ import threading
 import pytest
 import torch
 
-from llmsh.kernel.paging.budget import BudgetError, default_budget, format_bytes, parse_budget, parse_size
-from llmsh.kernel.paging.core import PageInError, Pager, PagerError
-from llmsh.kernel.paging.policy import Candidate, age_factor, eviction_order, nice_weight
+from llmsh.engine.paging.budget import BudgetError, default_budget, format_bytes, parse_budget, parse_size
+from llmsh.engine.paging.core import PageInError, Pager, PagerError
+from llmsh.engine.paging.policy import Candidate, age_factor, eviction_order, nice_weight
 from tests.pager_fakes import TensorSource
 
 KB = 1024

@@ -12,8 +12,8 @@ from typing import Callable
 import pytest
 import torch
 
-from llmsh.kernel.paging.core import PageInError, Pager, PagerError
-from llmsh.kernel.paging.sources import ModelSource
+from llmsh.engine.paging.core import PageInError, Pager, PagerError
+from llmsh.engine.paging.sources import ModelSource
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was"]
 GREEDY = dict(max_tokens=16, temperature=0)
@@ -221,15 +221,15 @@ def test_a_renice_racing_the_end_of_a_load_does_not_fail_it(make_tiny_model: Cal
     import threading
     from types import SimpleNamespace
 
-    from llmsh.kernel.loader import ModelRuntime
-    from llmsh.kernel.pager import PagerService
-    from llmsh.kernel.process import ProcessTable
-    from llmsh.kernel.scheduler import Scheduler
+    from llmsh.engine.loader import ModelRuntime
+    from llmsh.engine.pager import PagerService
+    from llmsh.engine.process import ProcessTable
+    from llmsh.engine.scheduler import Scheduler
 
     table = ProcessTable()
     sched = Scheduler(table, threaded=False)
     pager = Pager({"cpu": 1 << 30}, prefetch=False)
-    service = PagerService(SimpleNamespace(services={"procs": table, "scheduler": sched}), pager)
+    service = PagerService(pager, table, sched)
     service.connect()
     proc = table.add("m", str(make_tiny_model("gpt2")))
     proc.runtime = ModelRuntime(_load(Path(proc.path)), max_batch=2)

@@ -386,8 +386,8 @@ def test_kill_gives_the_memory_back(kernel: Any, make_tiny_model: Callable[..., 
     import psutil
 
     folder = make_tiny_model("gpt2", n_embd=512, n_layer=4, n_head=8)  # ~50 MB of float32 weights
-    kproc = psutil.Process(kernel.pid)
     warm = load(kernel, folder, "--name warm")  # torch and its allocator caches come in once, they stay
+    kproc = psutil.Process(kernel.kernel_info()["engine_pid"])  # the models live in the engine process
     ok(kernel, f"run warm --max-tokens 4 {GREEDY} hi; kill -KILL --wait {warm}")
     before = kproc.memory_info().rss
     pid = load(kernel, folder, "--name big")

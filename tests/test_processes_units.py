@@ -17,13 +17,14 @@ from llmsh.commands.registry import REGISTRY, UsageError
 def test_chat_prompt_matches_transformers(tiny_llama: Path) -> None:
     import transformers
 
+    from llmsh.engine.service import chat_prompt_ids
     from llmsh.runtime.sampling import SamplingParams
     from llmsh.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer(tiny_llama)
     proc = SimpleNamespace(name="t", runtime=SimpleNamespace(model=SimpleNamespace(tokenizer=tok), max_seq_len=256))
     history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
-    ids = processes._chat_prompt(proc, history, "how are you?", SamplingParams(max_tokens=8))
+    ids = chat_prompt_ids(proc, [*history, {"role": "user", "content": "how are you?"}], SamplingParams(max_tokens=8))
     ref = transformers.AutoTokenizer.from_pretrained(tiny_llama)
     want = ref.apply_chat_template([*history, {"role": "user", "content": "how are you?"}], add_generation_prompt=True,
                                    tokenize=True)
@@ -31,7 +32,7 @@ def test_chat_prompt_matches_transformers(tiny_llama: Path) -> None:
     assert ids == list(want)
     # too long for the context: the oldest exchange is dropped, the new message kept
     proc.runtime.max_seq_len = len(ids) + 8 - 1
-    shorter = processes._chat_prompt(proc, history, "how are you?", SamplingParams(max_tokens=8))
+    shorter = chat_prompt_ids(proc, [*history, {"role": "user", "content": "how are you?"}], SamplingParams(max_tokens=8))
     assert len(shorter) < len(ids)
 
 
@@ -50,7 +51,7 @@ def test_options_may_follow_the_prompt() -> None:
 
 
 def test_find_and_resolve_models(tiny_gpt2: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmsh.kernel import loader
+    from llmsh import models as loader
 
     monkeypatch.setenv("LLMSH_MODEL_PATH", str(tiny_gpt2.parent))
     snap = isolated_home / "hf" / "hub" / "models--org--unit" / "snapshots" / "r1"
@@ -62,7 +63,7 @@ def test_find_and_resolve_models(tiny_gpt2: Path, isolated_home: Path, monkeypat
     assert loader.resolve_model(tiny_gpt2.name) == str(tiny_gpt2)
     assert loader.resolve_model("org/unit") == str(snap)
     assert loader.resolve_model("nowhere/nothing") == "nowhere/nothing"  # left for the runtime to explain
-    assert loader._default_name(str(snap)) == "unit"
+    assert loader.default_name(str(snap)) == "unit"
 
 
 def test_ps_table_and_notes() -> None:
@@ -80,9 +81,9 @@ def test_ps_table_and_notes() -> None:
 
 def test_real_runtime_under_the_scheduler(make_tiny_model: Callable[..., Path]) -> None:
     """The runtime's BatchGenerator behind `ModelRuntime`, stepped by hand: batching and STOP/CONT are exact."""
-    from llmsh.kernel.loader import ModelRuntime
-    from llmsh.kernel.process import ProcessTable
-    from llmsh.kernel.scheduler import Scheduler
+    from llmsh.engine.loader import ModelRuntime
+    from llmsh.engine.process import ProcessTable
+    from llmsh.engine.scheduler import Scheduler
     from llmsh.runtime import load
     from llmsh.runtime.sampling import SamplingParams
 
@@ -118,9 +119,9 @@ def test_real_runtime_under_the_scheduler(make_tiny_model: Callable[..., Path]) 
 def test_kill_while_loading_never_attaches(tiny_gpt2: Path) -> None:
     import threading
 
-    from llmsh.kernel.loader import Loader
-    from llmsh.kernel.process import ExitHow, ProcessTable, ProcState
-    from llmsh.kernel.scheduler import Scheduler
+    from llmsh.engine.loader import Loader
+    from llmsh.engine.process import ExitHow, ProcessTable, ProcState
+    from llmsh.engine.scheduler import Scheduler
 
     table = ProcessTable()
     sched = Scheduler(table, threaded=False)

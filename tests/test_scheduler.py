@@ -9,16 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from llmsh.kernel.process import (
-    SCHED_PRIO_TO_WEIGHT,
-    ExitHow,
-    ProcessTable,
-    ProcState,
-    StateError,
-    cfs_weight,
-    parse_signal,
-)
-from llmsh.kernel.scheduler import BusyError, Scheduler
+from llmsh.engine.process import ProcessTable
+from llmsh.protocol.procs import SCHED_PRIO_TO_WEIGHT, ExitHow, ProcState, StateError, cfs_weight, parse_signal
+from llmsh.engine.scheduler import BusyError, Scheduler
 
 
 class FakeSeq:

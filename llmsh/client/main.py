@@ -32,7 +32,7 @@ def _source(args: argparse.Namespace) -> tuple[str, str | Iterable[str]] | None:
 
 def _kernel(args: argparse.Namespace) -> Path | None:
     """The connection file of a live kernel: --kernel FILE, else the newest running one, else a new one."""
-    from llmsh.kernel.lifecycle import KernelStartError, find_kernel, start_kernel_daemon
+    from llmsh.kernel.lifecycle import KernelStartError, find_kernel, find_or_start_kernel
 
     path = find_kernel(args.kernel)
     if path is not None:
@@ -41,10 +41,12 @@ def _kernel(args: argparse.Namespace) -> Path | None:
         _err(f"llmsh: no kernel answers at {args.kernel}; start one with 'llmsh kernel start' or leave out --kernel")
         return None
     try:
-        path = start_kernel_daemon()
+        path, started = find_or_start_kernel()
     except KernelStartError as e:
         _err(f"llmsh: cannot start a kernel: {e}")
         return None
+    if not started:
+        return path
     from llmsh.protocol.connection import read_connection_file
 
     _err(f"llmsh: started kernel (pid {read_connection_file(path).get('pid', '?')})")

@@ -17,7 +17,6 @@ import time
 from typing import Any, Sequence
 
 import llmsh
-from llmsh.commands.jobs import job_table
 from llmsh.commands.registry import REGISTRY, CommandError, Context, arg, command
 
 # ---- help -----------------------------------------------------------------------------------------------------------
@@ -202,7 +201,7 @@ async def exit_(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _complete_jobs(ctx: Context, words: Sequence[str], prefix: str) -> list[str]:
-    return [f"%{j.id}" for j in job_table(ctx.kernel).list(ctx.client)]
+    return [f"%{j.id}" for j in ctx.kernel.services.jobs.list(ctx.client)]
 
 
 @command(
@@ -212,7 +211,7 @@ def _complete_jobs(ctx: Context, words: Sequence[str], prefix: str) -> list[str]
     group="jobs",
 )
 async def jobs(ctx: Context, args: argparse.Namespace) -> None:
-    table = job_table(ctx.kernel)
+    table = ctx.kernel.services.jobs
     listed = table.list(ctx.client)
     lines = []
     for i, job in enumerate(listed):
@@ -232,7 +231,7 @@ async def jobs(ctx: Context, args: argparse.Namespace) -> None:
     group="jobs",
 )
 async def fg(ctx: Context, args: argparse.Namespace) -> int:
-    table = job_table(ctx.kernel)
+    table = ctx.kernel.services.jobs
     job = table.get(ctx.client, args.job, "fg")
     if job.done:
         table.forget(job)
@@ -249,7 +248,7 @@ async def fg(ctx: Context, args: argparse.Namespace) -> int:
     group="jobs",
 )
 async def bg(ctx: Context, args: argparse.Namespace) -> None:
-    table = job_table(ctx.kernel)
+    table = ctx.kernel.services.jobs
     job = table.get(ctx.client, args.job, "bg")
     if job.done:
         raise CommandError(f"job {job.id} has already finished ({job.status().lower()})")
@@ -265,7 +264,7 @@ async def bg(ctx: Context, args: argparse.Namespace) -> None:
     group="jobs",
 )
 async def wait(ctx: Context, args: argparse.Namespace) -> int:
-    table = job_table(ctx.kernel)
+    table = ctx.kernel.services.jobs
     if not args.target:  # like sh: every job is then reaped, so 'jobs' no longer lists them
         await table.wait(table.running(ctx.client))
         for job in table.list(ctx.client):
@@ -287,10 +286,8 @@ async def wait(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def _wait_pid(ctx: Context, pid: int) -> int:
-    """Wait for a model process via the process table's `wait(pid)` (from the processes family), if there is one."""
-    procs = getattr(ctx.kernel, "services", {}).get("procs")
-    waiter = getattr(procs, "wait", None)
-    if waiter is None:
-        raise CommandError(f"{pid}: no such process; see 'ps'", status=127, ename="NoSuchProcess")
-    result = await waiter(pid)
-    return int(result or 0)
+    """Wait until model process `pid` has settled (loaded and idle, failed, or exited); its shell status."""
+    try:
+        return await ctx.kernel.services.procs.wait(pid)
+    except LookupError as e:
+        raise CommandError(str(e), status=127, ename="NoSuchProcess") from None

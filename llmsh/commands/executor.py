@@ -8,7 +8,7 @@ failure of the line becomes the reply's `evalue` instead, so the client shows ev
 
 Pipes: each stage of `a | b` runs as its own task; what `a` writes with `ctx.write` is put on an asyncio queue that
 `b` reads as `ctx.stdin`, piece by piece; when `b` has finished, `a`'s next write stops it (sh's SIGPIPE). A stage's
-`> FILE` replaces its stdout. Background jobs (`cmd &`) run as tasks tracked in `kernel.services["jobs"]` (see
+`> FILE` replaces its stdout. Background jobs (`cmd &`) run as tasks tracked in `kernel.services.jobs` (see
 jobs.py) and keep writing through the Output of the request that started them. `exit N` stops the rest of the line
 (reply ename "Exit", so the client leaves with N). Relative paths (`> FILE`, `ctx.path`) resolve against the client's
 working directory, which the shell sends in the execute_request's metadata as `cwd`.
@@ -27,7 +27,7 @@ from typing import IO, Any, AsyncIterator, Protocol
 
 from llmsh.commands import load_all
 from llmsh.commands.core import ExitRequested
-from llmsh.commands.jobs import job_table
+from llmsh.kernel.errors import KernelError
 from llmsh.commands.parser import AndOr, ParseError, Pipeline, SimpleCommand, Statement, is_complete, parse, tokenize
 from llmsh.commands.registry import REGISTRY, Command, CommandError, HelpRequested, UsageError
 
@@ -261,7 +261,7 @@ class _Runner:
     async def statement(self, stmt: Statement) -> int:
         if stmt.background:
             self.flush()
-            job = job_table(self.kernel).start(self.kernel, self.client, stmt.text, self._job_body(stmt.body), self.out)
+            job = self.kernel.services.jobs.start(self.kernel, self.client, stmt.text, self._job_body(stmt.body), self.out)
             self.out.stream("stderr", f"[{job.id}] {stmt.text}\n")
             return EXIT_OK
         return await self.and_or(stmt.body)
@@ -355,7 +355,7 @@ class _Runner:
             return e.status, None
         except UsageError as e:
             return e.status, _Failure(e.status, e.ename, f"llmsh: {name}: {_one_line(str(e))}")
-        except CommandError as e:
+        except (CommandError, KernelError) as e:  # the kernel's own errors are already one human line
             return e.status, _Failure(e.status, e.ename, f"llmsh: {name}: {_one_line(str(e))}")
         except (asyncio.CancelledError, ExitRequested):
             raise

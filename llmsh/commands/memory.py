@@ -1,7 +1,6 @@
 """Memory commands: `mem` (budgets and paging per process), `mlock`/`munlock`, `keepalive`, `pageout`.
 
-They read and drive the pager service (`kernel.services["pager"]`, llmsh/kernel/pager.py). No torch here: page-ins
-that `mlock` triggers run on a worker thread inside the pager.
+They ask the engine's pager (llmsh/engine/pager.py) through `kernel.services.procs.memory`. No torch here.
 """
 
 from __future__ import annotations
@@ -11,40 +10,22 @@ import asyncio
 from typing import Any, Sequence
 
 from llmsh.commands.registry import CommandError, Context, arg, command
+from llmsh.kernel.table import Entry
+from llmsh.units import parse_duration
 from llmsh.tui.fmt import human_bytes, table
 
 GROUP = "memory"
 
 
-def _pager(ctx: Context) -> tuple[Any, Any]:
-    """(pager, glue service); sets the pager up if the kernel did not list it as an extension."""
-    services = ctx.kernel.services
-    if "pager" not in services:
-        from llmsh.kernel.pager import setup
-
-        setup(ctx.kernel)
-    service = services.get("pager_service")
-    if service is not None:
-        service.connect()
-    return services["pager"], service
-
-
-def _pid(ctx: Context, ref: str) -> int:
-    pager, service = _pager(ctx)
-    try:
-        pid = service.resolve(ref) if service is not None else int(ref)
-    except (LookupError, ValueError) as e:
-        raise CommandError(str(e) if isinstance(e, LookupError) else f"no process {ref!r}; see 'ps'", ename="NoSuchProcess") from None
-    if pid not in pager.procs:
-        raise CommandError(f"process {ref} has no model under the pager (still loading, or failed); see 'ps'")
-    return pid
+def _entry(ctx: Context, ref: str) -> Entry:
+    return ctx.kernel.services.procs.resolve(ref)
 
 
 def _complete_procs(ctx: Context, words: Sequence[str], prefix: str) -> list[str]:
-    pager = ctx.kernel.services.get("pager")
-    if pager is None or words:
+    if words:
         return []
-    return [str(pid) for pid in pager.procs] + [p.name for p in pager.procs.values()]
+    table = ctx.kernel.services.table
+    return [str(e.pid) for e in table] + [e.name for e in table]
 
 
 def _pct(x: float | None) -> str:
@@ -98,10 +79,10 @@ def format_mem(snap: dict[str, Any]) -> str:
 )
 async def mem_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`mem [--json]`."""
-    pager, service = _pager(ctx)
-    if service is not None:
-        service.sync_rows()
-    snap = pager.snapshot()
+    snap = await ctx.kernel.services.procs.memory("mem")
+    if snap is None:  # no engine yet: nothing is loaded
+        snap = {"devices": {}, "totals": {"page_ins": 0, "page_outs": 0, "bytes_moved": 0, "hit_rate": None,
+                                          "prefetched": 0, "recycled": 0}, "procs": [], "kv": {}}
     ctx.result(snap, format_mem(snap) + "\n")
     return 0
 
@@ -118,17 +99,9 @@ async def mem_cmd(ctx: Context, args: argparse.Namespace) -> int:
 )
 async def mlock_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`mlock PID`."""
-    from llmsh.kernel.pager import PagerError
-
-    pager, service = _pager(ctx)
-    pid = _pid(ctx, args.pid)
-    try:
-        await asyncio.to_thread(pager.mlock, pid)
-    except PagerError as e:
-        raise CommandError(str(e), ename="OutOfMemory") from None
-    if service is not None:
-        service.sync_rows()
-    row = pager.proc_row(pid)
+    entry = _entry(ctx, args.pid)
+    pid = entry.pid
+    row = await ctx.kernel.services.procs.memory("mlock", entry)
     ctx.result({"pid": pid, "name": row["name"], "locked": True, "res_bytes": row["res_bytes"]},
                f"pid {pid} ({row['name']}) locked: {human_bytes(row['res_bytes'])} resident\n")
     return 0
@@ -144,9 +117,9 @@ async def mlock_cmd(ctx: Context, args: argparse.Namespace) -> int:
 )
 async def munlock_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`munlock PID`."""
-    pager, _ = _pager(ctx)
-    pid = _pid(ctx, args.pid)
-    pager.munlock(pid)
+    entry = _entry(ctx, args.pid)
+    pid = entry.pid
+    await ctx.kernel.services.procs.memory("munlock", entry)
     ctx.result({"pid": pid, "locked": False}, f"pid {pid} unlocked\n")
     return 0
 
@@ -164,15 +137,13 @@ async def munlock_cmd(ctx: Context, args: argparse.Namespace) -> int:
 )
 async def keepalive_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`keepalive PID DURATION`."""
-    from llmsh.kernel.pager import parse_duration
-
     try:
         seconds = parse_duration(args.duration)
     except ValueError as e:
         raise CommandError(str(e), status=2, ename="UsageError") from None
-    pager, _ = _pager(ctx)
-    pid = _pid(ctx, args.pid)
-    pager.set_keep_alive(pid, seconds)
+    entry = _entry(ctx, args.pid)
+    pid = entry.pid
+    await ctx.kernel.services.procs.memory("keepalive", entry, seconds=seconds)
     ctx.result({"pid": pid, "keep_alive_s": seconds},
                f"pid {pid} keep_alive {'forever' if seconds is None else f'{seconds:g}s'}\n")
     return 0
@@ -188,39 +159,19 @@ async def keepalive_cmd(ctx: Context, args: argparse.Namespace) -> int:
 )
 async def pageout_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`pageout PID`."""
-    pager, service = _pager(ctx)
-    pid = _pid(ctx, args.pid)
-    if pager.proc(pid).locked:
-        raise CommandError(f"process {pid} is locked in memory; 'munlock {pid}' first")
-    if service is not None and service._busy(pid):
-        raise CommandError(f"process {pid} is generating; page it out when it is idle (or 'kill -STOP' it first)")
-    freed = pager.page_out(pid)
-    if service is not None:
-        service.sync_rows()
+    entry = _entry(ctx, args.pid)
+    pid = entry.pid
+    freed = (await ctx.kernel.services.procs.memory("pageout", entry))["freed_bytes"]
     ctx.result({"pid": pid, "freed_bytes": freed}, f"pid {pid}: {human_bytes(freed)} paged out\n")
     return 0
 
 
-def free_columns(kernel: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def free_columns(kernel: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add the pager's BUDGET / PAGED-IN columns to `free` rows (devices the pager knows)."""
-    pager = kernel.services.get("pager")
-    if pager is None:
-        return rows
-    snap = pager.snapshot()["devices"]
+    snap = await kernel.services.procs.memory("mem")
+    devices = (snap or {}).get("devices", {})
     for r in rows:
-        d = snap.get(str(r.get("device")))
+        d = devices.get(str(r.get("device")))
         if d is not None:
             r["budget"], r["paged_in"] = d["budget"], d["used"]
     return rows
-
-
-def _extend_free() -> None:
-    """`free` shows the pager's budget and what it has paged in next to each device's totals."""
-    from llmsh.commands import nodes
-
-    for col in (("budget", "BUDGET"), ("paged_in", "PAGED-IN")):
-        if col not in nodes.FREE_COLUMNS:
-            nodes.FREE_COLUMNS.append(col)
-
-
-_extend_free()

@@ -12,6 +12,7 @@ import asyncio
 import time
 from typing import Any
 
+from llmsh.commands.memory import free_columns  # the pager's BUDGET / PAGED-IN columns
 from llmsh.commands.registry import CommandError, Context, arg, command
 from llmsh.kernel.telemetry import snapshot
 from llmsh.tui.fmt import duration, human_bytes, proc_table, rate, table
@@ -25,6 +26,8 @@ FREE_COLUMNS: list[tuple[str, str]] = [
     ("free", "FREE"),
     ("allocated", "ALLOC"),
     ("reserved", "RESERVED"),
+    ("budget", "BUDGET"),  # the pager's budget for the device (--mem-budget), when an engine runs
+    ("paged_in", "PAGED-IN"),  # weights the pager holds in it
 ]
 _TEXT_KEYS = {"device", "kind", "node"}
 
@@ -165,9 +168,7 @@ async def nodes_cmd(ctx: Context, args: argparse.Namespace) -> int:
 )
 async def free_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`free [-b]`."""
-    from llmsh.commands.memory import free_columns  # the pager's BUDGET / PAGED-IN columns
-
-    rows = free_columns(ctx.kernel, free_rows(await snapshot(ctx.kernel)))
+    rows = await free_columns(ctx.kernel, free_rows(await snapshot(ctx.kernel)))
     ctx.result(rows, format_free(rows, raw=args.bytes) + "\n")
     return 0
 

@@ -1,7 +1,7 @@
 """Process commands: load, ps, run, chat, kill, nice, renice, threads, models — models as Unix processes.
 
 Handlers are thin: they resolve a PID or name, turn arguments into calls on the kernel's process table, scheduler
-and loader (`llmsh.kernel.process.setup` puts them in `kernel.services`), and turn every user-facing failure into one
+and loader (`llmsh.engine.process.setup` puts them in `kernel.services`), and turn every user-facing failure into one
 `CommandError` line. Torch is never imported here; the kernel's loader imports it on the first `load`.
 
 `chat` over the kernel protocol: the kernel never asks its clients for input (no stdin channel), so a conversation is
@@ -22,6 +22,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llmsh.commands.registry import CommandError, Context, UsageError, arg, command
+from llmsh.kernel.errors import KernelError
+from llmsh.kernel.front import MAX_CHATS
+from llmsh.kernel.table import Entry
+from llmsh.models import find_models, hf_cache_dir, model_dirs
+from llmsh.procinfo import thread_rows
+from llmsh.protocol.procs import ProcState, parse_signal
 from llmsh.tui.fmt import duration, human_bytes, proc_cell, table
 
 GROUP = "processes"
@@ -31,41 +37,16 @@ DEFAULT_TERM_GRACE = 30.0  # seconds TERM waits for in-flight requests before es
 # ---- services and lookups -----------------------------------------------------------------------------------------
 
 
-def _services(ctx: Context) -> tuple[Any, Any, Any]:
-    """(procs, scheduler, loader), set up on first use if the kernel did not list the extension."""
-    services = ctx.kernel.services
-    if "loader" not in services:
-        from llmsh.kernel.process import setup
-
-        setup(ctx.kernel)
-    return services["procs"], services["scheduler"], services["loader"]
-
-
-def _resolve(ctx: Context, ref: str) -> Any:
-    procs = _services(ctx)[0]
-    try:
-        return procs.resolve(ref)
-    except LookupError as e:
-        raise CommandError(str(e), ename="NoSuchProcess") from None
-
-
-async def _until_loaded(proc: Any) -> None:
-    from llmsh.kernel.process import ProcState
-
-    while proc.state is ProcState.LOADING and not proc.gone.is_set():
-        await asyncio.sleep(0.05)
+def _resolve(ctx: Context, ref: str) -> Entry:
+    return ctx.kernel.services.procs.resolve(ref)
 
 
 def _complete_procs(ctx: Context, words: Sequence[str], prefix: str) -> list[str]:
-    procs = ctx.kernel.services.get("procs")
-    if procs is None:
-        return []
-    return [str(p.pid) for p in procs] + [p.name for p in procs]
+    table = ctx.kernel.services.table
+    return [str(e.pid) for e in table] + [e.name for e in table]
 
 
 def _complete_models(ctx: Context, words: Sequence[str], prefix: str) -> list[str]:
-    from llmsh.kernel.loader import find_models
-
     if words:
         return []
     names = [m["name"] for m in find_models()]
@@ -122,43 +103,29 @@ def _check_nice(n: int, what: str = "nice") -> None:
 async def load_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`load PATH|NAME [--name N] [--device D] [--dtype T] [--nice N]`."""
     _check_nice(args.nice)
-    procs, sched, loader = _services(ctx)
     source = args.model
     if hasattr(ctx, "path") and (source.startswith((".", "/", "~")) or os.sep in source):
         local = ctx.path(source)
         if local.exists() or source.startswith((".", "~", "/")):
             source = str(local)
-    try:
-        proc, fut = loader.start(source, name=args.name, device=args.device, dtype=args.dtype, nice=args.nice,
-                                 max_batch=args.max_batch, ctx=args.ctx)
-    except (ValueError, RuntimeError) as e:
-        raise CommandError(str(e)) from None
-    waiting = asyncio.wrap_future(fut)
-    shown: tuple[int, str] | None = None
+    shown: list[tuple[int, str]] = []
     progress = getattr(ctx, "progress", None)  # the shell draws a bar; stderr lines otherwise
-    try:
-        while not waiting.done():
-            await asyncio.wait({waiting}, timeout=0.25)
-            now = (int(proc.progress * 100), proc.progress_text)
-            if now != shown and proc.progress_text and not waiting.done():
-                label = f"load {proc.name} (pid {proc.pid}): {proc.progress_text}"
-                if progress is not None:
-                    progress(proc.progress, label)
-                else:
-                    ctx.warn(f"{label} {now[0]}%\n")
-                shown = now
-        waiting.result()
-    except asyncio.CancelledError:  # Ctrl-C on a foreground load aborts it
-        if not proc.gone.is_set() and proc.runtime is None:
-            sched.kill(proc, reason="load interrupted")
-        raise
-    from llmsh.kernel.process import ProcState
 
-    if proc.state is ProcState.FAILED:
-        raise CommandError(proc.reason, ename="LoadError")
-    if proc.gone.is_set():
-        raise CommandError(f"{args.model}: process {proc.pid} was killed while loading", ename="Killed")
-    ctx.result(proc.row(), f"{proc.pid}")
+    def on_progress(entry: Entry) -> None:
+        now = (int(entry.progress * 100), entry.progress_text)
+        if entry.progress_text and (not shown or now != shown[-1]):
+            label = f"load {entry.name} (pid {entry.pid}): {entry.progress_text}"
+            if progress is not None:
+                progress(entry.progress, label)
+            else:
+                ctx.warn(f"{label} {now[0]}%\n")
+            shown.append(now)
+
+    entry = await ctx.kernel.services.procs.load(
+        source, name=args.name, device=args.device, dtype=args.dtype, nice=args.nice, max_batch=args.max_batch,
+        ctx=args.ctx, on_progress=on_progress,
+    )
+    ctx.result(entry.row(), f"{entry.pid}")
     return 0
 
 
@@ -201,11 +168,10 @@ async def nice_cmd(ctx: Context, args: argparse.Namespace) -> int:
 async def renice_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`renice N PID…`."""
     _check_nice(args.priority)
-    sched = _services(ctx)[1]
     rows, lines = [], []
     for ref in args.targets:
         proc = _resolve(ctx, ref)
-        old = sched.renice(proc, args.priority)
+        old = await ctx.kernel.services.procs.renice(proc, args.priority)
         rows.append({"pid": proc.pid, "old": old, "new": args.priority})
         lines.append(f"{proc.pid} ({proc.name}): old priority {old}, new priority {args.priority}")
     ctx.result(rows, "\n".join(lines))
@@ -253,9 +219,12 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
 )
 async def ps_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`ps [-a] [--json]`."""
-    procs, sched, _ = _services(ctx)
-    rows = procs.snapshot(reap=True, include_exited=args.all)
+    services = ctx.kernel.services
+    await services.procs.refresh()
+    rows = services.table.snapshot(include_exited=args.all)
     ctx.result(rows, format_ps(rows))
+    for entry in [e for e in services.table if e.state is ProcState.FAILED]:  # shown once, then reaped
+        await services.procs.signal(entry, "KILL")
     return 0
 
 
@@ -301,83 +270,39 @@ def _intermixed(name: str, args: argparse.Namespace) -> tuple[str, str]:
     return args.words[0], " ".join(args.words[1:])
 
 
-def _sampling(proc: Any, args: argparse.Namespace) -> Any:
-    from llmsh.runtime.sampling import SamplingParams
-
-    overrides = {k: getattr(args, k) for k in _SAMPLING_KEYS if getattr(args, k, None) is not None}
-    model = proc.runtime.model
-    try:
-        params = SamplingParams.from_config(getattr(model, "generation_config", {}) or {}, **overrides)
-        params.validate()
-    except (ValueError, TypeError) as e:
-        raise CommandError(str(e).strip().splitlines()[0], status=2, ename="UsageError") from None
-    return params
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling options given on the command line (the engine adds the model's generation_config defaults)."""
+    return {k: getattr(args, k) for k in _SAMPLING_KEYS if getattr(args, k, None) is not None}
 
 
-async def _ready_process(ctx: Context, ref: str) -> Any:
-    from llmsh.kernel.process import ProcState
-
+async def _ready_process(ctx: Context, ref: str) -> Entry:
     proc = _resolve(ctx, ref)
-    await _until_loaded(proc)
-    if proc.state is ProcState.FAILED:
-        raise CommandError(f"process {proc.pid} ({proc.name}) failed: {proc.reason}")
-    if proc.gone.is_set() or proc.runtime is None:
-        raise CommandError(f"process {proc.pid} ({proc.name}) has exited; see 'ps -a'")
+    await ctx.kernel.services.procs.ensure_loaded(proc)
     return proc
 
 
-def _tokenizer(proc: Any) -> Any:
-    """The process's tokenizer; a model folder without tokenizer.json loads, but cannot take text."""
-    tok = proc.runtime.model.tokenizer
-    if tok is None:
-        raise CommandError(f"process {proc.pid} ({proc.name}) has no tokenizer.json in {proc.path}, so it cannot take "
-                           "text prompts; add the model's tokenizer.json to that folder and load it again")
-    return tok
-
-
-def _encode(proc: Any, prompt: str, params: Any, special: bool = True) -> list[int]:
-    """Prompt → ids, checked against the KV cache length; `special=False` for chat templates, which add BOS themselves."""
-    ids = list(_tokenizer(proc).encode(prompt, add_special_tokens=special))
-    limit = proc.runtime.max_seq_len
-    if not ids:
-        raise CommandError("the prompt is empty after tokenization; give some text")
-    if len(ids) + int(params.max_tokens) > limit:
-        raise CommandError(
-            f"prompt of {len(ids)} tokens + --max-tokens {params.max_tokens} exceeds the context of {limit} tokens; "
-            "shorten the prompt or lower --max-tokens"
-        )
-    return ids
-
-
-async def _generate(
-    ctx: Context, proc: Any, ids: list[int], params: Any, echo: bool = True, pieces: list[str] | None = None
-) -> str:
+async def _generate(ctx: Context, proc: Entry, params: dict[str, Any], *, prompt: str | None = None,
+                    messages: list[dict[str, str]] | None = None, echo: bool = True,
+                    pieces: list[str] | None = None, result: dict[str, Any] | None = None) -> str:
     """Stream one request's pieces to the client (and into `pieces`); returns the whole text. One line on kill/failure."""
-    from llmsh.kernel.process import StateError
-    from llmsh.kernel.scheduler import BusyError, RequestError
-
-    from llmsh.kernel.process import ProcState
-
-    sched = _services(ctx)[1]
     pieces = [] if pieces is None else pieces
+    result = {} if result is None else result
     if proc.state is ProcState.STOPPED:  # it queues silently otherwise, and the user sees a hung command
         name = getattr(ctx.command, "name", "run")
         ctx.warn(f"llmsh: {name}: process {proc.pid} ({proc.name}) is stopped; the request waits for "
                  f"'kill -CONT {proc.pid}' (Ctrl-C gives up)\n")
+    stream = ctx.kernel.services.procs.generate(proc, prompt=prompt, messages=messages, params=params,
+                                                client=ctx.client, result=result)
     try:
-        async with contextlib.aclosing(sched.stream(proc, ids, params, ctx.client)) as stream:
-            async for piece in stream:
+        async with contextlib.aclosing(stream) as pieces_in:
+            async for piece in pieces_in:
                 pieces.append(piece)
                 if echo:
                     ctx.write(piece)
-    except BusyError as e:
-        raise CommandError(str(e), ename="Busy") from None
-    except StateError as e:
-        raise CommandError(str(e), ename="StateError") from None
-    except RequestError as e:
+    except KernelError:
         if echo and pieces and not pieces[-1].endswith("\n"):
             ctx.write("\n")
-        raise CommandError(str(e), ename="Killed" if e.kind == "killed" else "RequestFailed") from None
+        raise
     return "".join(pieces)
 
 
@@ -397,60 +322,22 @@ async def run_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`run PID|NAME [sampling options] PROMPT`."""
     target, prompt = _intermixed("run", args)
     proc = await _ready_process(ctx, target)
-    params = _sampling(proc, args)
+    params = _sampling(args)
     if ctx.stdin is not None:
         piped = "".join([piece async for piece in ctx.stdin])
         prompt = f"{prompt}\n\n{piped}" if prompt and piped else (prompt or piped)
     if not prompt.strip():
         raise UsageError("no prompt: give PROMPT or pipe text into run (a | run b)")
-    ids = _encode(proc, prompt, params)
     json_out = bool(getattr(args, "json", False))
     t0 = time.perf_counter()
-    text = await _generate(ctx, proc, ids, params, echo=not json_out)
+    result: dict[str, Any] = {}
+    text = await _generate(ctx, proc, params, prompt=prompt, echo=not json_out, result=result)
     if json_out:
-        ctx.result({"pid": proc.pid, "text": text, "prompt_tokens": len(ids), "seconds": round(time.perf_counter() - t0, 3)}, text)
+        ctx.result({"pid": proc.pid, "text": text, "prompt_tokens": result.get("prompt_tokens"),
+                    "seconds": round(time.perf_counter() - t0, 3)}, text)
     elif not text.endswith("\n"):
         ctx.write("\n")
     return 0
-
-
-MAX_CHATS = 256  # conversations kept in the kernel (oldest forgotten first); a process's go when it exits
-
-
-def _chats(ctx: Context) -> dict[tuple[str, int], list[dict[str, str]]]:
-    """(client session, pid) → messages; created once, with a table listener that forgets an exited process's chats."""
-    services = ctx.kernel.services
-    chats = services.get("chats")
-    if chats is None:
-        chats = services["chats"] = {}
-        procs = _services(ctx)[0]
-
-        def forget(proc: Any, event: str) -> None:
-            if event == "removed":
-                for key in [k for k in chats if k[1] == proc.pid]:
-                    chats.pop(key, None)
-
-        procs.listeners.append(forget)
-    return chats
-
-
-def _chat_prompt(proc: Any, history: list[dict[str, str]], message: str, params: Any) -> list[int]:
-    """Token ids of the conversation + the new message through the chat template; the oldest turns are left out
-    (the system message is kept) until it fits the context with room for --max-tokens."""
-    tok = _tokenizer(proc)
-    system = [m for m in history[:1] if m["role"] == "system"]
-    turns = history[len(system):]
-    while True:
-        convo = [*system, *turns, {"role": "user", "content": message}]
-        try:
-            prompt = tok.apply_chat_template(convo, add_generation_prompt=True)
-        except Exception as e:  # no template, or one that rejects the conversation (roles must alternate…)
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CommandError(f"{proc.name}: {why}") from None
-        ids = list(tok.encode(prompt, add_special_tokens=False))  # the template already has BOS (transformers does the same)
-        if len(ids) + int(params.max_tokens) <= proc.runtime.max_seq_len or not turns:
-            return _encode(proc, prompt, params, special=False)
-        turns = turns[2:]  # forget the oldest user/assistant exchange
 
 
 @command(
@@ -473,7 +360,7 @@ async def chat_cmd(ctx: Context, args: argparse.Namespace) -> int:
     target, message = _intermixed("chat", args)
     proc = await _ready_process(ctx, target)
     key = (ctx.client, proc.pid)
-    chats = _chats(ctx)
+    chats = ctx.kernel.services.chats
     if args.reset or args.system is not None:
         chats.pop(key, None)
     if key not in chats and len(chats) >= MAX_CHATS:
@@ -489,16 +376,16 @@ async def chat_cmd(ctx: Context, args: argparse.Namespace) -> int:
             raise UsageError("no message: chat PID MESSAGE (or --show, --reset)")
         ctx.result(list(history), "\n".join(f"{m['role']}: {m['content']}" for m in history))
         return 0
-    params = _sampling(proc, args)
-    ids = _chat_prompt(proc, history, message, params)
+    params = _sampling(args)
     reply: list[str] = []
     history.append({"role": "user", "content": message})
     try:
-        text = await _generate(ctx, proc, ids, params, echo=not getattr(args, "json", False), pieces=reply)
+        text = await _generate(ctx, proc, params, messages=list(history), echo=not getattr(args, "json", False),
+                               pieces=reply)
     except asyncio.CancelledError:
         history.append({"role": "assistant", "content": "".join(reply).strip()})  # Ctrl-C ends the turn, not the chat
         raise
-    except CommandError:
+    except (CommandError, KernelError):
         history.pop()  # the turn did not happen
         raise
     history.append({"role": "assistant", "content": text.strip()})
@@ -510,28 +397,6 @@ async def chat_cmd(ctx: Context, args: argparse.Namespace) -> int:
 
 
 # ---- kill -------------------------------------------------------------------------------------------------------------
-
-
-async def _term_then_kill(procs: Any, sched: Any, proc: Any, grace: float) -> None:
-    """TERM's escalation: if the process is still there after `grace` seconds, KILL it and record that."""
-    from llmsh.kernel.process import ExitHow
-
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and not proc.gone.is_set():
-        await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-    if not proc.gone.is_set():
-        sched.kill(proc, ExitHow.KILL_AFTER_TERM, f"killed after TERM grace of {grace:g}s")
-
-
-def _spawn(ctx: Context, coro: Any, name: str) -> None:
-    spawn = getattr(ctx.kernel, "spawn", None)
-    if spawn is not None:
-        spawn(coro, name)
-    else:
-        tasks = ctx.kernel.services.setdefault("proc_tasks", set())
-        t = asyncio.ensure_future(coro)
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
 
 
 @command(
@@ -555,9 +420,7 @@ def _spawn(ctx: Context, coro: Any, name: str) -> None:
 )
 async def kill_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`kill [-TERM|-KILL|-STOP|-CONT|-s SIG|-9|-15] PID…`."""
-    from llmsh.kernel.process import ExitHow, ProcState, StateError, parse_signal
-
-    procs, sched, _ = _services(ctx)
+    services = ctx.kernel.services
     try:
         sig = parse_signal(args.sig or "TERM")
     except ValueError as e:
@@ -566,15 +429,13 @@ async def kill_cmd(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError(f"--grace {args.grace:g}: give seconds ≥ 0")
     errors: list[str] = []
     rows: list[dict[str, Any]] = []
-    waited: list[Any] = []
+    waited: list[Entry] = []
     for ref in args.targets:
         if ref.startswith("%"):
-            from llmsh.commands.jobs import job_table
-
-            jobs = job_table(ctx.kernel)
+            jobs = services.jobs
             try:
                 job = jobs.get(ctx.client, ref, "kill")
-            except CommandError as e:
+            except KernelError as e:
                 errors.append(str(e))
                 continue
             if sig in ("STOP", "CONT"):  # a job cannot pause; cancelling it would surprise whoever asked to pause it
@@ -584,34 +445,16 @@ async def kill_cmd(ctx: Context, args: argparse.Namespace) -> int:
             rows.append({"job": job.id, "signal": sig, "delivered": jobs.cancel(job)})
             continue
         try:
-            proc = procs.resolve(ref)
-        except LookupError as e:
+            proc = services.procs.resolve(ref)
+            state = await services.procs.signal(proc, sig, grace=args.grace)
+        except KernelError as e:
             errors.append(str(e))
             continue
-        try:
-            if proc.state is ProcState.FAILED:
-                procs.remove(proc, ExitHow.REAPED)
-            elif sig == "STOP":
-                sched.stop(proc)
-                while proc.stepping:  # a step already running finishes; after that, not one more token
-                    await asyncio.sleep(0.002)
-            elif sig == "CONT":
-                sched.cont(proc)
-            elif sig == "TERM":
-                sched.terminate(proc)
-                if not proc.gone.is_set():
-                    _spawn(ctx, _term_then_kill(procs, sched, proc, args.grace), f"term-grace pid {proc.pid}")
-            else:
-                sched.kill(proc)
-        except StateError as e:
-            errors.append(f"{sig}: {e}")
-            continue
-        rows.append({"pid": proc.pid, "name": proc.name, "signal": sig, "state": proc.state.value})
+        rows.append({"pid": proc.pid, "name": proc.name, "signal": sig, "state": state})
         waited.append(proc)
     if args.wait and sig in ("TERM", "KILL"):
         for proc in waited:
-            while not proc.gone.is_set():
-                await asyncio.sleep(0.05)
+            await services.procs.wait_gone(proc)
         for row, proc in zip([r for r in rows if "pid" in r], waited):
             row["state"] = "exited"
             row["exit"] = proc.exit_how.value if proc.exit_how else None
@@ -627,26 +470,6 @@ async def kill_cmd(ctx: Context, args: argparse.Namespace) -> int:
 # ---- threads / models -------------------------------------------------------------------------------------------------
 
 
-def _thread_comm(native_id: int) -> str:
-    """The OS name of a thread started outside Python (ZeroMQ I/O, OpenMP workers…), from /proc (Linux)."""
-    try:
-        return Path(f"/proc/self/task/{native_id}/comm").read_text().strip() or "(native)"
-    except OSError:
-        return "(native)"
-
-
-def _thread_state(native_id: int | None) -> str:
-    """R/S/D… from /proc (Linux); '?' elsewhere."""
-    if not native_id:
-        return "?"
-    try:
-        stat = Path(f"/proc/self/task/{native_id}/stat").read_text()
-        code = stat.rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "?"
-    return {"R": "running", "S": "sleeping", "D": "disk-wait", "Z": "zombie", "T": "stopped", "I": "idle"}.get(code, code)
-
-
 @command(
     "threads",
     "list the kernel's threads and pools: I/O loop, loader pool, engine per device",
@@ -655,47 +478,13 @@ def _thread_state(native_id: int | None) -> str:
     group=GROUP,
 )
 async def threads_cmd(ctx: Context, args: argparse.Namespace) -> int:
-    """`threads`."""
-    import psutil
-
-    services = ctx.kernel.services
-    cpu = {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
-    known: dict[int, dict[str, Any]] = {}
-    for svc in ("scheduler", "loader", "pager"):
-        obj = services.get(svc)
-        for info in (obj.threads() if obj is not None and hasattr(obj, "threads") else []):
-            known[info["thread"].ident or 0] = info
-    loop_thread = threading.main_thread()
-    try:
-        running = asyncio.get_running_loop()
-        loop_thread = threading.current_thread()
-        ntasks = len(asyncio.all_tasks(running))
-    except RuntimeError:
-        ntasks = 0
-    rows = []
-    for t in threading.enumerate():
-        info = known.get(t.ident or 0)
-        if t is loop_thread:
-            pool, task = "io-loop", f"asyncio event loop, {ntasks} tasks"
-        elif info is not None:
-            pool, task = info["pool"], info["task"]
-        elif t.name.startswith("llmsh-"):  # the kernel's other threads: heartbeat, the pager's prefetch…
-            pool, task = t.name[len("llmsh-"):].split("-")[0].split("_")[0], ""
-        else:
-            pool, task = "other", ""
-        rows.append({
-            "name": t.name, "native_id": t.native_id, "pool": pool, "state": _thread_state(t.native_id),
-            "task": task, "cpu_s": round(cpu.get(t.native_id or -1, 0.0), 3), "daemon": t.daemon,
-        })
-    known_ids = {r["native_id"] for r in rows}
-    for tid, secs in cpu.items():  # native threads torch/OpenMP/ZeroMQ started outside Python
-        if tid not in known_ids:
-            rows.append({"name": _thread_comm(tid), "native_id": tid, "pool": "native", "state": _thread_state(tid),
-                         "task": "", "cpu_s": round(secs, 3), "daemon": True})
+    """`threads`: the front's threads (event loop, journal, heartbeat), then each engine's (devices, loaders…)."""
+    front = [dict(r, process=f"front {os.getpid()}") for r in thread_rows({}, loop_thread=threading.current_thread())]
+    rows = front + await ctx.kernel.services.procs.threads()
     text = table(
-        [[str(r["native_id"]), r["name"], r["pool"], r["state"], f"{r['cpu_s']:.2f}", r["task"]] for r in rows],
-        ["TID", "NAME", "POOL", "STATE", "CPU(s)", "TASK"],
-        [0, 4],
+        [[str(r["native_id"]), r["process"], r["name"], r["pool"], r["state"], f"{r['cpu_s']:.2f}", r["task"]] for r in rows],
+        ["TID", "PROCESS", "NAME", "POOL", "STATE", "CPU(s)", "TASK"],
+        [0, 5],
     )
     ctx.result(rows, text)
     return 0
@@ -711,8 +500,6 @@ async def threads_cmd(ctx: Context, args: argparse.Namespace) -> int:
 )
 async def models_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`models`."""
-    from llmsh.kernel.loader import find_models, hf_cache_dir, model_dirs
-
     found = await asyncio.to_thread(find_models)
     if not found:
         dirs = ", ".join(str(d) for d in model_dirs()) or "none configured"

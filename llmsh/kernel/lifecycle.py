@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llmsh import paths
+from llmsh.paths import log_file
 
 log = logging.getLogger("llmsh.kernel")
 
@@ -54,13 +55,6 @@ def connection_files() -> list[Path]:
 def new_connection_file() -> Path:
     """A fresh connection-file path in the runtime dir."""
     return paths.runtime_dir() / f"kernel-{uuid.uuid4().hex[:12]}.json"
-
-
-def log_file(connection_file: Path | str) -> Path:
-    """Where the kernel of this connection file logs (state dir)."""
-    folder = paths.state_dir() / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{Path(connection_file).stem}.log"
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -159,6 +153,8 @@ def _start_args(args: argparse.Namespace | None) -> list[str]:
         out += ["--telemetry-hz", str(args.telemetry_hz)]
     if getattr(args, "ray", None):
         out += ["--ray", args.ray]
+    if getattr(args, "restore", False):
+        out += ["--restore"]
     return out
 
 
@@ -193,6 +189,20 @@ def start_kernel_daemon(connection_file: str | None = None, timeout: float = 20,
     proc.kill()
     proc.wait()
     raise KernelStartError(f"the kernel did not answer within {timeout:g} s (log: {logpath})")
+
+
+def find_or_start_kernel() -> tuple[Path, bool]:
+    """The newest live kernel, else a new one; (connection file, started). Many clients at once start exactly one:
+    the check and the start happen under a lock file in the runtime dir (released by the OS if we die)."""
+    import fcntl
+
+    with open(paths.runtime_dir() / "start.lock", "a+") as lock:
+        os.chmod(lock.name, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another client is starting one; it is found below
+        path = find_kernel()
+        if path is not None:
+            return path, False
+        return start_kernel_daemon(), True
 
 
 def _last_line(logpath: Path, offset: int = 0) -> str:

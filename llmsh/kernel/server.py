@@ -7,8 +7,8 @@ The heartbeat echoes from its own thread. A client that disconnects mid-command 
 socket's monitor (libzmq here has no ROUTER_NOTIFY): each message carries the file descriptor it arrived on
 (ZMQ_SRCFD) and a DISCONNECTED event names that descriptor, so the commands that client started are cancelled.
 
-Other parts plug in without editing this file: modules listed in `EXTENSIONS` get `setup(kernel)` at start,
-and long-lived state hangs off `kernel.services` (see contract A in the notes).
+Models never run here: the front's services (`kernel.services`, `llmsh.kernel.front.Services`: the process table, the
+journal, the engine link, jobs) are built once at start; the engine process they spawn on demand runs the models.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import zmq
 import zmq.asyncio
@@ -35,6 +35,7 @@ from zmq.utils.monitor import parse_monitor_message
 from llmsh import __version__
 from llmsh.kernel.counters import Counters
 from llmsh.kernel.heartbeat import Heartbeat
+from llmsh.paths import log_file, runtime_dir
 from llmsh.protocol.connection import (
     PORT_NAMES,
     SIGNATURE_SCHEME,
@@ -48,14 +49,10 @@ from llmsh.protocol.connection import (
 )
 from llmsh.protocol.session import Rejected, Verifier, make_session
 
-log = logging.getLogger("llmsh.kernel")
+if TYPE_CHECKING:
+    from llmsh.kernel.front import Services
 
-# Modules with `def setup(kernel) -> None`, imported and set up at kernel start (telemetry, process table, pager…).
-EXTENSIONS: list[str] = [
-    "llmsh.kernel.process",  # process table, scheduler, loader (services "procs", "scheduler", "loader")
-    "llmsh.kernel.pager",  # memory budgets and weight paging (services "pager", "pager_service")
-    "llmsh.kernel.telemetry",  # iopub telemetry at --telemetry-hz (service "telemetry")
-]
+log = logging.getLogger("llmsh.kernel")
 
 PROTOCOL_VERSION = "5.3"
 LANGUAGE_INFO = {
@@ -73,7 +70,8 @@ MAX_FRAME_BYTES = 64 << 20  # no request needs more; a bigger frame is an attack
 
 def default_args(**overrides: Any) -> argparse.Namespace:
     """The options of `llmsh kernel start` with their defaults (for kernels built in tests or tools)."""
-    values = dict(foreground=True, connection_file=None, ip="127.0.0.1", mem_budget=None, telemetry_hz=2.0, ray=None)
+    values = dict(foreground=True, connection_file=None, ip="127.0.0.1", mem_budget=None, telemetry_hz=2.0, ray=None,
+                  restore=False)
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -141,12 +139,12 @@ class Kernel:
         self.clients: dict[str, float] = {}
         self.counters = Counters(self.clients)
         self.history: list[str] = []
-        self.services: dict[str, Any] = {}
+        self.services: Services | None = None  # built at the start of `serve()`
+        self.notice = ""  # told to the first client (e.g. that the kernel restarted after a crash)
         self.on_start: list[Callable[[Kernel], None]] = []
         self.on_shutdown: list[Callable[[Kernel], Awaitable[None] | None]] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self.execution_count = 0
-        self.extensions: list[str] = []
         self.restart_requested = False
         self._tasks: set[asyncio.Task] = set()
         self._foreground: dict[str, _Foreground] = {}
@@ -210,7 +208,7 @@ class Kernel:
             "execution_count": self.execution_count,
             "torch_loaded": "torch" in sys.modules,
             "executor": self._executor is not None,
-            "extensions": list(self.extensions),
+            "engine_pid": self.services.procs.engine.engine_pid if self.services is not None else None,
         }
 
     # ----------------------------------------------------------------- start-up and shut-down
@@ -227,7 +225,8 @@ class Kernel:
         try:
             self._install_signals()
             self._load_executor()
-            self._load_extensions()  # an extension may end the start with SystemExit (e.g. a bad --mem-budget)
+            self._build_services()
+            self._run_start_hooks()
             if self._owns_file or any(not self.connection_info.get(p) for p in PORT_NAMES):
                 write_connection_file(self.connection_file, self.connection_info)
                 self._owns_file = True
@@ -325,13 +324,33 @@ class Kernel:
             log.exception("the command executor failed to import; execute requests will fail")
             self._executor = None
 
-    def _load_extensions(self) -> None:
-        for name in EXTENSIONS:
-            try:
-                importlib.import_module(name).setup(self)
-                self.extensions.append(name)
-            except Exception:
-                log.exception("extension %s failed to set up; the kernel runs without it", name)
+    def _build_services(self) -> None:
+        """The process table, journal and engine link; restores the journalled table after a crash."""
+        from llmsh.kernel import telemetry
+        from llmsh.kernel.front import build_services
+        from llmsh.kernel.journal import open_journal
+
+        journal_path, crashed_at = open_journal(self.connection_file)
+        self.services = build_services(runtime_dir(), log_file(self.connection_file), journal_path,
+                                       mem_budget=getattr(self.args, "mem_budget", None))
+        journal = self.services.journal
+        if journal is not None:
+            state = journal.load_state()
+            clean = bool(state["meta"].get("clean", True))
+            if state["procs"] and (not clean or getattr(self.args, "restore", False)):
+                state["meta"].setdefault("alive_at", crashed_at)
+                self.notice = self.services.procs.restore(state, crashed=not clean)
+                self.services.procs.restore_pinned()
+            else:
+                for row in state["procs"]:
+                    journal.drop_proc(int(row["pid"]))
+                self.services.table.next_pid = int(state["meta"].get("next_pid", 1))
+            journal.clear_requests()
+            journal.set_meta(clean=False, started_at=self.started_at, kernel_pid=self.pid)
+            journal.event("start", f"kernel {__version__} started (pid {self.pid})")
+        telemetry.setup(self)
+
+    def _run_start_hooks(self) -> None:
         for hook in list(self.on_start):
             try:
                 hook(self)
@@ -350,6 +369,15 @@ class Kernel:
                     await asyncio.wait_for(result, timeout=5)
             except Exception:
                 log.exception("on_shutdown hook %r failed", hook)
+        if self.services is not None:
+            try:
+                await asyncio.wait_for(self.services.procs.close(), timeout=15)
+            except Exception:
+                log.exception("stopping the engine failed")
+            if self.services.journal is not None:
+                self.services.journal.event("stop", f"kernel stopped cleanly (pid {self.pid})")
+                self.services.journal.set_meta(clean=True)
+                self.services.journal.close()
         for fg in list(self._foreground.values()):
             fg.task.cancel()
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
@@ -467,6 +495,9 @@ class Kernel:
         if store_history and code.strip():
             self.history.append(code)
         status, exit_code, ename, evalue = "ok", 0, "", ""
+        if self.notice and not silent:  # e.g. "kernel restarted after a crash …", told once, to the first client
+            self._publish_now("stream", {"name": "stderr", "text": f"llmsh: {self.notice}\n"}, msg)
+            self.notice = ""
         if self._executor is None:
             status, exit_code, ename, evalue = "error", 1, "KernelError", "llmsh: the command executor failed to load; see the kernel log"
         else:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -106,22 +107,26 @@ class Traffic:
         }
 
 
-def _service_call(kernel: Any, name: str, method: str, default: Any, errors: list[str]) -> Any:
-    """`kernel.services[name].method()`, or `default` when the service is absent or fails (the failure is reported)."""
-    svc = getattr(kernel, "services", {}).get(name)
-    if svc is None:
-        return default
-    try:
-        return getattr(svc, method)()
-    except Exception as exc:  # a broken service must not stop telemetry
-        errors.append(f"{name}: {type(exc).__name__}: {exc}")
-        return default
-
-
 def extra_nodes(kernel: Any, errors: list[str]) -> list[dict[str, Any]]:
-    """Node loads of other nodes, from a cluster service with `node_loads()` when there is one (Ray placement)."""
-    rows = _service_call(kernel, "cluster", "node_loads", [], errors)
+    """Node loads of other nodes, from the cluster service when there is one (Ray placement)."""
+    cluster = getattr(getattr(kernel, "services", None), "cluster", None)
+    if cluster is None:
+        return []
+    try:
+        rows = cluster.node_loads()
+    except Exception as exc:  # a broken service must not stop telemetry
+        errors.append(f"cluster: {type(exc).__name__}: {exc}")
+        return []
     return [dict(r, local=False) for r in rows if isinstance(r, dict)]
+
+
+def _table_rows(kernel: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The process rows and scheduler stats as the front's table has them (live numbers as of the last refresh)."""
+    services = getattr(kernel, "services", None)
+    table = getattr(services, "table", None)
+    if table is None:
+        return [], {}
+    return table.snapshot(), dict(table.scheduler_stats)
 
 
 def build_payload(
@@ -129,8 +134,7 @@ def build_payload(
 ) -> dict[str, Any]:
     """One telemetry payload (schema `llmsh.telemetry/1`) from a kernel-like object and this node's driver sample."""
     errors: list[str] = []
-    procs = _service_call(kernel, "procs", "snapshot", [], errors)
-    sched = _service_call(kernel, "scheduler", "stats", {}, errors)
+    procs, sched = _table_rows(kernel)
     started = float(getattr(kernel, "started_at", now))
     return {
         "schema": SCHEMA,
@@ -196,6 +200,7 @@ class Telemetry:
         next_t = loop.time()
         while True:
             try:
+                await self.kernel.services.procs.refresh()
                 self.tick()
             except Exception:  # keep publishing; a bad tick is logged, not fatal
                 log.exception("telemetry tick failed")
@@ -217,7 +222,7 @@ def setup(kernel: Any) -> None:
         log.warning("telemetry: %.1f Hz capped to %.1f Hz (Jupyter clients wait for 0.2 s of quiet on iopub)", hz, MAX_HZ)
         hz = MAX_HZ
     tel = Telemetry(kernel, hz)
-    kernel.services["telemetry"] = tel
+    kernel.services.telemetry = tel
     if hz > 0:
         kernel.spawn(tel.run(), name="telemetry")
     kernel.on_shutdown.append(lambda _k: tel.close())
@@ -240,22 +245,27 @@ class _Probe:
         self.t = time.monotonic()
 
 
+_PROBES: weakref.WeakKeyDictionary[Any, _Probe] = weakref.WeakKeyDictionary()  # one per kernel, for one-shot commands
+
+
 async def snapshot(kernel: Any, settle_s: float = 0.25) -> dict[str, Any]:
     """A current payload for `nodes`/`free`/`top -n 1`: the publish loop's latest when fresh, else a new sample."""
-    tel = getattr(kernel, "services", {}).get("telemetry")
+    services = kernel.services
+    await services.procs.refresh()
+    tel = services.telemetry
     now = time.time()
     if tel is not None and tel.hz > 0 and tel.last is not None and now - tel.last["t"] <= 2.5 / tel.hz:
         # loads and rates from the loop's latest tick; processes and scheduler as they are right now
         errors: list[str] = []
         fresh = dict(tel.last, t=now, errors=errors)
         fresh["kernel"] = dict(tel.last["kernel"], uptime_s=round(now - fresh["kernel"]["started_at"], 1))
-        fresh["procs"] = [_plain(r) for r in _service_call(kernel, "procs", "snapshot", [], errors) if isinstance(r, dict)]
-        sched = _service_call(kernel, "scheduler", "stats", {}, errors)
-        fresh["scheduler"] = sched if isinstance(sched, dict) else {}
+        procs, sched = _table_rows(kernel)
+        fresh["procs"] = [_plain(r) for r in procs]
+        fresh["scheduler"] = sched
         return fresh
-    probe = kernel.services.get("telemetry_probe")
+    probe = _PROBES.get(kernel)
     if probe is None:
-        probe = kernel.services["telemetry_probe"] = _Probe(kernel)
+        probe = _PROBES[kernel] = _Probe(kernel)
     if time.monotonic() - probe.t > 5.0:  # utilisation and rates are averages: give them a fresh, short interval
         probe.prime()
         await asyncio.sleep(settle_s)

@@ -223,7 +223,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from llmsh.kernel.loader import configure_torch_threads
+    from llmsh.engine.loader import configure_torch_threads
     from llmsh.runtime import load
 
     threads = configure_torch_threads()  # the same intra-op thread count the kernel uses

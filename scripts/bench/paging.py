@@ -69,8 +69,8 @@ def workload(models: list, requests: int, n_new: int) -> tuple[float, list[list[
 
 def cuda_bandwidth(folder: Path) -> dict[str, float]:
     """Pinned host→device page-ins of the pager against torch's own pinned copy of the same bytes."""
-    from llmsh.kernel.paging.core import Pager
-    from llmsh.kernel.paging.sources import ModelSource
+    from llmsh.engine.paging.core import Pager
+    from llmsh.engine.paging.sources import ModelSource
     from llmsh.runtime import load
 
     model = load(folder, device="cuda")
@@ -115,9 +115,9 @@ def main() -> int:
     n_new = args.tokens or (16 if args.quick else 32)
     args.reps = args.reps or (1 if args.quick else 2)
 
-    from llmsh.kernel.loader import configure_torch_threads
-    from llmsh.kernel.paging.core import Pager
-    from llmsh.kernel.paging.sources import ModelSource
+    from llmsh.engine.loader import configure_torch_threads
+    from llmsh.engine.paging.core import Pager
+    from llmsh.engine.paging.sources import ModelSource
     from llmsh.runtime import load
 
     threads = configure_torch_threads()

@@ -20,9 +20,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from llmsh.kernel.process import Process, ProcessTable, ProcState
-from llmsh.kernel.scheduler import Scheduler
-from llmsh.paths import config_dir
+from llmsh.engine.process import Process, ProcessTable, ProcState
+from llmsh.engine.scheduler import Scheduler
+from llmsh.models import default_name, find_models, hf_cache_dir, model_dirs, resolve_model  # noqa: F401
 
 LOADER_WORKERS = 2
 DEFAULT_MAX_BATCH = 16  # requests decoded together per process; more queue (bounded) until a slot frees
@@ -132,17 +132,17 @@ class Loader:
 
     def start(
         self, source: str, *, name: str | None = None, device: str = "cpu", dtype: str | None = None, nice: int = 0,
-        max_batch: int | None = None, ctx: int | None = None,
+        max_batch: int | None = None, ctx: int | None = None, pid: int | None = None,
     ) -> tuple[Process, concurrent.futures.Future]:
         """Register a `loading` process for `source` (path or model name) and queue its load; returns it at once."""
         for what, v in (("--max-batch", max_batch), ("--ctx", ctx)):
             if v is not None and v < 1:
                 raise ValueError(f"{what} {v}: give a positive number")
         path = resolve_model(source)
-        base = name or _default_name(path)
+        base = name or default_name(path)
         if name is None:
             base = self.procs.unique_name(base)
-        proc = self.procs.add(base, path, device=device, dtype=dtype or "", nice=nice)
+        proc = self.procs.add(base, path, device=device, dtype=dtype or "", nice=nice, pid=pid)
         proc.progress_text = "queued"
         sizes = (max_batch or self.max_batch, ctx)
         return proc, self.pool.submit(self._load, proc, path, device, dtype, sizes)
@@ -216,81 +216,3 @@ def _is_load_error(e: BaseException) -> bool:
         return isinstance(e, LoadError)
     except Exception:
         return False
-
-
-def _default_name(path: str) -> str:
-    p = Path(path)
-    if "snapshots" in p.parts:  # HF cache: models--org--name/snapshots/<rev>
-        for part in p.parts:
-            if part.startswith("models--"):
-                return part.split("--")[-1]
-    return p.name or str(path)
-
-
-# --- where models are ------------------------------------------------------------------------------------------
-def model_dirs() -> list[Path]:
-    """Configured model folders: `LLMSH_MODEL_PATH` (os.pathsep-separated) first, then config.toml `model_dirs`."""
-    dirs: list[Path] = []
-    env = os.environ.get("LLMSH_MODEL_PATH", "")
-    dirs += [Path(d).expanduser() for d in env.split(os.pathsep) if d]
-    cfg = config_dir() / "config.toml"
-    if cfg.is_file():
-        try:
-            data = tomllib.loads(cfg.read_text())
-            dirs += [Path(str(d)).expanduser() for d in data.get("model_dirs", []) or []]
-        except (OSError, tomllib.TOMLDecodeError):
-            pass
-    return dirs
-
-
-def hf_cache_dir() -> Path:
-    """The hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return Path(home) / "hub"
-
-
-def _describe(path: Path, name: str, source: str) -> dict[str, Any]:
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors") if f.exists())
-    arch = ""
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-        arch = cfg.get("model_type") or ",".join(cfg.get("architectures") or [])
-    except (OSError, ValueError):
-        pass
-    return {"name": name, "path": str(path), "source": source, "arch": arch, "bytes": size}
-
-
-def find_models() -> list[dict[str, Any]]:
-    """Everything `load` can find by name: model dirs (folders with a config.json) and the HF hub cache."""
-    out: list[dict[str, Any]] = []
-    for d in model_dirs():
-        if not d.is_dir():
-            continue
-        if (d / "config.json").is_file():
-            out.append(_describe(d, d.name, str(d.parent)))
-        for sub in sorted(d.iterdir()):
-            if sub.is_dir() and (sub / "config.json").is_file():
-                out.append(_describe(sub, sub.name, str(d)))
-    cache = hf_cache_dir()
-    if cache.is_dir():
-        for repo in sorted(cache.glob("models--*")):
-            snaps = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
-            for snap in snaps:
-                if (snap / "config.json").exists():
-                    name = repo.name[len("models--"):].replace("--", "/")
-                    out.append(_describe(snap, name, "hf-cache"))
-                    break
-    return out
-
-
-def resolve_model(source: str) -> str:
-    """A path as given (absolute), or the folder of a model named in `models`; else `source` unchanged for the runtime."""
-    p = Path(source).expanduser()
-    if p.exists():
-        return str(p.resolve())
-    for m in find_models():
-        if m["name"] == source or m["name"].split("/")[-1] == source:
-            return m["path"]
-    return source

@@ -1,4 +1,4 @@
-"""Shell jobs: statements started with `&`, kept per client session in `kernel.services["jobs"]`.
+"""Shell jobs: statements started with `&`, kept per client session in the front's `Services.jobs`.
 
 A job is an asyncio task running one and-or list. It keeps writing through the Output of the request that started
 it, so its output reaches the client that started it whichever request that client is waiting on. An interrupt
@@ -15,11 +15,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Coroutine
 
-from llmsh.commands.registry import CommandError
+from llmsh.kernel.errors import KernelError
 
-log = logging.getLogger("llmsh.commands.jobs")
+
+log = logging.getLogger("llmsh.kernel.jobs")
 
 RUNNING, DONE, FAILED, INTERRUPTED = "running", "done", "failed", "interrupted"
+
+
+class JobError(KernelError):
+    """No such job (one line naming the spec and what to do)."""
+
+    ename = "NoSuchJob"
 
 
 @dataclass
@@ -118,19 +125,19 @@ class JobTable:
         jobs = self.list(client)
         if not jobs:
             current = spec in (None, "%%", "%+")
-            raise CommandError("no current job; start one with 'CMD &'" if current else f"{spec}: no such job; see 'jobs'")
+            raise JobError("no current job; start one with 'CMD &'" if current else f"{spec}: no such job; see 'jobs'")
         if spec in (None, "%%", "%+"):
             return jobs[-1]
         if spec == "%-":
             if len(jobs) < 2:
-                raise CommandError("%-: no such job")
+                raise JobError("%-: no such job")
             return jobs[-2]
         num = spec[1:] if spec.startswith("%") else spec
         if not num.isdigit():
-            raise CommandError(f"{spec}: not a job number; use %N as shown by 'jobs'")
+            raise JobError(f"{spec}: not a job number; use %N as shown by 'jobs'")
         job = self._jobs.get(client, {}).get(int(num))
         if job is None:
-            raise CommandError(f"{spec}: no such job; see 'jobs'")
+            raise JobError(f"{spec}: no such job; see 'jobs'")
         return job
 
     def forget(self, job: Job) -> None:
@@ -163,8 +170,3 @@ class JobTable:
                 raise
         self.forget(job)
         return job.exit_code if job.exit_code is not None else 1
-
-
-def job_table(kernel: Any) -> JobTable:
-    """The kernel's job table, created on first use."""
-    return kernel.services.setdefault("jobs", JobTable())

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from llmsh.kernel.paging.budget import default_budget, format_bytes, normalize_device
-from llmsh.kernel.paging.policy import Candidate, eviction_order, score
-from llmsh.kernel.paging.sources import PageSource
+from llmsh.engine.paging.budget import default_budget, format_bytes, normalize_device
+from llmsh.engine.paging.policy import Candidate, eviction_order, score
+from llmsh.engine.paging.sources import PageSource
 
 log = logging.getLogger("llmsh.pager")
 
@@ -191,12 +191,12 @@ class Pager:
         self._running: dict[int, set[tuple[int, int]]] = {}  # thread id → (pid, page)s its current step uses now
         self._streams: dict[str, Any] = {}
         self.prefetch_depth = prefetch_depth
-        from llmsh.kernel.paging.kv import KVManager
+        from llmsh.engine.paging.kv import KVManager
 
         self.kv = KVManager(lambda device: self.budget("kv:" + device))
         self.prefetcher = None
         if prefetch:
-            from llmsh.kernel.paging.prefetch import Prefetcher
+            from llmsh.engine.paging.prefetch import Prefetcher
 
             self.prefetcher = Prefetcher(self)
 

@@ -15,32 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmsh.kernel.paging.budget import BudgetError, format_bytes, parse_budget
-from llmsh.kernel.paging.core import PageInError, Pager, PagerError
-from llmsh.kernel.paging.sources import ModelSource
+from llmsh.engine.paging.budget import BudgetError, format_bytes, parse_budget
+from llmsh.engine.paging.core import PageInError, Pager, PagerError
+from llmsh.engine.paging.sources import ModelSource
+from llmsh.units import parse_duration
 
 __all__ = ["Pager", "PagerError", "PageInError", "PagerService", "setup", "parse_duration"]
 
 log = logging.getLogger("llmsh.pager")
 REAP_INTERVAL = 0.25  # seconds between keep_alive checks / ps row updates
-
-
-def parse_duration(text: str) -> float | None:
-    """'5m' → 300.0, '30s', '1h', '250ms', '0' → 0.0; 'forever'/'never'/'-1' → None (keep resident); ValueError otherwise."""
-    t = text.strip().lower()
-    if t in ("forever", "never", "inf", "none", "-1"):
-        return None
-    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0), ("", 1.0)):
-        if t.endswith(suffix):
-            num = t[: len(t) - len(suffix)] if suffix else t
-            try:
-                value = float(num)
-            except ValueError:
-                break
-            if value < 0:
-                break
-            return value * scale
-    raise ValueError(f"bad duration {text!r}: expected e.g. 30s, 5m, 1h, 0 (release when idle) or 'forever'")
 
 
 def default_keep_alive() -> float | None:
@@ -58,9 +41,10 @@ def default_keep_alive() -> float | None:
 class PagerService:
     """Glue between the pager and the process table / scheduler (all of it optional, so tests can use parts)."""
 
-    def __init__(self, kernel: Any, pager: Pager) -> None:
-        self.kernel = kernel
+    def __init__(self, pager: Pager, procs: Any = None, sched: Any = None) -> None:
         self.pager = pager
+        self._table = procs
+        self._sched = sched
         self.procs: Any = None
         self.sched: Any = None
         self._task: asyncio.Task | None = None
@@ -78,11 +62,11 @@ class PagerService:
         """Subscribe to the process table and scheduler (once both exist)."""
         if self.procs is not None:
             return
-        procs = self.kernel.services.get("procs")
+        procs = self._table
         if procs is None:
             return
         self.procs = procs
-        self.sched = self.kernel.services.get("scheduler")
+        self.sched = self._sched
         procs.listeners.append(self._on_proc_event)
         if self.sched is not None and hasattr(self.sched, "on_release"):
             self.sched.on_release.append(lambda proc: self._forget(proc.pid))
@@ -136,7 +120,7 @@ class PagerService:
         def blocked() -> None:
             # every request of this process waits for KV room held by higher-priority work: charge it one token of
             # virtual runtime so the fair scheduler moves on to the others instead of picking it again at once
-            from llmsh.kernel.process import cfs_weight
+            from llmsh.engine.process import cfs_weight
 
             proc.vruntime += 1024 / cfs_weight(proc.nice)
 
@@ -187,7 +171,7 @@ class PagerService:
         """Copy paged bytes into the process rows; READY with every page out ⇄ PAGED_OUT."""
         if self.procs is None:
             return
-        from llmsh.kernel.process import ProcState
+        from llmsh.engine.process import ProcState
 
         for pid, pp in list(self.pager.procs.items()):
             proc = self.procs.get(pid)
@@ -236,32 +220,3 @@ class _nolock:
 
     def __exit__(self, *exc: Any) -> None:
         return None
-
-
-def setup(kernel: Any) -> None:
-    """Kernel extension: `kernel.services["pager"]` (a Pager) and `["pager_service"]` (the glue)."""
-    spec = getattr(getattr(kernel, "args", None), "mem_budget", None)
-    try:
-        budgets = parse_budget(spec)
-    except BudgetError as e:
-        # A kernel must not run with a budget it did not understand: say so on one line and exit with status 2.
-        print(f"llmsh: kernel: --mem-budget: {e}", file=sys.stderr)
-        log.error("--mem-budget: %s", e)
-        raise SystemExit(2) from None
-    pager = kernel.services.setdefault("pager", Pager(budgets))
-    service = PagerService(kernel, pager)
-    kernel.services["pager_service"] = service
-    for dev, n in budgets.items():
-        log.info("memory budget %s = %s", dev, format_bytes(n))
-
-    def _start(_kernel: Any) -> None:
-        service.connect()
-        if getattr(kernel, "loop", None) is not None:
-            service._task = kernel.spawn(service.run(), name="pager housekeeping")
-
-    def _stop(_kernel: Any) -> None:
-        pager.close()
-
-    kernel.on_start.append(_start)
-    kernel.on_shutdown.append(_stop)
-

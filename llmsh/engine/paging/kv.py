@@ -16,8 +16,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from llmsh.kernel.paging.budget import format_bytes
-from llmsh.kernel.paging.core import PagerError
+from llmsh.engine.paging.budget import format_bytes
+from llmsh.engine.paging.core import PagerError
 
 
 @dataclass(eq=False)

@@ -9,8 +9,9 @@ process in the wrong state gets one clear line instead of undefined behaviour:
     any → failed(reason)             (load error, step error); the entry stays until `ps` shows it or `kill` reaps it
 
 KILL is not a state: the process leaves the table at once. This module is pure bookkeeping (no torch, no threads of
-its own); the scheduler (`scheduler.py`) drives the transitions, the loader (`loader.py`) fills in the model, and
-`setup(kernel)` wires the three into `kernel.services`.
+its own); the scheduler (`scheduler.py`) drives the transitions and the loader (`loader.py`) fills in the model.
+This is the engine's side of a process (its model, batch and scheduling state); the front's table
+(`llmsh.kernel.table`) owns its identity (PID, name, nice, pins) and is what `ps` shows. PIDs come from the front.
 """
 
 from __future__ import annotations
@@ -23,47 +24,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
-
-class ProcState(str, enum.Enum):
-    """The states a process row can show; the values are what `ps` prints."""
-
-    LOADING = "loading"
-    READY = "ready"
-    RUNNING = "running"
-    STOPPED = "stopped"
-    PAGED_OUT = "paged-out"
-    EXITING = "exiting"
-    FAILED = "failed"
-
-
-S = ProcState
-# Allowed transitions; anything else is a bug in the caller (the commands check `can_signal` first and say why).
-TRANSITIONS: dict[ProcState, frozenset[ProcState]] = {
-    S.LOADING: frozenset({S.READY, S.FAILED}),
-    S.READY: frozenset({S.RUNNING, S.STOPPED, S.PAGED_OUT, S.EXITING, S.FAILED}),
-    S.RUNNING: frozenset({S.READY, S.STOPPED, S.PAGED_OUT, S.EXITING, S.FAILED}),
-    S.PAGED_OUT: frozenset({S.READY, S.RUNNING, S.STOPPED, S.EXITING, S.FAILED}),
-    S.STOPPED: frozenset({S.READY, S.RUNNING, S.PAGED_OUT, S.EXITING, S.FAILED}),
-    S.EXITING: frozenset({S.FAILED}),
-    S.FAILED: frozenset(),
-}
-RUNNABLE = frozenset({S.READY, S.RUNNING, S.PAGED_OUT, S.EXITING})  # states the scheduler may step
-
-SIGNALS = ("TERM", "KILL", "STOP", "CONT")
-SIGNAL_NUMBERS = {"15": "TERM", "9": "KILL", "19": "STOP", "18": "CONT"}  # Linux numbering
-
-
-class StateError(Exception):
-    """A signal or transition that the process's current state cannot take (one human line)."""
-
-
-class ExitHow(str, enum.Enum):
-    """How a process left the table, recorded like jupyter_client's shutdown status (which step ended it)."""
-
-    TERM = "term"  # finished its accepted requests and unloaded
-    KILL_AFTER_TERM = "kill-after-term"  # TERM's grace period ran out, escalated to KILL
-    KILL = "kill"  # aborted at once
-    REAPED = "reaped"  # a failed entry, removed by `ps` or `kill`
+from llmsh.protocol.procs import (  # noqa: F401  (re-exported: the engine's modules import them from here)
+    RUNNABLE,
+    SIGNALS,
+    TRANSITIONS,
+    ExitHow,
+    ProcState,
+    StateError,
+    cfs_weight,
+    parse_signal,
+)
 
 
 class Runtime(Protocol):
@@ -79,26 +49,6 @@ class Runtime(Protocol):
     def resident_bytes(self) -> int: ...
 
     def close(self) -> None: ...
-
-
-def cfs_weight(nice: int) -> int:
-    """The Linux CFS load weight of a nice value (kernel/sched/core.c `sched_prio_to_weight`)."""
-    if not -20 <= nice <= 19:
-        raise ValueError(f"nice value {nice} out of range -20..19")
-    return SCHED_PRIO_TO_WEIGHT[nice + 20]
-
-
-# Each nice step is ~1.25x the CPU share of the next: nice 0 = 1024, nice 5 = 335, nice -20 = 88761, nice 19 = 15.
-SCHED_PRIO_TO_WEIGHT: tuple[int, ...] = (
-    88761, 71755, 56483, 46273, 36291,
-    29154, 23254, 18705, 14949, 11916,
-    9548, 7620, 6100, 4904, 3906,
-    3121, 2501, 1991, 1586, 1277,
-    1024, 820, 655, 526, 423,
-    335, 272, 215, 172, 137,
-    110, 87, 70, 56, 45,
-    36, 29, 23, 18, 15,
-)  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -234,10 +184,16 @@ class ProcessTable:
             i += 1
         return f"{base}-{i}"
 
-    def add(self, name: str, path: str, *, device: str = "cpu", dtype: str = "", nice: int = 0) -> Process:
-        """Create a `loading` process with the next PID; raises BusyError-like RuntimeError when the table is full."""
+    def add(
+        self, name: str, path: str, *, device: str = "cpu", dtype: str = "", nice: int = 0, pid: int | None = None
+    ) -> Process:
+        """Create a `loading` process (with the next PID, or `pid` as the front assigned it); TableFull when full."""
         cfs_weight(nice)
         with self._lock:
+            if pid is not None:
+                if pid in self._procs:
+                    raise ValueError(f"pid {pid} is already in use")
+                self._next_pid = max(self._next_pid, pid)
             if len(self.live()) >= self.max_procs:
                 raise TableFull(
                     f"busy: {self.max_procs} processes already loaded; kill one first (see 'ps')"
@@ -308,21 +264,6 @@ class ProcessTable:
                 return {"term": 0, "reaped": 1}.get(row.get("exit", ""), 137)
         raise LookupError(f"no process with PID {pid}; see 'ps'")
 
-    async def wait(self, pid: int, poll: float = 0.05) -> int:
-        """`wait PID`: until the process has settled (loaded with no requests in flight, failed, or exited)."""
-        import asyncio
-
-        from llmsh.commands.registry import CommandError
-
-        while True:
-            try:
-                code = self.exit_code(pid)
-            except LookupError as e:
-                raise CommandError(str(e), status=127, ename="NoSuchProcess") from None
-            if code is not None:
-                return code
-            await asyncio.sleep(poll)
-
     def changed(self, proc: Process, event: str = "state") -> None:
         """Tell listeners that `proc` changed (state, progress)."""
         self._emit(proc, event)
@@ -337,40 +278,6 @@ class ProcessTable:
 
 class TableFull(RuntimeError):
     """The table already holds `max_procs` processes."""
-
-
-def parse_signal(text: str) -> str:
-    """`-TERM`, `TERM`, `SIGTERM`, `15`, `-9` → the canonical signal name; ValueError otherwise."""
-    t = text.lstrip("-").upper()
-    if t.startswith("SIG"):
-        t = t[3:]
-    t = SIGNAL_NUMBERS.get(t, t)
-    if t not in SIGNALS:
-        raise ValueError(f"unknown signal '{text}' (use TERM, KILL, STOP or CONT)")
-    return t
-
-
-def setup(kernel: Any) -> None:
-    """Kernel extension: attach the process table, the scheduler and the loader to `kernel.services`."""
-    import os
-
-    # Before torch (and its OpenMP runtime) is ever imported here: idle OpenMP workers sleep instead of spinning.
-    # A spinning team steals the cores that the event loop (streaming tokens), other models' loads and other programs
-    # need; on a 2-core machine with one other busy process, a 124M-parameter decode step measured 6x slower with the
-    # default policy than with PASSIVE, while on a quiet machine the two are close. The user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from llmsh.kernel.loader import Loader
-    from llmsh.kernel.scheduler import COALESCE_S, Scheduler
-
-    procs = kernel.services.setdefault("procs", ProcessTable())
-    sched = kernel.services.setdefault("scheduler", Scheduler(procs, coalesce_s=COALESCE_S))
-    kernel.services.setdefault("loader", Loader(procs, sched))
-
-    async def _shutdown(_kernel: Any) -> None:
-        kernel.services["loader"].close()
-        sched.close()
-
-    kernel.on_shutdown.append(_shutdown)
 
 
 def describe(procs: Iterable[Process]) -> str:

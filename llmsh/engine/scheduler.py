@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-from llmsh.kernel.process import ExitHow, Process, ProcessTable, ProcState, StateError, cfs_weight
+from llmsh.engine.process import ExitHow, Process, ProcessTable, ProcState, StateError, cfs_weight
 
 log = logging.getLogger("llmsh.scheduler")
 
@@ -185,6 +185,7 @@ class Engine:
         with self.cond:
             proc.stepping = False
             self.current = "idle"
+            self.cond.notify_all()
             if proc.exit_how is not None or proc not in self.procs:  # killed during the step
                 finalize = (proc.exit_how or ExitHow.KILL, proc.reason)
             elif error is not None:
@@ -441,6 +442,12 @@ class Scheduler:
             self._resume_locked(proc)
             eng.cond.notify_all()
         self.procs.changed(proc)
+
+    def wait_step_done(self, proc: Process, timeout: float = 30.0) -> None:
+        """Block until no step of `proc` is running (after STOP: not one more token once this returns)."""
+        eng = self.engine(proc.device)
+        with eng.cond:
+            eng.cond.wait_for(lambda: not proc.stepping, timeout=timeout)
 
     def _resume_locked(self, proc: Process) -> None:
         back = proc.resume_state if proc.resume_state is ProcState.PAGED_OUT else ProcState.READY

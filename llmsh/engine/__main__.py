@@ -1,0 +1,139 @@
+"""`python -m llmsh.engine --connect URL`: one engine process, spoken to by the front over ZeroMQ.
+
+The front starts this as its child. The engine connects a DEALER socket (routing id = its node name) to the front's
+ROUTER, says `hello`, then serves requests until the front says `shutdown`, closes the socket, or dies (Linux: the
+parent-death signal; elsewhere: the front's socket going away ends the engine at its next send).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from llmsh.protocol import engine as wire
+
+log = logging.getLogger("llmsh.engine")
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGTERM us when the front exits (however it exits), so no engine outlives its front."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the front died before prctl took effect
+        os._exit(0)
+
+
+async def serve(url: str, node: str, budgets: dict[str, int]) -> int:
+    """Connect to the front and answer its requests until shutdown."""
+    from llmsh.engine.service import EngineError, EngineService
+
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.ROUTING_ID, node.encode())
+    sock.connect(url)
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+    stop = asyncio.Event()
+
+    def send_now(frame: bytes) -> None:
+        sock.send(frame)  # frames: [message]; the front's ROUTER prepends our routing id
+
+    def send(msg_type: str, **fields: Any) -> None:
+        frame = wire.encode(msg_type, **fields)
+        if threading.get_ident() == loop_thread:
+            send_now(frame)
+        else:
+            try:
+                loop.call_soon_threadsafe(send_now, frame)
+            except RuntimeError:  # the loop has closed: we are shutting down
+                pass
+
+    service = EngineService(budgets, send, node=node)
+    service.start()
+    tasks: set[asyncio.Task] = set()
+
+    async def run(msg: dict[str, Any]) -> None:
+        try:
+            data = await service.handle(msg)
+            send("reply", id=msg["id"], ok=True, data=data)
+        except EngineError as e:
+            send("reply", id=msg["id"], ok=False, ename=e.ename, error=str(e), kind=e.kind)
+        except asyncio.CancelledError:
+            send("reply", id=msg["id"], ok=False, ename="Cancelled", error="cancelled", kind="cancelled")
+        except Exception as e:  # a bug in a handler fails that request only
+            log.exception("request %s failed", msg.get("type"))
+            send("reply", id=msg["id"], ok=False, ename="InternalError", error=f"{type(e).__name__}: {e}", kind="failed")
+        if msg["type"] == "shutdown":
+            stop.set()
+
+    send("hello", node=node, pid=os.getpid(), devices=["cpu"])
+
+    async def receive() -> None:
+        """The front's requests, each run as its own task."""
+        while True:
+            frame = await sock.recv()
+            try:
+                msg = wire.decode(frame)
+            except wire.WireError as e:
+                log.warning("dropped a frame from the front: %s", e)
+                continue
+            if msg["type"] not in wire.REQUESTS:
+                log.warning("dropped a %s message: the front sends requests only", msg["type"])
+                continue
+            task = loop.create_task(run(msg), name=f"{msg['type']} {msg['id']}")
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    receiver = loop.create_task(receive())
+    await stop.wait()
+    receiver.cancel()
+    for t in list(tasks):
+        t.cancel()
+    service.close()
+    sock.close(linger=1000)
+    ctx.term()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llmsh.engine", description="one llmsh engine (started by the front)")
+    p.add_argument("--connect", required=True, help="the front's engine socket URL")
+    p.add_argument("--node", default=socket.gethostname(), help="node name (also the routing id)")
+    p.add_argument("--mem-budget", default=None, help="as for 'llmsh kernel start'")
+    p.add_argument("--parent", type=int, default=os.getppid(), help="the front's PID")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    # Before torch (and its OpenMP runtime) is imported: idle OpenMP workers sleep instead of spinning. A spinning
+    # team steals the cores that the front and other programs need; on a 2-core machine with one other busy process a
+    # 124M-parameter decode step measured 6x slower with the default policy. The user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _die_with_parent(args.parent)
+    from llmsh.engine.paging.budget import BudgetError, parse_budget
+
+    try:
+        budgets = parse_budget(args.mem_budget)
+    except BudgetError as e:
+        print(f"llmsh: engine: --mem-budget: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the front is gone or stopping: nothing to save here
+    return asyncio.run(serve(args.connect, args.node, budgets))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The front's link to one engine process: spawn it, send requests, stream tokens, notice when it dies.
+
+The engine is a child OS process (`python -m llmsh.engine`) connected to a ROUTER socket that the front binds on an
+`ipc://` path in the 0700 runtime dir. Requests get a future each; `generate` also gets a queue for its tokens.
+The child's exit is awaited (`asyncio` subprocess `wait()`, no polling): every request in flight then fails at once
+with the cause (`EngineDied`), and `on_exit` tells the front, which restores the processes on a new engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import zmq
+import zmq.asyncio
+
+from llmsh.kernel.errors import KernelError
+from llmsh.protocol import engine as wire
+
+log = logging.getLogger("llmsh.kernel.engines")
+HELLO_TIMEOUT = 60.0  # an engine imports numpy/zmq before it says hello; a loaded machine can be slow
+
+
+class EngineDied(KernelError):
+    """The engine process exited while a request was in flight; the message names the cause."""
+
+    ename = "EngineDied"
+
+
+class EngineRequestError(KernelError):
+    """The engine refused or failed a request: `ename`, one human line, and a `kind` (killed, failed…)."""
+
+    def __init__(self, ename: str, line: str, kind: str = "") -> None:
+        super().__init__(line, ename=ename, status=2 if ename == "UsageError" else 1)
+        self.kind = kind
+
+
+def exit_cause(returncode: int | None) -> str:
+    """`SIGBUS`, `SIGKILL`, `exit status 3`…"""
+    if returncode is None:
+        return "unknown cause"
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+async def _default_exit(cause: str) -> str:
+    return f"engine exited: {cause}"
+
+
+class EngineLink:
+    """One engine process and its socket."""
+
+    def __init__(self, node: str, socket_path: Path, log_path: Path, *, mem_budget: str | None = None) -> None:
+        self.node = node
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.mem_budget = mem_budget
+        self.on_event: Callable[[dict[str, Any]], None] = lambda msg: None  # state, progress, removed
+        self.on_exit: Callable[[str], Awaitable[str]] = _default_exit  # returns the line for the failed requests
+        self.proc: asyncio.subprocess.Process | None = None
+        self.engine_pid: int | None = None
+        self.generation = 0  # how many engines were started (1 = the first)
+        self._ctx = zmq.asyncio.Context()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._ident = node.encode()
+        self._ids = itertools.count(1)
+        self._replies: dict[str, asyncio.Future] = {}
+        self._tokens: dict[str, asyncio.Queue] = {}
+        self._hello: asyncio.Future | None = None
+        self._start_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self.closing = False
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and self._hello is not None and self._hello.done()
+
+    # ---- life -------------------------------------------------------------------------------------------------------
+    async def ensure_started(self) -> None:
+        """Start the engine if none runs (concurrent callers share one start)."""
+        async with self._start_lock:
+            if self.running:
+                return
+            await self._start()
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._sock is None:
+            self.socket_path.unlink(missing_ok=True)
+            self._sock = self._ctx.socket(zmq.ROUTER)
+            self._sock.linger = 0
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead engine raises instead of vanishing
+            self._sock.bind(f"ipc://{self.socket_path}")
+            self._spawn_task(self._receive(), "engine receive")
+        self._hello = loop.create_future()
+        argv = [sys.executable, "-m", "llmsh.engine", "--connect", f"ipc://{self.socket_path}", "--node", self.node,
+                "--parent", str(os.getpid())]
+        if self.mem_budget:
+            argv += ["--mem-budget", self.mem_budget]
+        with open(self.log_path, "ab") as logf:  # the engine's stderr goes to the kernel's log
+            os.chmod(self.log_path, 0o600)
+            self.proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                             stdout=logf, stderr=logf)
+        self.generation += 1
+        proc = self.proc
+        exited = loop.create_task(proc.wait())
+        done, _ = await asyncio.wait({self._hello, exited}, timeout=HELLO_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        if self._hello not in done:
+            if exited not in done:
+                proc.kill()
+                await proc.wait()
+            self.proc = None
+            raise EngineDied(f"the engine did not start ({exit_cause(proc.returncode)}); see the kernel log {self.log_path}")
+        self.engine_pid = int(self._hello.result().get("pid", proc.pid))
+        log.info("engine %s started: pid %s", self.node, self.engine_pid)
+        self._spawn_task(self._watch(proc, exited), "engine watch")
+
+    def _spawn_task(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self, proc: asyncio.subprocess.Process, exited: asyncio.Task) -> None:
+        """Wait for the engine to exit; then fail what was in flight and tell the front."""
+        rc = await exited
+        if self.proc is proc:
+            self.proc = None
+        cause = exit_cause(rc)
+        if self.closing:
+            return
+        log.error("engine %s (pid %s) exited: %s", self.node, proc.pid, cause)
+        err = EngineDied(await self.on_exit(cause))
+        for fut in list(self._replies.values()):
+            if not fut.done():
+                fut.set_exception(err)
+        self._replies.clear()
+        for q in list(self._tokens.values()):
+            q.put_nowait(None)
+
+    async def close(self) -> None:
+        """Ask the engine to shut down (then SIGTERM, then SIGKILL) and close the socket."""
+        self.closing = True
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            try:
+                await asyncio.wait_for(self.request("shutdown"), 5)
+                await asyncio.wait_for(proc.wait(), 5)
+            except (asyncio.TimeoutError, EngineDied, EngineRequestError, zmq.ZMQError):
+                pass
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                if proc.returncode is not None:
+                    break
+                try:
+                    proc.send_signal(sig)
+                    await asyncio.wait_for(proc.wait(), 5)
+                except (ProcessLookupError, asyncio.TimeoutError):
+                    pass
+        for t in list(self._tasks):
+            t.cancel()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._ctx.term()
+        self.socket_path.unlink(missing_ok=True)
+
+    # ---- messages ---------------------------------------------------------------------------------------------------
+    async def _receive(self) -> None:
+        """Engine → front: replies to futures, tokens to their queues, the rest to `on_event`."""
+        assert self._sock is not None
+        while True:
+            try:
+                frames = await self._sock.recv_multipart()
+            except zmq.ZMQError:
+                return
+            if len(frames) != 2:  # routing id, message
+                log.warning("dropped a malformed engine frame list (%d frames)", len(frames))
+                continue
+            try:
+                msg = wire.decode(frames[1])
+            except wire.WireError as e:
+                log.warning("dropped an engine message: %s", e)
+                continue
+            kind = msg["type"]
+            if kind == "token":
+                q = self._tokens.get(str(msg["id"]))
+                if q is not None:
+                    q.put_nowait(msg["text"])
+            elif kind == "reply":
+                fut = self._replies.pop(str(msg["id"]), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif kind == "hello":
+                if self._hello is not None and not self._hello.done():
+                    self._hello.set_result(msg)
+            else:
+                try:
+                    self.on_event(msg)
+                except Exception:
+                    log.exception("handling engine event %s failed", kind)
+
+    def _send(self, msg_type: str, **fields: Any) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart([self._ident, wire.encode(msg_type, **fields)])  # routing id, message
+        except zmq.ZMQError as e:  # ROUTER_MANDATORY: the engine is not connected (it just died)
+            raise EngineDied(f"engine {self.node} is not running ({e})") from None
+
+    def _new_id(self) -> str:
+        return f"{self.generation}.{next(self._ids)}"
+
+    async def request(self, msg_type: str, **fields: Any) -> Any:
+        """One request → the reply's data; EngineRequestError or EngineDied otherwise."""
+        await self.ensure_started()
+        rid = self._new_id()
+        fut = asyncio.get_running_loop().create_future()
+        self._replies[rid] = fut
+        try:
+            self._send(msg_type, id=rid, **fields)
+            reply = await fut
+        finally:
+            self._replies.pop(rid, None)
+        if not reply["ok"]:
+            raise EngineRequestError(reply.get("ename") or "EngineError", reply.get("error") or "failed",
+                                     reply.get("kind") or "")
+        return reply.get("data")
+
+    async def generate(self, pid: int, fields: dict[str, Any], result: dict[str, Any]) -> AsyncIterator[str]:
+        """Stream a generate request's text pieces; `result` gets the final reply's data. Cancelling the iteration
+        cancels the request in the engine."""
+        await self.ensure_started()
+        rid = self._new_id()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._replies[rid], self._tokens[rid] = fut, queue
+        fut.add_done_callback(lambda _f: queue.put_nowait(None))  # wakes the reader after the last token
+        finished = False
+        try:
+            self._send("generate", id=rid, pid=pid, **fields)
+            while True:
+                piece = await queue.get()
+                if piece is None:
+                    break
+                yield piece
+            while not queue.empty():  # tokens that arrived before the reply was seen
+                piece = queue.get_nowait()
+                if piece is not None:
+                    yield piece
+            reply = await fut
+            finished = True
+            if not reply["ok"]:
+                raise EngineRequestError(reply.get("ename") or "EngineError", reply.get("error") or "failed",
+                                         reply.get("kind") or "")
+            result.update(reply.get("data") or {})
+        finally:
+            self._tokens.pop(rid, None)
+            self._replies.pop(rid, None)
+            if not finished and self.running:
+                try:
+                    self._send("cancel", id=rid)
+                except EngineDied:
+                    pass
