@@ -22,10 +22,21 @@ class FakeSeq:
         self.finished: str | None = None
 
 
+class FakeClock:
+    """Device time for fake models: each step advances it by its runtime's `cost` (no wall clock in these tests)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 class FakeBatch:
     """Continuous batching in miniature: every sequence in the batch gets one token per step."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, clock: FakeClock | None = None, cost: float = 1.0) -> None:
+        self.clock, self.cost = clock, cost
         self.seqs: list[FakeSeq] = []
         self.last_batch_size = 0
         self.steps = 0
@@ -39,6 +50,8 @@ class FakeBatch:
 
     def step(self) -> list[tuple[FakeSeq, str]]:
         self.steps += 1
+        if self.clock is not None:
+            self.clock.t += self.cost  # a batched step costs about what one sequence's does: decode reads the weights
         if self.fail_at is not None and self.steps >= self.fail_at:
             raise RuntimeError("boom in forward")
         self.last_batch_size = len(self.seqs)
@@ -54,14 +67,16 @@ class FakeBatch:
 
 
 class FakeRuntime:
-    def __init__(self, max_batch: int = 8, fail_at: int | None = None) -> None:
+    def __init__(self, max_batch: int = 8, fail_at: int | None = None, clock: FakeClock | None = None,
+                 cost: float = 1.0) -> None:
+        self.clock, self.cost = clock, cost
         self.max_batch = max_batch
         self.max_seq_len = 1024
         self.fail_at = fail_at
         self.closed = False
 
     def new_batch(self) -> FakeBatch:
-        return FakeBatch(self.fail_at)
+        return FakeBatch(self.fail_at, self.clock, self.cost)
 
     def new_sequence(self, prompt_ids: list[int], params: dict) -> FakeSeq:
         if params.get("max_tokens", 1) < 1:
@@ -70,6 +85,9 @@ class FakeRuntime:
 
     def resident_bytes(self) -> int:
         return 0 if self.closed else 1000
+
+    def changed_files(self) -> str | None:
+        return None
 
     def close(self) -> None:
         self.closed = True
@@ -93,13 +111,14 @@ class Collect:
         return self.events[-1]
 
 
-def make(n: int = 1, nice: tuple[int, ...] = (), **rt) -> tuple[ProcessTable, Scheduler, list]:
+def make(n: int = 1, nice: tuple[int, ...] = (), costs: tuple[float, ...] = (), **rt) -> tuple[ProcessTable, Scheduler, list]:
     table = ProcessTable()
-    sched = Scheduler(table, threaded=False, max_queue=4)
+    clock = FakeClock()
+    sched = Scheduler(table, threaded=False, max_queue=4, clock=clock)
     procs = []
     for i in range(n):
         p = table.add(f"m{i}", "/x", nice=nice[i] if i < len(nice) else 0)
-        p.runtime = FakeRuntime(**rt)
+        p.runtime = FakeRuntime(clock=clock, cost=costs[i] if i < len(costs) else 1.0, **rt)
         sched.attach(p)
         procs.append(p)
     return table, sched, procs
@@ -142,24 +161,35 @@ def test_pick_lowest_vruntime_and_wakeups_start_at_min() -> None:
     assert a.tokens == 15 and b.tokens == 5  # strict alternation after the wake-up
 
 
-def test_token_shares_follow_nice_weights() -> None:
+def test_device_time_shares_follow_nice_weights() -> None:
     _, sched, (p0, p5) = make(2, nice=(0, 5))
     sched.submit(p0, [1], {}, Collect())
     sched.submit(p5, [2], {}, Collect())
     run_steps(sched, 4000)
-    ratio = p0.tokens / p5.tokens
+    ratio = p0.compute_s / p5.compute_s
     assert p0.tokens + p5.tokens == 4000
     assert ratio == pytest.approx(1024 / 335, rel=0.10)
 
 
-def test_token_shares_count_tokens_not_steps() -> None:
-    """A process batching 4 requests gets 4 tokens per step: equal nice still means equal token shares."""
+def test_models_of_different_size_get_equal_device_time() -> None:
+    """A model whose steps take 5x longer gets the same device time at equal nice, so 1/5 of the small one's steps."""
+    _, sched, (small, large) = make(2, costs=(1.0, 5.0))
+    sched.submit(small, [1], {}, Collect())
+    sched.submit(large, [2], {}, Collect())
+    run_steps(sched, 1200)
+    assert small.compute_s / large.compute_s == pytest.approx(1.0, rel=0.10)
+    assert small.tokens / large.tokens == pytest.approx(5.0, rel=0.10)
+
+
+def test_device_time_counts_steps_not_tokens() -> None:
+    """A step of 4 batched requests costs the process one step of device time: it gets 4 tokens for it."""
     _, sched, (a, b) = make(2)
     for _ in range(4):
         sched.submit(a, [1], {}, Collect())
     sched.submit(b, [2], {}, Collect())
     run_steps(sched, 1000)
-    assert a.tokens / b.tokens == pytest.approx(1.0, rel=0.10)
+    assert a.compute_s / b.compute_s == pytest.approx(1.0, rel=0.10)
+    assert a.tokens / b.tokens == pytest.approx(4.0, rel=0.10)
     assert a.max_batch_seen == 4 and b.max_batch_seen == 1
 
 

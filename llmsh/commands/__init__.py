@@ -13,6 +13,7 @@ FAMILIES: list[str] = [
     "llmsh.commands.nodes",
     "llmsh.commands.processes",
     "llmsh.commands.memory",
+    "llmsh.commands.dmesg",
 ]
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import threading
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,34 @@ class LoadAborted(Exception):
 class ModelRuntime:
     """Adapts a loaded `llmsh.runtime.Model` to what the scheduler needs (see `process.Runtime`)."""
 
-    def __init__(self, model: Any, max_batch: int = DEFAULT_MAX_BATCH, max_seq_len: int | None = None) -> None:
+    def __init__(self, model: Any, max_batch: int = DEFAULT_MAX_BATCH, max_seq_len: int | None = None,
+                 folder: str | None = None) -> None:
         self.model = model
         self.max_batch = max_batch
         ctx = _context_length(model.config) or DEFAULT_MAX_SEQ_LEN
         self.max_seq_len = min(ctx, max_seq_len or DEFAULT_MAX_SEQ_LEN)
         self.batch: Any = None
+        self.files = _weight_files(folder) if folder else {}
+        self._checked = 0.0
+
+    def changed_files(self) -> str | None:
+        """Why the checkpoint cannot be trusted any more (a weight file changed on disk since the load), else None.
+
+        Weights are mmap'd: reading a page of a file truncated under us is a SIGBUS that would take the whole engine
+        down. A stat per file, at most every FILE_CHECK_S, catches a changed file before a step touches it."""
+        now = time.monotonic()
+        if not self.files or now - self._checked < FILE_CHECK_S:
+            return None
+        self._checked = now
+        for path, (size, mtime) in self.files.items():
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                return f"checkpoint file {path} is gone ({e.strerror}); load the model again"
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                return (f"checkpoint file {path} changed on disk after the load (size {size} -> {st.st_size}); "
+                        "load the model again")
+        return None
 
     def new_batch(self) -> Any:
         from llmsh.runtime.generation import BatchGenerator
@@ -97,6 +120,21 @@ class ModelRuntime:
 
             torch.cuda.empty_cache()
         _trim_heap()
+
+
+FILE_CHECK_S = 0.05  # how often a running process re-checks its weight files (a stat each: microseconds)
+
+
+def _weight_files(folder: str) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of each weight file of a model folder, as loaded."""
+    out: dict[str, tuple[int, int]] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out[str(f)] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def _trim_heap() -> None:
@@ -186,7 +224,7 @@ class Loader:
             return proc
         proc.dtype = str(getattr(model, "dtype", dtype or "")).replace("torch.", "")
         proc.device = str(getattr(model, "device", device))
-        proc.runtime = ModelRuntime(model, *sizes)
+        proc.runtime = ModelRuntime(model, *sizes, folder=path if os.path.isdir(path) else None)
         proc.progress, proc.progress_text = 1.0, "ready"
         if not self.sched.attach(proc):  # killed in the meantime
             rt, proc.runtime = proc.runtime, None

@@ -118,11 +118,11 @@ class PagerService:
             return
 
         def blocked() -> None:
-            # every request of this process waits for KV room held by higher-priority work: charge it one token of
-            # virtual runtime so the fair scheduler moves on to the others instead of picking it again at once
-            from llmsh.engine.process import cfs_weight
+            # every request of this process waits for KV room held by higher-priority work: charge it a little virtual
+            # runtime so the fair scheduler moves on to the others instead of picking it again at once
+            from llmsh.engine.scheduler import BLOCKED_CHARGE_S, charge
 
-            proc.vruntime += 1024 / cfs_weight(proc.nice)
+            proc.vruntime += charge(BLOCKED_CHARGE_S, proc.nice)
 
         guard = self.pager.kv.guard(batch, pid=proc.pid, device=str(proc.device), nice=lambda: proc.nice,
                                     on_blocked=blocked, after_step=lambda: self.pager.step_done(proc.pid),

@@ -48,6 +48,8 @@ class Runtime(Protocol):
 
     def resident_bytes(self) -> int: ...
 
+    def changed_files(self) -> str | None: ...  # why its checkpoint can no longer be read safely, else None
+
     def close(self) -> None: ...
 
 

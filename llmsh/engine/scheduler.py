@@ -3,9 +3,11 @@
 Why this shape:
 - Generation is stepped (one prefill for newly joined requests + one decode step for all running ones), so a device can be
   time-shared at token granularity. Each tick the engine picks ONE process and runs one step of its `BatchGenerator`.
-- Across processes it is Linux CFS over tokens instead of nanoseconds: a process's virtual runtime grows by
-  `tokens × 1024 / weight(nice)` and the runnable process with the lowest vruntime runs next, so under contention token
-  shares follow the nice weights (nice 0 : nice 5 = 1024 : 335). Processes that wake up (new work, CONT) are placed at the
+- Across processes it is Linux CFS over device time: a process's virtual runtime grows by
+  `seconds of its steps × 1024 / weight(nice)` and the runnable process with the lowest vruntime runs next, so under
+  contention shares of the device follow the nice weights (nice 0 : nice 5 = 1024 : 335), and a large and a small model
+  at equal nice get equal device time, not equal tokens (counting tokens let a large model's slow steps starve a small
+  one: a 600-token run took 1.0 s alone and 17.8 s beside a large model). Processes that wake up (new work, CONT) are placed at the
   queue's minimum vruntime so a long sleeper cannot monopolise the device.
 - Within a process it is continuous batching: requests join the batch at the next step and leave as soon as they finish.
 - All mutable state is touched under the engine's lock, except the step itself (the forward pass), which runs unlocked with
@@ -39,6 +41,14 @@ DEFAULT_MAX_QUEUE = 64  # queued (not yet batched) requests per process before `
 # a few ms on a first token that takes tens of ms to compute. Running batches never wait: joiners join the next step.
 COALESCE_S = 0.003
 COALESCE_MAX_S = 0.02
+
+
+def charge(seconds: float, nice: int) -> float:
+    """The virtual runtime that `seconds` of device time costs a process at `nice` (CFS: time × 1024 / weight)."""
+    return seconds * 1024 / cfs_weight(nice)
+
+
+BLOCKED_CHARGE_S = 0.001  # a step that could not run (waiting for KV memory) still costs this much, so others go first
 
 
 class BusyError(RuntimeError):
@@ -161,18 +171,25 @@ class Engine:
             if wait > 0:
                 self.cond.wait(timeout=wait)  # a submit wakes us early; the next tick looks again
                 return True
-            self._admit(proc)
-            idle = not proc.active
-            done = self.sched._after_change(proc) if idle else None
-            if not idle:
-                proc.stepping = True
-                batch = proc.batch
-                self.current = f"step pid {proc.pid} ({proc.name}), batch {len(proc.active)}"
+            changed = proc.runtime.changed_files()
+            if changed is not None:  # its mmap'd weights would SIGBUS the whole engine: fail this process only
+                self.sched._fail_locked(proc, changed)
+            else:
+                self._admit(proc)
+                idle = not proc.active
+                done = self.sched._after_change(proc) if idle else None
+                if not idle:
+                    proc.stepping = True
+                    batch = proc.batch
+                    self.current = f"step pid {proc.pid} ({proc.name}), batch {len(proc.active)}"
+        if changed is not None:
+            self.sched._free(proc)
+            return True
         if idle:  # every queued request was cancelled or rejected
             if done:
                 self.sched._release(proc, *done)
             return True
-        t0 = time.perf_counter()
+        t0 = self.sched.clock()
         error: BaseException | None = None
         out: list = []
         try:
@@ -180,7 +197,7 @@ class Engine:
         except Exception as e:  # a model that raises fails itself only
             error = e
             detail = traceback.format_exception_only(type(e), e)[-1].strip()
-        dt = time.perf_counter() - t0
+        dt = self.sched.clock() - t0
         finalize: tuple[ExitHow, str] | None = None
         with self.cond:
             proc.stepping = False
@@ -263,7 +280,7 @@ class Engine:
         proc.last_batch = bs
         proc.max_batch_seen = max(proc.max_batch_seen, bs)
         proc.rate.append((now, produced))
-        proc.vruntime += produced * 1024 / cfs_weight(proc.nice)
+        proc.vruntime += charge(dt, proc.nice)
         self.steps += 1
         self.batch_sum += bs
         self.last_batch = bs
@@ -320,9 +337,11 @@ class Scheduler:
     """Devices → engines; the signal and request API that the commands use."""
 
     def __init__(
-        self, procs: ProcessTable, *, max_queue: int = DEFAULT_MAX_QUEUE, threaded: bool = True, coalesce_s: float = 0.0
+        self, procs: ProcessTable, *, max_queue: int = DEFAULT_MAX_QUEUE, threaded: bool = True, coalesce_s: float = 0.0,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.procs = procs
+        self.clock = clock  # measures each step's device time (tests pass a clock their fake models advance)
         self.max_queue = max_queue
         self.coalesce_s = coalesce_s
         self.threaded = threaded

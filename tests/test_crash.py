@@ -1,0 +1,243 @@
+"""A kernel that survives its models: real processes, real signals.
+
+The engine (where the models run) is killed, truncated under, or the whole front is `kill -9`ed; the tests check what
+a user sees: one line naming the cause, the kernel still answering, the table back with the same PIDs, the notice
+after a restart, `dmesg`, and exactly one kernel when many clients start at once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from tests.fixtures_kernel import KernelHandle, kernel_env, start_kernel
+
+GREEDY = "--temperature 0 --ignore-eos"
+pytestmark = pytest.mark.slow
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    """Kernel dirs of this test's own, so the journal it restores from is not another test kernel's."""
+    env = kernel_env()
+    for var, sub in (("XDG_RUNTIME_DIR", "run"), ("XDG_STATE_HOME", "state")):
+        (tmp_path / sub).mkdir(mode=0o700, exist_ok=True)
+        env[var] = str(tmp_path / sub)
+    return env
+
+
+def _ok(k: KernelHandle, code: str, timeout: float = 60) -> dict[str, Any]:
+    out = k.execute(code, timeout=timeout)
+    assert out["status"] == "ok", (code, out)
+    return out
+
+
+def _engine_pid(k: KernelHandle) -> int:
+    pid = k.kernel_info()["engine_pid"]
+    assert pid, "no engine running"
+    return int(pid)
+
+
+def _ps(k: KernelHandle) -> dict[int, dict[str, Any]]:
+    return {r["pid"]: r for r in _ok(k, "ps --json")["data"]}
+
+
+def _wait(check: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _stream_in_thread(k: KernelHandle, code: str) -> tuple[threading.Thread, dict[str, Any], threading.Event]:
+    """Run `code` on its own client in a thread; `first` is set when the first token arrives."""
+    box: dict[str, Any] = {}
+    first = threading.Event()
+
+    def run() -> None:
+        kc = k.client()
+        try:
+            out = {"stdout": "", "stderr": ""}
+
+            def hook(msg: dict[str, Any]) -> None:
+                if msg["msg_type"] == "stream":
+                    out[msg["content"]["name"]] += msg["content"]["text"]
+                    if msg["content"]["name"] == "stdout":
+                        first.set()
+
+            reply = kc.execute_interactive(code, timeout=120, output_hook=hook, allow_stdin=False)
+            box.update(out, reply=reply["content"], t_end=time.monotonic())
+        finally:
+            kc.stop_channels()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box, first
+
+
+def test_engine_killed_mid_stream(tmp_path: Path, make_tiny_model: Callable[..., Path]) -> None:
+    """kill -9 of the engine: the streaming client gets the cause within a second; PIDs, names, nice come back."""
+    folder = make_tiny_model("gpt2", n_embd=256, n_layer=4, n_head=4, n_positions=4096)
+    k = start_kernel(env=_env(tmp_path))
+    try:
+        _ok(k, f"load {folder} --name a")
+        _ok(k, f"nice -n 5 load {folder} --name b")
+        old_engine = _engine_pid(k)
+        t, box, first = _stream_in_thread(k, f"run a --max-tokens 2000 {GREEDY} hello")
+        assert first.wait(60)
+        t_kill = time.monotonic()
+        os.kill(old_engine, signal.SIGKILL)
+        t.join(30)
+        assert box["reply"]["status"] == "error"
+        assert box["t_end"] - t_kill < 1.0, box["t_end"] - t_kill
+        assert "engine exited: SIGKILL while running pid 1 (a)" in box["reply"]["evalue"]
+        rows = _ps(k)  # the kernel answers at once; both processes are still there, not on any engine yet
+        assert {p: (r["name"], r["nice"]) for p, r in rows.items()} == {1: ("a", 0), 2: ("b", 5)}
+        assert {r["state"] for r in rows.values()} == {"paged-out"}
+        out = _ok(k, f"run b --max-tokens 5 {GREEDY} hi")  # restored on first use, on a new engine
+        assert out["stdout"].strip()
+        assert _engine_pid(k) != old_engine
+        rows = _ps(k)
+        assert rows[2]["state"] == "ready" and rows[1]["state"] == "paged-out"
+        log = _ok(k, "dmesg")["stdout"]
+        assert "engine-crash: engine exited: SIGKILL while running pid 1 (a)" in log
+        assert "restore: pid 2 (b) restored" in log
+    finally:
+        k.stop()
+
+
+def test_engine_sigbus_names_the_checkpoint(tmp_path: Path, make_tiny_model: Callable[..., Path]) -> None:
+    folder = make_tiny_model("gpt2", n_positions=4096)
+    k = start_kernel(env=_env(tmp_path))
+    try:
+        _ok(k, f"load {folder} --name a")
+        t, box, first = _stream_in_thread(k, f"run a --max-tokens 2000 {GREEDY} hello")
+        assert first.wait(60)
+        os.kill(_engine_pid(k), signal.SIGBUS)
+        t.join(30)
+        assert "engine exited: SIGBUS while running pid 1 (a); its checkpoint file changed on disk?" in box["reply"]["evalue"]
+    finally:
+        k.stop()
+
+
+def test_truncated_checkpoint_fails_that_process_only(tmp_path: Path, make_tiny_model: Callable[..., Path]) -> None:
+    """The weights file of a loaded model is truncated: its next request fails naming the file; the other model and
+    the engine carry on."""
+    victim = tmp_path / "victim"
+    shutil.copytree(make_tiny_model("gpt2"), victim)
+    other = make_tiny_model("llama", max_position_embeddings=4096)
+    k = start_kernel(env=_env(tmp_path))
+    try:
+        _ok(k, f"load {victim} --name v")
+        _ok(k, f"load {other} --name o")
+        engine = _engine_pid(k)
+        t, box, first = _stream_in_thread(k, f"run o --max-tokens 1500 {GREEDY} hello")
+        assert first.wait(60)
+        weights = next(victim.glob("*.safetensors"))
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+        out = k.execute(f"run v --max-tokens 5 {GREEDY} hi", timeout=60)
+        assert out["status"] == "error" and "changed on disk after the load" in out["reply"]["evalue"], out
+        t.join(60)
+        assert box["reply"]["status"] == "ok" and box["stdout"].strip()  # the other stream finished
+        assert _engine_pid(k) == engine  # no engine crash
+        assert _ps(k)[2]["state"] in ("ready", "running")
+    finally:
+        k.stop()
+
+
+def _llmsh(env: dict[str, str], *argv: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmsh", *argv], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def _running_kernels(env: dict[str, str]) -> list[int]:
+    run = Path(env["XDG_RUNTIME_DIR"]) / "llmsh"
+    import json
+
+    pids = []
+    for f in run.glob("kernel-*.json"):
+        try:
+            pids.append(int(json.loads(f.read_text())["pid"]))
+        except (OSError, ValueError, KeyError):
+            pass
+    return pids
+
+
+def test_kernel_kill9_restores_table_and_tells_the_first_client(tmp_path: Path, make_tiny_model: Callable[..., Path]) -> None:
+    env = _env(tmp_path)
+    folder = make_tiny_model("gpt2")
+    first = _llmsh(env, "-c", f"load {folder} --name a; nice -n 3 load {folder} --name b; keepalive b 10m")
+    assert first.returncode == 0, first.stderr
+    (kernel_pid,) = _running_kernels(env)
+    os.kill(kernel_pid, signal.SIGKILL)
+    _wait(lambda: not _pid_alive(kernel_pid), what="the kernel to die")
+    again = _llmsh(env, "-c", "ps --json")
+    try:
+        assert again.returncode == 0, again.stderr
+        assert "kernel restarted after a crash at" in again.stderr and "2 processes restored" in again.stderr
+        import json
+
+        rows = {r["pid"]: r for r in json.loads(again.stdout)}
+        assert {p: (r["name"], r["nice"], r["state"]) for p, r in rows.items()} == {
+            1: ("a", 0, "paged-out"), 2: ("b", 3, "paged-out")}
+        run = _llmsh(env, "-c", f"run a --max-tokens 3 {GREEDY} hi; load {folder} --name c")
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip().splitlines()[-1] == "3"  # PIDs continue after the restored ones
+        assert "kernel restarted" not in run.stderr  # told once
+    finally:
+        _llmsh(env, "kernel", "stop")
+
+
+def test_clean_stop_starts_empty_unless_restore(tmp_path: Path, make_tiny_model: Callable[..., Path]) -> None:
+    env = _env(tmp_path)
+    folder = make_tiny_model("gpt2")
+    assert _llmsh(env, "-c", f"load {folder} --name a").returncode == 0
+    assert _llmsh(env, "kernel", "stop").returncode == 0
+    out = _llmsh(env, "-c", "ps --json")
+    assert out.returncode == 0 and out.stdout.strip() == "[]" and "restarted" not in out.stderr
+    assert _llmsh(env, "-c", f"load {folder} --name b").returncode == 0
+    assert _llmsh(env, "kernel", "stop").returncode == 0
+    started = _llmsh(env, "kernel", "start", "--restore")
+    try:
+        assert started.returncode == 0, started.stderr
+        import json
+
+        rows = json.loads(_llmsh(env, "-c", "ps --json").stdout)
+        assert [(r["pid"], r["name"]) for r in rows] == [(2, "b")]
+    finally:
+        _llmsh(env, "kernel", "stop")
+
+
+def test_many_clients_start_exactly_one_kernel(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-m", "llmsh", "-c", "echo hi"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        assert sum("started kernel" in err for _, err in outs) == 1
+        assert len(_running_kernels(env)) == 1
+    finally:
+        _llmsh(env, "kernel", "stop")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
