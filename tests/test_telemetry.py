@@ -32,8 +32,10 @@ class Counters:
 
 
 def fake_kernel(**services: Any) -> Any:
+    """A kernel-like object: `services` has the front's `table` and `cluster` (None unless given)."""
     return types.SimpleNamespace(pid=123, started_at=1000.0, args=types.SimpleNamespace(telemetry_hz=2.0),
-                                 clients={"a": 1.0}, counters=Counters(), services=services)
+                                 clients={"a": 1.0}, counters=Counters(),
+                                 services=types.SimpleNamespace(**{"table": None, "cluster": None, **services}))
 
 
 NODE = {"name": "n", "local": True, "drivers": ["cpu"], "cpu": {"count": 1, "percpu": [5.0], "percent": 5.0},
@@ -73,14 +75,14 @@ def test_recent_messages_are_sent_once_and_own_telemetry_is_left_out() -> None:
 
 def test_payload_from_services_and_a_broken_service() -> None:
     rows = [{"pid": 1, "name": "m", "state": "ready", "path": __import__("pathlib").Path("/x")}]
-    k = fake_kernel(procs=types.SimpleNamespace(snapshot=lambda: rows),
-                    scheduler=types.SimpleNamespace(stats=lambda: 1 / 0))
+    k = fake_kernel(table=types.SimpleNamespace(snapshot=lambda: rows, scheduler_stats={}),
+                    cluster=types.SimpleNamespace(node_loads=lambda: 1 / 0))
     p = build_payload(k, NODE, Traffic(), seq=7, now=1010.0, interval_s=0.5, tick_ms=0.3)
     assert p["schema"] == SCHEMA and p["seq"] == 7 and p["interval_s"] == 0.5
     assert p["kernel"] == {"pid": 123, "started_at": 1000.0, "uptime_s": 10.0, "node": "n", "clients": 1,
                            "telemetry_hz": 2.0, "tick_ms": 0.3}
     assert p["procs"] == [{"pid": 1, "name": "m", "state": "ready", "path": "/x"}]  # made JSON-able
-    assert p["scheduler"] == {} and p["errors"] == ["scheduler: ZeroDivisionError: division by zero"]
+    assert p["scheduler"] == {} and p["errors"] == ["cluster: ZeroDivisionError: division by zero"]
     assert p["nodes"] == [NODE]
     assert valid(p)
 

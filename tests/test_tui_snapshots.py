@@ -107,14 +107,11 @@ def node_load(i: int, name: str = "node-a") -> dict[str, Any]:
 def payloads(n: int = 8, procs: list[dict[str, Any]] | None = None, nodes: int = 1) -> list[dict[str, Any]]:
     """`n` consecutive telemetry payloads from the real builder, half a second apart."""
     counters = FakeCounters()
-    services: dict[str, Any] = {}
     rows = PROCS if procs is None else procs
-    services["procs"] = types.SimpleNamespace(snapshot=lambda: rows)
-    services["scheduler"] = types.SimpleNamespace(stats=lambda: {"devices": {"cpu": {"steps": 10, "last_batch": 2,
-                                                                                     "mean_batch": 1.5, "queue": 1,
-                                                                                     "tok_s": 41.5}}})
+    sched = {"devices": {"cpu": {"steps": 10, "last_batch": 2, "mean_batch": 1.5, "queue": 1, "tok_s": 41.5}}}
     extra = [node_load(3, f"node-{c}") for c in "bcd"[: nodes - 1]]
-    services["cluster"] = types.SimpleNamespace(node_loads=lambda: extra)
+    services = types.SimpleNamespace(table=types.SimpleNamespace(snapshot=lambda: rows, scheduler_stats=sched),
+                                     cluster=types.SimpleNamespace(node_loads=lambda: extra))
     kernel = types.SimpleNamespace(pid=4242, started_at=T0 - 3725, args=types.SimpleNamespace(telemetry_hz=2.0),
                                    clients={"a": 1, "b": 2}, counters=counters, services=services)
     traffic = Traffic()

@@ -109,7 +109,7 @@ class Traffic:
 
 def extra_nodes(kernel: Any, errors: list[str]) -> list[dict[str, Any]]:
     """Node loads of other nodes, from the cluster service when there is one (Ray placement)."""
-    cluster = getattr(getattr(kernel, "services", None), "cluster", None)
+    cluster = kernel.services.cluster
     if cluster is None:
         return []
     try:
@@ -122,9 +122,8 @@ def extra_nodes(kernel: Any, errors: list[str]) -> list[dict[str, Any]]:
 
 def _table_rows(kernel: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The process rows and scheduler stats as the front's table has them (live numbers as of the last refresh)."""
-    services = getattr(kernel, "services", None)
-    table = getattr(services, "table", None)
-    if table is None:
+    table = kernel.services.table
+    if table is None:  # a kernel-like object without a process table (tools, tests)
         return [], {}
     return table.snapshot(), dict(table.scheduler_stats)
 
