@@ -26,6 +26,13 @@ from llmsh.protocol import engine as wire
 log = logging.getLogger("llmsh.engine")
 
 
+def _preimport() -> None:
+    try:
+        import llmsh.runtime.model  # noqa: F401  (torch comes with it)
+    except Exception:  # the load that needs it reports the error
+        log.debug("pre-import of the runtime failed", exc_info=True)
+
+
 def _die_with_parent(parent: int) -> None:
     """Ask Linux to SIGTERM us when the front exits (however it exits), so no engine outlives its front."""
     try:
@@ -82,6 +89,9 @@ async def serve(url: str, node: str, budgets: dict[str, int]) -> int:
             stop.set()
 
     send("hello", node=node, pid=os.getpid(), devices=["cpu"])
+    # Import torch and the runtime now, on a thread: a restarted engine is ready for its restored processes sooner
+    # (the import is seconds on a busy machine); a load arriving meanwhile waits on the import lock.
+    threading.Thread(target=_preimport, name="llmsh-preimport", daemon=True).start()
 
     async def receive() -> None:
         """The front's requests, each run as its own task."""

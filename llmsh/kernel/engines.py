@@ -78,6 +78,7 @@ class EngineLink:
         self._tokens: dict[str, asyncio.Queue] = {}
         self._hello: asyncio.Future | None = None
         self._start_lock = asyncio.Lock()
+        self._watcher: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self.closing = False
 
@@ -89,6 +90,9 @@ class EngineLink:
     async def ensure_started(self) -> None:
         """Start the engine if none runs (concurrent callers share one start)."""
         async with self._start_lock:
+            if self._watcher is not None and not self._watcher.done() and self.proc is not None \
+                    and self.proc.returncode is not None:
+                await asyncio.shield(self._watcher)  # a death not yet handled: let the front hear of it first
             if self.running:
                 return
             await self._start()
@@ -123,7 +127,9 @@ class EngineLink:
             raise EngineDied(f"the engine did not start ({exit_cause(proc.returncode)}); see the kernel log {self.log_path}")
         self.engine_pid = int(self._hello.result().get("pid", proc.pid))
         log.info("engine %s started: pid %s", self.node, self.engine_pid)
-        self._spawn_task(self._watch(proc, exited), "engine watch")
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(proc, exited), name="engine watch")
+        self._tasks.add(self._watcher)
+        self._watcher.add_done_callback(self._tasks.discard)
 
     def _spawn_task(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)

@@ -291,6 +291,7 @@ class Processes:
     async def generate(self, entry: Entry, *, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
                        params: dict[str, Any], client: str, result: dict[str, Any]) -> AsyncIterator[str]:
         """Stream the text of one request; `result` gets finish_reason, prompt_tokens, tokens."""
+        await self.engine.ensure_started()  # first: a crash not yet handled marks the entry for restore
         await self.ensure_loaded(entry)
         fields: dict[str, Any] = {"params": params, "client": client}
         if messages is not None:
