@@ -241,3 +241,30 @@ def _pid_alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def test_interactive_shell_reconnects_after_its_kernel_died(tmp_path: Path) -> None:
+    import pexpect
+
+    env = dict(_env(tmp_path), PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", NO_COLOR="1")
+    child = pexpect.spawn(sys.executable, ["-m", "llmsh"], env=env, encoding="utf-8", dimensions=(40, 150), timeout=60)
+    try:
+        child.expect_exact("'help' lists the commands")
+        child.expect("llmsh>")
+        (kernel_pid,) = _running_kernels(env)
+        os.kill(kernel_pid, signal.SIGKILL)
+        _wait(lambda: not _pid_alive(kernel_pid), what="the kernel to die")
+        child.sendline("echo one")
+        child.expect_exact("the kernel went away")
+        child.expect("llmsh")
+        child.sendline("echo two")  # reconnects: a new kernel is started and the command runs there
+        child.expect_exact("started kernel")
+        child.expect_exact("two\r\n")
+        child.expect("llmsh>")
+        assert child.isalive()
+        child.send("\x04")  # Ctrl-D leaves
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+        _llmsh(env, "kernel", "stop")

@@ -76,7 +76,12 @@ def main(args: argparse.Namespace) -> int:
 
             from llmsh.client.repl import run_repl
 
-            return asyncio.run(run_repl(info))
+            def reconnect() -> dict | None:
+                """After the kernel went away: the live one (or a new one) to talk to next."""
+                again = _kernel(args)
+                return read_connection_file(again) if again is not None else None
+
+            return asyncio.run(run_repl(info, reconnect))
         from llmsh.client.batch import run_batch
 
         name, script = source

@@ -14,7 +14,7 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
-from typing import Any, AsyncGenerator, Iterable
+from typing import Any, AsyncGenerator, Callable, Iterable
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -34,15 +34,17 @@ from llmsh.commands.parser import is_complete
 class KernelCompleter(Completer):
     """Completes the word at the cursor by asking the kernel (complete_request)."""
 
-    def __init__(self, client: KernelClient) -> None:
-        self.client = client
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
 
     def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterable[Completion]:
         return []  # completion needs the kernel, which is asynchronous: see get_completions_async
 
     async def get_completions_async(self, document: Document, complete_event: CompleteEvent) -> AsyncGenerator[Completion, None]:
         try:
-            reply = await self.client.complete(document.text, document.cursor_position, timeout=2.0)
+            if self.conn.lost:  # no completion from a kernel that is gone; the next command reconnects
+                return
+            reply = await self.conn.client.complete(document.text, document.cursor_position, timeout=2.0)
         except KernelGone:
             return
         start = int(reply.get("cursor_start", document.cursor_position))
@@ -135,16 +137,44 @@ async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
     return exit_code(reply)
 
 
-async def run_repl(info: dict[str, Any]) -> int:
+class _Connection:
+    """The shell's kernel client; when the kernel goes away, the next command reconnects (starting one if needed)."""
+
+    def __init__(self, info: dict[str, Any], printer: Printer,
+                 reconnect: Callable[[], dict[str, Any] | None] | None) -> None:
+        self.printer = printer
+        self.reconnect = reconnect
+        self.client = KernelClient(info, on_output=printer.on_output)
+        self.lost = False
+
+    async def lose(self, why: object) -> None:
+        """Say what happened once; the next command reconnects."""
+        self.printer.error(f"llmsh: the kernel went away ({why}); the next command reconnects, starting a kernel if needed")
+        self.lost = True
+        await self.client.close()
+
+    async def ready(self) -> KernelClient:
+        if self.lost:
+            info = await asyncio.to_thread(self.reconnect) if self.reconnect is not None else None
+            if info is None:
+                raise KernelGone("no kernel to reconnect to")
+            self.client = KernelClient(info, on_output=self.printer.on_output)
+            await self.client.start()
+            self.lost = False
+        return self.client
+
+
+async def run_repl(info: dict[str, Any], reconnect: Callable[[], dict[str, Any] | None] | None = None) -> int:
     """The interactive loop; returns the exit code (the last command's, or `exit N`)."""
     printer = Printer()
-    client = KernelClient(info, on_output=printer.on_output)
+    conn = _Connection(info, printer, reconnect)
+    client = conn.client
     status = 0
     try:
         await client.start()
         session: PromptSession[str] = PromptSession(
             history=FileHistory(str(history_file())),
-            completer=KernelCompleter(client),
+            completer=KernelCompleter(conn),
             complete_while_typing=False,
             key_bindings=_bindings(),
             multiline=True,
@@ -155,7 +185,11 @@ async def run_repl(info: dict[str, Any]) -> int:
         )
 
         async def run(code: str) -> int:
-            return await _run_line(client, printer, code)
+            try:
+                return await _run_line(await conn.ready(), printer, code)
+            except KernelGone as e:
+                await conn.lose(e)
+                return 1
 
         with patch_stdout(raw=True):
             print(f"llmsh {__version__} — kernel pid {info.get('pid', '?')}. 'help' lists the commands; Ctrl-D leaves.")
@@ -175,12 +209,12 @@ async def run_repl(info: dict[str, Any]) -> int:
                 if spec is not None:
                     status = await chat_loop(spec, chat_session.prompt_async, run, print)
                     continue
-                status = await _run_line(client, printer, text)
+                status = await run(text)
     except _Exit as e:
         return e.code
     except KernelGone as e:
         printer.error(f"llmsh: {e}")
         return 1
     finally:
-        await client.close()
+        await conn.client.close()
     return status
