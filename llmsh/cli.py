@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         args = _kernel_parser().parse_args(argv[1:])
         from llmsh.kernel.lifecycle import main as kernel_main
 
-        return kernel_main(args)
+        executor = None
+        if args.action == "start" and args.foreground:  # the kernel runs here: give it the shell language
+            from llmsh.commands import executor
+        return kernel_main(args, executor)
     if argv and argv[0] == "top":
         args = _top_parser().parse_args(argv[1:])
         from llmsh.tui.app import main as top_main

@@ -483,3 +483,10 @@ class _NullOutput:
 
     def result(self, data: Any, text: str) -> None:
         pass
+
+
+def help_text(word: str) -> str | None:
+    """The help of command `word` (Jupyter's inspect_request), or None if there is no such command."""
+    load_all()
+    cmd = REGISTRY.get(word)
+    return cmd.help_text() if cmd is not None else None

@@ -238,8 +238,8 @@ def setup_logging(connection_file: Path) -> Path:
     return path
 
 
-def run_foreground(args: argparse.Namespace) -> int:
-    """Run the kernel in this process until it is shut down."""
+def run_foreground(args: argparse.Namespace, executor: Any = None) -> int:
+    """Run the kernel in this process until it is shut down; `executor` runs the shell language."""
     import zmq
 
     from llmsh.kernel import server
@@ -248,7 +248,7 @@ def run_foreground(args: argparse.Namespace) -> int:
     path = Path(args.connection_file) if args.connection_file else new_connection_file()
     setup_logging(path)
     try:
-        server.run(args, path)
+        server.run(args, path, executor)
     except ConnectionFileError as e:
         print(f"llmsh: kernel: {e}", file=sys.stderr)
         return 1
@@ -417,12 +417,12 @@ def _target(args: argparse.Namespace) -> Path | None:
     return find_kernel(getattr(args, "kernel", None))
 
 
-def main(args: argparse.Namespace) -> int:
-    """`llmsh kernel start|stop|status|list|install`; returns the exit code."""
+def main(args: argparse.Namespace, executor: Any = None) -> int:
+    """`llmsh kernel start|stop|status|list|install`; returns the exit code (`executor`: see `run_foreground`)."""
     action = args.action
     if action == "start":
         if args.foreground:
-            return run_foreground(args)
+            return run_foreground(args, executor)
         try:
             path = start_kernel_daemon(args.connection_file, args=args)
         except KernelStartError as e:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fnmatch
-import importlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import zmq
 import zmq.asyncio
@@ -88,6 +87,20 @@ def _jsonable(data: Any) -> Any:
         return json.loads(json.dumps(data, default=str))
 
 
+class Executor(Protocol):
+    """The shell language, given to the kernel by whoever starts it (`llmsh.commands.executor`): the kernel itself
+    does not depend on the commands."""
+
+    async def execute(self, kernel: Kernel, code: str, *, client: str, out: Any, cwd: str | None = None) -> Any: ...
+
+    def complete(self, kernel: Kernel, code: str, cursor_pos: int, *, client: str = "",
+                 cwd: str | None = None) -> tuple[list[str], int, int]: ...
+
+    def is_complete(self, code: str) -> tuple[str, str]: ...
+
+    def help_text(self, word: str) -> str | None: ...
+
+
 @dataclass
 class _Foreground:
     """A running execute_request: its executor task and who asked for it."""
@@ -130,7 +143,8 @@ class _Output:
 class Kernel:
     """The daemon's state and sockets; see contract A for what other parts may use."""
 
-    def __init__(self, args: argparse.Namespace | None = None, connection_file: str | Path | None = None) -> None:
+    def __init__(self, args: argparse.Namespace | None = None, connection_file: str | Path | None = None,
+                 executor: Executor | None = None) -> None:
         self.args = args if args is not None else default_args()
         self.pid = os.getpid()
         self.started_at = time.time()
@@ -150,7 +164,8 @@ class Kernel:
         self._foreground: dict[str, _Foreground] = {}
         self._executed_sessions: set[str] = set()
         self._client_fds: dict[str, int] = {}  # client session → fd of its shell connection
-        self._executor: Any = None
+        self._given_executor = executor
+        self._executor: Executor | None = None
         self._loop_thread: int | None = None
         self._stop: asyncio.Event | None = None
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
@@ -318,11 +333,9 @@ class Kernel:
             self.request_shutdown()
 
     def _load_executor(self) -> None:
-        try:
-            self._executor = importlib.import_module("llmsh.commands.executor")
-        except Exception:
-            log.exception("the command executor failed to import; execute requests will fail")
-            self._executor = None
+        self._executor = self._given_executor
+        if self._executor is None:
+            log.error("this kernel was started without a command executor; execute requests will fail")
 
     def _build_services(self) -> None:
         """The process table, journal and engine link; restores the journalled table after a crash."""
@@ -605,10 +618,7 @@ class Kernel:
     def _is_complete(self, msg: dict[str, Any]) -> dict[str, Any]:
         if self._executor is None:
             return {"status": "unknown"}
-        fn = getattr(self._executor, "is_complete", None)
-        if fn is None:  # the parser owns the grammar; the executor may not re-export it
-            from llmsh.commands.parser import is_complete as fn
-        status, indent = fn(str(msg["content"].get("code", "")))
+        status, indent = self._executor.is_complete(str(msg["content"].get("code", "")))
         return {"status": status, "indent": indent} if status == "incomplete" else {"status": status}
 
     def _interrupt(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -660,15 +670,10 @@ class Kernel:
         while end < len(code) and not code[end].isspace() and code[end] not in ";|&":
             end += 1
         word = code[start:end]
-        try:
-            from llmsh.commands.registry import REGISTRY
-
-            cmd = REGISTRY.get(word)
-        except Exception:
-            cmd = None
-        if cmd is None:
+        text = self._executor.help_text(word) if self._executor is not None else None
+        if text is None:
             return {"status": "ok", "found": False, "data": {}, "metadata": {}}
-        return {"status": "ok", "found": True, "data": {"text/plain": cmd.help_text()}, "metadata": {}}
+        return {"status": "ok", "found": True, "data": {"text/plain": text}, "metadata": {}}
 
     def _comm_info(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {"status": "ok", "comms": {}}
@@ -692,8 +697,8 @@ def _free_ipc_port(ip: str) -> int:
     return port
 
 
-def run(args: argparse.Namespace, connection_file: str | Path) -> Kernel:
+def run(args: argparse.Namespace, connection_file: str | Path, executor: Executor | None = None) -> Kernel:
     """Run a kernel in this process until it shuts down; returns it (for its restart flag and counters)."""
-    kernel = Kernel(args, connection_file)
+    kernel = Kernel(args, connection_file, executor)
     asyncio.run(kernel.serve())
     return kernel
