@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import llmsh
 from llmsh.commands.registry import REGISTRY, CommandError, Context, arg, command
+from llmsh.units import parse_duration
 
 # ---- help -----------------------------------------------------------------------------------------------------------
 
@@ -71,16 +72,17 @@ async def echo(ctx: Context, args: argparse.Namespace) -> None:
     ctx.write(" ".join(args.words) + ("" if args.n else "\n"))
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)([smhd]?)$")
-_UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def duration(text: str) -> float:
-    """Parse `5`, `0.5`, `2s`, `1m`, `1h`, `1d` into seconds (argparse `type=`)."""
-    m = _DURATION.match(text.strip())
-    if not m:
+    """Parse `5`, `0.5`, `2s`, `1m`, `1h`, `1d` into seconds (argparse `type=`); `llmsh.units` does the parsing."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        seconds = None
+    if seconds is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration; give seconds like 5, 0.5 or 2m")
-    return float(m.group(1)) * _UNIT[m.group(2)]
+    return seconds
 
 
 @command(

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from llmsh.commands.registry import CommandError, Context, arg, command
 from llmsh.kernel.table import Entry
 from llmsh.units import parse_duration
-from llmsh.tui.fmt import human_bytes, table
+from llmsh.fmt import human_bytes, table
 
 GROUP = "memory"
 

@@ -28,7 +28,7 @@ from llmsh.kernel.table import Entry
 from llmsh.models import find_models, hf_cache_dir, model_dirs
 from llmsh.procinfo import thread_rows
 from llmsh.protocol.procs import ProcState, parse_signal
-from llmsh.tui.fmt import duration, human_bytes, proc_cell, table
+from llmsh.fmt import duration, human_bytes, proc_cell, table
 
 GROUP = "processes"
 DEFAULT_TERM_GRACE = 30.0  # seconds TERM waits for in-flight requests before escalating to KILL

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llmsh import paths
+from llmsh.fmt import format_bytes
 from llmsh.paths import log_file
 
 log = logging.getLogger("llmsh.kernel")
@@ -338,14 +339,6 @@ def kernel_status(path: Path | str, timeout: float = 5.0) -> dict[str, Any]:
     return data
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def _human_time(s: float) -> str:
     s = int(s)
     h, rem = divmod(s, 3600)
@@ -374,7 +367,7 @@ def format_status(st: dict[str, Any]) -> str:
         f"address   {st.get('transport', 'tcp')}://{st.get('ip')}" + ("  (CurveZMQ)" if st.get("curve") else ""),
         "ports     " + "  ".join(f"{k} {v}" for k, v in ports.items()),
         f"clients   {c.get('clients', 0)} connected, {c.get('clients_seen', 0)} seen",
-        f"messages  in {ni} ({_human_bytes(bi)}), out {no} ({_human_bytes(bo)})",
+        f"messages  in {ni} ({format_bytes(bi)}), out {no} ({format_bytes(bo)})",
         f"rejected  {sum(rejected.values())}" + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) + ")" if rejected else ""),
         f"running   {st.get('running', 0)} command(s)",
     ]

@@ -13,7 +13,7 @@ from rich.text import Text
 from textual.binding import Binding
 from textual.widgets import DataTable
 
-from llmsh.tui.fmt import PROC_COLUMNS, PROC_PRIORITY, clock, human_bytes, proc_cell, proc_sort_key, rate
+from llmsh.fmt import PROC_COLUMNS, PROC_PRIORITY, clock, human_bytes, proc_cell, proc_sort_key, rate
 from llmsh.tui.model import spark
 
 Column = tuple[str, str, int, bool]  # key, header, width, right-aligned

@@ -15,7 +15,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Label, Static
 
-from llmsh.tui.fmt import duration, human_bytes, rate
+from llmsh.fmt import duration, human_bytes, rate
 from llmsh.tui.model import State, spark
 from llmsh.tui.tables import MessageLog, RatesTable
 

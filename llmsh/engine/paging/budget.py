@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 import sys
 
+from llmsh.fmt import format_bytes  # noqa: F401  (re-exported for the pager's modules)
+
 UNITS: dict[str, int] = {
     "": 1,
     "b": 1,
@@ -83,16 +85,6 @@ def parse_budget(spec: str | None) -> dict[str, int]:
         except BudgetError:
             raise BudgetError(f"bad size {size.strip()!r} for {dev}; {USAGE}") from None
     return out
-
-
-def format_bytes(n: float) -> str:
-    """Human size with binary units: 1536 → '1.5 KiB'."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def default_budget(device: str) -> int:

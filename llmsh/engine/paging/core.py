@@ -22,22 +22,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from llmsh.engine.paging.budget import default_budget, format_bytes, normalize_device
+from llmsh.engine.paging.kv import KVManager
 from llmsh.engine.paging.policy import Candidate, eviction_order, score
+from llmsh.engine.paging.prefetch import Prefetcher
 from llmsh.engine.paging.sources import PageSource
+from llmsh.engine.paging.states import IN, LOADING, OUT, STAGED, PageInError, PagerError  # noqa: F401 (re-exported)
 
 log = logging.getLogger("llmsh.pager")
 
-OUT, LOADING, STAGED, IN = "out", "loading", "staged", "in"
 WAIT_FOR_ROOM_S = 10.0  # how long a page-in waits for pages that are only busy for now (read or computed elsewhere)
 HOST = "cpu"
-
-
-class PagerError(Exception):
-    """A one-line error about memory: what is needed, what holds memory, what to do."""
-
-
-class PageInError(PagerError):
-    """Reading a page failed (out of memory, I/O); the request that needed it fails, the pager goes on."""
 
 
 @dataclass
@@ -191,13 +185,9 @@ class Pager:
         self._running: dict[int, set[tuple[int, int]]] = {}  # thread id → (pid, page)s its current step uses now
         self._streams: dict[str, Any] = {}
         self.prefetch_depth = prefetch_depth
-        from llmsh.engine.paging.kv import KVManager
-
         self.kv = KVManager(lambda device: self.budget("kv:" + device))
         self.prefetcher = None
         if prefetch:
-            from llmsh.engine.paging.prefetch import Prefetcher
-
             self.prefetcher = Prefetcher(self)
 
     # ---- budgets -------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from llmsh.engine.paging.budget import format_bytes
-from llmsh.engine.paging.core import PagerError
+from llmsh.engine.paging.states import PagerError
 
 
 @dataclass(eq=False)

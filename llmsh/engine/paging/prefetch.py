@@ -35,7 +35,7 @@ class Prefetcher:
 
     def after(self, proc: "Proc", index: int) -> None:
         """The engine is about to compute page `index`: queue the next pages that are not resident."""
-        from llmsh.engine.paging.core import OUT
+        from llmsh.engine.paging.states import OUT
 
         n = len(proc.entries)
         todo = []
@@ -78,7 +78,7 @@ class Prefetcher:
                 self.current = "idle"
 
     def _fetch(self, e: "Entry", current: int) -> None:
-        from llmsh.engine.paging.core import LOADING, OUT, STAGED
+        from llmsh.engine.paging.states import LOADING, OUT, STAGED
 
         pager, proc = self.pager, e.proc
         cond = pager._cond

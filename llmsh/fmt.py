@@ -1,6 +1,6 @@
-"""Plain-text formatting shared by the dashboard and the kernel's `nodes`/`free`/`top` commands.
+"""Plain-text formatting shared by the dashboard, the commands and the kernel: sizes, durations, tables.
 
-No Textual or torch here: the kernel imports this module for its one-shot commands.
+No Textual or torch here: every room may import it.
 """
 
 from __future__ import annotations
@@ -29,16 +29,25 @@ PROC_PRIORITY = ("pid", "name", "state", "nice", "device", "res_bytes", "tok_s",
                  "tokens")
 
 
-def human_bytes(n: float | None) -> str:
-    """1536 → '1.5K' (powers of 1024, like `free -h`); None → '-'."""
+def human_bytes(n: float | None, long: bool = False) -> str:
+    """1536 → '1.5K' (powers of 1024, like `free -h`), or '1.5 KiB' with `long` (for sentences); None → '-'.
+
+    The one byte formatter of the project: tables use the short form, messages the long one."""
     if n is None:
         return "-"
     n = float(n)
     for unit in _UNITS:
         if abs(n) < 1024 or unit == _UNITS[-1]:
+            if long:
+                return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}iB"
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return f"{n:.1f}P"
+
+
+def format_bytes(n: float) -> str:
+    """1536 → '1.5 KiB' (the long form of `human_bytes`, for messages)."""
+    return human_bytes(n, long=True)
 
 
 def duration(s: float | None) -> str:
