@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import os
 import platform
-import re
 import socket
 import sys
 import time
