@@ -268,3 +268,50 @@ def test_interactive_shell_reconnects_after_its_kernel_died(tmp_path: Path) -> N
         if child.isalive():
             child.terminate(force=True)
         _llmsh(env, "kernel", "stop")
+
+
+def _shares(k: KernelHandle, names: tuple[str, str], window: float = 1.5) -> tuple[float, float]:
+    """Device seconds (ps TIME) each process got over `window` seconds while both were running."""
+    def both_busy(rows: dict[int, dict[str, Any]]) -> bool:
+        return all(r["reqs_active"] for r in rows.values() if r["name"] in names)
+
+    _wait(lambda: both_busy(_ps(k)), what=f"both {names} running: {_ps(k)}")
+    time.sleep(0.3)
+    t1 = {r["name"]: r["time_s"] for r in _ps(k).values()}
+    time.sleep(window)
+    rows = _ps(k)
+    assert both_busy(rows), "a run finished inside the window: give it more tokens"
+    t2 = {r["name"]: r["time_s"] for r in rows.values()}
+    return t2[names[0]] - t1[names[0]], t2[names[1]] - t1[names[1]]
+
+
+def test_device_time_is_shared_fairly_between_model_sizes_and_by_nice(tmp_path: Path,
+                                                                       make_tiny_model: Callable[..., Path]) -> None:
+    """Two models of different size at nice 0 get equal device time (not equal tokens); nice 0 vs 5 gets 1024:335.
+    Device time is what the scheduler hands out, so the shares hold however fast the machine is."""
+    small = make_tiny_model("gpt2", n_embd=128, n_layer=4, n_head=4, n_positions=4096)
+    large = make_tiny_model("gpt2", n_embd=512, n_layer=6, n_head=8, n_positions=4096)
+    k = start_kernel(env=_env(tmp_path))
+    try:
+        _ok(k, f"load {small} --name s; load {large} --name l; nice -n 5 load {small} --name s5")
+        streams = [_stream_in_thread(k, f"run {n} --max-tokens 2000 {GREEDY} hello") for n in ("s", "l")]
+        threads = [t for t, _, _ in streams]
+        for _, box, first in streams:
+            assert first.wait(60), box
+        a, b = _shares(k, ("s", "l"))
+        assert 0.75 < a / b < 1.33, (a, b)
+        _ok(k, "kill -KILL --wait s l")
+        for t in threads:
+            t.join(60)
+        _ok(k, "load {} --name s0".format(small))
+        streams = [_stream_in_thread(k, f"run {n} --max-tokens 2000 {GREEDY} hello") for n in ("s0", "s5")]
+        threads = [t for t, _, _ in streams]
+        for _, box, first in streams:
+            assert first.wait(60), box
+        a, b = _shares(k, ("s0", "s5"))
+        assert 0.75 < (a / b) / (1024 / 335) < 1.33, (a, b)
+        _ok(k, "kill -KILL --wait s0 s5")
+        for t in threads:
+            t.join(60)
+    finally:
+        k.stop()
