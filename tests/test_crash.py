@@ -50,11 +50,11 @@ def _ps(k: KernelHandle) -> dict[int, dict[str, Any]]:
     return {r["pid"]: r for r in _ok(k, "ps --json")["data"]}
 
 
-def _wait(check: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+def _wait(check: Callable[[], bool], timeout: float = 30, what: str | Callable[[], str] = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         time.sleep(0.05)
 
 
@@ -62,9 +62,9 @@ def _stream_in_thread(k: KernelHandle, code: str) -> tuple[threading.Thread, dic
     """Run `code` on its own client in a thread; `first` is set when the first token arrives."""
     box: dict[str, Any] = {}
     first = threading.Event()
+    kc = k.client()  # made here: jupyter_client's channel threads do not like being started from two threads at once
 
     def run() -> None:
-        kc = k.client()
         try:
             out = {"stdout": "", "stderr": ""}
 
@@ -271,17 +271,22 @@ def test_interactive_shell_reconnects_after_its_kernel_died(tmp_path: Path) -> N
 
 
 def _shares(k: KernelHandle, names: tuple[str, str], window: float = 1.5) -> tuple[float, float]:
-    """Device seconds (ps TIME) each process got over `window` seconds while both were running."""
-    def both_busy(rows: dict[int, dict[str, Any]]) -> bool:
-        return all(r["reqs_active"] for r in rows.values() if r["name"] in names)
-
-    _wait(lambda: both_busy(_ps(k)), what=f"both {names} running: {_ps(k)}")
-    time.sleep(0.3)
+    """Device seconds (ps TIME) each of two processes gets over `window` seconds of running side by side: both are
+    stopped while their requests queue, then continued together, so neither starts or finishes alone."""
+    _ok(k, f"kill -STOP {names[0]} {names[1]}")
+    streams = [_stream_in_thread(k, f"run {n} --max-tokens 2000 {GREEDY} hello") for n in names]
+    _wait(lambda: all(r["reqs_queued"] for r in _ps(k).values() if r["name"] in names), what=lambda: f"both requests queued: {[(r['name'], r['state'], r['reqs_queued']) for r in _ps(k).values()]} {[b for _, b, _ in streams]}")
+    _ok(k, f"kill -CONT {names[0]} {names[1]}")
+    for _, box, first in streams:
+        assert first.wait(60), box
     t1 = {r["name"]: r["time_s"] for r in _ps(k).values()}
     time.sleep(window)
     rows = _ps(k)
-    assert both_busy(rows), "a run finished inside the window: give it more tokens"
+    assert all(r["reqs_active"] for r in rows.values() if r["name"] in names), "a run ended inside the window"
     t2 = {r["name"]: r["time_s"] for r in rows.values()}
+    _ok(k, f"kill -KILL --wait {names[0]} {names[1]}")
+    for t, _, _ in streams:
+        t.join(60)
     return t2[names[0]] - t1[names[0]], t2[names[1]] - t1[names[1]]
 
 
@@ -289,29 +294,14 @@ def test_device_time_is_shared_fairly_between_model_sizes_and_by_nice(tmp_path: 
                                                                        make_tiny_model: Callable[..., Path]) -> None:
     """Two models of different size at nice 0 get equal device time (not equal tokens); nice 0 vs 5 gets 1024:335.
     Device time is what the scheduler hands out, so the shares hold however fast the machine is."""
-    small = make_tiny_model("gpt2", n_embd=128, n_layer=4, n_head=4, n_positions=4096)
-    large = make_tiny_model("gpt2", n_embd=512, n_layer=6, n_head=8, n_positions=4096)
+    small = make_tiny_model("gpt2", n_embd=256, n_layer=4, n_head=4, n_positions=4096)
+    large = make_tiny_model("gpt2", n_embd=768, n_layer=6, n_head=12, n_positions=4096)
     k = start_kernel(env=_env(tmp_path))
     try:
-        _ok(k, f"load {small} --name s; load {large} --name l; nice -n 5 load {small} --name s5")
-        streams = [_stream_in_thread(k, f"run {n} --max-tokens 2000 {GREEDY} hello") for n in ("s", "l")]
-        threads = [t for t, _, _ in streams]
-        for _, box, first in streams:
-            assert first.wait(60), box
+        _ok(k, f"load {small} --name s; load {large} --name l; load {small} --name s0; nice -n 5 load {small} --name s5")
         a, b = _shares(k, ("s", "l"))
         assert 0.75 < a / b < 1.33, (a, b)
-        _ok(k, "kill -KILL --wait s l")
-        for t in threads:
-            t.join(60)
-        _ok(k, "load {} --name s0".format(small))
-        streams = [_stream_in_thread(k, f"run {n} --max-tokens 2000 {GREEDY} hello") for n in ("s0", "s5")]
-        threads = [t for t, _, _ in streams]
-        for _, box, first in streams:
-            assert first.wait(60), box
         a, b = _shares(k, ("s0", "s5"))
         assert 0.75 < (a / b) / (1024 / 335) < 1.33, (a, b)
-        _ok(k, "kill -KILL --wait s0 s5")
-        for t in threads:
-            t.join(60)
     finally:
         k.stop()
