@@ -23,6 +23,7 @@ from llmsh.kernel.journal import Journal
 from llmsh.protocol.procs import ExitHow, ProcState, cfs_weight
 
 DEFAULT_MAX_PROCS = 16
+_ENGINE_STATES = frozenset({"ready", "running", "paged-out", "stopped", "exiting"})
 
 
 class TableFull(KernelError):
@@ -202,6 +203,8 @@ class ProcessTable:
             entry = self._procs.get(int(pid))
             if entry is not None:
                 entry.live = row
+                if entry.on_engine and row.get("state") in _ENGINE_STATES:  # ready ⇄ running flip with every request:
+                    entry.state = ProcState(row["state"])  # the engine's word, not journalled (a restore reloads)
         self.scheduler_stats = scheduler
 
     # ---- waiting ---------------------------------------------------------------------------------------------------
