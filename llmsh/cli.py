@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from llmsh import __version__
 
@@ -81,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         args = _kernel_parser().parse_args(argv[1:])
         from llmsh.kernel.lifecycle import main as kernel_main
 
-        executor = None
+        shell_language: Any = None
         if args.action == "start" and args.foreground:  # the kernel runs here: give it the shell language
-            from llmsh.commands import executor
-        return kernel_main(args, executor)
+            from llmsh.commands import executor as shell_language
+        return kernel_main(args, shell_language)
     if argv and argv[0] == "top":
         args = _top_parser().parse_args(argv[1:])
         from llmsh.tui.app import main as top_main

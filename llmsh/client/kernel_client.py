@@ -44,7 +44,7 @@ class KernelClient:
         self.last_heard = time.monotonic()
 
     def _socket(self, kind: int, channel: str, subscribe: bool = False) -> zmq.asyncio.Socket:
-        sock = client_socket(self.ctx, kind, self.info)
+        sock: Any = client_socket(self.ctx, kind, self.info)  # an asyncio socket: the context is zmq.asyncio's
         if kind == zmq.DEALER:
             sock.identity = self.wire.bsession
         if subscribe:

@@ -287,7 +287,8 @@ class _Parser:
     def command(self) -> SimpleCommand:
         argv: list[str] = []
         redirect: Redirect | None = None
-        start = self.peek().start if self.peek() else len(self.code)
+        first = self.peek()
+        start = first.start if first is not None else len(self.code)
         end = start
         while (t := self.peek()) is not None:
             if t.kind == "word":

@@ -148,12 +148,11 @@ async def nice_cmd(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError(f"nice only applies to 'load' (got '{args.cmd[0]}'); use 'renice N PID' for a running process")
     from llmsh.commands.registry import REGISTRY
 
-    entry = REGISTRY.get("load")
-    load_args = entry.parse(args.cmd[1:])
+    load_args = REGISTRY.require("load").parse(args.cmd[1:])
     if "--nice" in args.cmd:
         raise UsageError("give the priority once: either 'nice -n N load …' or 'load --nice N'")
     load_args.nice = args.adjustment
-    return await load_cmd(ctx, load_args)
+    return int(await load_cmd(ctx, load_args) or 0)
 
 
 @command(
@@ -252,7 +251,7 @@ def _intermixed(name: str, args: argparse.Namespace) -> tuple[str, str]:
     """
     from llmsh.commands.registry import REGISTRY, ArgumentParser
 
-    entry = REGISTRY.get(name)
+    entry = REGISTRY.require(name)
     p = ArgumentParser(prog=name, add_help=False)
     for a in entry.args:
         if a.flags[0].startswith("-"):
@@ -288,7 +287,7 @@ async def _generate(ctx: Context, proc: Entry, params: dict[str, Any], *, prompt
     pieces = [] if pieces is None else pieces
     result = {} if result is None else result
     if proc.state is ProcState.STOPPED:  # it queues silently otherwise, and the user sees a hung command
-        name = getattr(ctx.command, "name", "run")
+        name = "chat" if messages is not None else "run"
         ctx.warn(f"llmsh: {name}: process {proc.pid} ({proc.name}) is stopped; the request waits for "
                  f"'kill -CONT {proc.pid}' (Ctrl-C gives up)\n")
     stream = ctx.kernel.services.procs.generate(proc, prompt=prompt, messages=messages, params=params,

@@ -116,6 +116,7 @@ class Command:
             if self.structured:
                 p.add_argument("--json", action="store_true", help="print the result as JSON")
             object.__setattr__(self, "_parser", p)  # frozen dataclass: a cache, not state
+            return p
         return self._parser
 
     def parse(self, argv: Sequence[str]) -> argparse.Namespace:
@@ -148,6 +149,13 @@ class Registry:
         self.commands[cmd.name] = cmd
         for a in cmd.aliases:
             self.aliases[a] = cmd.name
+        return cmd
+
+    def require(self, name: str) -> Command:
+        """The command `name`, which must be registered (KeyError otherwise: a bug, not user input)."""
+        cmd = self.get(name)
+        if cmd is None:
+            raise KeyError(name)
         return cmd
 
     def get(self, name: str) -> Command | None:

@@ -7,6 +7,7 @@ for that field, never an exception.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 from llmsh.drivers.base import Driver
@@ -44,7 +45,7 @@ class NvidiaDriver(Driver):
         try:
             count = nvml.nvmlDeviceGetCount()
             handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-            names = [_maybe(lambda h=h: nvml.nvmlDeviceGetName(h)) or "GPU" for h in handles]
+            names = [_maybe(partial(nvml.nvmlDeviceGetName, h)) or "GPU" for h in handles]
         except Exception:
             count = 0
         if count == 0:

@@ -98,7 +98,7 @@ class PagerService:
             # without the page hook would meet released pages): hold its engine's lock with the process not stepping
             eng = self.sched.engine(proc.device) if self.sched is not None else None
             with eng.cond if eng is not None else _nolock():
-                while getattr(proc, "stepping", False):
+                while eng is not None and proc.stepping:
                     eng.cond.wait(0.01)
                 if proc.pid in pager.procs:  # another thread's event (a renice racing the load's end) attached it
                     return

@@ -171,6 +171,7 @@ class Engine:
             if wait > 0:
                 self.cond.wait(timeout=wait)  # a submit wakes us early; the next tick looks again
                 return True
+            assert proc.runtime is not None  # runnable() holds only with a model
             changed = proc.runtime.changed_files()
             if changed is not None:  # its mmap'd weights would SIGBUS the whole engine: fail this process only
                 self.sched._fail_locked(proc, changed)
@@ -219,6 +220,7 @@ class Engine:
     def _coalesce_wait(self, proc: Process) -> float:
         """Seconds to wait for the rest of a burst before the first step of an idle device (0: step now)."""
         c = self.sched.coalesce_s
+        assert proc.runtime is not None
         if c <= 0 or proc.active or not proc.pending or len(proc.pending) >= proc.runtime.max_batch:
             return 0.0
         if any(p.active for p in self.procs):  # the device is busy anyway
@@ -229,6 +231,7 @@ class Engine:
     def _admit(self, proc: Process) -> None:
         """Drop cancelled requests, then let queued ones join the batch up to its size."""
         rt = proc.runtime
+        assert rt is not None
         for key, req in list(proc.active.items()):
             if req.cancelled or req.final:  # cancelled, or failed from outside (e.g. the pager found no memory)
                 self._leave(proc, key, req)
@@ -367,6 +370,7 @@ class Scheduler:
                 return False
             eng = self.engine(proc.device)
             with eng.cond:
+                assert proc.runtime is not None, "attach() is for a loaded process"
                 proc.batch = proc.runtime.new_batch()
                 proc.transition(ProcState.READY)
                 eng.add(proc)

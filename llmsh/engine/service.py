@@ -81,6 +81,11 @@ def chat_prompt_ids(proc: Any, messages: list[dict[str, str]], params: Any) -> l
 
 
 
+def _settle(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
 class EngineService:
     """The engine's state (one owner: this object) and a handler per request type."""
 
@@ -189,7 +194,7 @@ class EngineService:
             if kind == "token":
                 send("token", id=rid, text=value)
             else:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result((kind, value)))
+                loop.call_soon_threadsafe(_settle, done, (kind, value))
 
         try:
             req = self.sched.submit(proc, ids, params, sink, str(msg.get("client") or ""))

@@ -10,6 +10,7 @@ restart at 1 when a client has no jobs left, like sh. Finished jobs stay listed 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import time
 from dataclasses import dataclass, field
@@ -113,11 +114,11 @@ class JobTable:
                 log.debug("could not notify job %s end", job.id, exc_info=True)
         return code
 
-    def list(self, client: str) -> list[Job]:
+    def list(self, client: str) -> builtins.list[Job]:
         """The client's jobs, oldest first."""
         return sorted(self._jobs.get(client, {}).values(), key=lambda j: j.id)
 
-    def running(self, client: str) -> list[Job]:
+    def running(self, client: str) -> builtins.list[Job]:
         return [j for j in self.list(client) if not j.done]
 
     def get(self, client: str, spec: str | None, cmd: str) -> Job:
@@ -153,7 +154,7 @@ class JobTable:
         job.task.cancel()
         return True
 
-    async def wait(self, jobs: list[Job]) -> None:
+    async def wait(self, jobs: builtins.list[Job]) -> None:
         """Wait until these jobs finish; being cancelled stops the waiting only, never the jobs."""
         tasks = {j.task for j in jobs if j.task is not None and not j.task.done()}
         if tasks:

@@ -423,20 +423,20 @@ def main(args: argparse.Namespace, executor: Any = None) -> int:
         print(path)
         return 0
     if action == "stop":
-        path = _target(args)
-        if path is None:
+        target = _target(args)
+        if target is None:
             return _err("no running kernel" + (f" at {args.kernel}" if args.kernel else "") + "; start one with 'llmsh kernel start'")
-        outcome = stop_kernel(path)
+        outcome = stop_kernel(target)
         if outcome in (StopOutcome.FAILED, StopOutcome.NOT_RUNNING):
-            return _err(f"could not stop the kernel of {path}: {outcome.value}")
-        print(f"stopped kernel {path} ({outcome.value})")
+            return _err(f"could not stop the kernel of {target}: {outcome.value}")
+        print(f"stopped kernel {target} ({outcome.value})")
         return 0
     if action == "status":
-        path = _target(args)
-        if path is None:
+        target = _target(args)
+        if target is None:
             return _err("no running kernel" + (f" at {args.kernel}" if args.kernel else "") + "; start one with 'llmsh kernel start'")
         try:
-            st = kernel_status(path)
+            st = kernel_status(target)
         except KernelStartError as e:
             return _err(str(e))
         print(json.dumps(st, indent=1) if getattr(args, "json", False) else format_status(st))

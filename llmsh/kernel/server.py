@@ -75,7 +75,7 @@ def default_args(**overrides: Any) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())[:500]
 
 
@@ -192,7 +192,7 @@ class Kernel:
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task:
         """Run `coro` as a tracked task: failures are logged, and it is cancelled at shutdown."""
         assert self.loop is not None, "the kernel loop is not running"
-        task = self.loop.create_task(coro, name=name)  # type: ignore[arg-type]
+        task: asyncio.Task = self.loop.create_task(coro, name=name)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -568,7 +568,7 @@ class Kernel:
         if self._monitor is None:
             return
         while True:
-            fut = self._monitor.recv_multipart(flags=zmq.NOBLOCK)
+            fut: Any = self._monitor.recv_multipart(flags=zmq.NOBLOCK)  # a done future on an asyncio socket
             if fut.exception() is not None:
                 return
             self._on_monitor_event(fut.result())
@@ -602,6 +602,7 @@ class Kernel:
         code = str(msg["content"].get("code", ""))
         pos = msg["content"].get("cursor_pos")
         pos = len(code) if not isinstance(pos, int) or not 0 <= pos <= len(code) else pos
+        matches: list[str]
         if self._executor is None:
             matches, start, end = [], pos, pos
         else:

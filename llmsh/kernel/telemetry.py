@@ -86,7 +86,7 @@ class Traffic:
             )
         self._prev = {k: (v[0], v[1]) for k, v in sums.items()}
         self._prev_t = now
-        recent = []
+        recent: list[dict[str, Any]] = []
         items = list(getattr(counters, "recent", None) or ())  # one atomic copy (the GIL) of the kernel's deque
         for m in reversed(items):
             if m.get("t", 0.0) <= self._last_recent_t or len(recent) >= RECENT_MAX:
