@@ -91,15 +91,17 @@ def run_batch(info: dict, name: str, source: str | Iterable[str], *, keep_going:
                 reply = client.execute(piece.code)
             finally:
                 printer.done()  # a progress bar (load) leaves the terminal with its command
-            status = exit_code(reply)
+            status = printer.status(exit_code(reply))
             if reply.get("ename") == "Exit":  # `… && exit N` ran in the kernel: leave with N, no message
                 return status
             if reply.get("status") != "ok":
                 message = reply_error(reply)
                 printer.error(message if single else located(name, piece.line, message))
+                status = status or 1
+            if status:  # an error reply, or a `> FILE` that failed here (its line is already shown)
                 if status == 130 or not keep_going:
-                    return status or 1
-                failed = status or 1
+                    return status
+                failed = status
         return status or failed
     except KernelGone as e:
         printer.error(f"llmsh: {e}")
@@ -107,4 +109,5 @@ def run_batch(info: dict, name: str, source: str | Iterable[str], *, keep_going:
     except KeyboardInterrupt:
         return 130
     finally:
+        printer.redirects.close()
         client.close()

@@ -13,6 +13,9 @@ import os
 import sys
 from typing import Any, TextIO
 
+from llmsh.client.redirect import RedirectFiles
+from llmsh.protocol.redirect import REDIRECT_MIME
+
 RED, RESET = "\x1b[31m", "\x1b[0m"
 PROGRESS_MIME = "application/vnd.llmsh.progress+json"
 
@@ -59,6 +62,7 @@ class Printer:
     def __init__(self, color: bool | None = None) -> None:
         self.color = color
         self._bar: _Bar | None = None
+        self.redirects = RedirectFiles(self.error)  # `> FILE` is written here, in the client's directory
 
     def on_output(self, msg: dict[str, Any]) -> None:
         """Show one iopub message: `stream` text as is, `execute_result`/`display_data` as their text/plain."""
@@ -72,6 +76,9 @@ class Printer:
             data = content.get("data", {}) or {}
             if PROGRESS_MIME in data:
                 self._progress(data[PROGRESS_MIME])
+                return
+            if REDIRECT_MIME in data:
+                self.redirects.handle(data[REDIRECT_MIME])
                 return
             text = data.get("text/plain")
             if text:
@@ -102,6 +109,10 @@ class Printer:
     def done(self) -> None:
         """A command finished: take any progress bar it left off the terminal."""
         self._end_progress()
+
+    def status(self, code: int) -> int:
+        """The exit code of a finished command: 1 instead of 0 when one of its `> FILE` redirects failed here."""
+        return 1 if self.redirects.take_failure() and code == 0 else code
 
     def error(self, line: str) -> None:
         """One error line on stderr, red on a terminal."""

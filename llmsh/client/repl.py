@@ -132,7 +132,7 @@ async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
         if interrupted:
             print()  # the terminal echoed ^C without a newline
         printer.error(reply_error(reply))
-    return exit_code(reply)
+    return printer.status(exit_code(reply))
 
 
 async def run_repl(info: dict[str, Any]) -> int:

@@ -8,10 +8,11 @@ failure of the line becomes the reply's `evalue` instead, so the client shows ev
 
 Pipes: each stage of `a | b` runs as its own task; what `a` writes with `ctx.write` is put on an asyncio queue that
 `b` reads as `ctx.stdin`, piece by piece; when `b` has finished, `a`'s next write stops it (sh's SIGPIPE). A stage's
-`> FILE` replaces its stdout. Background jobs (`cmd &`) run as tasks tracked in `kernel.services["jobs"]` (see
+`> FILE` replaces its stdout: the text goes to the client, which opens and writes the file (the kernel does no file I/O
+for redirects). Background jobs (`cmd &`) run as tasks tracked in `kernel.services["jobs"]` (see
 jobs.py) and keep writing through the Output of the request that started them. `exit N` stops the rest of the line
-(reply ename "Exit", so the client leaves with N). Relative paths (`> FILE`, `ctx.path`) resolve against the client's
-working directory, which the shell sends in the execute_request's metadata as `cwd`.
+(reply ename "Exit", so the client leaves with N). Relative paths (`ctx.path`) resolve against the client's
+working directory, which the shell sends in the execute_request's metadata as `cwd` (`> FILE` is opened by the client).
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ import json
 import logging
 import os
 import shlex
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 from llmsh.commands import load_all
 from llmsh.commands.core import ExitRequested
 from llmsh.commands.jobs import job_table
 from llmsh.commands.parser import AndOr, ParseError, Pipeline, SimpleCommand, Statement, is_complete, parse, tokenize
 from llmsh.commands.registry import REGISTRY, Command, CommandError, HelpRequested, UsageError
+from llmsh.protocol.redirect import CLOSE, OPEN, WRITE, redirect_bundle
 
 __all__ = ["ExecResult", "Output", "ShellContext", "PipeReader", "BrokenPipe", "execute", "complete", "is_complete"]
 
@@ -131,15 +134,28 @@ class _PipeSink(_Sink):
         self.pipe.queue.put_nowait(None)  # end of stream for the reader
 
 
-class _FileSink(_Sink):
-    def __init__(self, fh: IO[str]) -> None:
-        self.fh = fh
+class _RedirectSink(_Sink):
+    """`> FILE`: the text goes to the client, which writes the file in its own directory (llmsh/protocol/redirect.py);
+    the kernel opens no file, so a FIFO without a reader or a slow disk never stalls its loop."""
+
+    def __init__(self, out: Output, path: str, append: bool) -> None:
+        display = getattr(out, "display", None)
+        if display is None:
+            raise CommandError("output redirection needs a client that writes files (the llmsh shell)")
+        self.display = display
+        self.path, self.append = path, append
+        self.rid = uuid.uuid4().hex
+        self._send(OPEN)
+
+    def _send(self, op: str, text: str = "") -> None:
+        self.display(redirect_bundle(self.rid, self.path, self.append, op, text))
 
     def write(self, text: str) -> None:
-        self.fh.write(text)
+        if text:
+            self._send(WRITE, text)
 
     def close(self) -> None:
-        self.fh.close()
+        self._send(CLOSE)
 
 
 class PipeReader:
@@ -318,7 +334,7 @@ class _Runner:
         try:
             if cmd.redirect is not None:
                 sink.close()  # a redirect replaces the pipe: the next stage sees end of input
-                sink = self._open_redirect(cmd.redirect.path, cmd.redirect.append)
+                sink = _RedirectSink(self.out, cmd.redirect.path, cmd.redirect.append)
             entry = REGISTRY.get(name)
             if entry is None:
                 err = REGISTRY.not_found(name)
@@ -368,15 +384,6 @@ class _Runner:
             sink.close()
             if isinstance(stdin, PipeReader):
                 stdin.close()  # the left stage may still be writing: its next write stops it
-
-    def _open_redirect(self, name: str, append: bool) -> _Sink:
-        path = Path(os.path.expanduser(name))
-        if not path.is_absolute():
-            path = Path(self.cwd or os.getcwd()) / path
-        try:
-            return _FileSink(open(path, "a" if append else "w", encoding="utf-8"))
-        except OSError as e:
-            raise CommandError(f"cannot write {name}: {e.strerror or e}") from None
 
 
 async def execute(kernel: Any, code: str, *, client: str, out: Output, cwd: str | None = None) -> ExecResult:
