@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from llmsh import __version__
+from llmsh.protocol.limits import DEFAULT_MAX_MESSAGE
 
 SUBCOMMANDS = ("kernel", "top", "checksum")
 
@@ -38,6 +39,16 @@ def _budget(spec: str) -> str:
     return spec
 
 
+def _message_size(spec: str) -> int:
+    """Validate `--max-message` here, so a typo is a usage line rather than a dead daemon."""
+    from llmsh.protocol.limits import parse_message_size
+
+    try:
+        return parse_message_size(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _kernel_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmsh kernel", description="Manage the background kernel.")
     sub = p.add_subparsers(dest="action", required=True)
@@ -47,6 +58,10 @@ def _kernel_parser() -> argparse.ArgumentParser:
     start.add_argument("--ip", default="127.0.0.1", help="address to bind (non-loopback uses CurveZMQ)")
     start.add_argument("--mem-budget", metavar="SPEC", type=_budget, help="memory budget per device, e.g. cpu=4GiB,cuda:0=20GiB")
     start.add_argument("--telemetry-hz", type=float, default=2.0, help="telemetry publish rate (0 disables)")
+    start.add_argument(
+        "--max-message", metavar="SIZE", type=_message_size, default=DEFAULT_MAX_MESSAGE,
+        help="refuse requests larger than this (default 4MiB)",
+    )
     start.add_argument("--ray", metavar="ADDRESS", help="place processes on the nodes of this Ray cluster")
     for name, text in (("stop", "stop the kernel"), ("status", "show pid, uptime, ports and message counters")):
         s = sub.add_parser(name, help=text)

@@ -40,6 +40,7 @@ log = logging.getLogger("llmsh.commands")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 127, 130
 PROGRESS_MIME = "application/vnd.llmsh.progress+json"  # drawn as a bar by llmsh/client/render.py
+PARSE_IN_THREAD = 64 << 10  # lines at least this long are parsed off the kernel's event loop
 
 
 class Output(Protocol):
@@ -389,8 +390,8 @@ class _Runner:
 async def execute(kernel: Any, code: str, *, client: str, out: Output, cwd: str | None = None) -> ExecResult:
     """Run one command line (any number of statements) for `client`; output goes to `out`. Cancellation propagates."""
     load_all()
-    try:
-        script = parse(code)
+    try:  # a long line is parsed in a thread: other clients' requests go on meanwhile
+        script = parse(code) if len(code) < PARSE_IN_THREAD else await asyncio.to_thread(parse, code)
     except ParseError as e:
         return ExecResult("error", EXIT_USAGE, "SyntaxError", f"llmsh: {e}")
     runner = _Runner(kernel, client, out, cwd or _client_cwd(out))

@@ -157,6 +157,8 @@ def _start_args(args: argparse.Namespace | None) -> list[str]:
         out += ["--mem-budget", args.mem_budget]
     if getattr(args, "telemetry_hz", None) is not None and args.telemetry_hz != 2.0:
         out += ["--telemetry-hz", str(args.telemetry_hz)]
+    if getattr(args, "max_message", None):
+        out += ["--max-message", str(args.max_message)]
     if getattr(args, "ray", None):
         out += ["--ray", args.ray]
     return out

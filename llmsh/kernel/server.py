@@ -46,6 +46,7 @@ from llmsh.protocol.connection import (
     uses_curve,
     write_connection_file,
 )
+from llmsh.protocol.limits import DEFAULT_MAX_MESSAGE, too_big
 from llmsh.protocol.session import Rejected, Verifier, make_session
 
 log = logging.getLogger("llmsh.kernel")
@@ -73,7 +74,10 @@ MAX_FRAME_BYTES = 64 << 20  # no request needs more; a bigger frame is an attack
 
 def default_args(**overrides: Any) -> argparse.Namespace:
     """The options of `llmsh kernel start` with their defaults (for kernels built in tests or tools)."""
-    values = dict(foreground=True, connection_file=None, ip="127.0.0.1", mem_budget=None, telemetry_hz=2.0, ray=None)
+    values = dict(
+        foreground=True, connection_file=None, ip="127.0.0.1", mem_budget=None, telemetry_hz=2.0, ray=None,
+        max_message=DEFAULT_MAX_MESSAGE,
+    )
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -426,6 +430,10 @@ class Kernel:
                 self._client_fds[session] = fd  # its disconnect (socket monitor) takes it off `clients`
         if channel == "stdin":  # the kernel never asks for input; replies there are only counted
             return
+        limit = int(getattr(self.args, "max_message", None) or DEFAULT_MAX_MESSAGE)
+        if nbytes > limit and msg_type.endswith("_request"):  # refused before anything parses it
+            self._refuse(channel, idents, msg, too_big(nbytes, limit))
+            return
         if msg_type == "execute_request" and channel == "shell":
             self._drain_monitor()  # apply pending disconnects first: a new client may reuse a closed fd number
             self._executed_sessions.add(session)
@@ -448,6 +456,15 @@ class Kernel:
         self._status("idle", msg)
         if msg_type == "shutdown_request":
             self.request_shutdown(bool(msg["content"].get("restart", False)))
+
+    def _refuse(self, channel: str, idents: list[bytes], msg: dict[str, Any], line: str) -> None:
+        """Answer a request with an error reply of one line, without running it (busy/idle so clients stop waiting)."""
+        self._status("busy", msg)
+        content = {"status": "error", "ename": "MessageTooLarge", "evalue": line, "traceback": [line], "llmsh_exit_code": 1}
+        if msg["header"]["msg_type"] == "execute_request":
+            content["execution_count"] = self.execution_count
+        self._send(channel, msg["header"]["msg_type"][: -len("_request")] + "_reply", content, msg, idents)
+        self._status("idle", msg)
 
     # ----------------------------------------------------------------- execute
     async def _execute(self, channel: str, idents: list[bytes], msg: dict[str, Any], fd: int) -> None:
