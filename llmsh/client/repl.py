@@ -83,8 +83,8 @@ def _chat_bindings() -> KeyBindings:
 
 
 def history_file() -> Path:
-    """The shell's history, in the state dir."""
-    return paths.state_dir() / "history"
+    """The shell's history, in the state dir (0600: it holds every prompt typed)."""
+    return paths.private_file(paths.state_dir() / "history")
 
 
 class _Exit(Exception):
@@ -151,7 +151,7 @@ async def run_repl(info: dict[str, Any]) -> int:
             prompt_continuation=lambda width, line, wrap: "> ".rjust(width),
         )
         chat_session: PromptSession[str] = PromptSession(
-            history=FileHistory(str(history_file().with_name("chat_history"))), key_bindings=_chat_bindings()
+            history=FileHistory(str(paths.private_file(history_file().with_name("chat_history")))), key_bindings=_chat_bindings()
         )
 
         async def run(code: str) -> int:

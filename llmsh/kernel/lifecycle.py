@@ -14,6 +14,7 @@ import argparse
 import enum
 import json
 import logging
+import logging.handlers
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from typing import Any
 from llmsh import paths
 
 log = logging.getLogger("llmsh.kernel")
+LOG_BYTES = 8 << 20  # a kernel's log rolls over at this size, keeping two older parts (.log.1, .log.2)
 
 
 class KernelStartError(Exception):
@@ -58,9 +60,7 @@ def new_connection_file() -> Path:
 
 def log_file(connection_file: Path | str) -> Path:
     """Where the kernel of this connection file logs (state dir)."""
-    folder = paths.state_dir() / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{Path(connection_file).stem}.log"
+    return paths.logs_dir() / f"{Path(connection_file).stem}.log"
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -151,7 +151,7 @@ def _start_args(args: argparse.Namespace | None) -> list[str]:
     out: list[str] = []
     if args is None:
         return out
-    if getattr(args, "ip", None) and args.ip != "127.0.0.1":
+    if getattr(args, "ip", None):
         out += ["--ip", args.ip]
     if getattr(args, "mem_budget", None):
         out += ["--mem-budget", args.mem_budget]
@@ -174,8 +174,9 @@ def start_kernel_daemon(connection_file: str | None = None, timeout: float = 20,
         if info is None or "pid" in info:  # a stale file of ours (or junk): start afresh
             path.unlink(missing_ok=True)
         # else: a Jupyter-style file with ports and key chosen by someone else; the kernel binds those
-    logpath = log_file(path)
-    offset = logpath.stat().st_size if logpath.exists() else 0
+    paths.prune_logs(paths.LOGS_KEPT - 1)  # room for this kernel's log: the newest few are kept
+    logpath = paths.private_file(log_file(path))
+    offset = logpath.stat().st_size
     cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(path), *_start_args(args)]
     with open(logpath, "ab") as logf:
         try:
@@ -221,8 +222,8 @@ def _last_line(logpath: Path, offset: int = 0) -> str:
 
 def setup_logging(connection_file: Path) -> Path:
     """Send the `llmsh` loggers to the kernel's log file in the state dir; returns the file."""
-    path = log_file(connection_file)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    path = paths.private_file(log_file(connection_file))
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_BYTES, backupCount=2, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("llmsh")
     root.addHandler(handler)

@@ -47,6 +47,7 @@ from llmsh.protocol.connection import (
     write_connection_file,
 )
 from llmsh.protocol.limits import DEFAULT_MAX_MESSAGE, too_big
+from llmsh.protocol.transport import choose_transport, remove_ipc_files
 from llmsh.protocol.session import Rejected, Verifier, make_session
 
 log = logging.getLogger("llmsh.kernel")
@@ -75,7 +76,7 @@ MAX_FRAME_BYTES = 64 << 20  # no request needs more; a bigger frame is an attack
 def default_args(**overrides: Any) -> argparse.Namespace:
     """The options of `llmsh kernel start` with their defaults (for kernels built in tests or tools)."""
     values = dict(
-        foreground=True, connection_file=None, ip="127.0.0.1", mem_budget=None, telemetry_hz=2.0, ray=None,
+        foreground=True, connection_file=None, ip=None, mem_budget=None, telemetry_hz=2.0, ray=None,
         max_message=DEFAULT_MAX_MESSAGE,
     )
     values.update(overrides)
@@ -250,9 +251,10 @@ class Kernel:
             info = read_connection_file(self.connection_file)
         else:
             self._owns_file = True
+            transport, ip = choose_transport(getattr(self.args, "ip", None), self.connection_file)
             info = {
-                "ip": getattr(self.args, "ip", None) or "127.0.0.1",
-                "transport": "tcp",
+                "ip": ip,
+                "transport": transport,
                 "key": new_key(),
                 "signature_scheme": SIGNATURE_SCHEME,
                 "kernel_name": "llmsh",
@@ -362,6 +364,7 @@ class Kernel:
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         self._unbind(linger=1000)
+        remove_ipc_files(self.connection_info)
         if self._owns_file or not self.restart_requested:
             self.connection_file.unlink(missing_ok=True)
         log.info("kernel stopped")
