@@ -1,6 +1,7 @@
 """How the shell shows what the kernel sends: streams as they arrive, results as text, errors as one red line.
 
-`sys.stdout`/`sys.stderr` are looked up at each write, so the interactive shell's `patch_stdout` (which swaps them
+On a terminal, control characters in what the kernel sends are shown as `^[`-style text (`sanitize`); into a file
+or a pipe the bytes go unchanged. `sys.stdout`/`sys.stderr` are looked up at each write, so the interactive shell's `patch_stdout` (which swaps them
 for proxies that print above the prompt) is honoured.
 
 Progress (display_data with PROGRESS_MIME, e.g. `load`) is drawn with rich.progress on stderr, only when stderr is a
@@ -18,6 +19,20 @@ from llmsh.protocol.redirect import REDIRECT_MIME
 
 RED, RESET = "\x1b[31m", "\x1b[0m"
 PROGRESS_MIME = "application/vnd.llmsh.progress+json"
+
+# Control characters other than newline and tab, shown as `^[`-style text on a terminal: a model's (or another
+# client's) output must not retitle the terminal, move the cursor or rewrite lines with escape sequences.
+_CONTROLS = {c: f"^{chr(c + 64)}" for c in range(32) if chr(c) not in "\n\t"}
+_CONTROLS.update({0x7F: "^?", **{c: f"<{c:02x}>" for c in range(0x80, 0xA0)}})  # DEL and the C1 set (0x9b is CSI)
+
+
+def sanitize(text: str) -> str:
+    """`text` with terminal control characters made visible (what a terminal is sent; files get the raw text)."""
+    return text.translate(_CONTROLS)
+
+
+def _for(stream: TextIO, text: str) -> str:
+    return sanitize(text) if _isatty(stream) else text
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -70,7 +85,7 @@ class Printer:
         if kind == "stream":
             self._end_progress()
             stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
-            stream.write(str(content.get("text", "")))
+            stream.write(_for(stream, str(content.get("text", ""))))
             stream.flush()
         elif kind in ("execute_result", "display_data", "update_display_data"):
             data = content.get("data", {}) or {}
@@ -83,7 +98,7 @@ class Printer:
             text = data.get("text/plain")
             if text:
                 self._end_progress()
-                sys.stdout.write(text if text.endswith("\n") else text + "\n")
+                sys.stdout.write(_for(sys.stdout, text if text.endswith("\n") else text + "\n"))
                 sys.stdout.flush()
         # `error` is not printed here: the reply carries the same line and is shown once by `error()`
 
@@ -118,6 +133,7 @@ class Printer:
         """One error line on stderr, red on a terminal."""
         self._end_progress()
         color = _color(sys.stderr) if self.color is None else self.color
+        line = _for(sys.stderr, line)  # the kernel's error lines quote user and model text
         sys.stderr.write(f"{RED}{line}{RESET}\n" if color else f"{line}\n")
         sys.stderr.flush()
 

@@ -205,6 +205,7 @@ class ShellContext:
         cwd: str | None = None,
         command: Command | None = None,
         json_output: bool = False,
+        args: Any = None,
     ) -> None:
         self.kernel = kernel
         self.client = client
@@ -212,8 +213,14 @@ class ShellContext:
         self.stdin = stdin
         self.cwd = cwd or os.getcwd()
         self.command = command
-        self.json = json_output
+        self._json = json_output
+        self._args = args  # the parsed arguments: a handler may still add `--json` that followed a prompt
         self._sink = sink or _ClientSink(out)
+
+    @property
+    def json(self) -> bool:
+        """True when the command was given `--json`, wherever on its line (`run g hi --json`)."""
+        return self._json or bool(getattr(self._args, "json", False))
 
     def write(self, text: str) -> None:
         """Stream text to stdout (or into the next pipe stage / the redirect file). No newline is added."""
@@ -353,7 +360,7 @@ class _Runner:
                 stdin=stdin,
                 cwd=self.cwd,
                 command=entry,
-                json_output=bool(getattr(args, "json", False)),
+                args=args,
             )
             try:
                 code = await entry.handler(ctx, args)

@@ -23,6 +23,7 @@ from typing import Any
 from llmsh.kernel.process import Process, ProcessTable, ProcState
 from llmsh.kernel.scheduler import Scheduler
 from llmsh.paths import config_dir
+from llmsh.protocol.names import usable_name
 
 LOADER_WORKERS = 2
 DEFAULT_MAX_BATCH = 16  # requests decoded together per process; more queue (bounded) until a slot frees
@@ -139,7 +140,7 @@ class Loader:
             if v is not None and v < 1:
                 raise ValueError(f"{what} {v}: give a positive number")
         path = resolve_model(source)
-        base = name or _default_name(path)
+        base = name if name is not None else usable_name(_default_name(path))
         if name is None:
             base = self.procs.unique_name(base)
         proc = self.procs.add(base, path, device=device, dtype=dtype or "", nice=nice)

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
+from llmsh.protocol.names import check_name
+
 
 class ProcState(str, enum.Enum):
     """The states a process row can show; the values are what `ps` prints."""
@@ -237,6 +239,7 @@ class ProcessTable:
     def add(self, name: str, path: str, *, device: str = "cpu", dtype: str = "", nice: int = 0) -> Process:
         """Create a `loading` process with the next PID; raises BusyError-like RuntimeError when the table is full."""
         cfs_weight(nice)
+        check_name(name)  # not all digits, no leading %, no control characters (llmsh/protocol/names.py)
         with self._lock:
             if len(self.live()) >= self.max_procs:
                 raise TableFull(
