@@ -46,7 +46,7 @@ from llmsh.protocol.connection import (
     uses_curve,
     write_connection_file,
 )
-from llmsh.protocol.limits import DEFAULT_MAX_MESSAGE, too_big
+from llmsh.protocol.limits import DEFAULT_MAX_MESSAGE, bad_complete_request, too_big
 from llmsh.protocol.transport import choose_transport, remove_ipc_files
 from llmsh.protocol.session import Rejected, Verifier, make_session
 
@@ -442,6 +442,9 @@ class Kernel:
             self._executed_sessions.add(session)
             self.spawn(self._execute(channel, idents, msg, fd), name=f"execute {header['msg_id']}")
             return
+        if msg_type == "complete_request":
+            self.spawn(self._complete_async(channel, idents, msg), name=f"complete {header['msg_id']}")
+            return
         handler = self._handlers.get(msg_type)
         if handler is None:
             log.warning("unknown message type %s on %s", msg_type, channel)
@@ -574,10 +577,23 @@ class Kernel:
             "llmsh": self.info(),
         }
 
+    async def _complete_async(self, channel: str, idents: list[bytes], msg: dict[str, Any]) -> None:
+        """complete_request off the loop: completers list folders (paths, model dirs), which may be slow or hang."""
+        self._status("busy", msg)
+        try:
+            content = await asyncio.to_thread(self._complete, msg)
+        except Exception as e:
+            log.exception("complete_request failed")
+            content = {"status": "error", "ename": type(e).__name__, "evalue": _one_line(e), "traceback": []}
+        self._send(channel, "complete_reply", content, msg, idents)
+        self._status("idle", msg)
+
     def _complete(self, msg: dict[str, Any]) -> dict[str, Any]:
-        code = str(msg["content"].get("code", ""))
-        pos = msg["content"].get("cursor_pos")
-        pos = len(code) if not isinstance(pos, int) or not 0 <= pos <= len(code) else pos
+        problem = bad_complete_request(msg["content"])
+        if problem is not None:  # an error reply, never silence: the client is waiting for one
+            return {"status": "error", "ename": "BadRequest", "evalue": problem, "traceback": [problem]}
+        code = msg["content"]["code"]
+        pos = msg["content"].get("cursor_pos", len(code))
         if self._executor is None:
             matches, start, end = [], pos, pos
         else:
@@ -664,7 +680,6 @@ class Kernel:
 
     _handlers: dict[str, Callable[[Kernel, dict[str, Any]], dict[str, Any]]] = {
         "kernel_info_request": _kernel_info,
-        "complete_request": _complete,
         "is_complete_request": _is_complete,
         "interrupt_request": _interrupt,
         "shutdown_request": _shutdown,
