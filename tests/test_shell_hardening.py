@@ -138,3 +138,27 @@ async def test_chat_slash_commands() -> None:
     assert ran[1] == "chat --reset 'g'"
     assert ran[2].endswith("-- '/etc is a folder'") and ran[3].endswith("-- '/usr/bin holds programs'")
     assert not any("frobnicate" in code for code in ran)  # never sent to the model
+
+
+def test_background_half_lines_wait_for_their_newline_while_the_prompt_is_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from llmsh.client.render import Printer
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    printer = Printer()
+
+    def stream(text: str) -> None:
+        printer.on_output({"msg_type": "stream", "content": {"name": "stdout", "text": text}})
+
+    printer.prompting(True)
+    stream("a background ")
+    assert out.getvalue() == ""  # would have landed on the prompt's line
+    stream("job's line\nand half")
+    assert out.getvalue() == "a background job's line\n"
+    printer.prompting(False)  # a foreground command starts: the half line ends first
+    assert out.getvalue() == "a background job's line\nand half\n"
+    stream("fore")
+    stream("ground")
+    assert out.getvalue().endswith("and half\nforeground")  # a foreground command streams as it comes

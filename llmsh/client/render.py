@@ -78,15 +78,27 @@ class Printer:
         self.color = color
         self._bar: _Bar | None = None
         self.redirects = RedirectFiles(self.error)  # `> FILE` is written here, in the client's directory
+        # While the interactive prompt is up (no foreground command), a background job's half lines are held until
+        # their newline: printed at once, each would land on the prompt's line and the prompt be redrawn after it.
+        self.at_prompt = False
+        self._partial: dict[str, str] = {"stdout": "", "stderr": ""}
 
     def on_output(self, msg: dict[str, Any]) -> None:
         """Show one iopub message: `stream` text as is, `execute_result`/`display_data` as their text/plain."""
         kind, content = msg.get("msg_type"), msg.get("content", {})
         if kind == "stream":
             self._end_progress()
-            stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
-            stream.write(_for(stream, str(content.get("text", ""))))
-            stream.flush()
+            name = "stderr" if content.get("name") == "stderr" else "stdout"
+            text = self._partial[name] + str(content.get("text", ""))
+            if self.at_prompt:
+                cut = text.rfind("\n") + 1
+                text, self._partial[name] = text[:cut], text[cut:]
+            else:
+                self._partial[name] = ""
+            if text:
+                stream = sys.stderr if name == "stderr" else sys.stdout
+                stream.write(_for(stream, text))
+                stream.flush()
         elif kind in ("execute_result", "display_data", "update_display_data"):
             data = content.get("data", {}) or {}
             if PROGRESS_MIME in data:
@@ -124,6 +136,17 @@ class Printer:
     def done(self) -> None:
         """A command finished: take any progress bar it left off the terminal."""
         self._end_progress()
+
+    def prompting(self, up: bool) -> None:
+        """The interactive prompt is shown (True) or a foreground command starts (False: held half lines are
+        printed first, ended with a newline so the command's output starts on its own line)."""
+        self.at_prompt = up
+        if not up:
+            for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+                if self._partial[name]:
+                    stream.write(_for(stream, self._partial[name] + "\n"))
+                    stream.flush()
+                    self._partial[name] = ""
 
     def status(self, code: int) -> int:
         """The exit code of a finished command: 1 instead of 0 when one of its `> FILE` redirects failed here."""

@@ -120,12 +120,14 @@ async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
         asyncio.ensure_future(client.interrupt())
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
+    printer.prompting(False)
     try:
         reply = await client.execute(code)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         printer.done()
         await _settle_output()
+        printer.prompting(True)
     if reply.get("ename") == "Exit":
         raise _Exit(exit_code(reply))
     if reply.get("status") != "ok":
@@ -159,6 +161,7 @@ async def run_repl(info: dict[str, Any]) -> int:
 
         with patch_stdout(raw=True):
             print(f"llmsh {__version__} — kernel pid {info.get('pid', '?')}. 'help' lists the commands; Ctrl-D leaves.")
+            printer.prompting(True)  # from here on, output not of a foreground command comes in whole lines
             while True:
                 try:
                     text = await session.prompt_async("llmsh> " if status == 0 else f"llmsh [{status}]> ")
