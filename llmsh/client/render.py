@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from llmsh.client.redirect import RedirectFiles
 from llmsh.protocol.redirect import REDIRECT_MIME
@@ -82,6 +82,7 @@ class Printer:
         # their newline: printed at once, each would land on the prompt's line and the prompt be redrawn after it.
         self.at_prompt = False
         self._partial: dict[str, str] = {"stdout": "", "stderr": ""}
+        self.stdout_to: Callable[[str], None] | None = None  # `… | !cmd`: stdout text goes to that command instead
 
     def on_output(self, msg: dict[str, Any]) -> None:
         """Show one iopub message: `stream` text as is, `execute_result`/`display_data` as their text/plain."""
@@ -89,6 +90,9 @@ class Printer:
         if kind == "stream":
             self._end_progress()
             name = "stderr" if content.get("name") == "stderr" else "stdout"
+            if name == "stdout" and self.stdout_to is not None:
+                self.stdout_to(str(content.get("text", "")))
+                return
             text = self._partial[name] + str(content.get("text", ""))
             if self.at_prompt:
                 cut = text.rfind("\n") + 1
@@ -108,6 +112,9 @@ class Printer:
                 self.redirects.handle(data[REDIRECT_MIME])
                 return
             text = data.get("text/plain")
+            if text and kind == "execute_result" and self.stdout_to is not None:
+                self.stdout_to(text if text.endswith("\n") else text + "\n")
+                return
             if text:
                 self._end_progress()
                 sys.stdout.write(_for(sys.stdout, text if text.endswith("\n") else text + "\n"))

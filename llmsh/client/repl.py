@@ -14,7 +14,7 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
-from typing import Any, AsyncGenerator, Iterable
+from typing import Any, AsyncGenerator, Callable, Iterable
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -24,6 +24,7 @@ from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from llmsh import __version__, paths
+from llmsh.client.bang import BangError, plan, run_plan
 from llmsh.client.batch import exit_request
 from llmsh.client.chat import chat_loop, chat_request
 from llmsh.client.kernel_client import KernelClient, KernelGone
@@ -109,7 +110,7 @@ async def _settle_output() -> None:
     await asyncio.sleep(0.01)  # the thread took the last piece: give it time to write it
 
 
-async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
+async def _run_line(client: KernelClient, printer: Printer, code: str, stdin: str | None = None) -> int:
     """Execute one line in the foreground; Ctrl-C meanwhile interrupts it."""
     loop = asyncio.get_running_loop()
     interrupted = False
@@ -122,7 +123,7 @@ async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     printer.prompting(False)
     try:
-        reply = await client.execute(code)
+        reply = await client.execute(code, stdin=stdin)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         printer.done()
@@ -159,6 +160,13 @@ async def run_repl(info: dict[str, Any]) -> int:
         async def run(code: str) -> int:
             return await _run_line(client, printer, code)
 
+        async def run_routed(code: str, stdin: str | None, to: Callable[[str], None] | None) -> int:
+            printer.stdout_to = to  # `… | !cmd`: the kernel part's output goes to that command
+            try:
+                return await _run_line(client, printer, code, stdin)
+            finally:
+                printer.stdout_to = None
+
         with patch_stdout(raw=True):
             print(f"llmsh {__version__} — kernel pid {info.get('pid', '?')}. 'help' lists the commands; Ctrl-D leaves.")
             printer.prompting(True)  # from here on, output not of a foreground command comes in whole lines
@@ -174,6 +182,15 @@ async def run_repl(info: dict[str, Any]) -> int:
                 code = exit_request(text)
                 if code is not None:
                     return status if code is True else int(code)
+                try:
+                    bang = plan(text)
+                except BangError as e:
+                    printer.error(f"llmsh: {e}")
+                    status = 2
+                    continue
+                if bang is not None:  # `!cmd`: run here, each kernel part as its own request
+                    status = await run_plan(bang, run_routed)
+                    continue
                 spec = chat_request(text)
                 if spec is not None:
                     status = await chat_loop(spec, chat_session.prompt_async, run, print)

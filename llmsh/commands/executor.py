@@ -275,6 +275,7 @@ class _Runner:
         self.cwd = cwd
         self.job = job  # a background job: `exit` does nothing there
         self.pending: _Failure | None = None  # the latest failure, shown on stderr unless it ends the line
+        self.stdin_text: str | None = None  # text the client sent for the first command to read (`!cmd | …`)
 
     def flush(self) -> None:
         """Print the held failure message: a later command ran, so it is not the line's final result."""
@@ -304,16 +305,27 @@ class _Runner:
                 code = await self.pipeline(pipe)
         return code
 
+    def _client_stdin(self) -> PipeReader | None:
+        """The client's text as the stdin of the first command that runs (once), as if piped in."""
+        if self.stdin_text is None:
+            return None
+        pipe = _Pipe()
+        pipe.queue.put_nowait(self.stdin_text)
+        pipe.queue.put_nowait(None)
+        self.stdin_text = None
+        return PipeReader(pipe)
+
     async def pipeline(self, pipe: Pipeline) -> int:
         self.flush()
+        first_stdin = self._client_stdin()
         if len(pipe.commands) == 1:
-            failure_code, failure = await self.command(pipe.commands[0], None, None)
+            failure_code, failure = await self.command(pipe.commands[0], None, first_stdin)
             self.pending = failure
             return failure_code
         pipes = [_Pipe() for _ in pipe.commands[:-1]]
         tasks = []
         for i, cmd in enumerate(pipe.commands):
-            stdin = PipeReader(pipes[i - 1]) if i > 0 else None
+            stdin = PipeReader(pipes[i - 1]) if i > 0 else first_stdin
             sink = _PipeSink(pipes[i]) if i < len(pipes) else None
             tasks.append(asyncio.ensure_future(self.command(cmd, sink, stdin)))
         try:
@@ -402,6 +414,7 @@ async def execute(kernel: Any, code: str, *, client: str, out: Output, cwd: str 
     except ParseError as e:
         return ExecResult("error", EXIT_USAGE, "SyntaxError", f"llmsh: {e}")
     runner = _Runner(kernel, client, out, cwd or _client_cwd(out))
+    runner.stdin_text = _client_metadata(out, "llmsh_stdin", str)
     status = EXIT_OK
     try:
         for stmt in script.statements:
@@ -421,13 +434,19 @@ async def execute(kernel: Any, code: str, *, client: str, out: Output, cwd: str 
     return ExecResult("error", status, failure.ename, failure.message)
 
 
-def _client_cwd(out: Output) -> str | None:
-    """The shell client sends its working directory in the execute_request's metadata (`cwd`); when the kernel
-    does not pass it to `execute`, take it from the request the Output answers (its `parent`)."""
+def _client_metadata(out: Output, key: str, kind: type) -> Any:
+    """A field of the execute_request's metadata (the request the Output answers: its `parent`), if of `kind`."""
     parent = getattr(out, "parent", None) or getattr(out, "_parent", None)
     meta = parent.get("metadata") if isinstance(parent, dict) else None
-    cwd = meta.get("cwd") if isinstance(meta, dict) else None
-    return cwd if isinstance(cwd, str) and os.path.isabs(cwd) and os.path.isdir(cwd) else None
+    value = meta.get(key) if isinstance(meta, dict) else None
+    return value if isinstance(value, kind) else None
+
+
+def _client_cwd(out: Output) -> str | None:
+    """The shell client sends its working directory in the execute_request's metadata (`cwd`); when the kernel
+    does not pass it to `execute`, take it from the request the Output answers."""
+    cwd = _client_metadata(out, "cwd", str)
+    return cwd if cwd and os.path.isabs(cwd) and os.path.isdir(cwd) else None
 
 
 # ---- completion -----------------------------------------------------------------------------------------------------
