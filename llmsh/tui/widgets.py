@@ -130,7 +130,7 @@ class GpuRows(Static):
 
     def render(self) -> Text:
         width = max(60, self.size.width or 78)
-        out = Text()
+        out = Text(no_wrap=True, overflow="crop")  # a narrow terminal crops the sparkline instead of wrapping it
         for k, g in enumerate(self.gpus):
             if k:
                 out.append("\n")
@@ -197,14 +197,17 @@ class TrafficSpark(Static):
         s = self.state
         if s is None or not s.msgs_in:
             return Text("msgs/s: no data yet", style="dim")
-        width = max(8, (self.size.width or 40) - 14)
         top = max(max(s.msgs_in), max(s.msgs_out), 1.0)
-        out = Text()
-        out.append(f"in  {rate(s.msgs_in[-1]):>5} ", style="green")
-        out.append(spark(s.msgs_in, width, top), style="green")
-        out.append("\n")
-        out.append(f"out {rate(s.msgs_out[-1]):>5} ", style="cyan")
-        out.append(spark(s.msgs_out, width, top), style="cyan")
+        labels = [f"in  {rate(s.msgs_in[-1]):>5} ", f"out {rate(s.msgs_out[-1]):>5} "]
+        # the sparkline fills what is left of the line exactly: a character more would wrap onto the next line
+        # and leave debris at the panel's edge (the width is 0 before the first layout: draw no sparkline then)
+        width = max(0, self.content_size.width - max(map(len, labels)))
+        out = Text(no_wrap=True, overflow="crop")
+        for label, values, style in zip(labels, (s.msgs_in, s.msgs_out), ("green", "cyan")):
+            out.append(label.ljust(max(map(len, labels))), style=style)
+            out.append(spark(values, width, top), style=style)
+            out.append("\n")
+        out.rstrip()
         return out
 
 
