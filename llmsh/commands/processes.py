@@ -130,8 +130,9 @@ async def load_cmd(ctx: Context, args: argparse.Namespace) -> int:
         if local.exists() or source.startswith((".", "~", "/")):
             source = str(local)
     try:
-        proc, fut = loader.start(source, name=args.name, device=args.device, dtype=args.dtype, nice=args.nice,
-                                 max_batch=args.max_batch, ctx=args.ctx)
+        proc, fut = await asyncio.to_thread(  # resolving a name scans model folders: not on the kernel's loop
+            loader.start, source, name=args.name, device=args.device, dtype=args.dtype, nice=args.nice,
+            max_batch=args.max_batch, ctx=args.ctx)
     except (ValueError, RuntimeError) as e:
         raise CommandError(str(e)) from None
     waiting = asyncio.wrap_future(fut)
