@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 
 from llmsh.tui.app import TopApp
-from llmsh.tui.tables import ProcessTable
+from llmsh.tui.tables import MessageLog, ProcessTable
 from llmsh.tui.widgets import Confirm, TrafficPanel, TrafficSpark
 from tests.test_tui_snapshots import ScriptedSource, live_events, settle
 
 pytestmark = pytest.mark.slow
+SPARK_GLYPHS = "▁▂▃▄▅▆▇█"
 
 
 async def test_kill_asks_first_like_term() -> None:
@@ -72,4 +73,19 @@ async def test_the_traffic_sparkline_never_wraps(size: tuple[int, int]) -> None:
         width = spark.content_size.width
         lines = spark.render().wrap(app.console, width)
         assert len(lines) == 2 and all(line.cell_len <= width for line in lines)
-        assert all("▁" in line.plain or any(c in line.plain for c in "▂▃▄▅▆▇█") for line in lines)
+        assert all(any(c in line.plain for c in SPARK_GLYPHS) for line in lines)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (100, 30)])
+async def test_no_sparkline_glyphs_in_the_scrollbars(size: tuple[int, int]) -> None:
+    app = TopApp(ScriptedSource(live_events(n=30)), utc=True)
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot)
+        await pilot.press("tab")  # the message log follows its tail: a short thumb at the bottom of the panel
+        await pilot.pause(0.3)
+        log = app.query_one(MessageLog)
+        assert log.max_scroll_y > 0 and log.show_vertical_scrollbar
+        bar = log.vertical_scrollbar
+        options = app.console.options.update_dimensions(bar.size.width, bar.size.height)
+        drawn = "".join(seg.text for seg in app.console.render(bar.render(), options))
+        assert drawn.strip() == "" and not set(drawn) & set(SPARK_GLYPHS)  # whole cells, no ▁▂▃ at the edge

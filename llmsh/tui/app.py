@@ -20,8 +20,10 @@ from textual.widgets import Footer, Input
 
 from llmsh.tui.model import State
 from llmsh.tui.source import Event, KernelSource, Source
-from llmsh.tui.tables import MessageLog, NodesTable, ProcessTable, RatesTable
-from llmsh.tui.widgets import Confirm, NodeLoad, NoKernel, StatusLine, TrafficPanel, TrafficSpark, scheduler_line
+from llmsh.tui.tables import FitTable, MessageLog, NodesTable, ProcessTable, RatesTable
+from llmsh.tui.widgets import (
+    Confirm, NodeLoad, NoKernel, StatusLine, TrafficPanel, TrafficSpark, WholeCellScrollBar, scheduler_line,
+)
 
 PANELS = ("procs", "traffic", "nodes")
 COMPACT_HEIGHT = 34  # below this many rows only the active panel is shown
@@ -75,6 +77,9 @@ class TopApp(App[int]):
         self.query_one("#traffic", TrafficPanel).border_title = "Messages"
         self.query_one("#nodes", NodesTable).border_title = "Nodes"
         self.query_one(NoKernel).show(self.where)
+        for table in self.query(FitTable):  # whole-cell thumbs: no ▁▂▃ glyphs at the panels' edges
+            table.vertical_scrollbar.renderer = WholeCellScrollBar
+            table.horizontal_scrollbar.renderer = WholeCellScrollBar
         self._apply_panel()
         self.watch_conn(self.conn)
         self.watch_compact(self.compact)

@@ -6,13 +6,14 @@ Bars and sparklines are drawn as Rich text (cheap to re-render at 2 Hz, determin
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
+from textual.scrollbar import ScrollBarRender
 from textual.widgets import Label, Static
 
 from llmsh.tui.fmt import duration, human_bytes, rate
@@ -39,6 +40,14 @@ def level_style(pct: float) -> str:
     """Green below 60 %, yellow below 85 %, red above."""
     return "green" if pct < 60 else "yellow" if pct < 85 else "red"
 
+
+
+class WholeCellScrollBar(ScrollBarRender):
+    """A scrollbar whose thumb is drawn in whole cells: Textual's eighth-cell thumb ends are the sparkline glyphs
+    (▁▂▃…), which at a panel's edge read as sparkline debris."""
+
+    VERTICAL_BARS: ClassVar[list[str]] = [" "] * 8
+    HORIZONTAL_BARS: ClassVar[list[str]] = [" "] * 8
 
 class CpuBars(Static):
     """Per-core CPU meters in as many columns as fit, at most four rows."""
