@@ -66,9 +66,10 @@ def test_max_message_is_refused_with_one_line(make_kernel: Any) -> None:
     assert r.returncode == 1 and r.stderr.startswith("llmsh: message of") and r.stderr.count("\n") == 1
 
 
-def test_bad_max_message_is_a_usage_line() -> None:
+def test_bad_max_message_is_a_usage_line(capsys: Any) -> None:
     from llmsh.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["kernel", "start", "--max-message", "lots"])
     assert e.value.code == 2
+    assert "argument --max-message: bad size 'lots': expected a number of bytes or a size like 4MiB" in capsys.readouterr().err

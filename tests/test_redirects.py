@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,20 @@ from typing import Any
 def test_a_fifo_without_reader_blocks_only_that_client(kernel: Any, tmp_path: Path) -> None:
     fifo = tmp_path / "jobs.fifo"
     os.mkfifo(fifo)
+
+    def executes() -> int:  # execute_requests the kernel has received (kernel_info needs a free event loop)
+        shell = kernel.kernel_info(timeout=10)["counters"]["in"].get("shell", {})
+        return int(shell.get("execute_request", {}).get("count", 0))
+
+    before = executes()
     blocked = subprocess.Popen(
         [sys.executable, "-m", "llmsh", "--kernel", str(kernel.connection_file), "-c", "ps > jobs.fifo"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kernel.env,
     )
     try:
+        deadline = time.monotonic() + 30
+        while executes() == before and time.monotonic() < deadline:  # the blocked client's `ps` has arrived
+            time.sleep(0.05)
         res = kernel.execute("echo still here", timeout=10)  # another client: the kernel's loop is free
         assert res["status"] == "ok" and res["stdout"] == "still here\n"
         with open(fifo, encoding="utf-8") as reader:  # a reader arrives: the blocked client goes on
