@@ -22,6 +22,7 @@ import shlex
 SEPARATORS = (";", "&", "\n")
 OPERATORS = ("&&", "||", ">>", ";", "|", "&", ">", "<", "\n")  # longest first where they share a prefix
 _OP_CHARS = set(";&|<>\n")
+_TWO_CHAR_OPS = {o for o in OPERATORS if len(o) == 2}
 _BLANK = " \t\r"
 _WORD_RUN = re.compile(r"[^ \t\r;&|<>\n\\'\"]+")  # plain characters of a word, taken in one step
 _DOUBLE_BODY = re.compile(r'(?:[^"\\]|\\.)*', re.S)  # the inside of "…": anything but an unescaped quote
@@ -155,7 +156,7 @@ class _Lexer:
                 end = code.find("\n", i)
                 i = n if end < 0 else end
             elif c in _OP_CHARS:
-                op = next(o for o in OPERATORS if code.startswith(o, i))
+                op = code[i : i + 2] if code[i : i + 2] in _TWO_CHAR_OPS else c
                 out.append(Token("op", op, i, i + len(op)))
                 i += len(op)
             else:
@@ -167,6 +168,9 @@ class _Lexer:
         """One word from `i`: its value with the quoting removed as POSIX `shlex.split` would, in one pass
         (shlex itself reads character by character in Python: a 1 MB quoted prompt took seconds)."""
         code, n, start = self.code, len(self.code), i
+        run = _WORD_RUN.match(code, i)
+        if run is not None and (run.end() >= n or code[run.end()] in _BLANK or code[run.end()] in _OP_CHARS):
+            return Token("word", run.group(), start, run.end()), run.end()  # the common case: a plain word
         value: list[str] = []
         quoted = False
         while i < n:
