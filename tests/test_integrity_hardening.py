@@ -91,7 +91,9 @@ def test_a_changed_file_is_refused_at_page_in(tiny_gpt2: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_the_kernel_fails_the_process_whose_file_changed(make_kernel: Callable[..., Any], tiny_gpt2: Path, tmp_path: Path) -> None:
+def test_the_kernel_fails_the_process_whose_file_changed(
+    make_kernel: Callable[..., Any], tiny_gpt2: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "m"
     shutil.copytree(tiny_gpt2, folder)
     size = (folder / "model.safetensors").stat().st_size

@@ -67,7 +67,10 @@ def test_unsafe_runtime_dir_is_an_error_not_a_fallback(tmp_path: Path) -> None:
     env = {**os.environ, "XDG_RUNTIME_DIR": str(loose)}
     r = subprocess.run([sys.executable, "-m", "llmsh", "-c", "echo hi"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr == f"llmsh: XDG_RUNTIME_DIR={loose} is not private (owner uid {os.getuid()}, mode 755); it must be yours with mode 700: 'chmod 700 {loose}', or unset XDG_RUNTIME_DIR\n"
+    assert r.stderr == (
+        f"llmsh: XDG_RUNTIME_DIR={loose} is not private (owner uid {os.getuid()}, mode 755); "
+        f"it must be yours with mode 700: 'chmod 700 {loose}', or unset XDG_RUNTIME_DIR\n"
+    )
     assert list(loose.iterdir()) == []  # nothing was written there
 
 

@@ -3,8 +3,6 @@ when it is the panel on screen, an active filter is shown, the traffic sparkline
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from llmsh.tui.app import TopApp

@@ -1,8 +1,9 @@
 """How the shell shows what the kernel sends: streams as they arrive, results as text, errors as one red line.
 
 On a terminal, control characters in what the kernel sends are shown as `^[`-style text (`sanitize`); into a file
-or a pipe the bytes go unchanged. `sys.stdout`/`sys.stderr` are looked up at each write, so the interactive shell's `patch_stdout` (which swaps them
-for proxies that print above the prompt) is honoured.
+or a pipe the bytes go unchanged. `sys.stdout`/`sys.stderr` are looked up at each write, so the interactive shell's
+`patch_stdout` (which swaps them for proxies that print above the prompt) is honoured. `> FILE` redirects are
+written here (llmsh/client/redirect.py), and `… | !cmd` sends stdout to that command (`stdout_to`).
 
 Progress (display_data with PROGRESS_MIME, e.g. `load`) is drawn with rich.progress on stderr, only when stderr is a
 terminal; rich is imported on the first progress message, never on the fast path of `llmsh -c`.

@@ -17,10 +17,10 @@ from typing import Any
 
 from llmsh.kernel.paging.budget import BudgetError, format_bytes, parse_budget
 from llmsh.kernel.paging.core import PageInError, Pager, PagerError
+from llmsh.kernel.paging.sources import ModelSource
 from llmsh.runtime.errors import CheckpointChanged  # torch-free
 
 CHECKPOINT_CHANGED = CheckpointChanged.MARK
-from llmsh.kernel.paging.sources import ModelSource
 
 __all__ = ["Pager", "PagerError", "PageInError", "PagerService", "setup", "parse_duration"]
 

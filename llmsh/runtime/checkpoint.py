@@ -95,8 +95,8 @@ class SafetensorsFile:
         try:
             now = _stamp(os.stat(self.path))
         except OSError as e:
-            raise CheckpointChanged(f"{self.path.name} in {self.path.parent} is no longer {CheckpointChanged.MARK} ({e.strerror}); "
-                                    "kill the process and load the model again") from None
+            raise CheckpointChanged(f"{self.path.name} in {self.path.parent} is missing {CheckpointChanged.MARK} "
+                                    f"({e.strerror}); kill the process and load the model again") from None
         if now != self.stamp:
             what = "size" if now[0] != self.stamp[0] else "modification time" if now[1] != self.stamp[1] else "inode"
             raise CheckpointChanged(f"{self.path.name} in {self.path.parent} changed {CheckpointChanged.MARK} "
