@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from llmsh import __version__
+from llmsh.protocol.limits import DEFAULT_MAX_MESSAGE
 
 SUBCOMMANDS = ("kernel", "top", "checksum")
 
@@ -39,15 +40,32 @@ def _budget(spec: str) -> str:
     return spec
 
 
+def _message_size(spec: str) -> int:
+    """Validate `--max-message` here, so a typo is a usage line rather than a dead daemon."""
+    from llmsh.protocol.limits import parse_message_size
+
+    try:
+        return parse_message_size(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _kernel_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmsh kernel", description="Manage the background kernel.")
     sub = p.add_subparsers(dest="action", required=True)
     start = sub.add_parser("start", help="start a kernel (daemonises unless --foreground)")
     start.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
     start.add_argument("--connection-file", metavar="F", help="where to write (or read, for Jupyter) the connection file")
-    start.add_argument("--ip", default="127.0.0.1", help="address to bind (non-loopback uses CurveZMQ)")
+    start.add_argument(
+        "--ip", default=None,
+        help="bind TCP on this address (non-loopback uses CurveZMQ); default: ipc sockets in the private runtime dir on POSIX",
+    )
     start.add_argument("--mem-budget", metavar="SPEC", type=_budget, help="memory budget per device, e.g. cpu=4GiB,cuda:0=20GiB")
     start.add_argument("--telemetry-hz", type=float, default=2.0, help="telemetry publish rate (0 disables)")
+    start.add_argument(
+        "--max-message", metavar="SIZE", type=_message_size, default=DEFAULT_MAX_MESSAGE,
+        help="refuse requests larger than this (default 4MiB)",
+    )
     start.add_argument("--ray", metavar="ADDRESS", help="place processes on the nodes of this Ray cluster")
     start.add_argument("--restore", action="store_true",
                        help="bring back the processes of the last clean 'kernel stop' (after a crash they always come back)")
@@ -77,7 +95,18 @@ def _checksum_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen part; returns the process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except OSError as e:
+        from llmsh.paths import UnsafeDirError  # platformdirs only on this path: `llmsh -c` stays fast
+
+        if not isinstance(e, UnsafeDirError):
+            raise
+        sys.stderr.write(f"llmsh: {e}\n")
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "kernel":
         args = _kernel_parser().parse_args(argv[1:])
         from llmsh.kernel.lifecycle import main as kernel_main

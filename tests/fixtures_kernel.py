@@ -19,6 +19,9 @@ from typing import Any, Iterator
 import pytest
 from jupyter_client import BlockingKernelClient
 
+from llmsh.client.redirect import RedirectFiles
+from llmsh.protocol.redirect import REDIRECT_MIME
+
 REPO = Path(__file__).resolve().parents[1]
 _COUNTER = itertools.count(1)
 
@@ -53,6 +56,7 @@ class KernelHandle:
     def execute(self, code: str, timeout: float = 30) -> dict[str, Any]:
         """Run `code` and collect what a user would see.
 
+        `> FILE` redirects are written by this process (relative to its cwd), as the llmsh shell writes them.
         Returns {"status", "stdout", "stderr", "data" (application/json of the last execute_result, else None),
         "results" (every execute_result/display_data bundle), "error" (the iopub error content or None),
         "exit_code" (reply's llmsh_exit_code), "reply" (the execute_reply content)}.
@@ -60,11 +64,14 @@ class KernelHandle:
         if self._kc is None:
             self._kc = self.client()
         out: dict[str, Any] = {"stdout": "", "stderr": "", "data": None, "results": [], "error": None}
+        files = RedirectFiles(lambda line: out.__setitem__("stderr", out["stderr"] + line + "\n"))
 
         def hook(msg: dict[str, Any]) -> None:
             kind, content = msg["msg_type"], msg["content"]
             if kind == "stream":
                 out[content["name"]] += content["text"]
+            elif kind == "display_data" and REDIRECT_MIME in content["data"]:  # `> FILE`: written here, as the shell does
+                files.handle(content["data"][REDIRECT_MIME])
             elif kind in ("execute_result", "display_data"):
                 out["results"].append(content["data"])
                 if kind == "execute_result":

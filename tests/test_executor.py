@@ -11,6 +11,7 @@ from pathlib import Path
 import os
 import json
 import logging
+import os
 import sys
 import time
 import types
@@ -21,7 +22,9 @@ import pytest
 from llmsh.commands import executor
 from llmsh.commands.executor import ExecResult, complete, execute
 from llmsh.kernel.jobs import JobTable
+from llmsh.client.redirect import RedirectFiles
 from llmsh.commands.registry import REGISTRY, Command, CommandError, arg
+from llmsh.protocol.redirect import REDIRECT_MIME
 
 
 class Recorder:
@@ -52,6 +55,11 @@ def fake_services() -> Any:
     table = ProcessTable(None)
     link = EngineLink("test", Path("/nonexistent/engine.sock"), Path(os.devnull))
     return Services(table=table, procs=Processes(table, None, link), journal=None, jobs=JobTable())
+class DisplayRecorder(Recorder):
+    """A Recorder that also takes display_data, as the kernel's Output does (redirects and progress go there)."""
+
+    def display(self, bundle: dict[str, Any]) -> None:
+        self.events.append(("display", bundle, ""))
 
 
 def fake_kernel() -> Any:
@@ -229,13 +237,39 @@ async def test_unexpected_exception_is_one_line_and_logged(test_commands: Any, c
     assert (res.exit_code, res.ename) == (1, "InternalError")
 
 
-async def test_redirect_to_file_relative_to_cwd(tmp_path: Any, test_commands: Any) -> None:
-    res, out = await run("echo one > out.txt && echo two >> out.txt; t-structured > s.txt", cwd=str(tmp_path))
+async def test_redirect_is_sent_to_the_client_which_writes_the_file(tmp_path: Any, test_commands: Any, monkeypatch: Any) -> None:
+    fifo = tmp_path / "jobs.fifo"
+    os.mkfifo(fifo)  # a FIFO without a reader: opening it in the kernel would block its loop
+    out = DisplayRecorder()
+    code = f"echo never > {fifo}; echo one > out.txt && echo two >> out.txt; t-structured > s.txt"
+    res = await execute(fake_kernel(), code, client="c1", out=out, cwd=str(tmp_path))
     assert res.exit_code == 0 and out.text("stdout") == ""
+    assert not (tmp_path / "out.txt").exists()  # the kernel opened nothing
+    events = [b[REDIRECT_MIME] for kind, b, _ in out.events if kind == "display"]
+    assert [(e["path"], e["op"]) for e in events[:3]] == [(str(fifo), "open"), (str(fifo), "write"), (str(fifo), "close")]
+    errors: list[str] = []
+    files = RedirectFiles(errors.append)
+    monkeypatch.chdir(tmp_path)  # the client opens relative paths in its own directory
+    for e in events[3:]:
+        files.handle(e)
     assert (tmp_path / "out.txt").read_text() == "one\ntwo\n"
     assert (tmp_path / "s.txt").read_text() == "two rows\n"
-    res, _ = await run("echo x > no/such/dir/f", cwd=str(tmp_path))
-    assert res.exit_code == 1 and res.evalue.startswith("llmsh: echo: cannot write no/such/dir/f:")
+    assert errors == [] and not files.take_failure()
+
+
+def test_a_failing_redirect_file_is_one_line_and_a_failure(tmp_path: Any) -> None:
+    errors: list[str] = []
+    files = RedirectFiles(errors.append)
+    for op in ("open", "write", "write", "close"):
+        files.handle({"id": "r1", "path": "/dev/full", "append": False, "op": op, "text": "ps rows\n"})
+    files.handle({"id": "r2", "path": str(tmp_path / "no/such/dir/f"), "append": False, "op": "open"})
+    assert errors == ["llmsh: /dev/full: No space left on device", f"llmsh: {tmp_path}/no/such/dir/f: No such file or directory"]
+    assert files.take_failure() and not files.take_failure()
+
+
+async def test_redirect_needs_a_client_that_writes_files() -> None:
+    res, out = await run("echo x > f")  # a Recorder has no display(): nowhere to send the file's text
+    assert res.exit_code == 1 and "needs a client that writes files" in res.evalue and out.text("stdout") == ""
 
 
 async def test_sleep_is_interruptible() -> None:

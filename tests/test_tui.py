@@ -166,7 +166,7 @@ async def test_selection_sorting_filter_and_panels() -> None:
         await settle(pilot)
         table = app.query_one(ProcessTable)
         assert [r["pid"] for r in table.visible_rows()] == [1, 2, 3]
-        await pilot.press("down", "s", "K")
+        await pilot.press("down", "s", "K", "y")  # KILL asks first, like TERM
         await pilot.pause()
         assert source.sent == ["kill -STOP 2", "kill -KILL 2"]
         await pilot.press("minus")

@@ -10,7 +10,9 @@ Commands on stdin run as their lines arrive, so `producer | llmsh` works like a 
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+from llmsh.client.bang import BangError, Plan, plan, run_plan
 
 from llmsh.client.sync_client import KernelGone, SyncKernelClient
 from llmsh.client.render import Printer, exit_code, reply_error
@@ -73,6 +75,24 @@ def located(name: str, line: int, message: str) -> str:
     return f"llmsh: {name}:{line}: {rest}"
 
 
+def _run_bang(client: SyncKernelClient, printer: Printer, bang: Plan) -> int:
+    """Run a line with `!` commands: system commands here, each kernel part as one request."""
+    import asyncio
+
+    async def run_kernel(code: str, stdin: str | None, to: Callable[[str], None] | None) -> int:
+        printer.stdout_to = to
+        try:
+            reply = client.execute(code, stdin=stdin)
+        finally:
+            printer.stdout_to = None
+            printer.done()
+        if reply.get("status") != "ok" and reply.get("ename") != "Exit":
+            printer.error(reply_error(reply))
+        return printer.status(exit_code(reply))
+
+    return asyncio.run(run_plan(bang, run_kernel))
+
+
 def run_batch(info: dict, name: str, source: str | Iterable[str], *, keep_going: bool = False) -> int:
     """Run a script (text, or lines as they arrive) called `name` in messages against the kernel `info`; returns the exit code."""
     printer = Printer()
@@ -88,18 +108,35 @@ def run_batch(info: dict, name: str, source: str | Iterable[str], *, keep_going:
             if code is not None:
                 return status if code is True else int(code)
             try:
+                bang = plan(piece.code)
+            except BangError as e:
+                printer.error(f"llmsh: {e}" if single else located(name, piece.line, f"llmsh: {e}"))
+                bang, status = None, 2
+                if not keep_going:
+                    return status
+                failed = status
+                continue
+            if bang is not None:  # `!cmd` on this side: the client runs the line (llmsh/client/bang.py)
+                status = _run_bang(client, printer, bang)
+                if status and (status == 130 or not keep_going):
+                    return status
+                failed = status or failed
+                continue
+            try:
                 reply = client.execute(piece.code)
             finally:
                 printer.done()  # a progress bar (load) leaves the terminal with its command
-            status = exit_code(reply)
+            status = printer.status(exit_code(reply))
             if reply.get("ename") == "Exit":  # `… && exit N` ran in the kernel: leave with N, no message
                 return status
             if reply.get("status") != "ok":
                 message = reply_error(reply)
                 printer.error(message if single else located(name, piece.line, message))
+                status = status or 1
+            if status:  # an error reply, or a `> FILE` that failed here (its line is already shown)
                 if status == 130 or not keep_going:
-                    return status or 1
-                failed = status or 1
+                    return status
+                failed = status
         return status or failed
     except KernelGone as e:
         printer.error(f"llmsh: {e}")
@@ -107,4 +144,5 @@ def run_batch(info: dict, name: str, source: str | Iterable[str], *, keep_going:
     except KeyboardInterrupt:
         return 130
     finally:
+        printer.redirects.close()
         client.close()

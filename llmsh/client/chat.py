@@ -9,6 +9,7 @@ reply); Ctrl-C at an empty sub-prompt, Ctrl-D or `/exit` leave the chat; `/reset
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -19,6 +20,8 @@ VALUE_OPTIONS = {"--system", "--max-tokens", "--temperature", "--top-p", "--top-
 # options that only make sense once (when the chat opens), not on every turn
 ONCE_OPTIONS = {"--system", "--reset", "--show"}
 HELP = "chat with {}: Enter sends a line; Ctrl-C stops a reply; /reset, /show, /help; Ctrl-D or /exit leaves"
+COMMANDS = ("/reset", "/show", "/help", "/exit", "/quit")
+_SLASH_COMMAND = re.compile(r"^/[A-Za-z?][^/\s]*(\s|$)")  # `/word …` is a chat command; `/usr/bin/…` has a second /
 
 
 def quote(word: str) -> str:
@@ -109,11 +112,21 @@ async def chat_loop(spec: ChatSpec, prompt: Callable[[str], Awaitable[str]], run
             return status
         if message == "/reset":
             status = await run(spec.reset())
+            if status == 0:
+                say(f"(conversation with {spec.target} forgotten; the next line starts a new one)")
             continue
         if message == "/show":
             status = await run(spec.show())
             continue
         if message in ("/help", "/?"):
-            say(HELP.format(spec.target) + "; /reset forgets the conversation, /show prints it")
+            say(HELP.format(spec.target) + "; /reset forgets the conversation, /show prints it; "
+                "start a line with // to send one that begins with /")
             continue
+        if _SLASH_COMMAND.match(message):
+            say(f"llmsh: chat: unknown command {message.split()[0]}; known: {', '.join(COMMANDS)} "
+                "(start the line with // to send it to the model)")
+            status = 2
+            continue
+        if message.startswith("//"):
+            line = line.replace("//", "/", 1)
         status = await run(spec.turn(line))

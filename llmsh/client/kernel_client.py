@@ -148,12 +148,16 @@ class KernelClient:
             if self.on_output is not None:
                 self.on_output(msg)
 
-    async def execute(self, code: str, *, store_history: bool = True) -> dict[str, Any]:
-        """Run `code`; output goes to `on_output` as it arrives; returns the execute_reply content after all output."""
+    async def execute(self, code: str, *, store_history: bool = True, stdin: str | None = None) -> dict[str, Any]:
+        """Run `code`; output goes to `on_output` as it arrives; returns the execute_reply content after all output.
+        `stdin` is text for the line's first command to read (the output of a `!cmd |` run here)."""
+        metadata: dict[str, Any] = {"cwd": os.getcwd()}
+        if stdin is not None:
+            metadata["llmsh_stdin"] = stdin
         msg = self.wire.msg(
             "execute_request",
             {"code": code, "silent": False, "store_history": store_history, "user_expressions": {}, "allow_stdin": False},
-            metadata={"cwd": os.getcwd()},
+            metadata=metadata,
         )
         msg_id = msg["header"]["msg_id"]
         idle = self._idle[msg_id] = asyncio.Event()

@@ -24,6 +24,7 @@ from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from llmsh import __version__, paths
+from llmsh.client.bang import BangError, plan, run_plan
 from llmsh.client.batch import exit_request
 from llmsh.client.chat import chat_loop, chat_request
 from llmsh.client.kernel_client import KernelClient, KernelGone
@@ -85,8 +86,8 @@ def _chat_bindings() -> KeyBindings:
 
 
 def history_file() -> Path:
-    """The shell's history, in the state dir."""
-    return paths.state_dir() / "history"
+    """The shell's history, in the state dir (0600: it holds every prompt typed)."""
+    return paths.private_file(paths.state_dir() / "history")
 
 
 class _Exit(Exception):
@@ -111,7 +112,7 @@ async def _settle_output() -> None:
     await asyncio.sleep(0.01)  # the thread took the last piece: give it time to write it
 
 
-async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
+async def _run_line(client: KernelClient, printer: Printer, code: str, stdin: str | None = None) -> int:
     """Execute one line in the foreground; Ctrl-C meanwhile interrupts it."""
     loop = asyncio.get_running_loop()
     interrupted = False
@@ -122,19 +123,21 @@ async def _run_line(client: KernelClient, printer: Printer, code: str) -> int:
         asyncio.ensure_future(client.interrupt())
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
+    printer.prompting(False)
     try:
-        reply = await client.execute(code)
+        reply = await client.execute(code, stdin=stdin)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         printer.done()
         await _settle_output()
+        printer.prompting(True)
     if reply.get("ename") == "Exit":
         raise _Exit(exit_code(reply))
     if reply.get("status") != "ok":
         if interrupted:
             print()  # the terminal echoed ^C without a newline
         printer.error(reply_error(reply))
-    return exit_code(reply)
+    return printer.status(exit_code(reply))
 
 
 class _Connection:
@@ -181,7 +184,7 @@ async def run_repl(info: dict[str, Any], reconnect: Callable[[], dict[str, Any] 
             prompt_continuation=lambda width, line, wrap: "> ".rjust(width),
         )
         chat_session: PromptSession[str] = PromptSession(
-            history=FileHistory(str(history_file().with_name("chat_history"))), key_bindings=_chat_bindings()
+            history=FileHistory(str(paths.private_file(history_file().with_name("chat_history")))), key_bindings=_chat_bindings()
         )
 
         async def run(code: str) -> int:
@@ -191,8 +194,16 @@ async def run_repl(info: dict[str, Any], reconnect: Callable[[], dict[str, Any] 
                 await conn.lose(e)
                 return 1
 
+        async def run_routed(code: str, stdin: str | None, to: Callable[[str], None] | None) -> int:
+            printer.stdout_to = to  # `… | !cmd`: the kernel part's output goes to that command
+            try:
+                return await _run_line(client, printer, code, stdin)
+            finally:
+                printer.stdout_to = None
+
         with patch_stdout(raw=True):
             print(f"llmsh {__version__} — kernel pid {info.get('pid', '?')}. 'help' lists the commands; Ctrl-D leaves.")
+            printer.prompting(True)  # from here on, output not of a foreground command comes in whole lines
             while True:
                 try:
                     text = await session.prompt_async("llmsh> " if status == 0 else f"llmsh [{status}]> ")
@@ -205,6 +216,15 @@ async def run_repl(info: dict[str, Any], reconnect: Callable[[], dict[str, Any] 
                 code = exit_request(text)
                 if code is not None:
                     return status if code is True else int(code)
+                try:
+                    bang = plan(text)
+                except BangError as e:
+                    printer.error(f"llmsh: {e}")
+                    status = 2
+                    continue
+                if bang is not None:  # `!cmd`: run here, each kernel part as its own request
+                    status = await run_plan(bang, run_routed)
+                    continue
                 spec = chat_request(text)
                 if spec is not None:
                     status = await chat_loop(spec, chat_session.prompt_async, run, print)

@@ -131,13 +131,16 @@ class SyncKernelClient:
             if time.monotonic() > deadline:
                 raise KernelGone("the kernel answers but its iopub channel does not; is it a llmsh kernel?")
 
-    def execute(self, code: str, *, store_history: bool = True) -> dict[str, Any]:
+    def execute(self, code: str, *, store_history: bool = True, stdin: str | None = None) -> dict[str, Any]:
         """Run `code`, passing output to `on_output` as it arrives; returns the execute_reply content.
 
         Ctrl-C (KeyboardInterrupt) while waiting sends interrupt_request and keeps waiting for the reply; a second
         Ctrl-C gives up waiting and re-raises."""
         content = {"code": code, "silent": False, "store_history": store_history, "user_expressions": {}, "allow_stdin": False}
-        msg_id = self._send(self.shell, self.wire.msg("execute_request", content, metadata={"cwd": os.getcwd()}))
+        metadata: dict[str, Any] = {"cwd": os.getcwd()}
+        if stdin is not None:  # the output of a `!cmd |` run here, for the line's first command to read
+            metadata["llmsh_stdin"] = stdin
+        msg_id = self._send(self.shell, self.wire.msg("execute_request", content, metadata=metadata))
         try:
             reply = self._wait_reply(msg_id, None)
         except KeyboardInterrupt:

@@ -8,10 +8,11 @@ failure of the line becomes the reply's `evalue` instead, so the client shows ev
 
 Pipes: each stage of `a | b` runs as its own task; what `a` writes with `ctx.write` is put on an asyncio queue that
 `b` reads as `ctx.stdin`, piece by piece; when `b` has finished, `a`'s next write stops it (sh's SIGPIPE). A stage's
-`> FILE` replaces its stdout. Background jobs (`cmd &`) run as tasks tracked in `kernel.services.jobs` (see
+`> FILE` replaces its stdout: the text goes to the client, which opens and writes the file (the kernel does no file I/O
+for redirects). Background jobs (`cmd &`) run as tasks tracked in `kernel.services.jobs` (see
 jobs.py) and keep writing through the Output of the request that started them. `exit N` stops the rest of the line
-(reply ename "Exit", so the client leaves with N). Relative paths (`> FILE`, `ctx.path`) resolve against the client's
-working directory, which the shell sends in the execute_request's metadata as `cwd`.
+(reply ename "Exit", so the client leaves with N). Relative paths (`ctx.path`) resolve against the client's
+working directory, which the shell sends in the execute_request's metadata as `cwd` (`> FILE` is opened by the client).
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ import json
 import logging
 import os
 import shlex
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 from llmsh.commands import load_all
 from llmsh.commands.core import ExitRequested
 from llmsh.kernel.errors import KernelError
 from llmsh.commands.parser import AndOr, ParseError, Pipeline, SimpleCommand, Statement, is_complete, parse, tokenize
 from llmsh.commands.registry import REGISTRY, Command, CommandError, HelpRequested, UsageError
+from llmsh.protocol.redirect import CLOSE, OPEN, WRITE, redirect_bundle
 
 __all__ = ["ExecResult", "Output", "ShellContext", "PipeReader", "BrokenPipe", "execute", "complete", "is_complete"]
 
@@ -37,6 +40,7 @@ log = logging.getLogger("llmsh.commands")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 127, 130
 PROGRESS_MIME = "application/vnd.llmsh.progress+json"  # drawn as a bar by llmsh/client/render.py
+PARSE_IN_THREAD = 64 << 10  # lines at least this long are parsed off the kernel's event loop
 
 
 class Output(Protocol):
@@ -131,15 +135,28 @@ class _PipeSink(_Sink):
         self.pipe.queue.put_nowait(None)  # end of stream for the reader
 
 
-class _FileSink(_Sink):
-    def __init__(self, fh: IO[str]) -> None:
-        self.fh = fh
+class _RedirectSink(_Sink):
+    """`> FILE`: the text goes to the client, which writes the file in its own directory (llmsh/protocol/redirect.py);
+    the kernel opens no file, so a FIFO without a reader or a slow disk never stalls its loop."""
+
+    def __init__(self, out: Output, path: str, append: bool) -> None:
+        display = getattr(out, "display", None)
+        if display is None:
+            raise CommandError("output redirection needs a client that writes files (the llmsh shell)")
+        self.display = display
+        self.path, self.append = path, append
+        self.rid = uuid.uuid4().hex
+        self._send(OPEN)
+
+    def _send(self, op: str, text: str = "") -> None:
+        self.display(redirect_bundle(self.rid, self.path, self.append, op, text))
 
     def write(self, text: str) -> None:
-        self.fh.write(text)
+        if text:
+            self._send(WRITE, text)
 
     def close(self) -> None:
-        self.fh.close()
+        self._send(CLOSE)
 
 
 class PipeReader:
@@ -188,6 +205,7 @@ class ShellContext:
         cwd: str | None = None,
         command: Command | None = None,
         json_output: bool = False,
+        args: Any = None,
     ) -> None:
         self.kernel = kernel
         self.client = client
@@ -195,8 +213,14 @@ class ShellContext:
         self.stdin = stdin
         self.cwd = cwd or os.getcwd()
         self.command = command
-        self.json = json_output
+        self._json = json_output
+        self._args = args  # the parsed arguments: a handler may still add `--json` that followed a prompt
         self._sink = sink or _ClientSink(out)
+
+    @property
+    def json(self) -> bool:
+        """True when the command was given `--json`, wherever on its line (`run g hi --json`)."""
+        return self._json or bool(getattr(self._args, "json", False))
 
     def write(self, text: str) -> None:
         """Stream text to stdout (or into the next pipe stage / the redirect file). No newline is added."""
@@ -251,6 +275,7 @@ class _Runner:
         self.cwd = cwd
         self.job = job  # a background job: `exit` does nothing there
         self.pending: _Failure | None = None  # the latest failure, shown on stderr unless it ends the line
+        self.stdin_text: str | None = None  # text the client sent for the first command to read (`!cmd | …`)
 
     def flush(self) -> None:
         """Print the held failure message: a later command ran, so it is not the line's final result."""
@@ -280,16 +305,27 @@ class _Runner:
                 code = await self.pipeline(pipe)
         return code
 
+    def _client_stdin(self) -> PipeReader | None:
+        """The client's text as the stdin of the first command that runs (once), as if piped in."""
+        if self.stdin_text is None:
+            return None
+        pipe = _Pipe()
+        pipe.queue.put_nowait(self.stdin_text)
+        pipe.queue.put_nowait(None)
+        self.stdin_text = None
+        return PipeReader(pipe)
+
     async def pipeline(self, pipe: Pipeline) -> int:
         self.flush()
+        first_stdin = self._client_stdin()
         if len(pipe.commands) == 1:
-            failure_code, failure = await self.command(pipe.commands[0], None, None)
+            failure_code, failure = await self.command(pipe.commands[0], None, first_stdin)
             self.pending = failure
             return failure_code
         pipes = [_Pipe() for _ in pipe.commands[:-1]]
         tasks = []
         for i, cmd in enumerate(pipe.commands):
-            stdin = PipeReader(pipes[i - 1]) if i > 0 else None
+            stdin = PipeReader(pipes[i - 1]) if i > 0 else first_stdin
             sink = _PipeSink(pipes[i]) if i < len(pipes) else None
             tasks.append(asyncio.ensure_future(self.command(cmd, sink, stdin)))
         try:
@@ -318,7 +354,7 @@ class _Runner:
         try:
             if cmd.redirect is not None:
                 sink.close()  # a redirect replaces the pipe: the next stage sees end of input
-                sink = self._open_redirect(cmd.redirect.path, cmd.redirect.append)
+                sink = _RedirectSink(self.out, cmd.redirect.path, cmd.redirect.append)
             entry = REGISTRY.get(name)
             if entry is None:
                 err = REGISTRY.not_found(name)
@@ -336,7 +372,7 @@ class _Runner:
                 stdin=stdin,
                 cwd=self.cwd,
                 command=entry,
-                json_output=bool(getattr(args, "json", False)),
+                args=args,
             )
             try:
                 code = await entry.handler(ctx, args)
@@ -369,24 +405,16 @@ class _Runner:
             if isinstance(stdin, PipeReader):
                 stdin.close()  # the left stage may still be writing: its next write stops it
 
-    def _open_redirect(self, name: str, append: bool) -> _Sink:
-        path = Path(os.path.expanduser(name))
-        if not path.is_absolute():
-            path = Path(self.cwd or os.getcwd()) / path
-        try:
-            return _FileSink(open(path, "a" if append else "w", encoding="utf-8"))
-        except OSError as e:
-            raise CommandError(f"cannot write {name}: {e.strerror or e}") from None
-
 
 async def execute(kernel: Any, code: str, *, client: str, out: Output, cwd: str | None = None) -> ExecResult:
     """Run one command line (any number of statements) for `client`; output goes to `out`. Cancellation propagates."""
     load_all()
-    try:
-        script = parse(code)
+    try:  # a long line is parsed in a thread: other clients' requests go on meanwhile
+        script = parse(code) if len(code) < PARSE_IN_THREAD else await asyncio.to_thread(parse, code)
     except ParseError as e:
         return ExecResult("error", EXIT_USAGE, "SyntaxError", f"llmsh: {e}")
     runner = _Runner(kernel, client, out, cwd or _client_cwd(out))
+    runner.stdin_text = _client_metadata(out, "llmsh_stdin", str)
     status = EXIT_OK
     try:
         for stmt in script.statements:
@@ -406,13 +434,19 @@ async def execute(kernel: Any, code: str, *, client: str, out: Output, cwd: str 
     return ExecResult("error", status, failure.ename, failure.message)
 
 
-def _client_cwd(out: Output) -> str | None:
-    """The shell client sends its working directory in the execute_request's metadata (`cwd`); when the kernel
-    does not pass it to `execute`, take it from the request the Output answers (its `parent`)."""
+def _client_metadata(out: Output, key: str, kind: type) -> Any:
+    """A field of the execute_request's metadata (the request the Output answers: its `parent`), if of `kind`."""
     parent = getattr(out, "parent", None) or getattr(out, "_parent", None)
     meta = parent.get("metadata") if isinstance(parent, dict) else None
-    cwd = meta.get("cwd") if isinstance(meta, dict) else None
-    return cwd if isinstance(cwd, str) and os.path.isabs(cwd) and os.path.isdir(cwd) else None
+    value = meta.get(key) if isinstance(meta, dict) else None
+    return value if isinstance(value, kind) else None
+
+
+def _client_cwd(out: Output) -> str | None:
+    """The shell client sends its working directory in the execute_request's metadata (`cwd`); when the kernel
+    does not pass it to `execute`, take it from the request the Output answers."""
+    cwd = _client_metadata(out, "cwd", str)
+    return cwd if cwd and os.path.isabs(cwd) and os.path.isdir(cwd) else None
 
 
 # ---- completion -----------------------------------------------------------------------------------------------------

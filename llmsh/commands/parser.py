@@ -16,12 +16,17 @@ client can use it (for multi-line input) without loading anything heavy.
 
 from __future__ import annotations
 
+import re
 import shlex
 
 SEPARATORS = (";", "&", "\n")
 OPERATORS = ("&&", "||", ">>", ";", "|", "&", ">", "<", "\n")  # longest first where they share a prefix
 _OP_CHARS = set(";&|<>\n")
+_TWO_CHAR_OPS = {o for o in OPERATORS if len(o) == 2}
 _BLANK = " \t\r"
+_WORD_RUN = re.compile(r"[^ \t\r;&|<>\n\\'\"]+")  # plain characters of a word, taken in one step
+_DOUBLE_BODY = re.compile(r'(?:[^"\\]|\\.)*', re.S)  # the inside of "…": anything but an unescaped quote
+_DOUBLE_ESCAPE = re.compile(r"\\(.)", re.S)
 
 
 class ParseError(ValueError):
@@ -151,7 +156,7 @@ class _Lexer:
                 end = code.find("\n", i)
                 i = n if end < 0 else end
             elif c in _OP_CHARS:
-                op = next(o for o in OPERATORS if code.startswith(o, i))
+                op = code[i : i + 2] if code[i : i + 2] in _TWO_CHAR_OPS else c
                 out.append(Token("op", op, i, i + len(op)))
                 i += len(op)
             else:
@@ -160,8 +165,13 @@ class _Lexer:
         return out
 
     def _word(self, i: int) -> tuple[Token, int]:
+        """One word from `i`: its value with the quoting removed as POSIX `shlex.split` would, in one pass
+        (shlex itself reads character by character in Python: a 1 MB quoted prompt took seconds)."""
         code, n, start = self.code, len(self.code), i
-        raw: list[str] = []
+        run = _WORD_RUN.match(code, i)
+        if run is not None and (run.end() >= n or code[run.end()] in _BLANK or code[run.end()] in _OP_CHARS):
+            return Token("word", run.group(), start, run.end()), run.end()  # the common case: a plain word
+        value: list[str] = []
         quoted = False
         while i < n:
             c = code[i]
@@ -177,50 +187,43 @@ class _Lexer:
                     i += 2
                     self.dangling = i >= n
                     continue
-                raw.append(code[i : i + 2])
+                value.append(code[i + 1])  # outside quotes a backslash keeps the next character as it is
                 quoted = True
                 i += 2
                 continue
             if c in "'\"":
                 j = self._closing_quote(i)
+                quoted = True
                 if j < 0:
                     if not self.partial:
                         raise ParseError(f"unclosed {c} quote", incomplete=True, pos=i)
-                    raw.append(code[i:] + c)
-                    i = n
-                    quoted = True
-                    break
-                segment = code[i : j + 1]
-                raw.append(segment.replace("\\\n", "") if c == '"' else segment)
-                quoted = True
-                i = j + 1
+                    j = n
+                inner = code[i + 1 : j]
+                value.append(inner if c == "'" else _unescape_double(inner))
+                i = min(j + 1, n)
                 continue
-            raw.append(c)
-            i += 1
-        text = "".join(raw)
-        if quoted:
-            try:
-                parts = shlex.split(text, comments=False, posix=True)
-            except ValueError as e:  # cannot happen for text the lexer closed, but never crash on input
-                raise ParseError(f"bad quoting: {e}", pos=start) from None
-            value = parts[0] if parts else ""
-        else:
-            value = text
-        return Token("word", value, start, i, quoted), i
+            run = _WORD_RUN.match(code, i)
+            assert run is not None  # code[i] is none of the characters the pattern stops at
+            value.append(run.group())
+            i = run.end()
+        return Token("word", "".join(value), start, i, quoted), i
 
     def _closing_quote(self, i: int) -> int:
         code, q = self.code, self.code[i]
         if q == "'":
             return code.find("'", i + 1)
-        j = i + 1
-        while j < len(code):
-            if code[j] == "\\":
-                j += 2
-                continue
-            if code[j] == '"':
-                return j
-            j += 1
-        return -1
+        m = _DOUBLE_BODY.match(code, i + 1)
+        assert m is not None  # the pattern also matches the empty string
+        j = m.end()
+        return j if j < len(code) and code[j] == '"' else -1
+
+
+def _unescape_double(inner: str) -> str:
+    """The text between double quotes with shlex's (POSIX) rules: backslash-newline is dropped, and a backslash
+    escapes only `"` and `\\`; before any other character it stays."""
+    if "\\" not in inner:
+        return inner
+    return _DOUBLE_ESCAPE.sub(lambda m: "" if m.group(1) == "\n" else m.group(1) if m.group(1) in '"\\' else m.group(0), inner)
 
 
 def tokenize(code: str, *, partial: bool = False) -> list[Token]:
@@ -233,6 +236,8 @@ class _Parser:
         self.code = code
         self.toks = tokens
         self.i = 0
+        self.lines = 0  # newlines before `counted`
+        self.counted = 0
 
     def peek(self) -> Token | None:
         return self.toks[self.i] if self.i < len(self.toks) else None
@@ -260,7 +265,9 @@ class _Parser:
                     raise self.unexpected(self.peek())
                 self.i += 1
             text = self.code[first.start : last.end]
-            line = self.code.count("\n", 0, first.start) + 1
+            self.lines += self.code.count("\n", self.counted, first.start)  # counted once overall: linear in the input
+            self.counted = first.start
+            line = self.lines + 1
             stmts.append(Statement(body, background, text, line))
 
     def and_or(self) -> AndOr:

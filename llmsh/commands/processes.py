@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llmsh.commands.registry import CommandError, Context, UsageError, arg, command
+from llmsh.commands.values import seed_value
+from llmsh.fmt import duration, human_bytes, proc_cell, table
 from llmsh.kernel.errors import KernelError
 from llmsh.kernel.front import MAX_CHATS
 from llmsh.kernel.table import Entry
 from llmsh.models import find_models, hf_cache_dir, model_dirs
 from llmsh.procinfo import thread_rows
 from llmsh.protocol.procs import ProcState, parse_signal
-from llmsh.fmt import duration, human_bytes, proc_cell, table
 
 GROUP = "processes"
 DEFAULT_TERM_GRACE = 30.0  # seconds TERM waits for in-flight requests before escalating to KILL
@@ -234,7 +235,7 @@ SAMPLING_ARGS = (
     arg("--temperature", type=float, metavar="T", help="0 = greedy"),
     arg("--top-p", type=float, metavar="P", help="nucleus sampling mass, 0 < P ≤ 1"),
     arg("--top-k", type=int, metavar="K", help="sample among the K most likely tokens (0 = all)"),
-    arg("--seed", type=int, metavar="S", help="random seed of this request"),
+    arg("--seed", type=seed_value, metavar="S", help="random seed of this request"),
     arg("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)"),
     arg("--repetition-penalty", type=float, metavar="R", help="> 1 discourages repeats"),
     arg("--ignore-eos", action="store_true", default=None, help="keep going past end-of-sequence (benchmarks)"),

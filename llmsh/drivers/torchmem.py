@@ -14,8 +14,15 @@ from llmsh.drivers.base import Driver
 
 
 def loaded() -> Any:
-    """The torch module if this process has imported it, else None."""
-    return sys.modules.get("torch")
+    """The torch module if this process has imported it completely, else None.
+
+    The first `load` imports torch in a loader thread, which takes a second or more; meanwhile `sys.modules` already
+    holds the half-built module, and touching it from the telemetry thread raised "partially initialized module
+    'torch'". Python marks such a module's spec `_initializing` (its own check for that error message)."""
+    torch = sys.modules.get("torch")
+    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return None
+    return torch
 
 
 class TorchDriver(Driver):

@@ -24,6 +24,7 @@ from typing import Any
 from llmsh.engine.process import Process, ProcessTable, ProcState
 from llmsh.engine.scheduler import Scheduler
 from llmsh.models import default_name, find_models, hf_cache_dir, model_dirs, resolve_model  # noqa: F401
+from llmsh.protocol.names import usable_name
 
 LOADER_WORKERS = 2
 DEFAULT_MAX_BATCH = 16  # requests decoded together per process; more queue (bounded) until a slot frees
@@ -177,7 +178,7 @@ class Loader:
             if v is not None and v < 1:
                 raise ValueError(f"{what} {v}: give a positive number")
         path = resolve_model(source)
-        base = name or default_name(path)
+        base = name if name is not None else usable_name(default_name(path))
         if name is None:
             base = self.procs.unique_name(base)
         proc = self.procs.add(base, path, device=device, dtype=dtype or "", nice=nice, pid=pid)

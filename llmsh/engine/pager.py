@@ -18,7 +18,10 @@ from typing import Any
 from llmsh.engine.paging.budget import BudgetError, format_bytes, parse_budget
 from llmsh.engine.paging.core import PageInError, Pager, PagerError
 from llmsh.engine.paging.sources import ModelSource
+from llmsh.runtime.errors import CheckpointChanged  # torch-free
 from llmsh.units import parse_duration
+
+CHECKPOINT_CHANGED = CheckpointChanged.MARK
 
 __all__ = ["Pager", "PagerError", "PageInError", "PagerService", "setup", "parse_duration"]
 
@@ -132,13 +135,15 @@ class PagerService:
             proc.batch = guard
         self._guards[proc.pid] = guard
 
-    @staticmethod
-    def _fail_requests(proc: Any, seqs: list[Any], line: str) -> None:
-        """A step could not get its pages: fail those requests (their clients get the line); the process lives on."""
+    def _fail_requests(self, proc: Any, seqs: list[Any], line: str) -> None:
+        """A step could not get its pages: fail those requests (their clients get the line); the process lives on,
+        unless its checkpoint file changed on disk: then no later step can be trusted and the process fails too."""
         for seq in seqs:
             req = proc.active.get(id(seq))
             if req is not None:
                 req.fail("failed", f"process {proc.pid} ({proc.name}): {line}")
+        if CHECKPOINT_CHANGED in line:
+            self._fail(proc, line[line.find(": ") + 2 :] if line.startswith("could not read page") else line)
 
     def _make_room_for(self, proc: Any) -> None:
         """A load is starting: page out idle / lower-priority processes for its weights (estimated from the files)."""

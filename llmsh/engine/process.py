@@ -34,6 +34,7 @@ from llmsh.protocol.procs import (  # noqa: F401  (re-exported: the engine's mod
     cfs_weight,
     parse_signal,
 )
+from llmsh.protocol.names import check_name
 
 
 class Runtime(Protocol):
@@ -191,6 +192,7 @@ class ProcessTable:
     ) -> Process:
         """Create a `loading` process (with the next PID, or `pid` as the front assigned it); TableFull when full."""
         cfs_weight(nice)
+        check_name(name)  # not all digits, no leading %, no control characters (llmsh/protocol/names.py)
         with self._lock:
             if pid is not None:
                 if pid in self._procs:

@@ -25,11 +25,13 @@ from llmsh.kernel.jobs import JobTable
 from llmsh.kernel.journal import Journal
 from llmsh.kernel.table import Entry, ProcessTable
 from llmsh.models import default_name, resolve_model
+from llmsh.protocol.names import usable_name
 from llmsh.protocol.procs import ExitHow, ProcState, cfs_weight
 
 log = logging.getLogger("llmsh.kernel.front")
 MAX_CHATS = 256  # conversations kept per kernel (oldest forgotten first)
 SIGBUS_HINT = "its checkpoint file changed on disk?"
+KILL_SETTLE_S = 10.0  # KILL waits at most this long for the engine's `removed` (one step in flight, at worst)
 
 
 class NoSuchProcess(KernelError):
@@ -245,7 +247,7 @@ class Processes:
             if v is not None and v < 1:
                 raise KernelError(f"{what} {v}: give a positive number", ename="UsageError", status=2)
         path = await asyncio.to_thread(resolve_model, source)  # scans model dirs: not on the loop
-        base = name or self.table.unique_name(default_name(path))
+        base = name if name is not None else self.table.unique_name(usable_name(default_name(path)))
         try:
             entry = await self.table.add(base, path, device=device, dtype=dtype or "", nice=nice,
                                          options={"device": device, "dtype": dtype, "max_batch": max_batch, "ctx": ctx})
@@ -330,6 +332,8 @@ class Processes:
                 raise StateError(f"CONT: process {entry.pid} ({entry.name}) is paged-out, not stopped; CONT only resumes a stopped process")
         reply = await self._engine_signal(entry, sig)
         self.dmesg("signal", f"{sig} pid {entry.pid} ({entry.name})", entry.pid)
+        if sig == "KILL":  # the engine has freed it (or does right after the step in flight): so has the table
+            await self.table.wait_for(lambda: self.table.gone(entry), timeout=KILL_SETTLE_S)
         if sig == "TERM" and not self.table.gone(entry):
             asyncio.get_running_loop().create_task(self._term_then_kill(entry, grace), name=f"term-grace pid {entry.pid}")
         return str(reply.get("state", entry.state.value))

@@ -14,6 +14,7 @@ import argparse
 import enum
 import json
 import logging
+import logging.handlers
 import os
 import re
 import signal
@@ -29,6 +30,7 @@ from llmsh.fmt import format_bytes
 from llmsh.paths import log_file
 
 log = logging.getLogger("llmsh.kernel")
+LOG_BYTES = 8 << 20  # a kernel's log rolls over at this size, keeping two older parts (.log.1, .log.2)
 
 
 class KernelStartError(Exception):
@@ -146,12 +148,14 @@ def _start_args(args: argparse.Namespace | None) -> list[str]:
     out: list[str] = []
     if args is None:
         return out
-    if getattr(args, "ip", None) and args.ip != "127.0.0.1":
+    if getattr(args, "ip", None):
         out += ["--ip", args.ip]
     if getattr(args, "mem_budget", None):
         out += ["--mem-budget", args.mem_budget]
     if getattr(args, "telemetry_hz", None) is not None and args.telemetry_hz != 2.0:
         out += ["--telemetry-hz", str(args.telemetry_hz)]
+    if getattr(args, "max_message", None):
+        out += ["--max-message", str(args.max_message)]
     if getattr(args, "ray", None):
         out += ["--ray", args.ray]
     if getattr(args, "restore", False):
@@ -169,8 +173,9 @@ def start_kernel_daemon(connection_file: str | None = None, timeout: float = 20,
         if info is None or "pid" in info:  # a stale file of ours (or junk): start afresh
             path.unlink(missing_ok=True)
         # else: a Jupyter-style file with ports and key chosen by someone else; the kernel binds those
-    logpath = log_file(path)
-    offset = logpath.stat().st_size if logpath.exists() else 0
+    paths.prune_logs(paths.LOGS_KEPT - 1)  # room for this kernel's log: the newest few are kept
+    logpath = paths.private_file(log_file(path))
+    offset = logpath.stat().st_size
     cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(path), *_start_args(args)]
     with open(logpath, "ab") as logf:
         try:
@@ -230,8 +235,8 @@ def _last_line(logpath: Path, offset: int = 0) -> str:
 
 def setup_logging(connection_file: Path) -> Path:
     """Send the `llmsh` loggers to the kernel's log file in the state dir; returns the file."""
-    path = log_file(connection_file)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    path = paths.private_file(log_file(connection_file))
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_BYTES, backupCount=2, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("llmsh")
     root.addHandler(handler)

@@ -46,6 +46,8 @@ from llmsh.protocol.connection import (
     uses_curve,
     write_connection_file,
 )
+from llmsh.protocol.limits import DEFAULT_MAX_MESSAGE, bad_complete_request, too_big
+from llmsh.protocol.transport import choose_transport, remove_ipc_files
 from llmsh.protocol.session import Rejected, Verifier, make_session
 
 if TYPE_CHECKING:
@@ -69,8 +71,10 @@ MAX_FRAME_BYTES = 64 << 20  # no request needs more; a bigger frame is an attack
 
 def default_args(**overrides: Any) -> argparse.Namespace:
     """The options of `llmsh kernel start` with their defaults (for kernels built in tests or tools)."""
-    values = dict(foreground=True, connection_file=None, ip="127.0.0.1", mem_budget=None, telemetry_hz=2.0, ray=None,
-                  restore=False)
+    values = dict(
+        foreground=True, connection_file=None, ip=None, mem_budget=None, telemetry_hz=2.0, ray=None,
+        max_message=DEFAULT_MAX_MESSAGE, restore=False,
+    )
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -260,9 +264,10 @@ class Kernel:
             info = read_connection_file(self.connection_file)
         else:
             self._owns_file = True
+            transport, ip = choose_transport(getattr(self.args, "ip", None), self.connection_file)
             info = {
-                "ip": getattr(self.args, "ip", None) or "127.0.0.1",
-                "transport": "tcp",
+                "ip": ip,
+                "transport": transport,
                 "key": new_key(),
                 "signature_scheme": SIGNATURE_SCHEME,
                 "kernel_name": "llmsh",
@@ -399,6 +404,7 @@ class Kernel:
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         self._unbind(linger=1000)
+        remove_ipc_files(self.connection_info)
         if self._owns_file or not self.restart_requested:
             self.connection_file.unlink(missing_ok=True)
         log.info("kernel stopped")
@@ -467,10 +473,17 @@ class Kernel:
                 self._client_fds[session] = fd  # its disconnect (socket monitor) takes it off `clients`
         if channel == "stdin":  # the kernel never asks for input; replies there are only counted
             return
+        limit = int(getattr(self.args, "max_message", None) or DEFAULT_MAX_MESSAGE)
+        if nbytes > limit and msg_type.endswith("_request"):  # refused before anything parses it
+            self._refuse(channel, idents, msg, too_big(nbytes, limit))
+            return
         if msg_type == "execute_request" and channel == "shell":
             self._drain_monitor()  # apply pending disconnects first: a new client may reuse a closed fd number
             self._executed_sessions.add(session)
             self.spawn(self._execute(channel, idents, msg, fd), name=f"execute {header['msg_id']}")
+            return
+        if msg_type == "complete_request":
+            self.spawn(self._complete_async(channel, idents, msg), name=f"complete {header['msg_id']}")
             return
         handler = self._handlers.get(msg_type)
         if handler is None:
@@ -489,6 +502,15 @@ class Kernel:
         self._status("idle", msg)
         if msg_type == "shutdown_request":
             self.request_shutdown(bool(msg["content"].get("restart", False)))
+
+    def _refuse(self, channel: str, idents: list[bytes], msg: dict[str, Any], line: str) -> None:
+        """Answer a request with an error reply of one line, without running it (busy/idle so clients stop waiting)."""
+        self._status("busy", msg)
+        content = {"status": "error", "ename": "MessageTooLarge", "evalue": line, "traceback": [line], "llmsh_exit_code": 1}
+        if msg["header"]["msg_type"] == "execute_request":
+            content["execution_count"] = self.execution_count
+        self._send(channel, msg["header"]["msg_type"][: -len("_request")] + "_reply", content, msg, idents)
+        self._status("idle", msg)
 
     # ----------------------------------------------------------------- execute
     async def _execute(self, channel: str, idents: list[bytes], msg: dict[str, Any], fd: int) -> None:
@@ -598,11 +620,23 @@ class Kernel:
             "llmsh": self.info(),
         }
 
+    async def _complete_async(self, channel: str, idents: list[bytes], msg: dict[str, Any]) -> None:
+        """complete_request off the loop: completers list folders (paths, model dirs), which may be slow or hang."""
+        self._status("busy", msg)
+        try:
+            content = await asyncio.to_thread(self._complete, msg)
+        except Exception as e:
+            log.exception("complete_request failed")
+            content = {"status": "error", "ename": type(e).__name__, "evalue": _one_line(e), "traceback": []}
+        self._send(channel, "complete_reply", content, msg, idents)
+        self._status("idle", msg)
+
     def _complete(self, msg: dict[str, Any]) -> dict[str, Any]:
-        code = str(msg["content"].get("code", ""))
-        pos = msg["content"].get("cursor_pos")
-        pos = len(code) if not isinstance(pos, int) or not 0 <= pos <= len(code) else pos
-        matches: list[str]
+        problem = bad_complete_request(msg["content"])
+        if problem is not None:  # an error reply, never silence: the client is waiting for one
+            return {"status": "error", "ename": "BadRequest", "evalue": problem, "traceback": [problem]}
+        code = msg["content"]["code"]
+        pos = msg["content"].get("cursor_pos", len(code))
         if self._executor is None:
             matches, start, end = [], pos, pos
         else:
@@ -681,7 +715,6 @@ class Kernel:
 
     _handlers: dict[str, Callable[[Kernel, dict[str, Any]], dict[str, Any]]] = {
         "kernel_info_request": _kernel_info,
-        "complete_request": _complete,
         "is_complete_request": _is_complete,
         "interrupt_request": _interrupt,
         "shutdown_request": _shutdown,

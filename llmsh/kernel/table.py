@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from llmsh.kernel.errors import KernelError
 from llmsh.kernel.journal import Journal
+from llmsh.protocol.names import check_name
 from llmsh.protocol.procs import ExitHow, ProcState, cfs_weight
 
 DEFAULT_MAX_PROCS = 16
@@ -144,6 +145,7 @@ class ProcessTable:
                   options: dict[str, Any] | None = None, pid: int | None = None) -> Entry:
         """A new `loading` entry (journalled before this returns); TableFull or ValueError with one line."""
         cfs_weight(nice)
+        check_name(name)
         live = [e for e in self if e.state is not ProcState.FAILED]
         if pid is None and len(live) >= self.max_procs:
             raise TableFull(f"busy: {self.max_procs} processes already loaded (the limit, max_procs in config.toml); "

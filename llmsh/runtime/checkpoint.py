@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from llmsh.runtime.errors import LoadError
+from llmsh.runtime.errors import CheckpointChanged, LoadError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -38,6 +39,10 @@ def _valid_entry(e: object) -> bool:
     return (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
             and isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
             and 0 <= offs[0] <= offs[1])
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class SafetensorsFile:
@@ -59,6 +64,7 @@ class SafetensorsFile:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise LoadError(f"{path.name} in {path.parent} has a corrupt header; re-download it") from None
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+            self.stamp = _stamp(os.fstat(f.fileno()))  # what the mapping shows; a later page-in checks the file still is
         if not isinstance(header, dict) or not all(_valid_entry(e) for k, e in header.items() if k != "__metadata__"):
             self._map = None
             raise LoadError(f"{path.name} in {path.parent} has a corrupt header (a tensor entry without dtype, shape "
@@ -82,6 +88,19 @@ class SafetensorsFile:
             return torch.empty(e["shape"], dtype=dtype)
         raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - start, offset=self.data_start + start)
         return raw.view(dtype).view(e["shape"])
+
+    def check_unchanged(self) -> None:
+        """Raise CheckpointChanged if the file on disk is no longer the one mapped at load (size, mtime or inode):
+        its pages would be other weights, or past the end of a truncated file (SIGBUS)."""
+        try:
+            now = _stamp(os.stat(self.path))
+        except OSError as e:
+            raise CheckpointChanged(f"{self.path.name} in {self.path.parent} is missing {CheckpointChanged.MARK} "
+                                    f"({e.strerror}); kill the process and load the model again") from None
+        if now != self.stamp:
+            what = "size" if now[0] != self.stamp[0] else "modification time" if now[1] != self.stamp[1] else "inode"
+            raise CheckpointChanged(f"{self.path.name} in {self.path.parent} changed {CheckpointChanged.MARK} "
+                                    f"({what} differs); kill the process and load the model again")
 
     def drop_pages(self, name: str, lo: int = 0, hi: int | None = None) -> None:
         """Tell the kernel we are done with bytes [lo, hi) of tensor `name` (after copying them): they leave our RSS."""
@@ -200,6 +219,7 @@ class Checkpoint:
         at = 0
         for part in parts or [param_name]:
             file, key, src = self._source(part)
+            file.check_unchanged()  # a page-in after load: never copy weights out of a file that changed under us
             transposed = self.transposed(part)  # stored (out, in), wanted (in, out) (see layers.py)
             width = src.shape[0] if transposed else src.shape[-1] if src.dim() else 1
             _copy_out(file, key, src, transposed, out[..., at:at + width] if parts else out)

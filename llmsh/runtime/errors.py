@@ -1,4 +1,4 @@
-"""The one exception type the runtime raises for user-facing failures.
+"""The exception types the runtime raises for user-facing failures (LoadError, and its CheckpointChanged).
 
 Every message is a single line that names the file or setting at fault and says what to do, so the shell can print it
 as-is (`llmsh: load: ...`) instead of a traceback.
@@ -12,3 +12,9 @@ class LoadError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class CheckpointChanged(LoadError):
+    """A mapped weight file changed on disk after the load; the process using it must fail with this one line."""
+
+    MARK = "on disk since it was loaded"  # in every message: the pager's error callbacks only see the text

@@ -24,10 +24,13 @@ MANIFEST = "llmsh-checksums.sha256"
 CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
+# Files whose bytes become weights: a manifest must list every one of them (an unlisted shard would load unchecked)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npz", ".h5", ".msgpack", ".index.json")
 _verified: dict[tuple[str, int, int, str], str] = {}  # (realpath, size, mtime_ns, algo) -> hex digest
 
 
-def _digest(path: Path, algo: str) -> str:
+def _digest(path: Path, algo: str, on_chunk: Callable[[int], None] | None = None) -> str:
+    """Hex digest of a file; `on_chunk(n)` after each chunk may raise to stop hashing (an interrupted load)."""
     real = os.path.realpath(path)
     st = os.stat(real)
     key = (real, st.st_size, st.st_mtime_ns, algo)
@@ -40,6 +43,8 @@ def _digest(path: Path, algo: str) -> str:
     with open(real, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
+            if on_chunk is not None:
+                on_chunk(len(chunk))
     _verified[key] = h.hexdigest()
     return _verified[key]
 
@@ -91,10 +96,20 @@ def verify_folder(folder: str | os.PathLike, progress: Callable[[float, str], No
     checks = list(_hub_checks(folder)) if _is_hub_snapshot(folder) else list(_manifest_checks(folder))
     total = sum(_size(p) for _, p, _, _, _ in checks) or 1
     done = 0
+    shown = -1
+
+    def advanced(n: int) -> None:  # progress inside a file too: the loader's callback stops an interrupted load here
+        nonlocal done, shown
+        done += n
+        if progress and int(100 * done / total) != shown:
+            shown = int(100 * done / total)
+            progress(min(1.0, done / total), f"verifying {rel}")
+
     for rel, path, algo, expected, source in checks:
         if not path.exists():
             raise LoadError(f"{rel} is missing from {folder} (its checksum is listed); re-download the model")
-        if _digest(path, algo) != expected:
+        before = done
+        if _digest(path, algo, advanced) != expected:
             how = f"is truncated ({_size(path)} bytes) or corrupt: its checksum does not match {source}"
             if source == MANIFEST:
                 raise LoadError(f"{rel} in {folder} {how}; re-download it, or if you changed it on purpose "
@@ -102,7 +117,7 @@ def verify_folder(folder: str | os.PathLike, progress: Callable[[float, str], No
             repo = folder.parent.parent.name.removeprefix("models--").replace("--", "/")
             raise LoadError(f"{rel} of {repo} (snapshot {folder.name[:12]}) {how}; delete it and re-download "
                             f"(huggingface-cli download {repo})")
-        done += _size(path)
+        done = before + _size(path)  # a remembered digest reads nothing
         if progress:
             progress(done / total, f"verified {rel}")
     return len(checks)
@@ -145,7 +160,17 @@ def _manifest_checks(folder: Path) -> Iterable[tuple[str, Path, str, str, str]]:
     manifest = folder / MANIFEST
     if not manifest.exists():
         return
-    for rel, digest in read_manifest(manifest).items():
+    listed = read_manifest(manifest)
+    for rel in listed:
+        parts = Path(rel).parts
+        if os.path.isabs(rel) or ".." in parts or not parts:
+            raise LoadError(f"{MANIFEST} in {folder} lists {rel!r}, which is outside the model folder; "
+                            f"rewrite it with 'llmsh checksum {folder}'")
+    unlisted = [rel for rel in model_files(folder) if rel not in listed and rel.endswith(WEIGHT_SUFFIXES)]
+    if unlisted:
+        raise LoadError(f"{unlisted[0]} in {folder} is not in {MANIFEST} (added after 'llmsh checksum'?); remove it, "
+                        f"or if you trust it run 'llmsh checksum {folder}'")
+    for rel, digest in listed.items():
         yield rel, folder / rel, "sha256", digest, MANIFEST
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from llmsh.runtime import fast_decode, gpt2, hub, integrity, llama
+from llmsh.runtime.config_check import check_sizes
 from llmsh.runtime.checkpoint import Checkpoint
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.generation import BatchGenerator, Sequence
@@ -285,6 +286,7 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: st
     if verify and integrity.has_checksums(folder):
         integrity.verify_folder(folder, progress=lambda f, m: report(0.05 + 0.6 * f, m))
     dt = _resolve_dtype(dtype, checkpoint.dtype(), dev)
+    check_sizes(hf_config, folder / "config.json")  # n_layer 0, n_head 0…: one line here, not a failing first step
     try:
         cfg = family.Config.from_hf(hf_config)
     except KeyError as e:

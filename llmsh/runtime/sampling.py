@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+
 
 @dataclass
 class SamplingParams:
@@ -39,7 +41,9 @@ class SamplingParams:
             (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
             (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
              f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"),
-            (self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), f"seed must be an integer >= 0, got {self.seed!r}"),
+            (self.seed is None
+             or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED),
+             f"seed must be a whole number from 0 to {MAX_SEED}, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
         ]
         for ok, message in checks:

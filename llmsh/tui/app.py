@@ -1,14 +1,16 @@
 """`llmsh top`: the live dashboard of a kernel — node load, the process table, message traffic.
 
 The app gets its connection through `__init__` (a `Source`), so tests drive it with a real kernel or with scripted
-telemetry. Keys follow htop/nvitop: k TERM (asks first), K KILL, s STOP, c CONT, +/- renice, / filter, Tab next panel,
-q quit; each signal is sent as a command line (`kill -STOP 3`) like a user would type it. Torch is never imported here.
+telemetry. Keys follow htop/nvitop: k TERM and K KILL (both ask first), s STOP, c CONT, +/- renice, / filter, Tab next panel,
+q quit; a key acts on the selected row of the process table only while that panel is the active one; each
+signal is sent as a command line (`kill -STOP 3`) like a user would type it. Torch is never imported here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -18,8 +20,10 @@ from textual.widgets import Footer, Input
 
 from llmsh.tui.model import State
 from llmsh.tui.source import Event, KernelSource, Source
-from llmsh.tui.tables import MessageLog, NodesTable, ProcessTable, RatesTable
-from llmsh.tui.widgets import Confirm, NodeLoad, NoKernel, StatusLine, TrafficPanel, TrafficSpark, scheduler_line
+from llmsh.tui.tables import FitTable, MessageLog, NodesTable, ProcessTable, RatesTable
+from llmsh.tui.widgets import (
+    Confirm, NodeLoad, NoKernel, StatusLine, TrafficPanel, TrafficSpark, WholeCellScrollBar, scheduler_line,
+)
 
 PANELS = ("procs", "traffic", "nodes")
 COMPACT_HEIGHT = 34  # below this many rows only the active panel is shown
@@ -73,6 +77,9 @@ class TopApp(App[int]):
         self.query_one("#traffic", TrafficPanel).border_title = "Messages"
         self.query_one("#nodes", NodesTable).border_title = "Nodes"
         self.query_one(NoKernel).show(self.where)
+        for table in self.query(FitTable):  # whole-cell thumbs: no ▁▂▃ glyphs at the panels' edges
+            table.vertical_scrollbar.renderer = WholeCellScrollBar
+            table.horizontal_scrollbar.renderer = WholeCellScrollBar
         self._apply_panel()
         self.watch_conn(self.conn)
         self.watch_compact(self.compact)
@@ -167,6 +174,13 @@ class TopApp(App[int]):
     def on_input_changed(self, event: Input.Changed) -> None:
         self.query_one(ProcessTable).set_filter(event.value)
         self.query_one(MessageLog).set_filter(event.value)
+        self._show_filter(event.value)
+
+    def _show_filter(self, text: str) -> None:
+        """An active filter is named in the panel titles, so hidden rows are never a surprise."""
+        suffix = f" (filter: {escape(text)})" if text else ""  # border titles are markup: '[' in a filter is text
+        self.query_one("#procs", ProcessTable).border_title = "Processes" + suffix
+        self.query_one("#traffic", TrafficPanel).border_title = "Messages" + suffix
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.action_close_filter(keep=True)
@@ -182,19 +196,22 @@ class TopApp(App[int]):
     def _selected(self) -> dict[str, Any] | None:
         if isinstance(self.screen, Confirm):  # one question at a time
             return None
+        if self.panel != "procs":  # the key acts on the table on screen, never on a hidden or unfocused one
+            self.notify("select a process in the Processes panel first (Tab)", severity="warning", timeout=2)
+            return None
         row = self.query_one(ProcessTable).selected()
         if row is None:
             self.notify("no process selected", severity="warning", timeout=2)
         return row
 
     def action_signal(self, sig: str) -> None:
-        """Send a signal to the selected process (TERM asks first)."""
+        """Send a signal to the selected process (TERM and KILL ask first: both end it)."""
         row = self._selected()
         if row is None:
             return
         line = f"kill -{sig} {row['pid']}"
-        if sig == "TERM":
-            question = f"Send TERM to process {row['pid']} ({row.get('name', '?')})?"
+        if sig in ("TERM", "KILL"):
+            question = f"Send {sig} to process {row['pid']} ({row.get('name', '?')})?"
             self.push_screen(Confirm(question), lambda yes: self.send(line) if yes else None)
         else:
             self.send(line)

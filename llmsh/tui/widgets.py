@@ -6,13 +6,14 @@ Bars and sparklines are drawn as Rich text (cheap to re-render at 2 Hz, determin
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
+from textual.scrollbar import ScrollBarRender
 from textual.widgets import Label, Static
 
 from llmsh.fmt import duration, human_bytes, rate
@@ -39,6 +40,14 @@ def level_style(pct: float) -> str:
     """Green below 60 %, yellow below 85 %, red above."""
     return "green" if pct < 60 else "yellow" if pct < 85 else "red"
 
+
+
+class WholeCellScrollBar(ScrollBarRender):
+    """A scrollbar whose thumb is drawn in whole cells: Textual's eighth-cell thumb ends are the sparkline glyphs
+    (▁▂▃…), which at a panel's edge read as sparkline debris."""
+
+    VERTICAL_BARS: ClassVar[list[str]] = [" "] * 8
+    HORIZONTAL_BARS: ClassVar[list[str]] = [" "] * 8
 
 class CpuBars(Static):
     """Per-core CPU meters in as many columns as fit, at most four rows."""
@@ -130,7 +139,7 @@ class GpuRows(Static):
 
     def render(self) -> Text:
         width = max(60, self.size.width or 78)
-        out = Text()
+        out = Text(no_wrap=True, overflow="crop")  # a narrow terminal crops the sparkline instead of wrapping it
         for k, g in enumerate(self.gpus):
             if k:
                 out.append("\n")
@@ -197,14 +206,17 @@ class TrafficSpark(Static):
         s = self.state
         if s is None or not s.msgs_in:
             return Text("msgs/s: no data yet", style="dim")
-        width = max(8, (self.size.width or 40) - 14)
         top = max(max(s.msgs_in), max(s.msgs_out), 1.0)
-        out = Text()
-        out.append(f"in  {rate(s.msgs_in[-1]):>5} ", style="green")
-        out.append(spark(s.msgs_in, width, top), style="green")
-        out.append("\n")
-        out.append(f"out {rate(s.msgs_out[-1]):>5} ", style="cyan")
-        out.append(spark(s.msgs_out, width, top), style="cyan")
+        labels = [f"in  {rate(s.msgs_in[-1]):>5} ", f"out {rate(s.msgs_out[-1]):>5} "]
+        # the sparkline fills what is left of the line exactly: a character more would wrap onto the next line
+        # and leave debris at the panel's edge (the width is 0 before the first layout: draw no sparkline then)
+        width = max(0, self.content_size.width - max(map(len, labels)))
+        out = Text(no_wrap=True, overflow="crop")
+        for label, values, style in zip(labels, (s.msgs_in, s.msgs_out), ("green", "cyan")):
+            out.append(label.ljust(max(map(len, labels))), style=style)
+            out.append(spark(values, width, top), style=style)
+            out.append("\n")
+        out.rstrip()
         return out
 
 

@@ -1,0 +1,75 @@
+"""Long command lines (issue 14): the parser is linear and matches shlex's quoting; the kernel refuses a request over
+`--max-message` with one line naming the limit, and keeps serving other clients."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import pytest
+
+from llmsh.commands import parser
+from llmsh.commands.parser import parse, tokenize
+
+QUOTING = [
+    'a"b c"d', "'it''s'", r'"a\"b"', r'"a\\b"', r'"a\nb"', r"a\ b", r"\$x", "''", '""', r'"x\'y"', "'a\\b'",
+    'pre"mid"\'post\'', r'"\\"', r'a\\', "\"multi\nline\"", 'x"y\\\nz"',
+]
+
+
+@pytest.mark.parametrize("word", QUOTING)
+def test_unquoting_matches_shlex(word: str) -> None:
+    (tok,) = [t for t in tokenize(word) if t.kind == "word"]
+    expected = shlex.split(word.replace("\\\n", ""), posix=True)
+    assert [tok.value] == expected
+
+
+def test_a_megabyte_prompt_is_one_word_without_shlex(monkeypatch: Any) -> None:
+    def slow(*a: Any, **k: Any) -> None:
+        raise AssertionError("shlex.split reads character by character in Python: quadratic-ish on long words")
+
+    monkeypatch.setattr(shlex, "split", slow)
+    prompt = "word " * 200_000
+    script = parse(f'run g "{prompt}" --max-tokens 1')
+    assert script.statements[0].body.first.commands[0].argv == ["run", "g", prompt, "--max-tokens", "1"]
+
+
+class _CountingStr(str):
+    """A str that adds up how many characters `count` scans: the parser must scan each at most once."""
+
+    scanned = 0
+
+    def count(self, sub: str, start: Any = None, end: Any = None) -> int:  # type: ignore[override]
+        s, e, _ = slice(start, end).indices(len(self))
+        _CountingStr.scanned += max(0, e - s)
+        return str.count(self, sub, start, end)
+
+
+def test_line_numbers_of_many_statements_cost_one_scan() -> None:
+    code = _CountingStr("echo a\n" * 5_000)
+    statements = parser._Parser(code, tokenize(code)).script().statements
+    assert [s.line for s in statements[:3]] == [1, 2, 3] and statements[-1].line == 5_000
+    assert _CountingStr.scanned <= len(code)
+
+
+def test_max_message_is_refused_with_one_line(make_kernel: Any) -> None:
+    k = make_kernel("--max-message", "64KiB")
+    res = k.execute("echo " + "x" * 100_000)
+    assert res["status"] == "error" and res["stdout"] == ""
+    line = res["reply"]["evalue"]  # the size counts the whole signed message, not only the code
+    assert line.startswith("llmsh: message of 98") and line.endswith(
+        "KiB is over the kernel's limit of 64KiB; send less, or start the kernel with a larger --max-message"
+    )
+    res = k.execute("echo " + "y" * 60_000)  # under the limit: runs
+    assert res["status"] == "ok" and res["stdout"] == "y" * 60_000 + "\n"
+    r = k.llmsh("-c", "echo " + "z" * 100_000)
+    assert r.returncode == 1 and r.stderr.startswith("llmsh: message of") and r.stderr.count("\n") == 1
+
+
+def test_bad_max_message_is_a_usage_line(capsys: Any) -> None:
+    from llmsh.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["kernel", "start", "--max-message", "lots"])
+    assert e.value.code == 2
+    assert "argument --max-message: bad size 'lots': expected a number of bytes or a size like 4MiB" in capsys.readouterr().err
