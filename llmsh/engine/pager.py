@@ -1,7 +1,7 @@
-"""The pager as a kernel service: more models open than fit, each kept within the memory budget of its device.
+"""The pager in the engine: more models open than fit, each kept within the memory budget of its device.
 
-`setup(kernel)` builds a `Pager` (llmsh/kernel/paging/) from `--mem-budget`, registers it as `kernel.services["pager"]`
-and wires it to the process table: a model that finishes loading is put under the pager (its page hook installed),
+The engine (`llmsh.engine.service`) builds a `Pager` (llmsh/engine/paging/) from `--mem-budget`, and `PagerService`
+wires it to the engine's processes and scheduler: a model that finishes loading is put under the pager (its page hook installed),
 renice changes its pages' priority, an unloaded process is forgotten, and a periodic task releases processes idle for
 longer than their keep_alive and keeps each row's `paged_bytes` and the `paged-out` state in step with the page table.
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from llmsh.engine.paging.budget import BudgetError, format_bytes, parse_budget
+from llmsh.engine.paging.budget import format_bytes
 from llmsh.engine.paging.core import PageInError, Pager, PagerError
 from llmsh.engine.paging.sources import ModelSource
 from llmsh.runtime.errors import CheckpointChanged  # torch-free
@@ -23,7 +22,7 @@ from llmsh.units import parse_duration
 
 CHECKPOINT_CHANGED = CheckpointChanged.MARK
 
-__all__ = ["Pager", "PagerError", "PageInError", "PagerService", "setup", "parse_duration"]
+__all__ = ["Pager", "PagerError", "PageInError", "PagerService", "parse_duration"]
 
 log = logging.getLogger("llmsh.pager")
 REAP_INTERVAL = 0.25  # seconds between keep_alive checks / ps row updates

@@ -71,7 +71,7 @@ class Job:
 
 
 class JobTable:
-    """Every client's jobs; lives in `kernel.services["jobs"]`."""
+    """Every client's jobs; lives in `kernel.services.jobs`."""
 
     def __init__(self) -> None:
         self._jobs: dict[str, dict[int, Job]] = {}

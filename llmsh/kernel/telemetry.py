@@ -158,7 +158,7 @@ def build_payload(
 
 
 class Telemetry:
-    """The kernel's telemetry service (`kernel.services["telemetry"]`): drivers, the latest payload, the publish loop."""
+    """The kernel's telemetry service (`kernel.services.telemetry`): drivers, the latest payload, the publish loop."""
 
     def __init__(self, kernel: Any, hz: float) -> None:
         self.kernel = kernel
@@ -215,7 +215,7 @@ class Telemetry:
 
 
 def setup(kernel: Any) -> None:
-    """Extension hook (contract A): attach `kernel.services["telemetry"]` and start publishing at `--telemetry-hz`."""
+    """Attach `kernel.services.telemetry` and start publishing at `--telemetry-hz` (called once the services exist)."""
     hz = float(getattr(getattr(kernel, "args", None), "telemetry_hz", 2.0) or 0.0)
     if hz > MAX_HZ:
         log.warning("telemetry: %.1f Hz capped to %.1f Hz (Jupyter clients wait for 0.2 s of quiet on iopub)", hz, MAX_HZ)
