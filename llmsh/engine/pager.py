@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmsh.engine.paging.budget import format_bytes
 from llmsh.engine.paging.core import PageInError, Pager, PagerError
 from llmsh.engine.paging.sources import ModelSource
 from llmsh.runtime.errors import CheckpointChanged  # torch-free
