@@ -146,7 +146,7 @@ def test_truncated_checkpoint_fails_that_process_only(tmp_path: Path, make_tiny_
         with open(weights, "r+b") as f:
             f.truncate(weights.stat().st_size // 2)
         out = k.execute(f"run v --max-tokens 5 {GREEDY} hi", timeout=60)
-        assert out["status"] == "error" and "changed on disk after the load" in out["reply"]["evalue"], out
+        assert out["status"] == "error" and "changed on disk since it was loaded" in out["reply"]["evalue"], out
         t.join(60)
         assert box["reply"]["status"] == "ok" and box["stdout"].strip()  # the other stream finished
         assert _engine_pid(k) == engine  # no engine crash

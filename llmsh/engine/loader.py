@@ -25,6 +25,7 @@ from llmsh.engine.process import Process, ProcessTable, ProcState
 from llmsh.engine.scheduler import Scheduler
 from llmsh.models import default_name, find_models, hf_cache_dir, model_dirs, resolve_model  # noqa: F401
 from llmsh.protocol.names import usable_name
+from llmsh.runtime.errors import CheckpointChanged  # torch-free
 
 LOADER_WORKERS = 2
 DEFAULT_MAX_BATCH = 16  # requests decoded together per process; more queue (bounded) until a slot frees
@@ -81,13 +82,14 @@ class ModelRuntime:
             return None
         self._checked = now
         for path, (size, mtime) in self.files.items():
+            where = f"{Path(path).name} in {Path(path).parent}"
             try:
                 st = os.stat(path)
             except OSError as e:
-                return f"checkpoint file {path} is gone ({e.strerror}); load the model again"
+                return f"{where} is missing {CheckpointChanged.MARK} ({e.strerror}); load the model again"
             if (st.st_size, st.st_mtime_ns) != (size, mtime):
-                return (f"checkpoint file {path} changed on disk after the load (size {size} -> {st.st_size}); "
-                        "load the model again")
+                what = f"size {size} -> {st.st_size}" if st.st_size != size else "modification time differs"
+                return f"{where} changed {CheckpointChanged.MARK} ({what}); load the model again"
         return None
 
     def new_batch(self) -> Any:
