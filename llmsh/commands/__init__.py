@@ -14,6 +14,7 @@ FAMILIES: list[str] = [
     "llmsh.commands.processes",
     "llmsh.commands.memory",
     "llmsh.commands.dmesg",
+    "llmsh.commands.mapreduce",
 ]
 
 

@@ -217,7 +217,12 @@ async def jobs(ctx: Context, args: argparse.Namespace) -> None:
     lines = []
     for i, job in enumerate(listed):
         mark = "+" if i == len(listed) - 1 else ("-" if i == len(listed) - 2 else " ")
-        lines.append(f"[{job.id}]{mark}  {job.status():<12}{job.text}{' &' if not job.done else ''}")
+        progress = ""
+        if job.control is not None and not job.done:
+            p = job.control.progress()
+            eta = f", ETA {p['eta_s']:.0f}s" if p.get("eta_s") is not None else ""
+            progress = f"  ({p['done']}/{p['total']}, {p['tok_s']:.1f} tok/s{eta}{', stopped' if p['state'] == 'stopped' else ''})"
+        lines.append(f"[{job.id}]{mark}  {job.status():<12}{job.text}{' &' if not job.done else ''}{progress}")
     ctx.result([j.to_dict() for j in listed], "\n".join(lines))
     for job in listed:
         if job.done:

@@ -438,6 +438,10 @@ async def kill_cmd(ctx: Context, args: argparse.Namespace) -> int:
             except KernelError as e:
                 errors.append(str(e))
                 continue
+            if sig in ("STOP", "CONT") and job.control is not None:  # a map job pauses its dispatch of new lines
+                (job.control.pause if sig == "STOP" else job.control.resume)()
+                rows.append({"job": job.id, "signal": sig, "delivered": True})
+                continue
             if sig in ("STOP", "CONT"):  # a job cannot pause; cancelling it would surprise whoever asked to pause it
                 errors.append(f"{sig}: {ref} is a shell job, which cannot be stopped or continued; "
                               f"send -{sig} to its model process (see 'ps'), or 'kill {ref}' to interrupt it")

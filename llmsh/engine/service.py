@@ -309,6 +309,29 @@ class EngineService:
             known[info["thread"].ident or 0] = {"pool": info["pool"], "task": info["task"]}
         return thread_rows(known, loop_thread=threading.current_thread())
 
+    async def on_split(self, msg: dict[str, Any]) -> list[str]:
+        """A long text → chunks of at most `tokens` tokens, each overlapping the previous by `overlap` (map --split)."""
+        proc = self._ready(msg["pid"])
+        tok = tokenizer_of(proc)
+        size, overlap = int(msg["tokens"]), int(msg.get("overlap") or 0)
+        if size < 1 or not 0 <= overlap < size:
+            raise EngineError("UsageError", f"--split {size} --overlap {overlap}: give 0 ≤ overlap < split")
+        ids = list(tok.encode(str(msg["text"]), add_special_tokens=False))
+        chunks, start = [], 0
+        while start < len(ids):
+            chunks.append(tok.decode(ids[start:start + size]))
+            if start + size >= len(ids):
+                break
+            start += size - overlap
+        return chunks
+
+    async def on_count(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Token counts of texts and the process's context (reduce groups texts that fit)."""
+        proc = self._ready(msg["pid"])
+        tok = tokenizer_of(proc)
+        counts = [len(tok.encode(str(t), add_special_tokens=False)) for t in msg["texts"]]
+        return {"counts": counts, "context": proc.runtime.max_seq_len}  # type: ignore[union-attr]
+
     async def on_shutdown(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {"bye": True}
 

@@ -23,6 +23,7 @@ from llmsh.kernel.engines import EngineDied, EngineLink, EngineRequestError
 from llmsh.kernel.errors import KernelError
 from llmsh.kernel.jobs import JobTable
 from llmsh.kernel.journal import Journal
+from llmsh.kernel.mapjobs import MapJobs
 from llmsh.kernel.table import Entry, ProcessTable
 from llmsh.models import default_name, resolve_model
 from llmsh.protocol.names import usable_name
@@ -51,11 +52,14 @@ class Services:
     journal: Journal | None
     jobs: JobTable = field(default_factory=JobTable)
     chats: dict[tuple[str, int], list[dict[str, str]]] = field(default_factory=dict)
+    maps: MapJobs | None = None  # `map` jobs (built in __post_init__)
     telemetry: Any = None  # llmsh.kernel.telemetry.Telemetry, when --telemetry-hz > 0
     cluster: Any = None  # node loads of other nodes (the Nodes issue); None on one machine
 
     def __post_init__(self) -> None:
         self.table.listeners.append(self._forget_chats)
+        if self.maps is None:
+            self.maps = MapJobs(self.journal, self.procs.generate)
 
     def _forget_chats(self, entry: Entry, event: str) -> None:
         """A process's conversations go when it exits."""
@@ -418,6 +422,15 @@ class Processes:
         elif entry is not None and what == "keepalive":
             await self.table.update(entry, keep_alive=fields["seconds"])
         return data
+
+    async def tokens(self, what: str, entry: Entry, **fields: Any) -> Any:
+        """Tokenizer questions for `map --split` and `reduce` ("split" or "count"), answered by the engine."""
+        await self.engine.ensure_started()
+        await self.ensure_loaded(entry)
+        try:
+            return await self.engine.request(what, pid=entry.pid, **fields)
+        except EngineRequestError as e:
+            raise KernelError(str(e), ename=e.ename, status=e.status) from None
 
     async def threads(self) -> list[dict[str, Any]]:
         if not self.engine.running:

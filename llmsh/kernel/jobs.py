@@ -10,6 +10,7 @@ restart at 1 when a client has no jobs left, like sh. Finished jobs stay listed 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import builtins
 import logging
 import time
@@ -44,6 +45,7 @@ class Job:
     foreground: bool = False  # taken over by `fg`: no completion notice
     task: asyncio.Task[int] | None = None
     out: Any = None  # the Output of the request that started it
+    control: Any = None  # a job with pause()/resume()/progress() of its own (a `map` job), else None
 
     @property
     def done(self) -> bool:
@@ -67,7 +69,11 @@ class Job:
             "status": self.status(),
             "exit_code": self.exit_code,
             "elapsed_s": round(end - self.started_at, 3),
+            **({"progress": self.control.progress()} if self.control is not None else {}),
         }
+
+
+CURRENT_JOB: contextvars.ContextVar[Job | None] = contextvars.ContextVar("llmsh_current_job", default=None)
 
 
 class JobTable:
@@ -95,6 +101,7 @@ class JobTable:
             job.state, job.exit_code, job.finished_at = INTERRUPTED, 130, time.time()
 
     async def _run(self, job: Job, body: Coroutine[Any, Any, int]) -> int:
+        CURRENT_JOB.set(job)  # this task's context: a command in the job can find it (map registers its control)
         try:
             code = await body
             job.state = DONE if code == 0 else FAILED

@@ -33,6 +33,8 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "keepalive": ("id", "pid", "seconds"),
     "pageout": ("id", "pid"),
     "threads": ("id",),
+    "split": ("id", "pid", "text", "tokens"),  # + overlap: a long text → chunks of at most `tokens` tokens
+    "count": ("id", "pid", "texts"),  # token counts of texts, and the process's context
     "shutdown": ("id",),
     # engine → front
     "hello": ("node", "pid"),

@@ -1,0 +1,261 @@
+"""`map` jobs: every line of an input file becomes one request of a model process; results come out in input order.
+
+Nothing is lost and nothing is done twice: each finished line is committed to the journal before it is written to the
+output, so after a crash of the client, the engine or the kernel itself, running the job again (`map --resume JOB`,
+or the same command) rewrites the output from the journal and sends only the lines that never finished. The input's
+sha256 is kept with the job: an input that changed under a resume is refused with one line.
+
+The requests are ordinary requests of the process (its nice, its continuous batching): at most as many are in flight
+as fill its batch. STOP pauses the dispatch of new lines (those in flight finish), CONT resumes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llmsh.kernel.engines import EngineDied
+from llmsh.kernel.errors import KernelError
+from llmsh.kernel.journal import Journal
+from llmsh.kernel.table import Entry
+
+DEFAULT_IN_FLIGHT = 16  # the engine's default batch (max_batch): more would only queue
+
+
+class MapError(KernelError):
+    ename = "MapError"
+
+
+@dataclass
+class Line:
+    """One input line: its number (1-based), its id, and the prompt or the reason it has none."""
+
+    no: int
+    id: Any
+    prompt: str | None
+    error: str | None = None
+
+
+def read_input(text: str, *, jsonl: bool, field_name: str, template: str | None) -> list[Line]:
+    """Input text → lines; a malformed line becomes a Line with an error (the job goes on), never an exception."""
+    lines: list[Line] = []
+    for no, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        values: dict[str, Any]
+        if jsonl:
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:
+                lines.append(Line(no, no, None, f"line {no}: not JSON ({e.msg})"))
+                continue
+            if not isinstance(obj, dict):
+                lines.append(Line(no, no, None, f"line {no}: not a JSON object"))
+                continue
+            values = obj
+        else:
+            values = {"text": raw, field_name: raw}
+        ident = values.get("id", no)
+        try:
+            if template is not None:
+                prompt = render(template, values)
+            elif field_name in values:
+                prompt = str(values[field_name])
+            else:
+                raise KeyError(field_name)
+        except KeyError as e:
+            lines.append(Line(no, ident, None, f"line {no}: no field {e.args[0]!r}"))
+            continue
+        lines.append(Line(no, ident, prompt))
+    return lines
+
+
+def render(template: str, values: dict[str, Any]) -> str:
+    """`Summarise: {text}` with the line's fields; KeyError names a missing one. Only plain `{name}` fields, so a
+    template cannot reach attributes or indexes of the values."""
+    out = []
+    for literal, name, spec, conv in string.Formatter().parse(template):
+        out.append(literal)
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise KeyError(name)
+        out.append(format(values[name], spec or ""))
+    return "".join(out)
+
+
+def template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+@dataclass
+class MapJob:
+    """One running map job."""
+
+    name: str
+    entry: Entry
+    lines: list[Line]
+    output: Path
+    params: dict[str, Any]
+    in_flight: int = DEFAULT_IN_FLIGHT
+    done: dict[int, dict[str, Any]] = field(default_factory=dict)  # line no → output record
+    started: float = field(default_factory=time.monotonic)
+    tokens: int = 0
+    requests: int = 0  # requests sent by this run (resumes send only what was missing)
+    paused: asyncio.Event = field(default_factory=asyncio.Event)  # set = running
+
+    def __post_init__(self) -> None:
+        self.paused.set()
+
+    @property
+    def total(self) -> int:
+        return len(self.lines)
+
+    def progress(self) -> dict[str, Any]:
+        """done/total, tokens/s and ETA, for `jobs`, the progress bar and --json."""
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        done = len(self.done)
+        rate = self.requests and done / elapsed
+        left = self.total - done
+        return {"job": self.name, "pid": self.entry.pid, "done": done, "total": self.total,
+                "errors": sum(1 for r in self.done.values() if r.get("error")), "tokens": self.tokens,
+                "tok_s": round(self.tokens / elapsed, 2), "eta_s": round(left / rate, 1) if rate else None,
+                "requests": self.requests, "state": "stopped" if not self.paused.is_set() else "running"}
+
+
+class MapJobs:
+    """The front's map jobs: run, resume, pause; each line journalled before it reaches the output."""
+
+    def __init__(self, journal: Journal | None, generate: Callable[..., Any]) -> None:
+        self.journal = journal
+        self.generate = generate  # Processes.generate
+        self.running: dict[str, MapJob] = {}
+
+    async def run(self, job: MapJob, *, input_sha: str, spec: dict[str, Any],
+                  on_progress: Callable[[MapJob], None] | None = None) -> dict[str, Any]:
+        """Run (or resume) `job` to the end; returns its summary. MapError for a job that cannot run at all."""
+        if job.name in self.running:
+            raise MapError(f"map job {job.name!r} is already running; 'wait' for it or 'kill' its shell job")
+        if self.journal is not None:
+            known = await self.journal.run(lambda db: db.execute(
+                "SELECT input_sha FROM map_jobs WHERE name = ?", (job.name,)).fetchone())
+            if known is not None and known[0] != input_sha:
+                raise MapError(f"map job {job.name!r}: its input changed since the job started (sha256 differs); "
+                               "give the job another --name, or restore the input")
+            await self.journal.run(lambda db: db.execute(
+                "INSERT OR IGNORE INTO map_jobs (name, input_sha, spec, started) VALUES (?, ?, ?, ?)",
+                (job.name, input_sha, json.dumps(spec), time.time())))
+            rows = await self.journal.run(lambda db: db.execute(
+                "SELECT line, record FROM map_lines WHERE job = ?", (job.name,)).fetchall())
+            job.done = {int(no): json.loads(rec) for no, rec in rows}
+        for line in job.lines:  # lines that cannot become a request are results too (with their error)
+            if line.error is not None and line.no not in job.done:
+                await self._finish(job, line, {"id": line.id, "line": line.no, "text": None, "error": line.error})
+        self.running[job.name] = job
+        writer = _OrderedWriter(job.output, [ln.no for ln in job.lines])
+        try:
+            await asyncio.to_thread(writer.open)
+            await asyncio.to_thread(writer.write_ready, job.done)
+            todo = [ln for ln in job.lines if ln.no not in job.done]
+            await self._dispatch(job, todo, writer, on_progress)
+        finally:
+            self.running.pop(job.name, None)
+            await asyncio.to_thread(writer.close)
+        return job.progress()
+
+    async def _dispatch(self, job: MapJob, todo: list[Line], writer: _OrderedWriter,
+                        on_progress: Callable[[MapJob], None] | None) -> None:
+        slots = asyncio.Semaphore(job.in_flight)
+        failed: list[BaseException] = []
+
+        async def one(line: Line) -> None:
+            try:
+                pieces: list[str] = []
+                result: dict[str, Any] = {}
+                job.requests += 1
+                try:
+                    async for piece in self.generate(job.entry, prompt=line.prompt, params=job.params,
+                                                     client=f"map:{job.name}", result=result):
+                        pieces.append(piece)
+                    record = {"id": line.id, "line": line.no, "text": "".join(pieces),
+                              "prompt_tokens": result.get("prompt_tokens"), "tokens": result.get("tokens"),
+                              "finish_reason": result.get("finish_reason")}
+                    job.tokens += int(result.get("tokens") or 0)
+                except EngineDied as e:  # not the line's fault: the job stops, a resume sends it again
+                    failed.append(e)
+                    return
+                except KernelError as e:
+                    record = {"id": line.id, "line": line.no, "text": None, "error": str(e)}
+                await self._finish(job, line, record)
+                await asyncio.to_thread(writer.write_ready, job.done)
+                if on_progress is not None:
+                    on_progress(job)
+            finally:
+                slots.release()
+
+        tasks: list[asyncio.Task] = []
+        try:
+            for line in todo:
+                await job.paused.wait()  # STOP: no new lines (those in flight finish)
+                await slots.acquire()
+                if failed:
+                    slots.release()
+                    break
+                tasks.append(asyncio.create_task(one(line)))
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        if failed:
+            raise MapError(f"map job {job.name!r} stopped: {failed[0]}; 'map --resume {job.name}' goes on where it "
+                           "stopped")
+
+    async def _finish(self, job: MapJob, line: Line, record: dict[str, Any]) -> None:
+        """Journal the line's result (committed), then it counts as done."""
+        if self.journal is not None:
+            text = json.dumps(record)
+            await self.journal.run(lambda db: db.execute(
+                "INSERT OR REPLACE INTO map_lines (job, line, record) VALUES (?, ?, ?)", (job.name, line.no, text)))
+        job.done[line.no] = record
+
+    async def spec(self, name: str) -> dict[str, Any] | None:
+        """How job `name` was started (for `map --resume NAME`)."""
+        if self.journal is None:
+            return None
+        row = await self.journal.run(lambda db: db.execute("SELECT spec FROM map_jobs WHERE name = ?", (name,)).fetchone())
+        return json.loads(row[0]) if row else None
+
+
+class _OrderedWriter:
+    """Writes records to the output file in input order, as soon as every earlier line is done."""
+
+    def __init__(self, path: Path, order: list[int]) -> None:
+        self.path = path
+        self.order = order
+        self.next = 0
+        self.f: Any = None
+
+    def open(self) -> None:
+        self.f = open(self.path, "w", encoding="utf-8")  # rewritten from the journal: equal to an uninterrupted run
+
+    def write_ready(self, done: dict[int, dict[str, Any]]) -> None:
+        while self.next < len(self.order) and self.order[self.next] in done:
+            self.f.write(json.dumps(done[self.order[self.next]], ensure_ascii=False) + "\n")
+            self.next += 1
+        self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
