@@ -20,6 +20,8 @@ CASES = {
     "roundtrip.py": (["-n", "20", "--oneshot-runs", "2"], ["p50_ratio", "oneshot_ms"]),
     "concurrency.py": (["--quick", "--clients", "2", "--tokens", "4"], ["ratio_static", "stream_overhead"]),
     "top_cpu.py": (["--seconds", "2", "--warmup", "3"], ["top_cpu_pct", "telemetry_cpu_pct"]),
+    "recovery.py": (["--quick", "--rounds", "1"], ["recovery_s", "cold_s", "ratio"]),
+    "map.py": (["--quick", "--prompts", "8", "--seq-sample", "1"], ["ratio_static", "ratio_seq"]),
 }
 
 

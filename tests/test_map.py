@@ -43,7 +43,7 @@ def test_map_keeps_order_reports_bad_lines_and_matches_run(make_kernel: Callable
                    '\n'
                    '{"id": "d", "prompt": "the quick brown fox"}\n')
     out = tmp_path / "out.jsonl"
-    r = _ok(k, f"map g --input {src} --output {out} --max-tokens 6 {GREEDY} --json")
+    r = _ok(k, f"map g --input {src} --output {out} --max-tokens 6 {GREEDY} --json --name t1")
     assert r["data"]["done"] == 4 and r["data"]["errors"] == 2 and r["data"]["total"] == 4
     recs = _records(out)
     assert [rec["line"] for rec in recs] == [1, 2, 3, 5] and [rec["id"] for rec in recs] == ["a", 2, "c", "d"]
@@ -51,6 +51,10 @@ def test_map_keeps_order_reports_bad_lines_and_matches_run(make_kernel: Callable
     assert "line 2: not JSON" in r["stderr"]
     want = _ok(k, f"run g --max-tokens 6 {GREEDY} --json hello there")["data"]["text"]
     assert recs[0]["text"] == want and recs[0]["tokens"] == 6
+    # a job whose input changed is not resumed over it
+    src.write_text(src.read_text().replace("hello there", "hello again"))
+    bad = k.execute("map --resume t1")
+    assert bad["status"] == "error" and "its input changed since the job started" in bad["reply"]["evalue"]
     # a template naming a field a text input does not have: one line, before anything runs
     (tmp_path / "t.txt").write_text("x\n")
     bad = k.execute(f"map g --input {tmp_path / 't.txt'} --output {out} --template 'Q: {{question}}'")
@@ -139,6 +143,8 @@ def test_stop_and_cont_of_a_map_job(make_kernel: Callable[..., Any], make_tiny_m
     assert jobs["data"][0]["progress"]["done"] == held and jobs["data"][0]["progress"]["state"] == "stopped"
     text = jobs["results"][-1]["text/plain"]
     assert f"({held}/30, " in text and "stopped)" in text
+    listing = _ok(k, "ps")["results"][-1]["text/plain"]
+    assert f": {held}/30 lines" in listing and "(stopped)" in listing  # ps shows the job under its process
     _ok(k, "kill -CONT %1")
     _ok(k, "wait %1", timeout=300)
     assert _lines_done(out) == 30

@@ -222,7 +222,14 @@ async def ps_cmd(ctx: Context, args: argparse.Namespace) -> int:
     services = ctx.kernel.services
     await services.procs.refresh()
     rows = services.table.snapshot(include_exited=args.all)
-    ctx.result(rows, format_ps(rows))
+    text = format_ps(rows)
+    maps = services.maps.running.values() if services.maps is not None else ()
+    for job in maps:  # a map job is a group of requests of its process: one line each under the table
+        p = job.progress()
+        eta = f", ETA {p['eta_s']:.0f}s" if p["eta_s"] is not None else ""
+        text += (f"\nmap {p['job']} on pid {p['pid']}: {p['done']}/{p['total']} lines, {p['tok_s']:.1f} tok/s{eta}"
+                 f"{' (stopped)' if p['state'] == 'stopped' else ''}")
+    ctx.result(rows, text)
     for entry in [e for e in services.table if e.state is ProcState.FAILED]:  # shown once, then reaped
         await services.procs.signal(entry, "KILL")
     return 0

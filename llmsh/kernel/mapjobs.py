@@ -25,7 +25,8 @@ from llmsh.kernel.errors import KernelError
 from llmsh.kernel.journal import Journal
 from llmsh.kernel.table import Entry
 
-DEFAULT_IN_FLIGHT = 16  # the engine's default batch (max_batch): more would only queue
+DEFAULT_IN_FLIGHT = 16
+LINE_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")  # a JSON line may set its own  # the engine's default batch (max_batch): more would only queue
 
 
 class MapError(KernelError):
@@ -40,6 +41,7 @@ class Line:
     id: Any
     prompt: str | None
     error: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # per-line sampling settings from its JSON (max_tokens…)
 
 
 def read_input(text: str, *, jsonl: bool, field_name: str, template: str | None) -> list[Line]:
@@ -72,7 +74,7 @@ def read_input(text: str, *, jsonl: bool, field_name: str, template: str | None)
         except KeyError as e:
             lines.append(Line(no, ident, None, f"line {no}: no field {e.args[0]!r}"))
             continue
-        lines.append(Line(no, ident, prompt))
+        lines.append(Line(no, ident, prompt, params={k: values[k] for k in LINE_PARAMS if k in values}))
     return lines
 
 
@@ -180,7 +182,7 @@ class MapJobs:
                 result: dict[str, Any] = {}
                 job.requests += 1
                 try:
-                    async for piece in self.generate(job.entry, prompt=line.prompt, params=job.params,
+                    async for piece in self.generate(job.entry, prompt=line.prompt, params={**job.params, **line.params},
                                                      client=f"map:{job.name}", result=result):
                         pieces.append(piece)
                     record = {"id": line.id, "line": line.no, "text": "".join(pieces),
