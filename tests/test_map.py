@@ -148,3 +148,29 @@ def test_stop_and_cont_of_a_map_job(make_kernel: Callable[..., Any], make_tiny_m
     _ok(k, "kill -CONT %1")
     _ok(k, "wait %1", timeout=300)
     assert _lines_done(out) == 30
+
+
+def test_two_map_jobs_at_nice_0_and_5_share_the_device_1024_to_335(make_kernel: Callable[..., Any],
+                                                                   make_tiny_model: Callable[..., Path],
+                                                                   tmp_path: Path) -> None:
+    folder = make_tiny_model("gpt2", n_embd=256, n_layer=4, n_head=4)
+    k = make_kernel()
+    _ok(k, f"load {folder} --name a; nice -n 5 load {folder} --name b; kill -STOP a b")
+    for name in ("a", "b"):
+        _prompts(tmp_path / f"{name}.jsonl", 64)
+        _ok(k, f"map {name} --input {tmp_path / f'{name}.jsonl'} --output {tmp_path / f'{name}-out.jsonl'} "
+               f"--max-tokens 100 {GREEDY} &")
+
+    def rows() -> dict[str, dict[str, Any]]:
+        return {r["name"]: r for r in _ok(k, "ps --json")["data"]}
+
+    _wait(lambda: all(r["reqs_queued"] for r in rows().values()), what="both jobs queued")
+    _ok(k, "kill -CONT a b")
+    _wait(lambda: all(r["tokens"] for r in rows().values()), what="both running")
+    t1 = {n: r["time_s"] for n, r in rows().items()}
+    time.sleep(2.0)
+    now = rows()
+    assert all(r["reqs_active"] for r in now.values()), "a job finished inside the window"
+    a, b = now["a"]["time_s"] - t1["a"], now["b"]["time_s"] - t1["b"]
+    assert 0.75 < (a / b) / (1024 / 335) < 1.33, (a, b)
+    _ok(k, "kill %1 %2")
