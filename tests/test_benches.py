@@ -22,6 +22,7 @@ CASES = {
     "top_cpu.py": (["--seconds", "2", "--warmup", "3"], ["top_cpu_pct", "telemetry_cpu_pct"]),
     "recovery.py": (["--quick", "--rounds", "1"], ["recovery_s", "cold_s", "ratio"]),
     "map.py": (["--quick", "--prompts", "8", "--seq-sample", "1"], ["ratio_static", "ratio_seq"]),
+    "placement_sim.py": (["--nodes", "50", "--events", "500"], ["packed", "spread", "decision_us"]),
 }
 
 
