@@ -266,9 +266,18 @@ def _resolve_dtype(dtype: str | torch.dtype | None, stored: torch.dtype, device:
     return dt
 
 
+def is_gguf_source(source: str) -> bool:
+    """True for what gguf_loader loads: `ollama:NAME[:TAG]` or a path ending in .gguf."""
+    return source.startswith("ollama:") or source.lower().endswith(".gguf")
+
+
 def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, *,
          verify: bool = True, progress: Callable[[float, str], None] | None = None) -> Model:
     """Load a Hugging Face folder or hub-cache name; LoadError (one line) for every user-facing failure."""
+    if is_gguf_source(str(path_or_name)):  # a GGUF file or an Ollama model: gguf_loader.py
+        from llmsh.runtime import gguf_loader
+
+        return gguf_loader.load_source(str(path_or_name), device, dtype, verify=verify, progress=progress)
     report = progress or (lambda frac, msg: None)
     started = time.perf_counter()
     folder = hub.resolve(str(path_or_name))
