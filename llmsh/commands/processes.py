@@ -703,9 +703,10 @@ async def threads_cmd(ctx: Context, args: argparse.Namespace) -> int:
 
 @command(
     "models",
-    "list the models that 'load' can find: configured model dirs and the Hugging Face cache",
-    description="Folders with a config.json under LLMSH_MODEL_PATH (os.pathsep-separated) and config.toml's "
-    "model_dirs = [...], then the models in the local Hugging Face hub cache (HF_HOME). Nothing is downloaded.",
+    "list the models that 'load' can find: configured model dirs, Ollama's store and the Hugging Face cache",
+    description="Folders with a config.json and .gguf files under LLMSH_MODEL_PATH (os.pathsep-separated) and "
+    "config.toml's model_dirs = [...], the models in Ollama's store (OLLAMA_MODELS, else ~/.ollama/models; load "
+    "them as ollama:NAME[:TAG]), then the local Hugging Face hub cache (HF_HOME). Nothing is downloaded.",
     structured=True,
     group=GROUP,
 )

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from llmsh.runtime import hash_cache
 from llmsh.runtime.errors import LoadError
 
 MANIFEST = "llmsh-checksums.sha256"
@@ -33,6 +34,9 @@ def _digest(path: Path, algo: str) -> str:
     key = (real, st.st_size, st.st_mtime_ns, algo)
     if key in _verified:
         return _verified[key]
+    if algo == "sha256" and (known := hash_cache.lookup(real)) is not None:   # hashed by an earlier process
+        _verified[key] = known
+        return known
     if algo == "git-sha1":
         h = hashlib.sha1(b"blob %d\0" % st.st_size)
     else:
@@ -41,6 +45,8 @@ def _digest(path: Path, algo: str) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     _verified[key] = h.hexdigest()
+    if algo == "sha256":
+        hash_cache.remember(real, _verified[key])
     return _verified[key]
 
 
