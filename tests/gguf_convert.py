@@ -99,8 +99,10 @@ def _quantize(name: str, data: np.ndarray, qtype: T) -> tuple[np.ndarray, T]:
     return quantize(data.astype(np.float32), qtype), qtype
 
 
-def convert(folder: Path, out: Path, qtype: T = T.F32, types: dict[str, T] | None = None) -> Path:
-    """Write folder's model as one GGUF file at out; matrices in qtype, or per tensor name as `types` says."""
+def convert(folder: Path, out: Path, qtype: T = T.F32, types: dict[str, T] | None = None,
+            dequantized: bool = False) -> Path:
+    """Write folder's model as one GGUF file at out; matrices in qtype, or per tensor name as `types` says.
+    dequantized: write the float32 the quantized file decodes to (gguf's reference `dequantize`), not the blocks."""
     cfg = json.loads((folder / "config.json").read_text())
     sd = {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
     mt = cfg["model_type"]
@@ -162,6 +164,8 @@ def convert(folder: Path, out: Path, qtype: T = T.F32, types: dict[str, T] | Non
     _tokenizer(w, folder, cfg)
     for name, v in tensors.items():
         data, t = _quantize(name, v.numpy(), (types or {}).get(name, qtype))
+        if dequantized and t != T.F32:
+            data, t = gguf.quants.dequantize(data, t).astype(np.float32), T.F32
         w.add_tensor(name, data, raw_dtype=t)        # the writer turns a quantized byte shape into the element shape
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -194,24 +194,63 @@ class GGUFCheckpoint:
         """The GGUF type of our parameter (of its parts, which must agree for a float parameter)."""
         return self.g.type_name(self.spec(name).parts[0][0])
 
+    def is_quantized(self, name: str) -> bool:
+        """True if our parameter stays quantized (a QLinear weight): a matrix whose parts are all block-quantized."""
+        from llmsh.runtime.quant import QUANT_TYPES
+
+        s = self.spec(name)
+        kinds = {self.g.type_name(p) in QUANT_TYPES for p, _ in s.parts}
+        if kinds == {True, False}:
+            raise LoadError(f"{self.g.path.name} mixes float and quantized tensors in {name} "
+                            f"({', '.join(p for p, _ in s.parts)}); llmsh cannot fuse them")
+        return s.layout == "linear" and kinds == {True}
+
+    def segments(self, name: str) -> list[tuple[str, int]]:
+        """(type, rows) of each part of a quantized parameter, in order."""
+        return [(self.g.type_name(p), int(self.g.tensors[p].shape[-1])) for p, _ in self.spec(name).parts]
+
+    def quantized_bytes(self, name: str) -> Tensor:
+        """A quantized parameter's rows (un-permuted, parts concatenated) as flat bytes: a view of the file when it
+        is one tensor whose rows need no reordering."""
+        pieces = []
+        for part, heads in self.spec(name).parts:
+            t = torch.from_numpy(self.g.array(part))                                  # (out, row_bytes) uint8
+            pieces.append((unpermute(t, heads) if heads else t).reshape(-1))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _part(self, part: str) -> Tensor:
+        """A float tensor of the file; a quantized one (an embedding, say) decoded to float32."""
+        from llmsh.runtime import quant
+
+        kind = self.g.type_name(part)
+        if kind in quant.QUANT_TYPES:
+            k = int(self.g.tensors[part].shape[0])
+            return quant.dequantize(torch.from_numpy(self.g.array(part)), kind, k)
+        return self.g.float_tensor(part)
+
     def rows(self, name: str) -> Tensor:
         """Our parameter's parts as stored (out, …), un-permuted and concatenated along the output dimension."""
         pieces = []
         for part, heads in self.spec(name).parts:
-            t = self.g.float_tensor(part)
+            t = self._part(part)
             pieces.append(unpermute(t, heads) if heads else t)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def shape(self, name: str) -> list[int]:
-        """Our parameter's shape (after the layout change)."""
+        """Our parameter's shape (after the layout change); a quantized one's is its byte count."""
         s = self.spec(name)
+        if self.is_quantized(name):
+            return [sum(int(self.g.tensors[p].n_bytes) for p, _ in s.parts)]
         shapes = [list(int(d) for d in reversed(self.g.tensors[p].shape.tolist())) for p, _ in s.parts]
         out = shapes[0][:]
         out[0] = sum(sh[0] for sh in shapes)
         return out[::-1] if s.layout in ("linear", "embed_t") else out
 
     def load_tensor(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Tensor:
-        """Our parameter as a tensor on device in dtype: a view of the file where nothing changes, else one copy."""
+        """Our parameter as a tensor on device in dtype: a view of the file where nothing changes, else one copy.
+        A quantized parameter comes as its bytes (dtype does not apply)."""
+        if self.is_quantized(name):
+            return self.quantized_bytes(name).to(device)
         t = self.rows(name)
         dtype, device = dtype or t.dtype, torch.device(device)
         if self.spec(name).layout != "as_is":
@@ -220,8 +259,14 @@ class GGUFCheckpoint:
             return t
         return t.to(device=device, dtype=dtype).contiguous()
 
+    def param_dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype our parameter has in memory: uint8 bytes if it stays quantized, else the model's."""
+        return torch.uint8 if self.is_quantized(name) else model_dtype
+
     def read_into(self, name: str, out: Tensor) -> Tensor:
         """Copy our parameter into `out` (the pager's buffers)."""
+        if self.is_quantized(name):
+            return out.copy_(self.quantized_bytes(name))
         t = self.rows(name)
         return out.copy_(t.t() if self.spec(name).layout != "as_is" else t)
 
@@ -236,7 +281,8 @@ class GGUFCheckpoint:
         by: dict[str, int] = {}
         for t in self.g.tensors.values():
             by[t.tensor_type.name] = by.get(t.tensor_type.name, 0) + int(t.n_bytes)
-        best = max(by, key=by.get) if by else "F32"
+        by = {k: v for k, v in by.items() if k in FLOAT_TYPES} or {"F32": 0}    # quantized: activations in float32
+        best = max(by, key=by.get)
         return {"BF16": torch.bfloat16, "F16": torch.float16}.get(best, torch.float32)
 
 

@@ -69,7 +69,8 @@ class Model:
     # ---- sizes -------------------------------------------------------------------------------------------------
     def _param_nbytes(self, pname: str) -> int:
         shape = self.checkpoint.shape(pname)
-        return int(torch.Size(shape).numel()) * self.dtype.itemsize
+        dtype = self.module.get_parameter(pname).dtype    # the model's dtype, or uint8 for quantized bytes (quant.py)
+        return int(torch.Size(shape).numel()) * dtype.itemsize
 
     def weight_bytes(self) -> int:
         """Bytes of all (distinct) parameters in the loaded dtype."""
@@ -211,7 +212,8 @@ class Model:
         device = torch.device(device) if device is not None else self.device
         for p in self._pages[i].param_names:
             if host is not None:
-                t = host[p].to(device=device, dtype=self.dtype, non_blocking=True)
+                dtype = self.dtype if host[p].is_floating_point() else None     # quantized bytes stay bytes
+                t = host[p].to(device=device, dtype=dtype, non_blocking=True)
                 if not t.is_contiguous():
                     t = t.contiguous()  # our Linear weights are contiguous (in, out), as loading makes them
                 self._set_param(p, t)

@@ -1,0 +1,218 @@
+/* Block-quantized weights (GGUF's Q8_0, Q4_0, Q4_K, Q6_K) decoded inside the matrix products, block by block.
+ *
+ * This file includes cpu_decode.c, so one shared library has both: the float kernels (norms, RoPE, attention) that a
+ * quantized model's decode step shares with float models, and these products. Quantized matrices keep GGUF's layout:
+ * one row per output feature, (out, in), each row a run of blocks along the input dimension, exactly as the file
+ * stores them (the runtime maps them without conversion). A matrix may be several row segments of different types
+ * (q|k|v fused where v is Q6_K and q, k are Q4_K, as Q4_K_M files have), described by lm_qseg.
+ *
+ * y[m, j] = sum_k x[m, k] W[j, k]: for each row j, each block is decoded once into floats (in L1) and multiplied
+ * with all M rows of x; the per-row sums stay in vector registers until the row ends. Threads split the rows.
+ * Prefill (many rows of x) instead decodes whole row ranges to float32 (lm_qdequant) for a GEMM in torch.
+ * Block formats as ggml defines them (ggml-common.h); `gguf`'s Python `dequantize` is the reference in the tests.
+ */
+#include "cpu_decode.c"
+
+enum { Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };   /* GGML type ids */
+#define QK_K 256
+#define QMAX_ROWS 16
+
+typedef struct {
+    int type;                              /* GGML type id */
+    long rows;                             /* output features in this segment */
+} lm_qseg;
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
+    if (e == 0) {                                           /* zero or subnormal: m * 2^-24 */
+        float f = (float)m * (1.0f / 16777216.0f);
+        memcpy(&u, &f, 4);
+        u |= s;
+    } else if (e == 31) {
+        u = s | 0x7f800000u | (m << 13);
+    } else {
+        u = s | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* elements per block and bytes per block */
+static long q_block(int type) { return type == Q4_K || type == Q6_K ? QK_K : 32; }
+static long q_bytes(int type) {
+    switch (type) {
+        case Q8_0: return 34;
+        case Q4_0: return 18;
+        case Q4_K: return 144;
+        case Q6_K: return 210;
+    }
+    return 0;
+}
+
+/* Decode n weights (n <= 256, whole blocks: up to 8 blocks of Q8_0/Q4_0, one of Q4_K/Q6_K) starting at p into y. */
+static inline void decode_chunk(int type, const uint8_t *restrict p, float *restrict y, long n) {
+    if (type == Q8_0) {
+        for (long b = 0; b < n / 32; b++, p += 34, y += 32) {
+            float d = f16_to_f32(rd16(p));
+            const int8_t *q = (const int8_t *)(p + 2);
+            for (int l = 0; l < 32; l++) y[l] = d * (float)q[l];
+        }
+    } else if (type == Q4_0) {
+        for (long b = 0; b < n / 32; b++, p += 18, y += 32) {
+            float d = f16_to_f32(rd16(p));
+            const uint8_t *q = p + 2;
+            for (int l = 0; l < 16; l++) {
+                y[l] = d * (float)((int)(q[l] & 0xF) - 8);
+                y[l + 16] = d * (float)((int)(q[l] >> 4) - 8);
+            }
+        }
+    } else if (type == Q4_K) {
+        float d = f16_to_f32(rd16(p)), dmin = f16_to_f32(rd16(p + 2));
+        const uint8_t *sc = p + 4, *q = p + 16;
+        for (int j = 0; j < 4; j++, q += 32, y += 64) {
+            int is = 2 * j;
+            uint8_t s1, m1, s2, m2;                          /* 6-bit scales and mins, packed (get_scale_min_k4) */
+            if (is < 4) { s1 = sc[is] & 63; m1 = sc[is + 4] & 63; }
+            else { s1 = (sc[is + 4] & 0xF) | ((sc[is - 4] >> 6) << 4); m1 = (sc[is + 4] >> 4) | ((sc[is] >> 6) << 4); }
+            if (is + 1 < 4) { s2 = sc[is + 1] & 63; m2 = sc[is + 5] & 63; }
+            else { s2 = (sc[is + 5] & 0xF) | ((sc[is - 3] >> 6) << 4); m2 = (sc[is + 5] >> 4) | ((sc[is + 1] >> 6) << 4); }
+            float d1 = d * s1, o1 = dmin * m1, d2 = d * s2, o2 = dmin * m2;
+            for (int l = 0; l < 32; l++) {
+                y[l] = d1 * (float)(q[l] & 0xF) - o1;
+                y[l + 32] = d2 * (float)(q[l] >> 4) - o2;
+            }
+        }
+    } else if (type == Q6_K) {
+        const uint8_t *ql = p, *qh = p + 128;
+        const int8_t *sc = (const int8_t *)(p + 192);
+        float d = f16_to_f32(rd16(p + 208));
+        for (int n = 0; n < 2; n++, ql += 64, qh += 32, sc += 8, y += 128) {
+            for (int l = 0; l < 32; l++) {
+                int is = l / 16;
+                int q1 = (int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l] = d * sc[is] * (float)q1;
+                y[l + 32] = d * sc[is + 2] * (float)q2;
+                y[l + 64] = d * sc[is + 4] * (float)q3;
+                y[l + 96] = d * sc[is + 6] * (float)q4;
+            }
+        }
+    }
+}
+
+/* out[m] = sum_k x[m, k] row[k] for m < M; K a multiple of the block size (32, or 256 for the K types) */
+static void qrow_dot(int type, const uint8_t *restrict row, long K, const float *restrict x, long M,
+                     float *restrict out) {
+    vf acc[QMAX_ROWS];
+    float buf[QK_K] __attribute__((aligned(64)));
+    long bb = q_bytes(type), bn = q_block(type);
+    for (long m = 0; m < M; m++) acc[m] = (vf){0};
+    for (long k0 = 0; k0 < K; k0 += QK_K) {
+        long n = K - k0 < QK_K ? K - k0 : QK_K;
+        decode_chunk(type, row, buf, n);
+        row += n / bn * bb;
+        for (long m = 0; m < M; m++) {
+            const float *xm = x + m * K + k0;
+            vf a = acc[m];
+            for (long v = 0; v < n; v += VL) a += vload_f32(buf + v) * vload_f32(xm + v);
+            acc[m] = a;
+        }
+    }
+    for (long m = 0; m < M; m++) {
+        float s = 0.0f;
+        for (int l = 0; l < VL; l++) s += acc[m][l];
+        out[m] = s;
+    }
+}
+
+/* The segment holding row j, and the address of that row. */
+static inline const uint8_t *q_row(const uint8_t *w, const lm_qseg *segs, long n_seg, long K, long j, int *type) {
+    for (long s = 0; s < n_seg; s++) {
+        long rb = K / q_block(segs[s].type) * q_bytes(segs[s].type);
+        if (j < segs[s].rows) {
+            *type = segs[s].type;
+            return w + j * rb;
+        }
+        w += segs[s].rows * rb;
+        j -= segs[s].rows;
+    }
+    *type = -1;
+    return 0;
+}
+
+/* y (M, N) [+]= x (M, K) @ W^T + bias, W the quantized (N, K) matrix at w; M <= 16 */
+void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg *segs, long n_seg, long N,
+                const void *bias, int bias_bf16, int accumulate, float *y, int n_threads) {
+    long chunks = (N + 15) / 16;
+    int parts = n_threads < chunks ? n_threads : (int)chunks;
+#pragma omp parallel for num_threads(parts) schedule(static) if (parts > 1)
+    for (long c = 0; c < chunks; c++) {
+        float out[QMAX_ROWS];
+        for (long j = c * 16; j < (c + 1) * 16 && j < N; j++) {
+            int type;
+            const uint8_t *row = q_row(w, segs, n_seg, K, j, &type);
+            qrow_dot(type, row, K, x, M, out);
+            float b = bias ? load(bias, j, bias_bf16) : 0.0f;
+            for (long m = 0; m < M; m++) y[m * N + j] = (accumulate ? y[m * N + j] : 0.0f) + out[m] + b;
+        }
+    }
+}
+
+/* rows [r0, r1) of the quantized (N, K) matrix as float32 into out ((r1 - r0), K) */
+void lm_qdequant(const uint8_t *w, const lm_qseg *segs, long n_seg, long K, long r0, long r1, float *out,
+                 int n_threads) {
+    int parts = n_threads < r1 - r0 ? n_threads : (int)(r1 - r0);
+#pragma omp parallel for num_threads(parts) schedule(static) if (parts > 1)
+    for (long j = r0; j < r1; j++) {
+        int type;
+        const uint8_t *row = q_row(w, segs, n_seg, K, j, &type);
+        for (long k0 = 0; k0 < K; k0 += QK_K) {
+            long n = K - k0 < QK_K ? K - k0 : QK_K;
+            decode_chunk(type, row + k0 / q_block(type) * q_bytes(type), out + (j - r0) * K + k0, n);
+        }
+    }
+}
+
+/* One layer's quantized matrices: the same four lm_layers uses (w_qkv, w_o, w_up, w_down), as lm_qmat. */
+typedef struct {
+    const uint8_t *w;
+    const lm_qseg *segs;
+    long n_seg;
+} lm_qmat;
+
+typedef struct {
+    lm_qmat qkv, o, up, down;
+} lm_qlayer;
+
+/* lm_layers for quantized matrices: norms, biases, attention and KV cache as in lm_layers (model dtype), the four
+ * products through lm_qlinear. */
+void lm_qlayers(float *x, const lm_layer *layers, const lm_qlayer *q, long n, const lm_step *s) {
+    long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, F = s->hidden;
+    long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16, nt = s->n_threads;
+    float *h = s->scratch, *qkv = h + M * D, *att = qkv + M * qkv_width, *up = att + M * nh * hd;
+    float *act = up + M * 2 * F, *scores = act + M * F;
+    for (long i = 0; i < n; i++) {
+        const lm_layer *l = layers + i;
+        const lm_qlayer *ql = q + i;
+        norm(s, x, l->norm1, l->norm1_bias, h);
+        lm_qlinear(h, M, D, ql->qkv.w, ql->qkv.segs, ql->qkv.n_seg, qkv_width, l->b_qkv, bf, 0, qkv, nt);
+        if (!s->is_gpt2) lm_rope(qkv, M, qkv_width, nh + nkv, hd, s->rope_cos, s->rope_sin, s->pos);
+        lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
+                     l->attn_scale, scores, att, nt);
+        lm_qlinear(att, M, nh * hd, ql->o.w, ql->o.segs, ql->o.n_seg, D, l->b_o, bf, 1, x, nt);
+        norm(s, x, l->norm2, l->norm2_bias, h);
+        if (s->is_gpt2) {
+            lm_qlinear(h, M, D, ql->up.w, ql->up.segs, ql->up.n_seg, F, l->b_up, bf, 0, act, nt);
+            lm_gelu(act, M * F, s->exact_gelu);
+        } else {
+            lm_qlinear(h, M, D, ql->up.w, ql->up.segs, ql->up.n_seg, 2 * F, l->b_up, bf, 0, up, nt);
+            lm_silu_mul(up, M, F, act);
+        }
+        lm_qlinear(act, M, F, ql->down.w, ql->down.segs, ql->down.n_seg, D, l->b_down, bf, 1, x, nt);
+    }
+}

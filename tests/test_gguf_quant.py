@@ -1,0 +1,89 @@
+"""Quantized GGUF weights (Q8_0, Q4_0, Q4_K, Q6_K) stay quantized and are decoded in the C kernels; checked against
+the `gguf` package's reference `dequantize`: block by block, and as whole tiny models against the float32 model built
+from the same file dequantized (logits within a tight tolerance, 32 greedy tokens equal)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from llmsh.runtime import load, quant  # noqa: E402
+from llmsh.runtime.generation import BatchGenerator, Sequence  # noqa: E402
+from llmsh.runtime.sampling import SamplingParams  # noqa: E402
+from tests.gguf_convert import convert  # noqa: E402
+
+TYPES = [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K]
+WIDE = dict(hidden_size=256, intermediate_size=512)            # K-quants need rows of 256 weights
+Q4_K_M = {f"blk.{i}.{n}.weight": T.Q6_K for i in range(2) for n in ("attn_v", "ffn_down")} | {"output.weight": T.Q6_K}
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_blocks_decode_as_gguf_reference(qtype: T) -> None:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((40, 512)).astype(np.float32)
+    q = quant.quantize(w, qtype)
+    ref = gguf.quants.dequantize(q, qtype)
+    assert np.abs(ref - w).max() < 0.15 * np.abs(w).max()       # the quantizer is sane
+    got = quant.dequantize(torch.from_numpy(q), qtype.name, 512)
+    assert torch.equal(got, torch.from_numpy(ref))               # the C decoder is exact
+    lin = quant.QLinear(512, 40, [(qtype.name, 40)], bias=False)
+    lin.weight.data = torch.from_numpy(q).reshape(-1)
+    for rows in (1, 3, 16, 17):                                  # decode batches, and the prefill path past 16
+        x = torch.randn(rows, 512)
+        torch.testing.assert_close(lin(x), x @ torch.from_numpy(ref).t(), atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_segments_and_numpy_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((24, 256)).astype(np.float32), rng.standard_normal((8, 256)).astype(np.float32)
+    qa, qb = quant.quantize(a, T.Q4_K), quant.quantize(b, T.Q6_K)
+    lin = quant.QLinear(256, 32, [("Q4_K", 24), ("Q6_K", 8)], bias=True)
+    lin.weight.data = torch.from_numpy(np.concatenate([qa.reshape(-1), qb.reshape(-1)]))
+    lin.bias.data = torch.randn(32)
+    ref = torch.from_numpy(np.concatenate([gguf.quants.dequantize(qa, T.Q4_K), gguf.quants.dequantize(qb, T.Q6_K)]))
+    x = torch.randn(2, 256)
+    want = x @ ref.t() + lin.bias
+    torch.testing.assert_close(lin(x), want, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(quant, "qlib", lambda: None)             # no C compiler: gguf's numpy decoding
+    torch.testing.assert_close(lin(x), want, atol=1e-4, rtol=1e-4)
+
+
+def greedy_ids(model, prompts: list[list[int]], n: int = 32) -> list[list[int]]:
+    """n greedy tokens per prompt, decoded together (a batch of len(prompts) through the decoder)."""
+    gen = BatchGenerator(model, max_batch=len(prompts), max_seq_len=64)
+    seqs = [Sequence(model, p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)) for p in prompts]
+    for s in seqs:
+        gen.add(s)
+    while gen.has_work:
+        gen.step()
+    return [s.token_ids for s in seqs]
+
+
+CASES = [("llama", T.Q8_0, {}, None), ("gpt2", T.Q8_0, {}, None), ("llama3", T.Q4_0, {}, None),
+         ("qwen2", T.Q4_0, {}, None), ("llama", T.Q4_K, WIDE, None), ("smollm", T.Q6_K, WIDE, None),
+         ("llama", T.Q4_K, WIDE, Q4_K_M)]
+
+
+@pytest.mark.parametrize("family,qtype,shape,types", CASES,
+                         ids=[f"{c[0]}-{c[1].name}{'-M' if c[3] else ''}" for c in CASES])
+def test_quantized_model_matches_its_dequantized_float32(family: str, qtype: T, shape: dict, types,
+                                                         make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    folder = make_tiny_model(family, **shape)
+    qfile = convert(folder, tmp_path / "q.gguf", qtype, types=types)
+    ffile = convert(folder, tmp_path / "f.gguf", qtype, types=types, dequantized=True)
+    qm, fm = load(str(qfile)), load(str(ffile))
+    quantized = [m for m in qm.module.modules() if isinstance(m, quant.QLinear)]
+    assert quantized and all(m.weight.dtype == torch.uint8 for m in quantized)
+    assert qm.weight_bytes() < 0.6 * fm.weight_bytes()            # the matrices stay blocks in memory
+    assert type(qm.fast_decode).__name__ == "QuantDecoder"
+    ids = list(range(3, 40))
+    torch.testing.assert_close(qm.forward(ids), fm.forward(ids), atol=2e-4, rtol=1e-4)   # prefill path
+    prompts = [[5, 9, 23], [7, 11, 13, 17, 19]]
+    assert greedy_ids(qm, prompts) == greedy_ids(fm, prompts)      # decode path (C kernels), batch 2
