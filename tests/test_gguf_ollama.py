@@ -133,7 +133,8 @@ def test_models_lists_gguf_files_and_ollama_models(store: Path, tiny_gguf: Path,
     assert resolve_model("ollama:tiny") == "ollama:tiny"
 
 
-def test_kernel_loads_and_runs_an_ollama_model(make_kernel: Any, tiny_gguf: Path, tmp_path: Path) -> None:
+def test_kernel_loads_and_runs_an_ollama_model(make_kernel: Any, tiny_gguf: Path, tmp_path: Path,
+                                              make_tiny_model: Callable[..., Path]) -> None:
     from tests.fixtures_kernel import kernel_env
 
     root = tmp_path / "store"
@@ -152,4 +153,9 @@ def test_kernel_loads_and_runs_an_ollama_model(make_kernel: Any, tiny_gguf: Path
     assert "ollama:tiny:latest" in k.execute("models")["stdout"] + json.dumps(k.execute("models --json")["data"])
     err = k.execute("load ollama:absent")
     assert err["status"] == "error" and "ollama pull absent:latest" in err["reply"]["evalue"]
+    # load PATH --quant: a Hugging Face checkpoint with its matrices quantized at load
+    q = k.execute(f"load {make_tiny_model('llama3')} --quant q8_0 --name qq")
+    assert q["status"] == "ok", q["reply"].get("evalue")
+    out = k.execute("run qq --max-tokens 4 --temperature 0 Once")
+    assert out["status"] == "ok" and out["stdout"].strip(), out["reply"].get("evalue")
 

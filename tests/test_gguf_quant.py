@@ -87,3 +87,34 @@ def test_quantized_model_matches_its_dequantized_float32(family: str, qtype: T, 
     torch.testing.assert_close(qm.forward(ids), fm.forward(ids), atol=2e-4, rtol=1e-4)   # prefill path
     prompts = [[5, 9, 23], [7, 11, 13, 17, 19]]
     assert greedy_ids(qm, prompts) == greedy_ids(fm, prompts)      # decode path (C kernels), batch 2
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K])
+def test_load_quant_quantizes_a_hf_checkpoint_once(qtype: T, make_tiny_model, tmp_path: Path, monkeypatch) -> None:
+    folder = make_tiny_model("llama", **(WIDE if qtype == T.Q4_K else {}))
+    qm = load(folder, quant=qtype.name.lower())
+    assert all(isinstance(qm.module.layers[i].feed_forward.w13, quant.QLinear) for i in range(2))
+    assert type(qm.fast_decode).__name__ == "QuantDecoder"
+    # reference: the same matrices through gguf's dequantize (embeddings stay float with --quant)
+    ffile = convert(folder, tmp_path / "f.gguf", qtype, types={"token_embd.weight": T.F32}, dequantized=True)
+    fm = load(str(ffile))
+    ids = list(range(3, 40))
+    torch.testing.assert_close(qm.forward(ids), fm.forward(ids), atol=2e-4, rtol=1e-4)
+    assert greedy_ids(qm, [[5, 9, 23]]) == greedy_ids(fm, [[5, 9, 23]])
+
+    def no_quantizing(*a):
+        raise AssertionError("quantized again instead of using the cached copy")
+
+    monkeypatch.setattr(quant, "quantize", no_quantizing)
+    again = load(folder, quant=qtype.name.lower())                 # from the cache (keyed by the checkpoint's hash)
+    torch.testing.assert_close(again.forward(ids), qm.forward(ids), atol=0, rtol=0)
+
+
+def test_quant_refuses_what_it_cannot_do(make_tiny_model, tmp_path: Path) -> None:
+    from llmsh.runtime import LoadError
+
+    with pytest.raises(LoadError, match="--quant q5_1: use q8_0, q4_0 or q4_k"):
+        load(make_tiny_model("gpt2"), quant="q5_1")
+    gguf_file = convert(make_tiny_model("gpt2"), tmp_path / "g.gguf")
+    with pytest.raises(LoadError, match="--quant applies to Hugging Face checkpoints"):
+        load(str(gguf_file), quant="q8_0")

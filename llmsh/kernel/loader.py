@@ -132,7 +132,7 @@ class Loader:
 
     def start(
         self, source: str, *, name: str | None = None, device: str = "cpu", dtype: str | None = None, nice: int = 0,
-        max_batch: int | None = None, ctx: int | None = None,
+        max_batch: int | None = None, ctx: int | None = None, quant: str | None = None,
     ) -> tuple[Process, concurrent.futures.Future]:
         """Register a `loading` process for `source` (path or model name) and queue its load; returns it at once."""
         for what, v in (("--max-batch", max_batch), ("--ctx", ctx)):
@@ -145,18 +145,20 @@ class Loader:
         proc = self.procs.add(base, path, device=device, dtype=dtype or "", nice=nice)
         proc.progress_text = "queued"
         sizes = (max_batch or self.max_batch, ctx)
-        return proc, self.pool.submit(self._load, proc, path, device, dtype, sizes)
+        return proc, self.pool.submit(self._load, proc, path, device, dtype, sizes, quant)
 
-    def _load(self, proc: Process, path: str, device: str, dtype: str | None, sizes: tuple[int, int | None]) -> Process:
+    def _load(self, proc: Process, path: str, device: str, dtype: str | None, sizes: tuple[int, int | None],
+              quant: str | None = None) -> Process:
         me = threading.get_ident()
         self.tasks[me] = f"load pid {proc.pid} ({proc.name})"
         try:
-            return self._load_inner(proc, path, device, dtype, sizes)
+            return self._load_inner(proc, path, device, dtype, sizes, quant)
         finally:
             self.tasks.pop(me, None)
 
     def _load_inner(
-        self, proc: Process, path: str, device: str, dtype: str | None, sizes: tuple[int, int | None]
+        self, proc: Process, path: str, device: str, dtype: str | None, sizes: tuple[int, int | None],
+        quant: str | None = None,
     ) -> Process:
         if proc.abort_load:
             return proc
@@ -170,7 +172,7 @@ class Loader:
                 proc.progress, proc.progress_text = float(frac), text
                 self.procs.changed(proc, "progress")
 
-            model = load(path, device=device, dtype=dtype, progress=progress)
+            model = load(path, device=device, dtype=dtype, progress=progress, **({"quant": quant} if quant else {}))
         except LoadAborted:
             return proc
         except Exception as e:  # LoadError is the expected one; anything else still must not kill the kernel

@@ -274,11 +274,15 @@ def is_gguf_source(source: str) -> bool:
 
 
 def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, *,
-         verify: bool = True, progress: Callable[[float, str], None] | None = None) -> Model:
-    """Load a Hugging Face folder or hub-cache name; LoadError (one line) for every user-facing failure."""
+         verify: bool = True, progress: Callable[[float, str], None] | None = None, quant: str | None = None) -> Model:
+    """Load a Hugging Face folder or hub-cache name; LoadError (one line) for every user-facing failure.
+    quant (q8_0, q4_0, q4_k): keep the matrices quantized (quant.py), quantized once and cached."""
     if is_gguf_source(str(path_or_name)):  # a GGUF file or an Ollama model: gguf_loader.py
         from llmsh.runtime import gguf_loader
 
+        if quant:
+            raise LoadError(f"--quant applies to Hugging Face checkpoints; {path_or_name} is GGUF, already in its "
+                            "own types")
         return gguf_loader.load_source(str(path_or_name), device, dtype, verify=verify, progress=progress)
     report = progress or (lambda frac, msg: None)
     started = time.perf_counter()
@@ -305,6 +309,12 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: st
     checkpoint.parts = lambda name: family.fused_parts(name, cfg)
     with torch.device("meta"):
         module = family.Transformer(cfg)
+    if quant:  # matrices from a quantized copy of the checkpoint (made once, cached): quant.py
+        from llmsh.runtime import quant as quant_mod
+
+        checkpoint = quant_mod.quantized_checkpoint(checkpoint, module, quant,
+                                                    progress=lambda f, m: report(0.05 + 0.6 * f, m))
+        quant_mod.quantize_module(module, checkpoint)
     expected = module.state_dict()
     state: dict[str, Tensor] = {}
     by_key: dict[str, Tensor] = {}  # a tied head reads the embedding's key: convert/copy it once, not twice

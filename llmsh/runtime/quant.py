@@ -219,3 +219,103 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
     qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6))
     return np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64).astype(np.uint8), sc.view(np.uint8),
                            _f16(d16)], axis=1)
+
+
+# ---- `load PATH --quant`: a quantized copy of a Hugging Face checkpoint, made once ------------------------------
+CACHE_VERSION = "1"          # bump when the quantizers change: old cached copies are then ignored
+
+
+class QuantizedCheckpoint:
+    """A Hugging Face checkpoint whose matrices come from a cached quantized copy (one safetensors file of uint8
+    tensors named by our parameters); everything else reads through to the original checkpoint."""
+
+    def __init__(self, base: Any, cached: Any, qtype: str) -> None:
+        self.base, self.cached, self.qtype = base, cached, qtype.upper()
+
+    def is_quantized(self, name: str) -> bool:
+        return name in self.cached.entries
+
+    def segments(self, name: str) -> list[tuple[str, int]]:
+        return [(self.qtype, int(self.base.shape(name)[-1]))]          # our (in, out): out rows of one type
+
+    def quantized_bytes(self, name: str) -> Tensor:
+        return self.cached.tensor(name)                                 # a view of the mapped cache file
+
+    def param_dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.uint8 if self.is_quantized(name) else model_dtype
+
+    def hf_key(self, name: str) -> str:
+        return name if self.is_quantized(name) else self.base.hf_key(name)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.cached.entries[name]["shape"]) if self.is_quantized(name) else self.base.shape(name)
+
+    def load_tensor(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Tensor:
+        if self.is_quantized(name):
+            return self.quantized_bytes(name).to(device)
+        return self.base.load_tensor(name, device, dtype)
+
+    def read_into(self, name: str, out: Tensor) -> Tensor:
+        return out.copy_(self.quantized_bytes(name)) if self.is_quantized(name) else self.base.read_into(name, out)
+
+    def nbytes(self) -> int:
+        return self.base.nbytes()
+
+    def paths(self) -> list[Any]:
+        return [*self.base.paths(), self.cached.path]
+
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype()
+
+
+def _targets(module: nn.Module, base: Any, qtype: str) -> list[str]:
+    """Our Linear weights to quantize: all whose rows fit whole blocks, except a head tied to the embedding."""
+    from llmsh.runtime.layers import Linear
+
+    embeds = {base.hf_key(f"{n}.weight") for n, m in module.named_modules()
+              if isinstance(m, nn.Embedding) or type(m).__name__ == "TiedEmbedding"}
+    block = BLOCK[qtype.upper()][0]
+    return [f"{n}.weight" for n, m in module.named_modules()
+            if isinstance(m, Linear) and m.in_features % block == 0 and base.hf_key(f"{n}.weight") not in embeds]
+
+
+def quantized_checkpoint(base: Any, module: nn.Module, qtype: str, progress: Any = None) -> QuantizedCheckpoint:
+    """`base` with its matrices in qtype, from the cache (paths.cache_dir()/quant, keyed by the checkpoint files'
+    sha256, remembered per file identity) or quantized now and written there atomically."""
+    import hashlib
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from llmsh import paths
+    from llmsh.runtime import hash_cache
+    from llmsh.runtime.checkpoint import SafetensorsFile
+
+    qtype = qtype.lower()
+    if qtype.upper() not in ("Q8_0", "Q4_0", "Q4_K"):
+        raise LoadError(f"--quant {qtype}: use q8_0, q4_0 or q4_k")
+    report = progress or (lambda frac, msg: None)
+    key = hashlib.sha256(CACHE_VERSION.encode())
+    for i, p in enumerate(base.paths()):
+        key.update(hash_cache.sha256(p).encode())
+        report(0.3 * (i + 1) / len(base.paths()), f"hashing {p.name}")
+    folder = paths.cache_dir() / "quant"
+    target = folder / f"{key.hexdigest()[:32]}-{qtype}.safetensors"
+    if not target.exists():
+        names = _targets(module, base, qtype)
+        out: dict[str, Tensor] = {}
+        for i, name in enumerate(names):
+            w = base.load_tensor(name, "cpu", torch.float32)                      # ours: (in, out)
+            out[name] = torch.from_numpy(quantize(w.t().contiguous().numpy(), qtype)).reshape(-1)
+            report(0.3 + 0.7 * (i + 1) / len(names), f"quantizing {name} to {qtype}")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(out, tmp, metadata={"qtype": qtype, "version": CACHE_VERSION})
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return QuantizedCheckpoint(base, SafetensorsFile(target), qtype)
