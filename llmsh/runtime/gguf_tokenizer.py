@@ -38,14 +38,29 @@ SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_to
                "pad_token": "padding_token_id"}
 
 
-def build(meta: Callable[[str, Any], Any]) -> Tokenizer | None:
-    """The Tokenizer of a GGUF file whose metadata `meta(key, default)` reads; None if it has no vocabulary."""
-    from tokenizers import AddedToken, Tokenizer as Tok, decoders, models, normalizers, pre_tokenizers, processors
+def build(meta: Callable[[str, Any], Any], cached: str | None = None) -> tuple[Tokenizer | None, str | None]:
+    """The Tokenizer of a GGUF file whose metadata `meta(key, default)` reads (None if it has no vocabulary), and
+    the `tokenizers` JSON of it; `cached`: that JSON from an earlier build, which is then not rebuilt (fast)."""
+    from tokenizers import Tokenizer as Tok
 
     kind = meta("tokenizer.ggml.model", None)
     tokens: list[str] | None = meta("tokenizer.ggml.tokens", None)
     if kind is None or not tokens:
-        return None
+        return None, None
+    tok = Tok.from_str(cached) if cached else _build_tokenizers(meta, kind, tokens)
+    bos = meta("tokenizer.ggml.bos_token_id", None)
+    special = {attr: tokens[i] for attr, key in SPECIAL_IDS.items()
+               if isinstance(i := meta(f"tokenizer.ggml.{key}", None), int) and 0 <= i < len(tokens)}
+    eos = {i for key in ("eos_token_id", "eot_token_id", "eom_token_id")
+           if isinstance(i := meta(f"tokenizer.ggml.{key}", None), int)}
+    return Tokenizer.from_parts(tok, special_tokens=special, chat_template=meta("tokenizer.chat_template", None),
+                                eos_token_ids=eos, bos_token_id=bos), cached or tok.to_str()
+
+
+def _build_tokenizers(meta: Callable[[str, Any], Any], kind: str, tokens: list[str]) -> Any:
+    """The `tokenizers.Tokenizer` the metadata describes (see the module docstring)."""
+    from tokenizers import AddedToken, Tokenizer as Tok, decoders, models, normalizers, pre_tokenizers, processors
+
     types: list[int] = meta("tokenizer.ggml.token_type", None) or [1] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     if kind == "gpt2":
@@ -92,12 +107,7 @@ def build(meta: Callable[[str, Any], Any]) -> Tokenizer | None:
                                                            special_tokens=[(tokens[bos], bos)])
     elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    special = {attr: tokens[i] for attr, key in SPECIAL_IDS.items()
-               if isinstance(i := meta(f"tokenizer.ggml.{key}", None), int) and 0 <= i < len(tokens)}
-    eos = {i for key in ("eos_token_id", "eot_token_id", "eom_token_id")
-           if isinstance(i := meta(f"tokenizer.ggml.{key}", None), int)}
-    return Tokenizer.from_parts(tok, special_tokens=special, chat_template=meta("tokenizer.chat_template", None),
-                                eos_token_ids=eos, bos_token_id=bos)
+    return tok
 
 
 def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
