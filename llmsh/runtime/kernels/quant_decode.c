@@ -128,6 +128,14 @@ static inline vf widen_s8(const int8_t *p) {
 static inline vf widen_s8(const int8_t *p) { return __builtin_convertvector(__builtin_convertvector(*(const vb *)p, vi32), vf); }
 #endif
 static inline vf widen_u8(vub b) { return __builtin_convertvector(__builtin_convertvector(b, vi32), vf); }
+/* 16 bytes at p as 16 int32 lanes; nibble and bit work is then done on 32-bit lanes (x86 has no byte shifts, and
+ * GCC turned byte-vector masks and shifts into per-byte scalar code here) */
+#ifdef __AVX512F__
+static inline vi32 wide(const uint8_t *p) { return (vi32)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+#else
+static inline vi32 wide(const uint8_t *p) { return __builtin_convertvector(*(const vub *)p, vi32); }
+#endif
+static inline vf fl(vi32 v) { return __builtin_convertvector(v, vf); }
 
 static inline float hsum(vf v) {
 #ifdef __AVX512F__
@@ -156,39 +164,63 @@ static inline __attribute__((always_inline)) void w32(int type, const uint8_t *r
     } else if (type == Q4_0) {
         const uint8_t *b = row + c * 18;
         vf d = f16_to_f32(rd16(b)) - (vf){0};
-        vub q = *(const vub *)(b + 2);
-        *w0 = (widen_u8(q & 0xF) - 8.0f) * d;
-        *w1 = (widen_u8(q >> 4) - 8.0f) * d;
+        vi32 q = wide(b + 2);
+        *w0 = fl((q & 0xF) - 8) * d;
+        *w1 = fl((q >> 4) - 8) * d;
     } else if (type == Q4_K) {
         const uint8_t *b = row + (c >> 3) * 144;
-        int sub = c & 7;
+        int sub = c & 7, shift = (sub & 1) * 4;
         uint8_t sc, mn;
         scale_min_k4(sub, b + 4, &sc, &mn);
         vf d = f16_to_f32(rd16(b)) * sc - (vf){0}, o = f16_to_f32(rd16(b + 2)) * mn - (vf){0};
         const uint8_t *q = b + 16 + 32 * (sub >> 1);
-        vub qa = *(const vub *)q, qb = *(const vub *)(q + 16);
-        if (sub & 1) { qa >>= 4; qb >>= 4; } else { qa &= 0xF; qb &= 0xF; }
-        *w0 = widen_u8(qa) * d - o;
-        *w1 = widen_u8(qb) * d - o;
+        *w0 = fl((wide(q) >> shift) & 0xF) * d - o;
+        *w1 = fl((wide(q + 16) >> shift) & 0xF) * d - o;
     } else {                                                        /* Q6_K */
         const uint8_t *b = row + (c >> 3) * 210;
         int sub = c & 7, n = sub >> 2, r = sub & 3;
         const uint8_t *ql = b + 64 * n + 32 * (r & 1), *qh = b + 128 + 32 * n;
         const int8_t *sc = (const int8_t *)(b + 192) + 8 * n + 2 * r;
         float d = f16_to_f32(rd16(b + 208));
-        vub l0 = *(const vub *)ql, l1 = *(const vub *)(ql + 16), h0 = *(const vub *)qh, h1 = *(const vub *)(qh + 16);
-        if (r & 2) { l0 >>= 4; l1 >>= 4; } else { l0 &= 0xF; l1 &= 0xF; }
-        h0 = (h0 >> (2 * r)) & 3;
-        h1 = (h1 >> (2 * r)) & 3;
-        *w0 = (widen_u8(l0 | (h0 << 4)) - 32.0f) * (d * sc[0]);
-        *w1 = (widen_u8(l1 | (h1 << 4)) - 32.0f) * (d * sc[1]);
+        int lo_shift = r & 2 ? 4 : 0, hi_shift = 2 * r;
+        vi32 q0 = ((wide(ql) >> lo_shift) & 0xF) | (((wide(qh) >> hi_shift) & 3) << 4);
+        vi32 q1 = ((wide(ql + 16) >> lo_shift) & 0xF) | (((wide(qh + 16) >> hi_shift) & 3) << 4);
+        *w0 = fl(q0 - 32) * (d * sc[0]);
+        *w1 = fl(q1 - 32) * (d * sc[1]);
     }
+}
+
+/* Q8_0 / Q4_0 weights of block c unscaled (the block's scale multiplies the partial sum once instead) */
+static inline __attribute__((always_inline)) float w32_raw(int type, const uint8_t *row, long c, vf *w0, vf *w1) {
+    if (type == Q8_0) {
+        const uint8_t *b = row + c * 34;
+        *w0 = widen_s8((const int8_t *)b + 2);
+        *w1 = widen_s8((const int8_t *)b + 18);
+        return f16_to_f32(rd16(b));
+    }
+    const uint8_t *b = row + c * 18;
+    vi32 q = wide(b + 2);
+    *w0 = fl((q & 0xF) - 8);
+    *w1 = fl((q >> 4) - 8);
+    return f16_to_f32(rd16(b));
 }
 
 /* out[r] = row r . x for 4 rows and one x (batch-1 decode): four independent sums in flight */
 static inline __attribute__((always_inline)) void dot4_rows(int type, const uint8_t *const *rows, long K,
                                                            const float *restrict x, float *out) {
     vf acc[4] = {{0}, {0}, {0}, {0}};
+    if (type == Q8_0 || type == Q4_0) {
+        for (long c = 0; c < K / 32; c++) {
+            vf x0 = vload_f32(x + 32 * c), x1 = vload_f32(x + 32 * c + VL);
+            for (int r = 0; r < 4; r++) {
+                vf w0, w1;
+                float d = w32_raw(type, rows[r], c, &w0, &w1);
+                acc[r] += d * (w0 * x0 + w1 * x1);
+            }
+        }
+        for (int r = 0; r < 4; r++) out[r] = hsum(acc[r]);
+        return;
+    }
     for (long c = 0; c < K / 32; c++) {
         vf x0 = vload_f32(x + 32 * c), x1 = vload_f32(x + 32 * c + VL);
         for (int r = 0; r < 4; r++) {
