@@ -118,3 +118,23 @@ def test_quant_refuses_what_it_cannot_do(make_tiny_model, tmp_path: Path) -> Non
     gguf_file = convert(make_tiny_model("gpt2"), tmp_path / "g.gguf")
     with pytest.raises(LoadError, match="--quant applies to Hugging Face checkpoints"):
         load(str(gguf_file), quant="q8_0")
+
+
+def test_pager_moves_quantized_pages(make_tiny_model, tmp_path: Path) -> None:
+    from llmsh.kernel.paging.core import Pager
+    from llmsh.kernel.paging.sources import ModelSource
+
+    files = [convert(make_tiny_model(f), tmp_path / f"{f}.gguf", T.Q8_0) for f in ("llama", "qwen2")]
+    refs = [load(str(f)).generate(["Once upon", "The fox"], max_tokens=12, temperature=0) for f in files]
+    models = [load(str(f)) for f in files]
+    pager = Pager({"cpu": int(sum(m.weight_bytes() for m in models) / 2)}, prefetch=True)
+    try:
+        for pid, m in enumerate(models, 1):
+            pager.attach(pid, ModelSource(m), name=m.name)
+        for _ in range(2):
+            for m, ref in zip(models, refs):
+                assert m.generate(["Once upon", "The fox"], max_tokens=12, temperature=0) == ref
+        snap = pager.snapshot()
+        assert snap["totals"]["page_outs"] > 0 and snap["totals"]["page_ins"] > 0   # quantized blocks moved
+    finally:
+        pager.close()
