@@ -15,8 +15,6 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from llmsh.runtime import load, quant  # noqa: E402
-from llmsh.runtime.generation import BatchGenerator, Sequence  # noqa: E402
-from llmsh.runtime.sampling import SamplingParams  # noqa: E402
 from tests.gguf_convert import convert  # noqa: E402
 
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K]
@@ -37,7 +35,8 @@ def test_blocks_decode_as_gguf_reference(qtype: T) -> None:
     lin.weight.data = torch.from_numpy(q).reshape(-1)
     for rows in (1, 3, 16, 17):                                  # decode batches, and the prefill path past 16
         x = torch.randn(rows, 512)
-        torch.testing.assert_close(lin(x), x @ torch.from_numpy(ref).t(), atol=1e-4, rtol=1e-4)
+        # (the VNNI path rounds x to int16 blocks: relative error ~1e-5 per element, ~1e-4 on these 512-term sums)
+        torch.testing.assert_close(lin(x), x @ torch.from_numpy(ref).t(), atol=3e-3, rtol=3e-4)
 
 
 def test_mixed_segments_and_numpy_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,15 +54,24 @@ def test_mixed_segments_and_numpy_fallback(monkeypatch: pytest.MonkeyPatch) -> N
     torch.testing.assert_close(lin(x), want, atol=1e-4, rtol=1e-4)
 
 
-def greedy_ids(model, prompts: list[list[int]], n: int = 32) -> list[list[int]]:
-    """n greedy tokens per prompt, decoded together (a batch of len(prompts) through the decoder)."""
-    gen = BatchGenerator(model, max_batch=len(prompts), max_seq_len=64)
-    seqs = [Sequence(model, p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)) for p in prompts]
-    for s in seqs:
-        gen.add(s)
-    while gen.has_work:
-        gen.step()
-    return [s.token_ids for s in seqs]
+TIE = 1e-3      # a reference step whose top two logits are closer than this has no well-defined greedy token
+
+
+def assert_decodes_alike(qm, fm, prompts: list[list[int]], n: int = 32, atol: float = 2e-3,
+                         rtol: float = 1e-3) -> None:
+    """Decode n steps of all prompts together (one batch: the C kernels) in both models, feeding both the reference's
+    greedy tokens: every step's logits within atol, and the same greedy token wherever the reference has no near tie
+    (tiny random models do have ties of ~1e-4; any kernel that sums in another order may flip those)."""
+    B = len(prompts)
+    caches = [m.new_cache(B, 64) for m in (qm, fm)]
+    got, ref = (m.prefill(c, list(range(B)), prompts) for m, c in zip((qm, fm), caches))
+    for step in range(n):
+        torch.testing.assert_close(got, ref, atol=atol, rtol=rtol, msg=lambda m: f"step {step}: {m}")
+        top2 = ref.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > TIE
+        assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear]), f"greedy tokens differ at step {step}"
+        tokens = ref.argmax(-1).tolist()
+        got, ref = (m.decode_step(c, list(range(B)), tokens) for m, c in zip((qm, fm), caches))
 
 
 CASES = [("llama", T.Q8_0, {}, None), ("gpt2", T.Q8_0, {}, None), ("llama3", T.Q4_0, {}, None),
@@ -85,8 +93,8 @@ def test_quantized_model_matches_its_dequantized_float32(family: str, qtype: T, 
     assert type(qm.fast_decode).__name__ == "QuantDecoder"
     ids = list(range(3, 40))
     torch.testing.assert_close(qm.forward(ids), fm.forward(ids), atol=2e-4, rtol=1e-4)   # prefill path
-    prompts = [[5, 9, 23], [7, 11, 13, 17, 19]]
-    assert greedy_ids(qm, prompts) == greedy_ids(fm, prompts)      # decode path (C kernels), batch 2
+    assert_decodes_alike(qm, fm, [[5, 9, 23], [7, 11, 13, 17, 19], [3]])    # decode path (C kernels), batch 3
+    assert_decodes_alike(qm, fm, [[40, 41]])                                 # and batch 1
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K])
@@ -100,7 +108,7 @@ def test_load_quant_quantizes_a_hf_checkpoint_once(qtype: T, make_tiny_model, tm
     fm = load(str(ffile))
     ids = list(range(3, 40))
     torch.testing.assert_close(qm.forward(ids), fm.forward(ids), atol=2e-4, rtol=1e-4)
-    assert greedy_ids(qm, [[5, 9, 23]]) == greedy_ids(fm, [[5, 9, 23]])
+    assert_decodes_alike(qm, fm, [[5, 9, 23]])
 
     def no_quantizing(*a):
         raise AssertionError("quantized again instead of using the cached copy")
