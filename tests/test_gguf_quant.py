@@ -49,7 +49,7 @@ def test_mixed_segments_and_numpy_fallback(monkeypatch: pytest.MonkeyPatch) -> N
     ref = torch.from_numpy(np.concatenate([gguf.quants.dequantize(qa, T.Q4_K), gguf.quants.dequantize(qb, T.Q6_K)]))
     x = torch.randn(2, 256)
     want = x @ ref.t() + lin.bias
-    torch.testing.assert_close(lin(x), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lin(x), want, atol=3e-3, rtol=3e-4)             # (x rounded to int16 blocks)
     monkeypatch.setattr(quant, "qlib", lambda: None)             # no C compiler: gguf's numpy decoding
     torch.testing.assert_close(lin(x), want, atol=1e-4, rtol=1e-4)
 
@@ -57,11 +57,13 @@ def test_mixed_segments_and_numpy_fallback(monkeypatch: pytest.MonkeyPatch) -> N
 TIE = 1e-3      # a reference step whose top two logits are closer than this has no well-defined greedy token
 
 
-def assert_decodes_alike(qm, fm, prompts: list[list[int]], n: int = 32, atol: float = 2e-3,
-                         rtol: float = 1e-3) -> None:
+def assert_decodes_alike(qm, fm, prompts: list[list[int]], n: int = 32, atol: float = 1e-2,
+                         rtol: float = 5e-3) -> None:
     """Decode n steps of all prompts together (one batch: the C kernels) in both models, feeding both the reference's
-    greedy tokens: every step's logits within atol, and the same greedy token wherever the reference has no near tie
-    (tiny random models do have ties of ~1e-4; any kernel that sums in another order may flip those)."""
+    greedy tokens: every step's logits close (the VNNI kernels round x to int16 blocks: ~1e-3 per step, more as the
+    K/V caches drift apart over 32 steps; the weights' own quantization moves logits by ~1), and the same greedy
+    token wherever the reference has no near tie (tiny random models have ties of ~1e-4, which any kernel summing in
+    another order may flip)."""
     B = len(prompts)
     caches = [m.new_cache(B, 64) for m in (qm, fm)]
     got, ref = (m.prefill(c, list(range(B)), prompts) for m, c in zip((qm, fm), caches))
