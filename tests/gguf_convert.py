@@ -45,7 +45,8 @@ def llama3_rope_factors(cfg: dict) -> np.ndarray:
     hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     base = rs.get("rope_theta") or cfg.get("rope_theta", 10000.0)
     freqs = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
     out = []
     for f in freqs.tolist():
         wavelen = 2 * math.pi / f
@@ -160,7 +161,8 @@ def convert(folder: Path, out: Path, qtype: T = T.F32, types: dict[str, T] | Non
                     v = permute(v, nkv)
                 tensors[f"blk.{i}.{LLAMA_NAMES[mod]}.{kind}"] = v
             else:
-                tensors[{"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[k]] = v
+                names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+                tensors[names[k]] = v
     _tokenizer(w, folder, cfg)
     for name, v in tensors.items():
         data, t = _quantize(name, v.numpy(), (types or {}).get(name, qtype))

@@ -17,7 +17,8 @@ from llmsh.runtime.tokenizer import Tokenizer  # noqa: E402
 from tests.gguf_convert import convert  # noqa: E402
 
 FAMILIES = ["gpt2", "llama", "llama3", "smollm", "mistral", "qwen2"]
-TEXTS = ["Hello world, the quick brown fox 123 jumps", "<|im_start|>user\nCafé 🙂 naïve<|im_end|>", "  two  spaces\n\nx"]
+TEXTS = ["Hello world, the quick brown fox 123 jumps", "<|im_start|>user\nCafé 🙂 naïve<|im_end|>",
+         "  two  spaces\n\nx"]
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,8 @@ def add_model(store: Path, gguf_file: Path, name: str, tag: str = "latest", name
     cfg = json.dumps({"model_format": "gguf", "model_family": "llama", "file_type": "F32"}).encode()
     layers = [{"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{add_blob(store, model)}",
                "size": len(model)},
-              {"mediaType": "application/vnd.ollama.image.template", "digest": f"sha256:{add_blob(store, b'{{ .Prompt }}')}",
-               "size": 14}]
+              {"mediaType": "application/vnd.ollama.image.template",
+               "digest": f"sha256:{add_blob(store, b'{{ .Prompt }}')}", "size": 14}]
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
                 "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
                            "digest": f"sha256:{add_blob(store, cfg)}", "size": len(cfg)},

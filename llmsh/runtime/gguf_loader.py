@@ -185,7 +185,8 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
     n_vocab = g.meta(f"{arch}.vocab_size") or len(g.meta("tokenizer.ggml.tokens", []) or []) or \
         int(g.tensors["token_embd.weight"].shape[1])
     common = {"model_type": model_type, "vocab_size": int(n_vocab),
-              "bos_token_id": g.meta("tokenizer.ggml.bos_token_id"), "eos_token_id": g.meta("tokenizer.ggml.eos_token_id")}
+              "bos_token_id": g.meta("tokenizer.ggml.bos_token_id"),
+              "eos_token_id": g.meta("tokenizer.ggml.eos_token_id")}
     if model_type == "gpt2":
         return {**common, "n_embd": need("embedding_length"), "n_layer": need("block_count"),
                 "n_head": need("attention.head_count"), "n_positions": need("context_length"),
@@ -259,7 +260,8 @@ def spec(name: str, arch: str, cfg: Any) -> Spec:
                      (f"{blk}attn_k.{kind}", cfg.n_kv_head if permute else 0), (f"{blk}attn_v.{kind}", 0)],
                     "linear" if kind == "weight" else "as_is")
     if rest.startswith("feed_forward.w13."):
-        return Spec([(f"{blk}ffn_gate.{kind}", 0), (f"{blk}ffn_up.{kind}", 0)], "linear" if kind == "weight" else "as_is")
+        return Spec([(f"{blk}ffn_gate.{kind}", 0), (f"{blk}ffn_up.{kind}", 0)],
+                    "linear" if kind == "weight" else "as_is")
     return Spec([(blk + _LLAMA[rest], 0)], "linear" if rest.endswith(".weight") and ".w" in rest else "as_is")
 
 

@@ -1,4 +1,4 @@
-"""The tokenizer of a GGUF file, rebuilt from its metadata as a `tokenizers.Tokenizer` (the library tokenizer.json runs on).
+"""The tokenizer of a GGUF file, rebuilt from its metadata as a `tokenizers.Tokenizer` (what tokenizer.json runs on).
 
 GGUF keeps a vocabulary (`tokenizer.ggml.tokens`, `token_type`, `scores`), the merges of byte-level BPE models, the
 special token ids, whether to add BOS, a pre-tokenizer name (`tokenizer.ggml.pre`: which split regex llama.cpp uses)

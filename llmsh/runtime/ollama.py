@@ -133,6 +133,7 @@ def list_models() -> list[dict[str, Any]]:
             found = _read_manifest(manifest, name)
         except LoadError:
             continue
-        out.append({"name": f"ollama:{name}", "path": str(found.model_path), "source": "ollama", "arch": found.kind or "gguf",
+        out.append({"name": f"ollama:{name}", "path": str(found.model_path), "source": "ollama",
+                    "arch": found.kind or "gguf",
                     "bytes": found.size})
     return out

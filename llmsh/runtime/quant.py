@@ -74,7 +74,8 @@ class QLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kinds = "+".join(f"{t}x{rows}" for t, rows in self.segments)
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kinds}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kinds}, "
+                f"bias={self.bias is not None}")
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()                   # (M, K)

@@ -96,7 +96,8 @@ class QuantDecoder:
         if cache.k[0].dtype != self.dtype:
             raise ValueError(f"KV cache is {cache.k[0].dtype}, this model decodes in {self.dtype}")
         if not all(0 <= s < cache.max_batch for s in slots) or len(set(slots)) != B or len(pos) != B:
-            raise ValueError(f"slots must be {B} distinct slots of this cache (0..{cache.max_batch - 1}), one position each")
+            raise ValueError(f"slots must be {B} distinct slots of this cache (0..{cache.max_batch - 1}), "
+                             "one position each")
         if not all(0 <= t < cfg.vocab_size for t in tokens):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) for this model")
         context = min(cache.max_seq_len, fam.max_positions())

@@ -84,7 +84,10 @@ static inline void decode_chunk(int type, const uint8_t *restrict p, float *rest
             if (is < 4) { s1 = sc[is] & 63; m1 = sc[is + 4] & 63; }
             else { s1 = (sc[is + 4] & 0xF) | ((sc[is - 4] >> 6) << 4); m1 = (sc[is + 4] >> 4) | ((sc[is] >> 6) << 4); }
             if (is + 1 < 4) { s2 = sc[is + 1] & 63; m2 = sc[is + 5] & 63; }
-            else { s2 = (sc[is + 5] & 0xF) | ((sc[is - 3] >> 6) << 4); m2 = (sc[is + 5] >> 4) | ((sc[is + 1] >> 6) << 4); }
+            else {
+                s2 = (sc[is + 5] & 0xF) | ((sc[is - 3] >> 6) << 4);
+                m2 = (sc[is + 5] >> 4) | ((sc[is + 1] >> 6) << 4);
+            }
             float d1 = d * s1, o1 = dmin * m1, d2 = d * s2, o2 = dmin * m2;
             for (int l = 0; l < 32; l++) {
                 y[l] = d1 * (float)(q[l] & 0xF) - o1;
@@ -125,7 +128,9 @@ static inline vf widen_s8(const int8_t *p) {
     return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 #else
-static inline vf widen_s8(const int8_t *p) { return __builtin_convertvector(__builtin_convertvector(*(const vb *)p, vi32), vf); }
+static inline vf widen_s8(const int8_t *p) {
+    return __builtin_convertvector(__builtin_convertvector(*(const vb *)p, vi32), vf);
+}
 #endif
 static inline vf widen_u8(vub b) { return __builtin_convertvector(__builtin_convertvector(b, vi32), vf); }
 /* 16 bytes at p as 16 int32 lanes; nibble and bit work is then done on 32-bit lanes (x86 has no byte shifts, and
