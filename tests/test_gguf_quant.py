@@ -148,3 +148,30 @@ def test_pager_moves_quantized_pages(make_tiny_model, tmp_path: Path) -> None:
         assert snap["totals"]["page_outs"] > 0 and snap["totals"]["page_ins"] > 0   # quantized blocks moved
     finally:
         pager.close()
+
+
+def test_kernels_without_vnni_decode_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPUs without AVX512-VNNI take the float path of quant_decode.c: build it that way here and check it too."""
+    import ctypes
+
+    from llmsh.runtime import kernels
+
+    cc = kernels.compiler()
+    if cc is None or quant.qlib() is None:
+        pytest.skip("no C compiler")
+    flags = kernels.FLAGS + ["-mno-avx512vnni"]
+    lib = ctypes.CDLL(str(kernels.build(cc, tmp_path, flags, kernels.SOURCE.with_name("quant_decode.c"))))
+    for name, argtypes in (("lm_qlinear", quant.qlib().lm_qlinear.argtypes),
+                           ("lm_qdequant", quant.qlib().lm_qdequant.argtypes)):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+    monkeypatch.setattr(quant, "qlib", lambda: lib)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((36, 512)).astype(np.float32)
+    for qtype in TYPES:
+        q = quant.quantize(w, qtype)
+        ref = torch.from_numpy(gguf.quants.dequantize(q, qtype))
+        lin = quant.QLinear(512, 36, [(qtype.name, 36)], bias=False)
+        lin.weight.data = torch.from_numpy(q).reshape(-1)
+        for rows in (1, 5):
+            x = torch.randn(rows, 512)
+            torch.testing.assert_close(lin(x), x @ ref.t(), atol=1e-4, rtol=1e-4)
