@@ -17,7 +17,11 @@ from llmsh.runtime.hub import hub_cache_dir
 
 
 def default_name(path: str) -> str:
+    if path.startswith("ollama:"):  # ollama:me/llama3.2:1b -> llama3.2
+        return path.split("/")[-1].removeprefix("ollama:").split(":")[0]
     p = Path(path)
+    if p.suffix.lower() == ".gguf":
+        return p.stem
     if "snapshots" in p.parts:  # HF cache: models--org--name/snapshots/<rev>
         for part in p.parts:
             if part.startswith("models--"):
@@ -67,6 +71,12 @@ def find_models() -> list[dict[str, Any]]:
         for sub in sorted(d.iterdir()):
             if sub.is_dir() and (sub / "config.json").is_file():
                 out.append(_describe(sub, sub.name, str(d)))
+            elif sub.suffix.lower() == ".gguf" and sub.is_file():  # GGUF files (llama.cpp's format)
+                out.append({"name": sub.name, "path": str(sub), "source": str(d), "arch": "gguf",
+                            "bytes": sub.stat().st_size})
+    from llmsh.runtime import ollama  # torch-free
+
+    out += ollama.list_models()
     cache = hf_cache_dir()
     if cache.is_dir():
         for repo in sorted(cache.glob("models--*")):
@@ -84,6 +94,8 @@ def resolve_model(source: str) -> str:
     p = Path(source).expanduser()
     if p.exists():
         return str(p.resolve())
+    if source.startswith("ollama:"):  # the runtime resolves it in Ollama's store (and names it in errors)
+        return source
     for m in find_models():
         if m["name"] == source or m["name"].split("/")[-1] == source:
             return m["path"]

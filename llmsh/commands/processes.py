@@ -76,13 +76,16 @@ def _nice_value(text: str) -> int:
 
 
 LOAD_ARGS = (
-    arg("model", metavar="PATH|NAME", help="a Hugging Face-format folder, or a name from 'models'"),
+    arg("model", metavar="PATH|NAME", help="a Hugging Face-format folder, a .gguf file, ollama:NAME[:TAG], or a "
+        "name from 'models'"),
     arg("--name", help="process name (default: the folder name)"),
     arg("--device", default="cpu", help="device to run on: cpu, cuda, cuda:1 … (default cpu)"),
     arg("--dtype", help="weights dtype: float32, bfloat16, float16 (default: the checkpoint's)"),
     arg("--nice", type=_nice_value, default=0, metavar="N", help="priority -20 (most) .. 19 (least), default 0"),
     arg("--max-batch", type=int, metavar="N", help="requests decoded together (KV cache slots), default 16"),
     arg("--ctx", type=int, metavar="TOKENS", help="KV cache length per request (default: the model's, at most 2048)"),
+    arg("--quant", choices=("q8_0", "q4_0", "q4_k"), help="quantize a Hugging Face checkpoint's matrices at load "
+        "(GGUF block formats; cached, so the next load is fast)"),
 )
 
 
@@ -124,7 +127,7 @@ async def load_cmd(ctx: Context, args: argparse.Namespace) -> int:
 
     entry = await ctx.kernel.services.procs.load(
         source, name=args.name, device=args.device, dtype=args.dtype, nice=args.nice, max_batch=args.max_batch,
-        ctx=args.ctx, on_progress=on_progress,
+        ctx=args.ctx, quant=args.quant, on_progress=on_progress,
     )
     ctx.result(entry.row(), f"{entry.pid}")
     return 0
@@ -503,9 +506,10 @@ async def threads_cmd(ctx: Context, args: argparse.Namespace) -> int:
 
 @command(
     "models",
-    "list the models that 'load' can find: configured model dirs and the Hugging Face cache",
-    description="Folders with a config.json under LLMSH_MODEL_PATH (os.pathsep-separated) and config.toml's "
-    "model_dirs = [...], then the models in the local Hugging Face hub cache (HF_HOME). Nothing is downloaded.",
+    "list the models that 'load' can find: configured model dirs, Ollama's store and the Hugging Face cache",
+    description="Folders with a config.json and .gguf files under LLMSH_MODEL_PATH (os.pathsep-separated) and "
+    "config.toml's model_dirs = [...], the models in Ollama's store (OLLAMA_MODELS, else ~/.ollama/models; load "
+    "them as ollama:NAME[:TAG]), then the local Hugging Face hub cache (HF_HOME). Nothing is downloaded.",
     structured=True,
     group=GROUP,
 )

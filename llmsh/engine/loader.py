@@ -129,9 +129,10 @@ FILE_CHECK_S = 0.05  # how often a running process re-checks its weight files (a
 
 
 def _weight_files(folder: str) -> dict[str, tuple[int, int]]:
-    """(size, mtime_ns) of each weight file of a model folder, as loaded."""
+    """(size, mtime_ns) of each weight file of a model folder (or of a GGUF file itself), as loaded."""
     out: dict[str, tuple[int, int]] = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
+    files = [Path(folder)] if Path(folder).is_file() else sorted(Path(folder).glob("*.safetensors"))
+    for f in files:
         try:
             st = f.stat()
         except OSError:
@@ -173,7 +174,7 @@ class Loader:
 
     def start(
         self, source: str, *, name: str | None = None, device: str = "cpu", dtype: str | None = None, nice: int = 0,
-        max_batch: int | None = None, ctx: int | None = None, pid: int | None = None,
+        max_batch: int | None = None, ctx: int | None = None, pid: int | None = None, quant: str | None = None,
     ) -> tuple[Process, concurrent.futures.Future]:
         """Register a `loading` process for `source` (path or model name) and queue its load; returns it at once."""
         for what, v in (("--max-batch", max_batch), ("--ctx", ctx)):
@@ -186,18 +187,20 @@ class Loader:
         proc = self.procs.add(base, path, device=device, dtype=dtype or "", nice=nice, pid=pid)
         proc.progress_text = "queued"
         sizes = (max_batch or self.max_batch, ctx)
-        return proc, self.pool.submit(self._load, proc, path, device, dtype, sizes)
+        return proc, self.pool.submit(self._load, proc, path, device, dtype, sizes, quant)
 
-    def _load(self, proc: Process, path: str, device: str, dtype: str | None, sizes: tuple[int, int | None]) -> Process:
+    def _load(self, proc: Process, path: str, device: str, dtype: str | None, sizes: tuple[int, int | None],
+              quant: str | None = None) -> Process:
         me = threading.get_ident()
         self.tasks[me] = f"load pid {proc.pid} ({proc.name})"
         try:
-            return self._load_inner(proc, path, device, dtype, sizes)
+            return self._load_inner(proc, path, device, dtype, sizes, quant)
         finally:
             self.tasks.pop(me, None)
 
     def _load_inner(
-        self, proc: Process, path: str, device: str, dtype: str | None, sizes: tuple[int, int | None]
+        self, proc: Process, path: str, device: str, dtype: str | None, sizes: tuple[int, int | None],
+        quant: str | None = None,
     ) -> Process:
         if proc.abort_load:
             return proc
@@ -211,7 +214,7 @@ class Loader:
                 proc.progress, proc.progress_text = float(frac), text
                 self.procs.changed(proc, "progress")
 
-            model = load(path, device=device, dtype=dtype, progress=progress)
+            model = load(path, device=device, dtype=dtype, progress=progress, **({"quant": quant} if quant else {}))
         except LoadAborted:
             return proc
         except Exception as e:  # LoadError is the expected one; anything else still must not kill the kernel
@@ -227,7 +230,7 @@ class Loader:
             return proc
         proc.dtype = str(getattr(model, "dtype", dtype or "")).replace("torch.", "")
         proc.device = str(getattr(model, "device", device))
-        proc.runtime = ModelRuntime(model, *sizes, folder=path if os.path.isdir(path) else None)
+        proc.runtime = ModelRuntime(model, *sizes, folder=path if os.path.exists(path) else None)
         proc.progress, proc.progress_text = 1.0, "ready"
         if not self.sched.attach(proc):  # killed in the meantime
             rt, proc.runtime = proc.runtime, None

@@ -134,7 +134,7 @@ class EngineService:
             proc, fut = self.loader.start(
                 msg["path"], name=msg["name"], pid=int(msg["pid"]), device=msg.get("device") or "cpu",
                 dtype=msg.get("dtype") or None, nice=int(msg.get("nice", 0)), max_batch=msg.get("max_batch"),
-                ctx=msg.get("ctx"),
+                ctx=msg.get("ctx"), quant=msg.get("quant"),
             )
         except (ValueError, RuntimeError) as e:
             raise EngineError("LoadError", _first_line(e)) from None

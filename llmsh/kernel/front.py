@@ -198,6 +198,7 @@ class Processes:
         return {
             "pid": entry.pid, "name": entry.name, "path": entry.path, "device": o.get("device") or "cpu",
             "dtype": o.get("dtype"), "nice": entry.nice, "max_batch": o.get("max_batch"), "ctx": o.get("ctx"),
+            "quant": o.get("quant"),
             "keep_alive": entry.keep_alive, "locked": entry.locked,
         }
 
@@ -243,7 +244,7 @@ class Processes:
 
     # ---- load ---------------------------------------------------------------------------------------------------
     async def load(self, source: str, *, name: str | None, device: str, dtype: str | None, nice: int,
-                   max_batch: int | None, ctx: int | None,
+                   max_batch: int | None, ctx: int | None, quant: str | None = None,
                    on_progress: Callable[[Entry], None] | None = None) -> Entry:
         """A new process: table entry (journalled), then the engine loads it; returns when it is ready or failed."""
         cfs_weight(nice)
@@ -254,7 +255,8 @@ class Processes:
         base = name if name is not None else self.table.unique_name(usable_name(default_name(path)))
         try:
             entry = await self.table.add(base, path, device=device, dtype=dtype or "", nice=nice,
-                                         options={"device": device, "dtype": dtype, "max_batch": max_batch, "ctx": ctx})
+                                         options={"device": device, "dtype": dtype, "max_batch": max_batch, "ctx": ctx,
+                                                  "quant": quant})
         except ValueError as e:
             raise KernelError(str(e)) from None
         entry.progress_text = "queued"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmsh.runtime import gpt2, llama
+from llmsh.runtime import gpt2, llama, quant
 from llmsh.runtime.kernels import MAX_HEAD_DIM, Layer, Step, library
 from llmsh.runtime.kv_cache import KVCache
 
@@ -46,6 +46,10 @@ def for_model(model: Any) -> FastDecoder | None:
     net, cfg = model.module, model.config
     if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
         return None
+    if any(isinstance(m, quant.QLinear) for m in net.modules()):   # quantized matrices: quant_decode.py's decoder
+        from llmsh.runtime import quant_decode
+
+        return quant_decode.for_model(model)
     if cfg.head_dim > MAX_HEAD_DIM or not isinstance(net, (llama.Transformer, gpt2.Transformer)):
         return None
     lib = library()
@@ -53,6 +57,11 @@ def for_model(model: Any) -> FastDecoder | None:
         return None
     family = _Llama if isinstance(net, llama.Transformer) else _GPT2
     return family(net, lib, model.dtype)
+
+
+def family_decoder(net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> FastDecoder:
+    """The decoder of net's family (Llama or GPT-2); quant_decode.py uses its embed, norms and layer structs."""
+    return (_Llama if isinstance(net, llama.Transformer) else _GPT2)(net, lib, dtype)
 
 
 class FastDecoder:

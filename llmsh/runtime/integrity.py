@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from llmsh.runtime import hash_cache
 from llmsh.runtime.errors import LoadError
 
 MANIFEST = "llmsh-checksums.sha256"
@@ -36,6 +37,9 @@ def _digest(path: Path, algo: str, on_chunk: Callable[[int], None] | None = None
     key = (real, st.st_size, st.st_mtime_ns, algo)
     if key in _verified:
         return _verified[key]
+    if algo == "sha256" and (known := hash_cache.lookup(real)) is not None:   # hashed by an earlier process
+        _verified[key] = known
+        return known
     if algo == "git-sha1":
         h = hashlib.sha1(b"blob %d\0" % st.st_size)
     else:
@@ -46,6 +50,8 @@ def _digest(path: Path, algo: str, on_chunk: Callable[[int], None] | None = None
             if on_chunk is not None:
                 on_chunk(len(chunk))
     _verified[key] = h.hexdigest()
+    if algo == "sha256":
+        hash_cache.remember(real, _verified[key])
     return _verified[key]
 
 

@@ -26,7 +26,7 @@ from llmsh.runtime.kv_cache import Step, attend
 from llmsh.runtime.layers import Linear, TiedEmbedding
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "factors")   # factors: per-frequency divisors, as GGUF files store llama3
 
 
 @dataclass
@@ -123,6 +123,8 @@ def rope_inv_freq(cfg: LlamaConfig) -> Tensor:
         return inv_freq
     if kind == "linear":
         return inv_freq / scaling["factor"]
+    if kind == "factors":                                    # GGUF's rope_freqs tensor (llama.cpp's llama3 scaling)
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     if kind == "llama3":
         factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]

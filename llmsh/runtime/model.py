@@ -70,7 +70,8 @@ class Model:
     # ---- sizes -------------------------------------------------------------------------------------------------
     def _param_nbytes(self, pname: str) -> int:
         shape = self.checkpoint.shape(pname)
-        return int(torch.Size(shape).numel()) * self.dtype.itemsize
+        dtype = self.module.get_parameter(pname).dtype    # the model's dtype, or uint8 for quantized bytes (quant.py)
+        return int(torch.Size(shape).numel()) * dtype.itemsize
 
     def weight_bytes(self) -> int:
         """Bytes of all (distinct) parameters in the loaded dtype."""
@@ -212,7 +213,8 @@ class Model:
         device = torch.device(device) if device is not None else self.device
         for p in self._pages[i].param_names:
             if host is not None:
-                t = host[p].to(device=device, dtype=self.dtype, non_blocking=True)
+                dtype = self.dtype if host[p].is_floating_point() else None     # quantized bytes stay bytes
+                t = host[p].to(device=device, dtype=dtype, non_blocking=True)
                 if not t.is_contiguous():
                     t = t.contiguous()  # our Linear weights are contiguous (in, out), as loading makes them
                 self._set_param(p, t)
@@ -267,9 +269,22 @@ def _resolve_dtype(dtype: str | torch.dtype | None, stored: torch.dtype, device:
     return dt
 
 
+def is_gguf_source(source: str) -> bool:
+    """True for what gguf_loader loads: `ollama:NAME[:TAG]` or a path ending in .gguf."""
+    return source.startswith("ollama:") or source.lower().endswith(".gguf")
+
+
 def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, *,
-         verify: bool = True, progress: Callable[[float, str], None] | None = None) -> Model:
-    """Load a Hugging Face folder or hub-cache name; LoadError (one line) for every user-facing failure."""
+         verify: bool = True, progress: Callable[[float, str], None] | None = None, quant: str | None = None) -> Model:
+    """Load a Hugging Face folder or hub-cache name; LoadError (one line) for every user-facing failure.
+    quant (q8_0, q4_0, q4_k): keep the matrices quantized (quant.py), quantized once and cached."""
+    if is_gguf_source(str(path_or_name)):  # a GGUF file or an Ollama model: gguf_loader.py
+        from llmsh.runtime import gguf_loader
+
+        if quant:
+            raise LoadError(f"--quant applies to Hugging Face checkpoints; {path_or_name} is GGUF, already in its "
+                            "own types")
+        return gguf_loader.load_source(str(path_or_name), device, dtype, verify=verify, progress=progress)
     report = progress or (lambda frac, msg: None)
     started = time.perf_counter()
     folder = hub.resolve(str(path_or_name))
@@ -296,6 +311,12 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: st
     checkpoint.parts = lambda name: family.fused_parts(name, cfg)
     with torch.device("meta"):
         module = family.Transformer(cfg)
+    if quant:  # matrices from a quantized copy of the checkpoint (made once, cached): quant.py
+        from llmsh.runtime import quant as quant_mod
+
+        checkpoint = quant_mod.quantized_checkpoint(checkpoint, module, quant,
+                                                    progress=lambda f, m: report(0.05 + 0.6 * f, m))
+        quant_mod.quantize_module(module, checkpoint)
     expected = module.state_dict()
     state: dict[str, Tensor] = {}
     by_key: dict[str, Tensor] = {}  # a tied head reads the embedding's key: convert/copy it once, not twice

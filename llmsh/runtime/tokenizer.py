@@ -114,6 +114,17 @@ class Tokenizer:
         bos = self.special_tokens.get("bos_token")
         self.bos_token_id: int | None = self.token_to_id(bos) if bos else next(iter(_ids(config.get("bos_token_id"))), None)
 
+    @classmethod
+    def from_parts(cls, tok: Any, *, special_tokens: dict[str, str], chat_template: str | None,
+                   eos_token_ids: set[int], bos_token_id: int | None) -> Tokenizer:
+        """A Tokenizer around a ready `tokenizers.Tokenizer` and the facts a folder's config files would give
+        (a GGUF file's metadata, see gguf_tokenizer.py)."""
+        self = cls.__new__(cls)
+        self._tok, self.special_tokens, self.chat_template = tok, dict(special_tokens), chat_template
+        self.clean_up_spaces, self.model_max_length = False, None
+        self.eos_token_ids, self.bos_token_id = set(eos_token_ids), bos_token_id
+        return self
+
     @staticmethod
     def _read_template(folder: Path, tc: dict[str, Any]) -> str | None:
         if (folder / "chat_template.jinja").exists():

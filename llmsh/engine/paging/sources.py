@@ -75,7 +75,7 @@ class ModelSource:
         checkpoint = self.model.checkpoint
         result = {}
         for i, name in enumerate(self._pages[index].param_names):
-            t = out[i] if out is not None else torch.empty(checkpoint.shape(name), dtype=self.model.dtype,
+            t = out[i] if out is not None else torch.empty(checkpoint.shape(name), dtype=self._dtype(name),
                                                            pin_memory=pin)
             result[name] = checkpoint.read_into(name, t)
         return result
@@ -89,7 +89,12 @@ class ModelSource:
         names = self._pages[index].param_names
         if any(self.model.module.get_parameter(n).is_meta for n in names):
             return None
-        return tuple((tuple(self.model.checkpoint.shape(n)), str(self.model.dtype)) for n in names)
+        return tuple((tuple(self.model.checkpoint.shape(n)), str(self._dtype(n))) for n in names)
+
+    def _dtype(self, name: str) -> "torch.dtype":
+        """The model's dtype, or uint8 for a matrix kept quantized (GGUF or --quant: runtime/quant.py)."""
+        param_dtype = getattr(self.model.checkpoint, "param_dtype", None)
+        return param_dtype(name, self.model.dtype) if param_dtype else self.model.dtype
 
     def deps(self, index: int) -> list[int]:
         """Pages that must be resident too while this one runs: a tied head reads the embedding matrix."""

@@ -76,7 +76,7 @@ def compiler() -> str | None:
 
 def _cache_key(cc: str, flags: list[str]) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.c"))))  # sources include others
     for part in (" ".join(flags), cc, version, platform.machine(), platform.processor(), _cpu_flags()):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -90,16 +90,17 @@ def _cpu_flags() -> str:
         return ""
 
 
-def build(cc: str, out_dir: Path, flags: list[str] = FLAGS) -> Path:
-    """Compile SOURCE with flags into out_dir (if not there yet) and return the shared library's path."""
-    target = out_dir / f"cpu_decode-{_cache_key(cc, flags)}.so"
+def build(cc: str, out_dir: Path, flags: list[str] = FLAGS, source: Path = SOURCE) -> Path:
+    """Compile source (SOURCE, or another C file of this folder) with flags into out_dir (if not there yet) and
+    return the shared library's path."""
+    target = out_dir / f"{source.stem}-{_cache_key(cc, flags)}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"{cc} failed")
         os.replace(tmp, target)
@@ -110,8 +111,9 @@ def build(cc: str, out_dir: Path, flags: list[str] = FLAGS) -> Path:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (no compiler, a failed build, or LLMSH_KERNELS=0): callers fall back to torch."""
+def library(source: str = SOURCE.name) -> ctypes.CDLL | None:
+    """The loaded kernels, or None (no compiler, a failed build, or LLMSH_KERNELS=0): callers fall back to torch.
+    `source` names another C file of this folder to build instead (quant_decode.c, which includes cpu_decode.c)."""
     if os.environ.get("LLMSH_KERNELS", "1") == "0":
         return None
     cc = compiler()
@@ -123,7 +125,7 @@ def library() -> ctypes.CDLL | None:
     error: Exception | None = None
     for flags in (FLAGS + ["-fopenmp"], FLAGS):          # OpenMP if the compiler and runtime have it, else serial
         try:                                             # (an unwritable cache directory is an OSError here too)
-            lib = ctypes.CDLL(str(build(cc, paths.cache_dir() / "kernels", flags)))
+            lib = ctypes.CDLL(str(build(cc, paths.cache_dir() / "kernels", flags, SOURCE.with_name(source))))
             break
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             error = e

@@ -1,0 +1,256 @@
+"""llmsh against llama.cpp (through llama-cpp-python) on the same GGUF files, same thread count, in one run.
+
+A random-weight Llama (default ~1.1 B parameters, TinyLlama's shape; --quick: ~110 M) is written once per type as
+GGUF (BF16, Q8_0, Q4_0, Q4_K_M: Q4_K with Q6_K attn_v/ffn_down/output, as llama.cpp's Q4_K_M; F32 with --f32) with
+the gguf package. For each type and thread count both engines are timed alternately (best of --repeats):
+  decode: batch-1 steps after a 16-token prompt, greedy argmax outside the timing (llama.cpp: `eval([token])`,
+          llmsh: `Model.decode_step`), tokens/s; and the fraction of the memory-bandwidth limit this reaches
+          (weight bytes read per token / copy bandwidth, read + write bytes as STREAM counts);
+  prompt: 512 prompt tokens through the model (llama.cpp `eval` with n_batch=512, llmsh `Model.prefill`), tokens/s;
+  load:   from a warm page cache to the first token's logits (llama.cpp `Llama(...)` + one eval, llmsh `load` + one
+          prefill), seconds, and the file bytes / load time against the memcpy bandwidth of a buffer that size.
+Ratios are llmsh / llama.cpp (load: llama.cpp time / llmsh time, so > 1 means llmsh is faster everywhere).
+
+llama-cpp-python is not a dependency: install it with
+  CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python
+(it compiles llama.cpp from source for this CPU). Without it the script prints one line and exits 0.
+Last line: key=value ratios per type (decode_<type>_t<threads>, prompt_…, load_…).
+Usage: python scripts/bench/peer.py [--quick] [--threads 1,2] [--types bf16,q8_0,q4_0,q4_k_m] [--f32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SHAPES = {  # (vocab, dim, layers, heads, kv heads, ffn)
+    "1.1b": (32000, 2048, 22, 32, 4, 5632),
+    "110m": (32000, 768, 12, 12, 4, 2048),
+}
+PROMPT, NEW, PP = 16, 128, 512
+
+
+def write_gguf(path: Path, shape: tuple, kind: str, seed: int = 0) -> Path:
+    """A random-weight llama GGUF of `kind` (f32, bf16, q8_0, q4_0, q4_k_m) with an SPM vocabulary llama.cpp takes."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from llmsh.runtime import quant
+
+    vocab, dim, n_layer, n_head, n_kv, ffn = shape
+    hd = dim // n_head
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("peer-bench")
+    for fn, v in ((w.add_context_length, 2048), (w.add_embedding_length, dim), (w.add_block_count, n_layer),
+                  (w.add_feed_forward_length, ffn), (w.add_head_count, n_head), (w.add_head_count_kv, n_kv),
+                  (w.add_rope_dimension_count, hd)):
+        fn(v)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tokens += [f"▁t{i}" for i in range(vocab - len(tokens))]
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 3 + [0.0] * 256 + [-float(i) for i in range(vocab - 259)])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (vocab - 259))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    rng = np.random.default_rng(seed)
+    base = {"f32": T.F32, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_k_m": T.Q4_K}[kind]
+
+    def add(name: str, shape2: tuple, qtype: T) -> None:
+        a = (rng.standard_normal(shape2, dtype=np.float32) * 0.02)
+        if qtype == T.F32 or a.ndim == 1:
+            w.add_tensor(name, a.astype(np.float32) if a.ndim > 1 else np.ones(shape2, np.float32))
+        elif qtype == T.BF16:
+            w.add_tensor(name, gguf.quants.quantize(a, T.BF16), raw_dtype=T.BF16)
+        else:
+            w.add_tensor(name, quant.quantize(a, qtype), raw_dtype=qtype)
+
+    big = T.Q6_K if kind == "q4_k_m" else base
+    add("token_embd.weight", (vocab, dim), base if kind != "q4_k_m" else T.Q4_K)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        add(p + "attn_norm.weight", (dim,), T.F32)
+        add(p + "attn_q.weight", (dim, dim), base)
+        add(p + "attn_k.weight", (n_kv * hd, dim), base)
+        add(p + "attn_v.weight", (n_kv * hd, dim), big)
+        add(p + "attn_output.weight", (dim, dim), base)
+        add(p + "ffn_norm.weight", (dim,), T.F32)
+        add(p + "ffn_gate.weight", (ffn, dim), base)
+        add(p + "ffn_up.weight", (ffn, dim), base)
+        add(p + "ffn_down.weight", (dim, ffn), big)
+    add("output_norm.weight", (dim,), T.F32)
+    add("output.weight", (vocab, dim), big)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 3) -> float:
+    """Bytes/s copying a buffer of nbytes (read + write, as STREAM's Copy), best of repeats."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python: load, decode, prompt processing on token ids."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=PP, n_ubatch=PP, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False, use_mmap=True, logits_all=False)
+
+    def first_token(self) -> None:
+        self.llm.reset()
+        self.llm.eval([1])
+
+    def decode(self, prompt: list[int], n: int) -> float:
+        llm = self.llm
+        llm.reset()
+        llm.eval(prompt)
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return n / (time.perf_counter() - t0)
+
+    def prompt(self, ids: list[int]) -> float:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        return len(ids) / (time.perf_counter() - t0)
+
+
+class Llmsh:
+    """llmsh's runtime on the same file."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from llmsh.runtime import load
+
+        self.model = load(str(path))
+        self.cache = self.model.new_cache(1, 1024)
+
+    def first_token(self) -> None:
+        self.cache.lengths[0] = 0
+        self.model.prefill(self.cache, [0], [[1]])
+
+    def decode(self, prompt: list[int], n: int) -> float:
+        m, c = self.model, self.cache
+        c.lengths[0] = 0
+        tok = int(m.prefill(c, [0], [prompt])[0].argmax())
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tok = int(m.decode_step(c, [0], [tok])[0].argmax())
+        return n / (time.perf_counter() - t0)
+
+    def prompt(self, ids: list[int]) -> float:
+        self.cache.lengths[0] = 0
+        t0 = time.perf_counter()
+        self.model.prefill(self.cache, [0], [ids])
+        return len(ids) / (time.perf_counter() - t0)
+
+
+def timed_load(cls: type, path: Path, threads: int) -> tuple[float, object]:
+    gc.collect()
+    t0 = time.perf_counter()
+    eng = cls(path, threads)
+    eng.first_token()
+    return time.perf_counter() - t0, eng
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="~110M model, 32 new tokens, 128-token prompt, 1 thread")
+    ap.add_argument("--threads", default=None, help="comma list (default 1,2; --quick 1)")
+    ap.add_argument("--types", default="bf16,q8_0,q4_0,q4_k_m")
+    ap.add_argument("--f32", action="store_true", help="also F32 (4.4 GB at 1.1B)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dir", default=None, help="where the GGUF files are written (default: a temporary folder)")
+    args = ap.parse_args()
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("peer: skipped: llama-cpp-python is not installed (CMAKE_ARGS=-DGGML_NATIVE=ON pip install "
+              "llama-cpp-python builds it from source)")
+        return 0
+    shape = SHAPES["110m" if args.quick else "1.1b"]
+    threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
+    new, pp = (32, 128) if args.quick else (NEW, PP)
+    kinds = (["f32"] if args.f32 else []) + args.types.split(",")
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"llama-cpp-python {llama_cpp.__version__}; model {shape}; shared machine: numbers are noisy")
+    keys: list[str] = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        rng = np.random.default_rng(1)
+        prompt = rng.integers(300, shape[0], PROMPT).tolist()
+        pp_ids = rng.integers(300, shape[0], pp).tolist()
+        for kind in kinds:
+            path = write_gguf(Path(tmp) / f"peer-{kind}.gguf", shape, kind)
+            size = path.stat().st_size
+            bw = copy_bandwidth(min(size, 1 << 30))
+            for t in threads:
+                torch.set_num_threads(t)
+                warm(path)
+                res: dict[str, dict[str, float]] = {"llama.cpp": {}, "llmsh": {}}
+                for _ in range(args.repeats):
+                    for name, cls in (("llama.cpp", LlamaCpp), ("llmsh", Llmsh)):
+                        load_s, eng = timed_load(cls, path, t)
+                        r = res[name]
+                        r["load"] = min(r.get("load", math.inf), load_s)
+                        r["decode"] = max(r.get("decode", 0.0), eng.decode(prompt, new))
+                        r["prompt"] = max(r.get("prompt", 0.0), eng.prompt(pp_ids))
+                        if name == "llmsh":
+                            r["read"] = eng.model.bytes_read_per_token()
+                        del eng
+                        gc.collect()
+                a, b = res["llmsh"], res["llama.cpp"]
+                limit = bw / 2 / a["read"]                         # tok/s if every weight byte streams once
+                print(f"{kind:7s} t={t}: decode llmsh {a['decode']:6.2f} tok/s, llama.cpp {b['decode']:6.2f} "
+                      f"({a['decode'] / b['decode']:.2f}x; of the bandwidth limit {limit:.1f} tok/s: llmsh "
+                      f"{a['decode'] / limit:.2f}, llama.cpp {b['decode'] / limit:.2f}) | prompt {pp}: "
+                      f"{a['prompt']:6.1f} vs {b['prompt']:6.1f} tok/s ({a['prompt'] / b['prompt']:.2f}x) | load "
+                      f"{a['load']:.2f} s vs {b['load']:.2f} s (llmsh {size / a['load'] / (bw / 2):.2f} of memcpy)",
+                      flush=True)
+                keys += [f"decode_{kind}_t{t}={a['decode'] / b['decode']:.2f}",
+                         f"prompt_{kind}_t{t}={a['prompt'] / b['prompt']:.2f}",
+                         f"load_{kind}_t{t}={b['load'] / a['load']:.2f}"]
+            path.unlink()
+    print(" ".join(keys))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

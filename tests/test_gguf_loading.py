@@ -1,0 +1,134 @@
+"""`load FILE.gguf`: tiny random HF checkpoints converted to GGUF (tests/gguf_convert.py), checked against transformers
+(logits) and against the folder's own tokenizer (ids, chat template, special tokens)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from llmsh.runtime import LoadError, load  # noqa: E402
+from llmsh.runtime.tokenizer import Tokenizer  # noqa: E402
+from tests.gguf_convert import convert  # noqa: E402
+
+FAMILIES = ["gpt2", "llama", "llama3", "smollm", "mistral", "qwen2"]
+TEXTS = ["Hello world, the quick brown fox 123 jumps", "<|im_start|>user\nCafé 🙂 naïve<|im_end|>",
+         "  two  spaces\n\nx"]
+
+
+@pytest.fixture(scope="module")
+def make_gguf(make_tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """make_gguf(family, qtype=F32) -> a .gguf converted from the session's tiny HF model of that family."""
+    made: dict[tuple, Path] = {}
+
+    def make(family: str, qtype: T = T.F32, **kw) -> Path:
+        key = (family, qtype, tuple(sorted(kw.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp("gguf") / f"tiny-{family}-{qtype.name}.gguf"
+            made[key] = convert(make_tiny_model(family), out, qtype, **kw)
+        return made[key]
+
+    return make
+
+
+def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_logits_match_transformers(family: str, make_tiny_model, make_gguf) -> None:
+    model = load(make_gguf(family))
+    ids = list(range(3, 40))                               # longer than mistral's sliding window of 24
+    got, ref = model.forward(ids), hf_logits(make_tiny_model(family), ids)
+    assert model.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_tokenizer_matches_the_folder(family: str, make_tiny_model, make_gguf) -> None:
+    folder = make_tiny_model(family)
+    tok, ref = load(make_gguf(family)).tokenizer, Tokenizer(folder)
+    for text in TEXTS:
+        assert tok.encode(text) == ref.encode(text), text
+        ids = ref.encode(text)
+        assert tok.decode(ids) == ref.decode(ids)
+        assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert tok.eos_token_ids == ref.eos_token_ids and tok.bos_token_id == ref.bos_token_id
+    assert tok.special_tokens.get("eos_token") == ref.special_tokens["eos_token"]
+    if ref.chat_template:
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "more"}]
+        assert tok.apply_chat_template(msgs) == ref.apply_chat_template(msgs)
+    if family != "qwen2":   # transformers' Qwen2Tokenizer re-splits digits its own way, not as tokenizer.json says
+        import transformers
+
+        hf = transformers.AutoTokenizer.from_pretrained(folder)
+        assert all(tok.encode(t) == hf(t).input_ids for t in TEXTS)
+
+
+def test_gguf_bf16_equals_the_folder_model_in_bf16(make_tiny_model, make_gguf) -> None:
+    model = load(make_gguf("llama", T.BF16))
+    assert model.dtype == torch.bfloat16                      # stays bfloat16: no conversion at load
+    ref = load(make_tiny_model("llama"), dtype="bfloat16")    # the same rounding (nearest even) of the same weights
+    ids = list(range(3, 30))
+    torch.testing.assert_close(model.forward(ids), ref.forward(ids), atol=0, rtol=0)
+
+
+def test_gguf_f16_loads_as_float32(make_tiny_model, make_gguf) -> None:
+    model = load(make_gguf("llama", T.F16))
+    assert model.dtype == torch.float32                       # CPU float16 matmuls are slow: widened once at load
+    ids = list(range(3, 30))
+    torch.testing.assert_close(model.forward(ids), hf_logits(make_tiny_model("llama"), ids), atol=3e-2, rtol=1e-2)
+
+
+def test_gguf_greedy_text_equals_the_folder_model(make_tiny_model, make_gguf) -> None:
+    folder_model, gguf_model = load(make_tiny_model("llama3")), load(make_gguf("llama3"))
+    kw = dict(max_tokens=16, temperature=0)
+    assert gguf_model.generate(["Once upon a time", "def hello"], **kw) == \
+        folder_model.generate(["Once upon a time", "def hello"], **kw)
+
+
+def test_unsupported_type_is_one_line_naming_it(make_gguf) -> None:
+    with pytest.raises(LoadError) as err:
+        load(make_gguf("llama", T.Q5_1))          # a type gguf can write and llmsh does not run
+    msg = str(err.value)
+    assert "Q5_1" in msg and "\n" not in msg and "supported" in msg
+
+
+def test_bad_files_fail_with_one_line(tmp_path: Path, make_gguf) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(LoadError, match="not a readable GGUF"):
+        load(str(junk))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(make_gguf("gpt2").read_bytes()[:5000])
+    with pytest.raises(LoadError):
+        load(str(cut))
+    with pytest.raises(LoadError, match="no GGUF file"):
+        load(str(tmp_path / "absent.gguf"))
+
+
+def test_second_open_uses_the_index_not_the_parser(make_gguf, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmsh.runtime import gguf_loader
+
+    path = make_gguf("smollm")
+    first = load(str(path))                                   # (earlier tests may have indexed it already)
+    assert gguf_loader.GGUFFile(path).cached_tokenizer is not None
+
+    def no_parsing():
+        raise AssertionError("parsed the unchanged file again")
+
+    monkeypatch.setattr(gguf_loader, "_plain_reader", no_parsing)
+    again = load(str(path))
+    ids = list(range(3, 30))
+    torch.testing.assert_close(again.forward(ids), first.forward(ids), atol=0, rtol=0)
+    assert again.tokenizer.encode(TEXTS[1]) == first.tokenizer.encode(TEXTS[1])
