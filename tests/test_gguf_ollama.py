@@ -123,7 +123,7 @@ def test_second_load_does_not_rehash(store: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_models_lists_gguf_files_and_ollama_models(store: Path, tiny_gguf: Path, monkeypatch) -> None:
-    from llmsh.kernel.loader import find_models, resolve_model
+    from llmsh.models import find_models, resolve_model
 
     monkeypatch.setenv("LLMSH_MODEL_PATH", str(tiny_gguf.parent))
     found = {m["name"]: m for m in find_models()}

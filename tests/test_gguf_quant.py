@@ -131,8 +131,8 @@ def test_quant_refuses_what_it_cannot_do(make_tiny_model, tmp_path: Path) -> Non
 
 
 def test_pager_moves_quantized_pages(make_tiny_model, tmp_path: Path) -> None:
-    from llmsh.kernel.paging.core import Pager
-    from llmsh.kernel.paging.sources import ModelSource
+    from llmsh.engine.paging.core import Pager
+    from llmsh.engine.paging.sources import ModelSource
 
     files = [convert(make_tiny_model(f), tmp_path / f"{f}.gguf", T.Q8_0) for f in ("llama", "qwen2")]
     refs = [load(str(f)).generate(["Once upon", "The fox"], max_tokens=12, temperature=0) for f in files]
