@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 from llmsh.runtime.errors import LoadError
 
 if TYPE_CHECKING:
-    from llmsh.runtime.model import Model, load
+    from llmsh.runtime.loading import load
+    from llmsh.runtime.model import Model
     from llmsh.runtime.sampling import SamplingParams
 
 __all__ = ["load", "Model", "SamplingParams", "LoadError"]
 
-_LAZY = {"load": "llmsh.runtime.model", "Model": "llmsh.runtime.model", "SamplingParams": "llmsh.runtime.sampling"}
+_LAZY = {"load": "llmsh.runtime.loading", "Model": "llmsh.runtime.model", "SamplingParams": "llmsh.runtime.sampling"}
 
 
 def __getattr__(name: str) -> Any:

@@ -46,10 +46,8 @@ def for_model(model: Any) -> FastDecoder | None:
     net, cfg = model.module, model.config
     if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if any(isinstance(m, quant.QLinear) for m in net.modules()):   # quantized matrices: quant_decode.py's decoder
-        from llmsh.runtime import quant_decode
-
-        return quant_decode.for_model(model)
+    if any(isinstance(m, quant.QLinear) for m in net.modules()):  # quantized matrices: quant_decode.py's decoder
+        return None
     if cfg.head_dim > MAX_HEAD_DIM or not isinstance(net, (llama.Transformer, gpt2.Transformer)):
         return None
     lib = library()

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from llmsh.runtime import fast_decode, gpt2, hub, integrity, llama
-from llmsh.runtime.config_check import check_sizes
 from llmsh.runtime.checkpoint import Checkpoint
+from llmsh.runtime.config_check import check_sizes
+from llmsh.runtime.decoders import decoder_for
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.generation import BatchGenerator, Sequence
 from llmsh.runtime.kv_cache import KVCache, Step
@@ -62,7 +63,7 @@ class Model:
             for pname in names:
                 self._tied[pname] = names
         # small-batch CPU decode steps through the C kernels (fast_decode.py); None: torch modules only
-        self.fast_decode: fast_decode.FastDecoder | None = fast_decode.for_model(self)
+        self.fast_decode: fast_decode.FastDecoder | None = decoder_for(self)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, {type(self.config).__name__}, device={self.device}, dtype={self.dtype})"
@@ -269,22 +270,11 @@ def _resolve_dtype(dtype: str | torch.dtype | None, stored: torch.dtype, device:
     return dt
 
 
-def is_gguf_source(source: str) -> bool:
-    """True for what gguf_loader loads: `ollama:NAME[:TAG]` or a path ending in .gguf."""
-    return source.startswith("ollama:") or source.lower().endswith(".gguf")
-
-
-def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, *,
-         verify: bool = True, progress: Callable[[float, str], None] | None = None, quant: str | None = None) -> Model:
+def load_hf(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+            *, verify: bool = True, progress: Callable[[float, str], None] | None = None,
+            quant: str | None = None) -> Model:
     """Load a Hugging Face folder or hub-cache name; LoadError (one line) for every user-facing failure.
     quant (q8_0, q4_0, q4_k): keep the matrices quantized (quant.py), quantized once and cached."""
-    if is_gguf_source(str(path_or_name)):  # a GGUF file or an Ollama model: gguf_loader.py
-        from llmsh.runtime import gguf_loader
-
-        if quant:
-            raise LoadError(f"--quant applies to Hugging Face checkpoints; {path_or_name} is GGUF, already in its "
-                            "own types")
-        return gguf_loader.load_source(str(path_or_name), device, dtype, verify=verify, progress=progress)
     report = progress or (lambda frac, msg: None)
     started = time.perf_counter()
     folder = hub.resolve(str(path_or_name))
