@@ -77,12 +77,11 @@ def located(name: str, line: int, message: str) -> str:
 
 def _run_bang(client: SyncKernelClient, printer: Printer, bang: Plan) -> int:
     """Run a line with `!` commands: system commands here, each kernel part as one request."""
-    import asyncio
 
     async def run_kernel(code: str, stdin: str | None, to: Callable[[str], None] | None) -> int:
         printer.stdout_to = to
         try:
-            reply = client.execute(code, stdin=stdin)
+            reply = await client.client.execute(code, stdin=stdin)
         finally:
             printer.stdout_to = None
             printer.done()
@@ -90,7 +89,7 @@ def _run_bang(client: SyncKernelClient, printer: Printer, bang: Plan) -> int:
             printer.error(reply_error(reply))
         return printer.status(exit_code(reply))
 
-    return asyncio.run(run_plan(bang, run_kernel))
+    return client.run(run_plan(bang, run_kernel))  # on the client's own loop, where its sockets live
 
 
 def run_batch(info: dict, name: str, source: str | Iterable[str], *, keep_going: bool = False) -> int:

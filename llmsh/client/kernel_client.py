@@ -1,7 +1,8 @@
 """A small asyncio client of the llmsh kernel over pyzmq: execute, complete, interrupt, with streamed output.
 
-Why not jupyter_client's KernelClient: it drags in traitlets and tornado (~250 ms of imports) and the shell only
-needs four requests. Replies are matched to requests by the parent header's msg_id; iopub messages are shown only
+The one client implementation of llmsh: the shell uses it directly, batch mode through the blocking facade in
+sync_client.py, `llmsh top` through tui/source.py. Why not jupyter_client's KernelClient: it drags in traitlets and
+tornado (~250 ms of imports) and the shell only needs four requests. Replies are matched to requests by the parent header's msg_id; iopub messages are shown only
 if their parent was sent by this client session (other clients' output and the telemetry broadcast are ignored).
 Output of a background job arrives with the parent of the request that started it and goes to `on_output` too.
 """
@@ -16,12 +17,15 @@ from typing import Any, Callable
 import zmq
 import zmq.asyncio
 
-from llmsh.client.sync_client import KernelGone
 from llmsh.client.wire import Wire, WireError
 from llmsh.protocol.connection import url
 from llmsh.protocol.request import client_socket
 
 __all__ = ["KernelClient", "KernelGone"]
+
+
+class KernelGone(Exception):
+    """The kernel stopped answering (its heartbeat is silent); the message is one line."""
 
 OutputHandler = Callable[[dict[str, Any]], None]
 
@@ -29,8 +33,10 @@ OutputHandler = Callable[[dict[str, Any]], None]
 class KernelClient:
     """One client session: shell + control (DEALER), iopub (SUB), heartbeat (REQ, on demand)."""
 
-    def __init__(self, info: dict[str, Any], *, on_output: OutputHandler | None = None) -> None:
+    def __init__(self, info: dict[str, Any], *, on_output: OutputHandler | None = None,
+                 on_broadcast: OutputHandler | None = None) -> None:
         self.info = info
+        self.on_broadcast = on_broadcast  # iopub messages of no client request (telemetry), for `llmsh top`
         self.wire = Wire(info.get("key", ""))
         self.session = self.wire.session
         self.on_output = on_output
@@ -137,6 +143,9 @@ class KernelClient:
             except WireError:
                 continue
             parent = msg["parent_header"]
+            if not parent and self.on_broadcast is not None:
+                self.on_broadcast(msg)
+                continue
             if parent.get("session") != self.session:
                 continue
             if msg["msg_type"] == "status":
@@ -170,6 +179,10 @@ class KernelClient:
             return reply["content"]
         finally:
             self._idle.pop(msg_id, None)
+
+    async def kernel_info(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The kernel's kernel_info_reply content (KernelGone if it does not answer within `timeout`)."""
+        return (await self._request(self.shell, self.wire.msg("kernel_info_request", {}), timeout))["content"]
 
     async def complete(self, code: str, cursor_pos: int, timeout: float = 2.0) -> dict[str, Any]:
         """The kernel's completions for `code` at `cursor_pos` (complete_reply content)."""

@@ -1,4 +1,4 @@
-"""Where the dashboard's data comes from: a live kernel over jupyter_client, found, watched and re-found.
+"""Where the dashboard's data comes from: a live kernel over llmsh's own client, found, watched and re-found.
 
 `KernelSource.events()` is an endless async stream of `Event`s: `no-kernel` while none answers, `connected`, then
 `telemetry` payloads, `disconnected` when the kernel stops answering (its heartbeat-checked connection file is looked
@@ -10,12 +10,12 @@ interface, so tests can hand it a scripted source instead.
 from __future__ import annotations
 
 import asyncio
-import json
-import queue
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
+from llmsh.client.kernel_client import KernelClient, KernelGone
+from llmsh.protocol.connection import ConnectionFileError, read_connection_file
 from llmsh.tui.model import MIME
 
 
@@ -58,48 +58,29 @@ def find_connection(connection_file: str | None) -> Path | None:
 
 
 class KernelSource:
-    """A jupyter_client connection to the llmsh kernel that survives the kernel going away and coming back."""
+    """A connection to the llmsh kernel (llmsh's own `KernelClient`) that survives the kernel going away and coming
+    back."""
 
     def __init__(self, connection_file: str | None = None, *, retry_s: float = 1.0, answer_s: float = 2.0) -> None:
         self.connection_file = connection_file
         self.retry_s = retry_s
         self.answer_s = answer_s  # how long a kernel may take to answer kernel_info before it counts as gone
-        self.client: Any = None
+        self.client: KernelClient | None = None
         self.path: Path | None = None
-        self._shell_lock = asyncio.Lock()
+        self._broadcast: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
-    async def _request(self, client: Any, send: Any, timeout: float) -> dict[str, Any] | None:
-        """Send one shell request (`send(client) -> msg_id`) and wait for its reply; None on timeout."""
-        async with self._shell_lock:
-            msg_id = send(client)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while True:
-                left = deadline - loop.time()
-                if left <= 0:
-                    return None
-                try:
-                    reply = await client.get_shell_msg(timeout=left)
-                except (queue.Empty, asyncio.TimeoutError):
-                    return None
-                if reply.get("parent_header", {}).get("msg_id") == msg_id:
-                    return reply
-
-    async def _connect(self, path: Path) -> tuple[Any, dict[str, Any]] | None:
-        """Open shell+iopub on the kernel at `path` and check it answers; None if it does not."""
-        from jupyter_client.asynchronous import AsyncKernelClient
-
-        client = AsyncKernelClient()
+    async def _connect(self, path: Path) -> tuple[KernelClient, dict[str, Any]] | None:
+        """Open the kernel's sockets at `path` and check it answers; None if it does not."""
         try:
-            client.load_connection_file(str(path))
-            client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            info = read_connection_file(path)
+            client = KernelClient(info, on_broadcast=self._broadcast.put_nowait)
+        except (OSError, ValueError, KeyError, ConnectionFileError):
             return None
-        reply = await self._request(client, lambda c: c.kernel_info(), self.answer_s)
-        if reply is None:
-            client.stop_channels()
+        try:
+            return client, await client.start(self.answer_s)
+        except (KernelGone, OSError):
+            await client.close()
             return None
-        return client, reply.get("content", {})
 
     async def events(self) -> AsyncIterator[Event]:
         """Find, connect, stream telemetry, notice silence, reconnect — forever (cancel to stop)."""
@@ -124,15 +105,17 @@ class KernelSource:
         finally:
             await self.close()
 
-    async def _watch(self, client: Any) -> AsyncIterator[Event]:
+    async def _watch(self, client: KernelClient) -> AsyncIterator[Event]:
         """Telemetry from iopub until the kernel stops answering."""
         silence = self.answer_s
         while True:
             try:
-                msg = await client.get_iopub_msg(timeout=silence)
-            except (queue.Empty, asyncio.TimeoutError):
+                msg = await asyncio.wait_for(self._broadcast.get(), silence)
+            except asyncio.TimeoutError:
                 # quiet iopub: telemetry may be off, or the kernel may be gone — ask it
-                if await self._request(client, lambda c: c.kernel_info(), self.answer_s) is None:
+                try:
+                    await client.kernel_info(self.answer_s)
+                except KernelGone:
                     return
                 continue
             if msg.get("msg_type") != "display_data":
@@ -149,21 +132,19 @@ class KernelSource:
         client = self.client
         if client is None:
             return False, "not connected to a kernel"
-        reply = await self._request(
-            client, lambda c: c.execute(code, silent=False, store_history=False), timeout=10.0
-        )
-        if reply is None:
+        try:
+            content = await asyncio.wait_for(client.execute(code, store_history=False), 10.0)
+        except (asyncio.TimeoutError, KernelGone):
             return False, f"no answer from the kernel to {code!r}"
-        content = reply.get("content", {})
         if content.get("status") == "ok":
             return True, ""
         return False, str(content.get("evalue") or content.get("ename") or "failed")
 
     async def close(self) -> None:
-        """Stop the channels of the current connection."""
+        """Close the current connection."""
         client, self.client = self.client, None
         if client is not None:
             try:
-                client.stop_channels()
+                await client.close()
             except Exception:  # closing a half-dead connection must not raise into the UI
                 pass
