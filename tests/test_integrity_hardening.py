@@ -61,6 +61,8 @@ def test_interrupting_verification_stops_hashing_inside_a_file(tmp_path: Path) -
         f.write(os.urandom(8 * integrity.CHUNK))
     integrity.write_manifest(folder)
     integrity._verified.clear()  # write_manifest remembered the digests
+    st = (folder / "weights.bin").stat()  # and the hash cache knows the file by (path, size, mtime, inode): touch it
+    os.utime(folder / "weights.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     calls: list[float] = []
 
     def progress(frac: float, text: str) -> None:  # the loader's callback raises like this when the load is killed

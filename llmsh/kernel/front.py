@@ -115,6 +115,8 @@ class Processes:
                 await self._apply(msg)
             except Exception:
                 log.exception("applying engine event %s failed", msg.get("type"))
+            finally:
+                self._events.task_done()
 
     async def _apply(self, msg: dict[str, Any]) -> None:
         entry = self.table.get(int(msg["pid"]))
@@ -399,6 +401,7 @@ class Processes:
             data = await self.engine.request("stats")
         except KernelError:
             return
+        await self._events.join()  # the events the engine sent before this reply are applied first (same socket, in order)
         self.table.merge_live(data["rows"], data["scheduler"])
 
     async def memory(self, what: str, entry: Entry | None = None, **fields: Any) -> Any:
