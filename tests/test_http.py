@@ -149,10 +149,31 @@ def test_disconnect_mid_stream_cancels_at_the_next_step(served: dict[str, Any]) 
             pass
         _ok(k, "kill -STOP g")
         seen = _row(k, "g")["tokens"] - before
+    _wait(lambda: _cancelled(k) == 1, "the stream to be cancelled")
     _ok(k, "kill -CONT g")  # the client has gone: the engine drops the request at the next step
     _wait(lambda: _row(k, "g")["reqs_active"] + _row(k, "g")["reqs_queued"] == 0, "the request to be dropped")
     used = _row(k, "g")["tokens"] - before
     assert used <= seen + 2 < 100, (seen, used)
+
+
+@pytest.mark.slow
+def test_disconnect_while_waiting_for_a_whole_completion_cancels_it(served: dict[str, Any]) -> None:
+    k = served["k"]
+    before, cancelled = _row(k, "g")["tokens"], _cancelled(k)
+    _ok(k, "kill -STOP g")
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(served["url"] + "/api/generate", timeout=httpx.Timeout(60, read=1.0),
+                       json={"model": "g", "prompt": "waiting", "stream": False, "options": {"num_predict": 100}})
+        _wait(lambda: _cancelled(k) == cancelled + 1, "the request to be cancelled")
+    finally:
+        _ok(k, "kill -CONT g")
+    _wait(lambda: _row(k, "g")["reqs_active"] + _row(k, "g")["reqs_queued"] == 0, "the request to be dropped")
+    assert _row(k, "g")["tokens"] - before <= 2
+
+
+def _cancelled(k: KernelHandle) -> int:
+    return int(k.kernel_info()["counters"]["cancelled"].get("http-disconnect", 0))
 
 
 @pytest.mark.slow
@@ -230,6 +251,31 @@ def test_ollama_loads_a_named_model_on_demand_and_lists_it(served: dict[str, Any
         ol.generate(model="nonesuch", prompt="x")
     assert e.value.status_code == 404
     assert httpx.get(served["url"] + "/api/version").json()["version"]
+
+
+@pytest.mark.slow
+def test_engine_death_is_a_503_then_the_model_comes_back(served: dict[str, Any]) -> None:
+    import os
+    import signal
+
+    k, oa = served["k"], served["oa"]
+    _ok(k, "kill -STOP g")
+    box: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            oa.completions.create(model="g", prompt="doomed", max_tokens=5)
+        except openai.APIStatusError as e:
+            box["error"] = e
+
+    t = threading.Thread(target=ask)
+    t.start()
+    _wait(lambda: _row(k, "g")["reqs_queued"] + _row(k, "g")["reqs_active"] == 1, "the queued request")
+    os.kill(int(k.kernel_info()["engine_pid"]), signal.SIGKILL)
+    t.join(60)
+    assert box["error"].status_code == 503 and "engine exited" in str(box["error"])
+    again = oa.completions.create(model="g", prompt="back", max_tokens=3, temperature=0)
+    assert again.usage.completion_tokens >= 1  # restored on its first use, same name
 
 
 # ---- off loopback ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from llmsh.protocol.names import usable_name
 from llmsh.protocol.procs import ProcState
 
 NICE_HEADER = "x-llmsh-nice"
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request looks for its client having gone
 _STATUS = {  # llmsh error name → HTTP status
     "NoSuchProcess": 404, "ModelNotFound": 404, "UsageError": 400, "BadRequest": 400, "Busy": 429,
     "EngineDied": 503, "StateError": 409, "Killed": 503, "LoadError": 500, "RequestFailed": 500,
@@ -146,12 +147,45 @@ class Gateway:
             except KernelError as e:
                 raise ApiError.from_kernel(e) from None
 
-    async def first(self, pieces: AsyncIterator[str]) -> str | None:
+    async def first(self, request: Any, pieces: AsyncIterator[str]) -> str | None:
         """Start a stream: the first piece (None if it produced nothing), so errors become a status, not a broken stream."""
+        async def one() -> str | None:
+            try:
+                return await pieces.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        return await self.watched(request, one())
+
+    async def collect(self, request: Any, first: str | None, pieces: AsyncIterator[str]) -> str:
+        """The whole text of a non-streamed request."""
+        async def join() -> str:
+            return (first or "") + "".join([p async for p in pieces])
+
+        return await self.watched(request, join())
+
+    async def watched(self, request: Any, coro: Any) -> Any:
+        """Await `coro` while the client stays: one that hangs up meanwhile cancels it (checked every
+        DISCONNECT_POLL_S), as a disconnect cancels a running stream."""
+        task = asyncio.get_running_loop().create_task(coro)
         try:
-            return await pieces.__anext__()
-        except StopAsyncIteration:
-            return None
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    self.disconnected()
+                    raise ApiError(499, "the client closed the connection", "client_closed")
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    def disconnected(self) -> None:
+        """Count one request cancelled because its HTTP client went away (`kernel status`: cancelled)."""
+        counters = getattr(self.kernel, "counters", None)
+        if counters is not None:
+            counters.cancel("http-disconnect")
 
     def count(self, direction: str, what: str, nbytes: int, client: str) -> None:
         """HTTP traffic in the kernel's message counters (`top`'s traffic panel, `kernel status`)."""

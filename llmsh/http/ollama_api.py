@@ -152,7 +152,7 @@ class Api:
                 return JSONResponse(done)
             result: dict[str, Any] = {}
             pieces = self.gw.stream(entry, params=params, client=client, result=result, **text_in)
-            first = await self.gw.first(pieces)
+            first = await self.gw.first(request, pieces)
         except KernelError as e:
             return self.error_response(path, ApiError.from_kernel(e))
         except ApiError as e:
@@ -163,7 +163,7 @@ class Api:
             return StreamingResponse(self._lines(model, chat, first, pieces, result, times, path, client),
                                      media_type="application/x-ndjson")
         try:
-            text = (first or "") + "".join([p async for p in pieces])
+            text = await self.gw.collect(request, first, pieces)
         except ApiError as e:
             return self.error_response(path, e)
         out = {"model": model, "created_at": _now(), **self._text(chat, text), **self._final(result, times)}
@@ -205,7 +205,7 @@ class Api:
     async def _lines(self, model: str, chat: bool, first: str | None, pieces: AsyncIterator[str], result: dict[str, Any],
                      times: tuple[float, float], path: str, client: str) -> AsyncIterator[bytes]:
         """NDJSON: one object per piece, then the final one with the counts."""
-        sent = 0
+        sent, finished = 0, False
 
         def line(obj: dict[str, Any]) -> bytes:
             return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
@@ -218,7 +218,11 @@ class Api:
                 sent += len(data)
                 yield data
             yield line({"model": model, "created_at": _now(), **self._text(chat, ""), **self._final(result, times)})
+            finished = True
         except ApiError as e:
+            finished = True
             yield line({"error": e.message})
         finally:
             self.gw.count("out", f"POST {path}", sent, client)
+            if not finished:  # the client went away: starlette cancelled this stream, and with it the request
+                self.gw.disconnected()

@@ -138,7 +138,7 @@ class Api:
             entry = await self.gw.entry(body.get("model"), nice=nice)
             result: dict[str, Any] = {}
             pieces = self.gw.stream(entry, params=params, client=client, result=result, **text_in)
-            first = await self.gw.first(pieces)
+            first = await self.gw.first(request, pieces)
         except ApiError as e:
             return self.error_response(path, e)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
@@ -149,7 +149,7 @@ class Api:
             return StreamingResponse(self._events(meta, first, pieces, result, chat, usage, path, client),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            text = (first or "") + "".join([p async for p in pieces])
+            text = await self.gw.collect(request, first, pieces)
         except ApiError as e:
             return self.error_response(path, e)
         choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(result), "logprobs": None}
@@ -168,7 +168,7 @@ class Api:
         """The SSE stream: role chunk (chat), one chunk per piece, the finish chunk, usage (if asked), [DONE]."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if usage else {}
-        sent = 0
+        sent, finished = 0, False
 
         def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:
             if chat:
@@ -193,10 +193,14 @@ class Api:
             if usage:
                 yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(result)})
             yield b"data: [DONE]\n\n"
+            finished = True
         except ApiError as e:  # mid-stream: the status is already sent; OpenAI clients raise on an error event
+            finished = True
             yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
         finally:
             self.gw.count("out", f"POST {path}", sent, client)
+            if not finished:  # the client went away: starlette cancelled this stream, and with it the request
+                self.gw.disconnected()
 
 
 def _finish(result: dict[str, Any]) -> str:
