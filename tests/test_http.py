@@ -17,9 +17,9 @@ import openai
 import pytest
 
 from llmsh.http.config import HttpConfigError, parse_address, settings
+from llmsh.http.gateway import ApiError
 from llmsh.http.ollama_api import keep_alive_seconds, options
 from llmsh.http.openai_api import _params
-from llmsh.http.gateway import ApiError
 from tests.fixtures_kernel import KernelHandle, kernel_env
 
 GREEDY = "--temperature 0 --ignore-eos"
@@ -284,7 +284,8 @@ def test_engine_death_is_a_503_then_the_model_comes_back(served: dict[str, Any])
 @pytest.mark.slow
 def test_off_loopback_needs_a_key(make_kernel: Callable[..., KernelHandle]) -> None:
     refused = subprocess.run([sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--telemetry-hz", "0",
-                              "--http", "0.0.0.0:0"], capture_output=True, text=True, env=kernel_env(), timeout=60)
+                              "--http", "0.0.0.0:0"], check=False, capture_output=True, text=True, env=kernel_env(),
+                             timeout=60)
     assert refused.returncode == 1 and "not a loopback address" in refused.stderr and "--http-key" in refused.stderr
     k = make_kernel("--http", "0.0.0.0:0", "--http-key", "s3cret")
     port = k.kernel_info()["http"].rsplit(":", 1)[1]

@@ -70,11 +70,11 @@ class HttpServer:
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout=3)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 pass
         self._server.force_exit = True
         try:
             await asyncio.wait_for(self._server.shutdown(sockets=[self._sock] if self._sock else None), timeout=3)
-        except (asyncio.TimeoutError, Exception):
+        except Exception:  # noqa: BLE001 - the kernel is stopping anyway: note it, go on with the rest
             log.debug("HTTP shutdown did not finish cleanly", exc_info=True)
         self._server = None

@@ -148,7 +148,7 @@ async def bench(opts: argparse.Namespace, cf: Path, port: int, folder: Path, not
             t0 = time.perf_counter()
             await asyncio.gather(*(http_one(oa, p, tokens) for p in prompts))
             out["http_s"].append(time.perf_counter() - t0)
-            for _ in range(3):
+            for _ in range(opts.singles):
                 t0 = time.perf_counter()
                 ttft, itl = latency(t0, await zmq.one(0, lines[0]), tokens)
                 out["zmq_ttft"].append(ttft)
@@ -171,9 +171,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=None, help="tokens per request (default 64, quick 16)")
     ap.add_argument("--repeat", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
+    ap.add_argument("--singles", type=int, default=None, help="single-stream pairs per round (default 6, quick 2)")
     opts = ap.parse_args()
     opts.tokens = opts.tokens or (16 if opts.quick else 64)
     opts.repeat = max(1, opts.repeat or (1 if opts.quick else 3))
+    opts.singles = max(1, opts.singles or (2 if opts.quick else 6))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.perf_counter()
 
