@@ -41,6 +41,7 @@ def served(make_kernel: Callable[..., KernelHandle], tiny_gpt2: Path, tiny_llama
     _ok(k, f"load {tiny_gpt2} --name g")
     _ok(k, f"load {tiny_llama} --name c")
     url = "http://" + k.kernel_info()["http"]
+    assert f"http      {url}" in k.llmsh("kernel", "status").stdout
     return {"k": k, "url": url, "oa": openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60),
             "ol": ollama.Client(host=url, timeout=60)}
 
@@ -282,18 +283,32 @@ def test_engine_death_is_a_503_then_the_model_comes_back(served: dict[str, Any])
 
 
 @pytest.mark.slow
-def test_off_loopback_needs_a_key(make_kernel: Callable[..., KernelHandle]) -> None:
-    refused = subprocess.run([sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--telemetry-hz", "0",
-                              "--http", "0.0.0.0:0"], check=False, capture_output=True, text=True, env=kernel_env(),
-                             timeout=60)
+def test_off_loopback_needs_a_key() -> None:
+    """Through the real CLI: refused without a key; daemonised with one, which stays off its command line."""
+    from llmsh import paths
+
+    env = kernel_env()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "llmsh", *args], check=False, capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    refused = cli("kernel", "start", "--foreground", "--telemetry-hz", "0", "--http", "0.0.0.0:0")
     assert refused.returncode == 1 and "not a loopback address" in refused.stderr and "--http-key" in refused.stderr
-    k = make_kernel("--http", "0.0.0.0:0", "--http-key", "s3cret")
-    port = k.kernel_info()["http"].rsplit(":", 1)[1]
-    url = f"http://127.0.0.1:{port}/v1"
-    with pytest.raises(openai.AuthenticationError, match="Bearer"):
-        openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
-    assert openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0).models.list().data == []
-    assert httpx.get(url.replace("/v1", "/api/tags")).status_code == 401
+    cf = paths.runtime_dir() / "kernel-http-daemon.json"
+    started = cli("kernel", "start", "--connection-file", str(cf), "--telemetry-hz", "0", "--http", "0.0.0.0:0",
+                  "--http-key", "s3cret")
+    assert started.returncode == 0, started.stderr
+    try:
+        status = json.loads(cli("kernel", "status", "--json", "--kernel", str(cf)).stdout)
+        assert b"s3cret" not in Path(f"/proc/{status['pid']}/cmdline").read_bytes()
+        url = f"http://127.0.0.1:{status['http'].rsplit(':', 1)[1]}/v1"
+        with pytest.raises(openai.AuthenticationError, match="Bearer"):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        assert openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0).models.list().data == []
+        assert httpx.get(url.replace("/v1", "/api/tags")).status_code == 401
+    finally:
+        assert cli("kernel", "stop", "--kernel", str(cf)).returncode == 0
 
 
 # ---- unit: parsing and mapping ------------------------------------------------------------------------------------

@@ -384,6 +384,8 @@ def format_status(st: dict[str, Any]) -> str:
         f"rejected  {sum(rejected.values())}" + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) + ")" if rejected else ""),
         f"running   {st.get('running', 0)} command(s)",
     ]
+    if st.get("http"):
+        lines.insert(5, f"http      http://{st['http']}  (OpenAI /v1, Ollama /api)")
     return "\n".join(lines)
 
 
