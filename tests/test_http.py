@@ -345,3 +345,25 @@ def test_parameter_mapping() -> None:
     assert keep_alive_seconds("0") == 0
     with pytest.raises(ApiError):
         keep_alive_seconds("soon")
+
+
+def test_the_http_layer_never_imports_torch() -> None:
+    """It runs in the front, which must survive anything a model does."""
+    code = "import sys, llmsh.http.server, llmsh.http.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=kernel_env())
+    assert out.stdout.strip() == "False"
+
+
+def test_llmsh_errors_map_to_http_statuses() -> None:
+    from llmsh.kernel.engines import EngineDied
+    from llmsh.kernel.errors import KernelError
+
+    cases = [(KernelError("busy: process 1 (g) already has 64 queued requests", ename="Busy"), 429, "busy"),
+             (EngineDied("engine exited: SIGKILL"), 503, "unavailable"),
+             (KernelError("prompt of 9 tokens + --max-tokens 9999 exceeds the context of 128 tokens",
+                          ename="RequestFailed"), 400, None),
+             (KernelError("temperature must be >= 0", ename="UsageError"), 400, None),
+             (KernelError("no process named 'x'", ename="NoSuchProcess"), 404, "model_not_found")]
+    for err, status, code in cases:
+        api = ApiError.from_kernel(err)
+        assert (api.status, api.code) == (status, code) and api.message == str(err)
