@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 # GPT-2-124M's body with the vocabulary of the small trained tokenizer: every generated id decodes to text, so each
 # token is a streamed piece (with 50257 rows most ids are past the tokenizer and decode to nothing)
 GPT2_124M_BODY = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=384)
+GPT2_SMALL = dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, vocab_size=384)  # --small: the transport dominates
 
 
 def isolate() -> Path:
@@ -171,6 +172,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=None, help="tokens per request (default 64, quick 16)")
     ap.add_argument("--repeat", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
+    ap.add_argument("--small", action="store_true",
+                    help="a 2-layer model whose steps take well under a millisecond: what is left is the transports' cost")
     ap.add_argument("--singles", type=int, default=None, help="single-stream pairs per round (default 6, quick 2)")
     opts = ap.parse_args()
     opts.tokens = opts.tokens or (16 if opts.quick else 64)
@@ -183,7 +186,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {text}", flush=True)
 
     home = isolate()
-    folder = checkpoint(GPT2_124M_BODY, "124m-v384")
+    folder = checkpoint(GPT2_SMALL, "small-v384") if opts.small else checkpoint(GPT2_124M_BODY, "124m-v384")
     port = free_port()
     proc, cf = start_kernel(home, port)
     try:
@@ -194,7 +197,8 @@ def main() -> None:
     total = opts.clients * opts.tokens
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus (affinity "
           f"{len(os.sched_getaffinity(0))}), load {os.getloadavg()[0]:.2f}")
-    print(f"model: GPT-2-124M-shaped random weights (vocab 384) ({folder}); {opts.clients} clients x {opts.tokens} tokens, "
+    shape = "2-layer GPT-2 (--small)" if opts.small else "GPT-2-124M-shaped"
+    print(f"model: {shape} random weights (vocab 384) ({folder}); {opts.clients} clients x {opts.tokens} tokens, "
           f"median of {opts.repeat} interleaved round(s)")
     print(f"concurrent: ZeroMQ {total / m['zmq_s']:.0f} tok/s ({m['zmq_s']:.2f} s), HTTP (openai, SSE) "
           f"{total / m['http_s']:.0f} tok/s ({m['http_s']:.2f} s)")
