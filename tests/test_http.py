@@ -179,14 +179,14 @@ def _cancelled(k: KernelHandle) -> int:
 
 @pytest.mark.slow
 def test_concurrent_streams_are_batched_together(served: dict[str, Any]) -> None:
-    k, url, n = served["k"], served["url"], 4
-    _ok(k, "kill -STOP g")  # all four queue, then join one batch at CONT
+    k, url, n = served["k"], served["url"], 16
+    _ok(k, "kill -STOP g")  # all sixteen queue, then join one batch at CONT (16 = the default --max-batch)
     start = _row(k, "g")
     texts: list[str] = ["" for _ in range(n)]
 
     def client(i: int) -> None:
         oa = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-        for c in oa.completions.create(model="g", prompt=f"story {i}", max_tokens=16, temperature=0, stream=True,
+        for c in oa.completions.create(model="g", prompt=f"story {i}", max_tokens=8, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True}):
             texts[i] += c.choices[0].text if c.choices else ""
 
@@ -194,14 +194,15 @@ def test_concurrent_streams_are_batched_together(served: dict[str, Any]) -> None
     for t in threads:
         t.start()
     try:
-        _wait(lambda: _row(k, "g")["reqs_queued"] + _row(k, "g")["reqs_active"] == n, "four queued requests")
+        _wait(lambda: _row(k, "g")["reqs_queued"] + _row(k, "g")["reqs_active"] == n, f"{n} queued requests")
     finally:
         _ok(k, "kill -CONT g")
     for t in threads:
         t.join(60)
     end = _row(k, "g")
     tokens, steps = end["tokens"] - start["tokens"], end["steps"] - start["steps"]
-    assert tokens == 16 * n and steps <= 16 + 2, (tokens, steps)
+    assert tokens == 8 * n and steps <= 8 + 2, (tokens, steps)
+    assert end["last_batch"] == n, end  # the last step ran all sixteen together
     assert all(texts)
     counters = k.kernel_info()["counters"]
     assert counters["in"]["http"]["POST /v1/completions"]["count"] >= n
