@@ -249,6 +249,9 @@ def test_ollama_loads_a_named_model_on_demand_and_lists_it(served: dict[str, Any
     assert reply.done
     assert _row(k, "tinychat")["state"] in ("ready", "running")
     assert "tinychat" in [m.model for m in ol.ps().models]
+    unloaded = ol.generate(model="tinychat", prompt="", keep_alive=0)  # Ollama's "unload": pages released when idle
+    assert unloaded.done and unloaded.done_reason == "unload"
+    _wait(lambda: _row(k, "tinychat")["state"] == "paged-out", "tinychat's pages to be released")
     with pytest.raises(ollama.ResponseError) as e:
         ol.generate(model="nonesuch", prompt="x")
     assert e.value.status_code == 404
