@@ -229,10 +229,15 @@ def test_ollama_generate_and_chat(served: dict[str, Any]) -> None:
     ran = _run(k, "g", "hello world", 8)
     opts = {"num_predict": 8, "temperature": 0}
     got = ol.generate(model="g", prompt="hello world", options=opts, keep_alive="10m")
-    assert got.response == ran["text"] or ran["text"].startswith(got.response)  # Ollama stops at EOS
+    assert got.response and ran["text"].startswith(got.response)  # the same greedy text (Ollama's stops at EOS)
     assert got.done and 1 <= got.eval_count <= 8 and got.prompt_eval_count == ran["prompt_tokens"]
     streamed = "".join(p.response for p in ol.generate(model="g", prompt="hello world", options=opts, stream=True))
     assert streamed == got.response
+    chatted = _ok(k, "chat c --reset --temperature 0 --max-tokens 6 --json why")["data"]["reply"]
+    templated = ol.generate(model="c", prompt="why", options={"num_predict": 6, "temperature": 0})
+    assert templated.response == chatted  # a model with a chat template: the prompt is one user turn, as in Ollama
+    raw = ol.generate(model="c", prompt="why", raw=True, options={"num_predict": 6, "temperature": 0})
+    assert raw.response == _ok(k, "run c --temperature 0 --max-tokens 6 --json why")["data"]["text"]
     shell = _ok(k, "chat c --reset --temperature 0 --max-tokens 6 --json hello")["data"]["reply"]
     msgs = [{"role": "user", "content": "hello"}]
     reply = ol.chat(model="c", messages=msgs, options={"num_predict": 6, "temperature": 0})

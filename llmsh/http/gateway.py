@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from llmsh.kernel.errors import KernelError
@@ -69,6 +71,18 @@ def request_nice(headers: Any, min_nice: int) -> int | None:
     return nice
 
 
+def has_chat_template(path: str) -> bool:
+    """Whether the model folder carries a chat template (where llmsh.runtime.tokenizer looks; read here without
+    importing the runtime, which the front must not)."""
+    folder = Path(path)
+    if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class Gateway:
     """Model names → processes for HTTP requests, and the generate call they all go through."""
 
@@ -76,6 +90,7 @@ class Gateway:
         self.kernel = kernel
         self.aliases: dict[tuple[str, int | None], int] = {}  # (model as asked, nice) → pid loaded for it
         self._locks: dict[tuple[str, int | None], asyncio.Lock] = {}
+        self._templates: dict[str, bool] = {}
 
     @property
     def procs(self) -> Any:
@@ -126,6 +141,12 @@ class Gateway:
                 raise ApiError.from_kernel(e) from None
             self.aliases[key] = entry.pid
             return entry
+
+    async def templated(self, entry: Entry) -> bool:
+        """Whether `entry`'s model has a chat template (read once per folder, off the loop)."""
+        if entry.path not in self._templates:
+            self._templates[entry.path] = await asyncio.to_thread(has_chat_template, entry.path)
+        return self._templates[entry.path]
 
     async def _find(self, model: str) -> str:
         """A model by name from `models` (model dirs, HF cache) — never a path: HTTP clients do not pick files."""

@@ -4,8 +4,8 @@ GET /api/ps, GET /api/version.
 Mapping: `options.num_predict` → max_tokens (−1/−2: the engine's default), `temperature`, `top_p`, `top_k`, `seed`,
 `stop`, `repeat_penalty` → repetition_penalty; `num_ctx` → the KV length of a process loaded on demand by this
 request; `keep_alive` → llmsh's keepalive (idle time before the weights are paged out; negative: never; 0: at once).
-/api/generate sends the prompt as it is (Ollama's `raw` mode; `system` is put in front); /api/chat uses the model's
-chat template.
+/api/generate formats the prompt (and `system`) with the model's chat template, as Ollama does, unless `raw` is true
+or the model has none: then the prompt goes as it is (`system` put in front); /api/chat uses the chat template.
 """
 
 from __future__ import annotations
@@ -142,6 +142,8 @@ class Api:
             nice = request_nice(request.headers, self.settings.min_nice)
             entry = await self.gw.entry(body.get("model"), nice=nice, ctx=num_ctx)
             await self.gw.procs.ensure_loaded(entry)
+            if text_in is not None and not chat and not body.get("raw") and await self.gw.templated(entry):
+                text_in = {"messages": self._as_messages(body)}
             t_loaded = time.perf_counter()
             if keep != "unset":
                 await self.gw.procs.memory("keepalive", entry, seconds=keep)
@@ -188,6 +190,13 @@ class Api:
             raise bad("prompt", "prompt must be a string")
         system = body.get("system")
         return {"prompt": f"{system}\n\n{prompt}" if isinstance(system, str) and system else prompt}
+
+    @staticmethod
+    def _as_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+        """/api/generate's prompt as one user turn (after the system message, if any) for the chat template."""
+        system = body.get("system")
+        msgs = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+        return [*msgs, {"role": "user", "content": str(body["prompt"])}]
 
     @staticmethod
     def _text(chat: bool, text: str) -> dict[str, Any]:

@@ -75,6 +75,6 @@ class HttpServer:
         self._server.force_exit = True
         try:
             await asyncio.wait_for(self._server.shutdown(sockets=[self._sock] if self._sock else None), timeout=3)
-        except Exception:  # noqa: BLE001 - the kernel is stopping anyway: note it, go on with the rest
+        except Exception:  # the kernel is stopping anyway: note it, go on with the rest
             log.debug("HTTP shutdown did not finish cleanly", exc_info=True)
         self._server = None
