@@ -50,6 +50,17 @@ def _message_size(spec: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _http_address(spec: str) -> str:
+    """Validate `--http [ADDR:]PORT` here, so a typo is a usage line rather than a dead daemon."""
+    from llmsh.http.config import HttpConfigError, parse_address  # plain parsing: no starlette
+
+    try:
+        parse_address(spec)
+    except HttpConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
+
+
 def _kernel_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmsh kernel", description="Manage the background kernel.")
     sub = p.add_subparsers(dest="action", required=True)
@@ -67,6 +78,13 @@ def _kernel_parser() -> argparse.ArgumentParser:
         help="refuse requests larger than this (default 4MiB)",
     )
     start.add_argument("--ray", metavar="ADDRESS", help="place processes on the nodes of this Ray cluster")
+    start.add_argument("--http", metavar="[ADDR:]PORT", type=_http_address,
+                       help="serve the OpenAI (/v1) and Ollama (/api) HTTP APIs (default address 127.0.0.1; port 11435 "
+                       "is the documented choice; off loopback --http-key is required)")
+    start.add_argument("--http-key", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on HTTP requests (or set LLMSH_HTTP_KEY)")
+    start.add_argument("--http-min-nice", type=int, metavar="N",
+                       help="lowest X-Llmsh-Nice an HTTP request may ask for (default 0: no higher priority than the shell)")
     start.add_argument("--restore", action="store_true",
                        help="bring back the processes of the last clean 'kernel stop' (after a crash they always come back)")
     for name, text in (("stop", "stop the kernel"), ("status", "show pid, uptime, ports and message counters")):

@@ -19,6 +19,7 @@ CASES = {
     "paging.py": (["--quick", "--requests", "2", "--tokens", "4"], ["ratio", "hit_rate", "identical"]),
     "roundtrip.py": (["-n", "20", "--oneshot-runs", "2"], ["p50_ratio", "oneshot_ms"]),
     "concurrency.py": (["--quick", "--clients", "2", "--tokens", "4"], ["ratio_static", "stream_overhead"]),
+    "http_api.py": (["--quick", "--clients", "2", "--tokens", "4"], ["ratio_tps", "ratio_ttft", "ratio_itl"]),
     "top_cpu.py": (["--seconds", "2", "--warmup", "3"], ["top_cpu_pct", "telemetry_cpu_pct"]),
     "recovery.py": (["--quick", "--rounds", "1"], ["recovery_s", "cold_s", "ratio"]),
     "map.py": (["--quick", "--prompts", "8", "--seq-sample", "1"], ["ratio_static", "ratio_seq"]),

@@ -160,6 +160,10 @@ def _start_args(args: argparse.Namespace | None) -> list[str]:
         out += ["--ray", args.ray]
     if getattr(args, "restore", False):
         out += ["--restore"]
+    if getattr(args, "http", None):
+        out += ["--http", args.http]
+    if getattr(args, "http_min_nice", None) is not None:
+        out += ["--http-min-nice", str(args.http_min_nice)]
     return out
 
 
@@ -177,10 +181,13 @@ def start_kernel_daemon(connection_file: str | None = None, timeout: float = 20,
     logpath = paths.private_file(log_file(path))
     offset = logpath.stat().st_size
     cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(path), *_start_args(args)]
+    env = _kernel_env()
+    if getattr(args, "http_key", None):  # in the environment, not the command line that `ps` shows
+        env["LLMSH_HTTP_KEY"] = args.http_key
     with open(logpath, "ab") as logf:
         try:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=_kernel_env(), close_fds=True
+                cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env, close_fds=True
             )
         except OSError as e:
             raise KernelStartError(f"cannot run {sys.executable}: {e}") from None
@@ -248,6 +255,7 @@ def run_foreground(args: argparse.Namespace, executor: Any = None) -> int:
     """Run the kernel in this process until it is shut down; `executor` runs the shell language."""
     import zmq
 
+    from llmsh.http.config import HttpConfigError
     from llmsh.kernel import server
     from llmsh.protocol.connection import ConnectionFileError
 
@@ -255,7 +263,7 @@ def run_foreground(args: argparse.Namespace, executor: Any = None) -> int:
     setup_logging(path)
     try:
         server.run(args, path, executor)
-    except ConnectionFileError as e:
+    except (ConnectionFileError, HttpConfigError) as e:
         print(f"llmsh: kernel: {e}", file=sys.stderr)
         return 1
     except (OSError, zmq.ZMQError) as e:  # e.g. a port in the given connection file is taken
@@ -376,6 +384,8 @@ def format_status(st: dict[str, Any]) -> str:
         f"rejected  {sum(rejected.values())}" + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) + ")" if rejected else ""),
         f"running   {st.get('running', 0)} command(s)",
     ]
+    if st.get("http"):
+        lines.insert(5, f"http      http://{st['http']}  (OpenAI /v1, Ollama /api)")
     return "\n".join(lines)
 
 

@@ -73,7 +73,7 @@ def default_args(**overrides: Any) -> argparse.Namespace:
     """The options of `llmsh kernel start` with their defaults (for kernels built in tests or tools)."""
     values = dict(
         foreground=True, connection_file=None, ip=None, mem_budget=None, telemetry_hz=2.0, ray=None,
-        max_message=DEFAULT_MAX_MESSAGE, restore=False,
+        max_message=DEFAULT_MAX_MESSAGE, restore=False, http=None, http_key=None, http_min_nice=None,
     )
     values.update(overrides)
     return argparse.Namespace(**values)
@@ -158,6 +158,7 @@ class Kernel:
         self.counters = Counters(self.clients)
         self.history: list[str] = []
         self.services: Services | None = None  # built at the start of `serve()`
+        self.http: Any = None  # llmsh.http.server.HttpServer with --http (or config.toml http/serve_http)
         self.notice = ""  # told to the first client (e.g. that the kernel restarted after a crash)
         self.on_start: list[Callable[[Kernel], None]] = []
         self.on_shutdown: list[Callable[[Kernel], Awaitable[None] | None]] = []
@@ -228,6 +229,7 @@ class Kernel:
             "torch_loaded": "torch" in sys.modules,
             "executor": self._executor is not None,
             "engine_pid": self.services.procs.engine.engine_pid if self.services is not None else None,
+            "http": f"{self.http.settings.host}:{self.http.port}" if self.http is not None else None,
         }
 
     # ----------------------------------------------------------------- start-up and shut-down
@@ -245,6 +247,7 @@ class Kernel:
             self._install_signals()
             self._load_executor()
             self._build_services()
+            await self._start_http()
             self._run_start_hooks()
             if self._owns_file or any(not self.connection_info.get(p) for p in PORT_NAMES):
                 write_connection_file(self.connection_file, self.connection_info)
@@ -368,6 +371,18 @@ class Kernel:
             journal.event("start", f"kernel {__version__} started (pid {self.pid})")
         telemetry.setup(self)
 
+    async def _start_http(self) -> None:
+        """The OpenAI/Ollama HTTP API on this loop, when asked for (a bad address or taken port stops the start)."""
+        from llmsh.http.config import settings
+        from llmsh.paths import config_dir
+
+        chosen = settings(self.args, config_dir() / "config.toml")
+        if chosen is not None:
+            from llmsh.http.server import HttpServer  # starlette/uvicorn only when HTTP is on
+
+            self.http = HttpServer(self, chosen)
+            await self.http.start()
+
     def _run_start_hooks(self) -> None:
         for hook in list(self.on_start):
             try:
@@ -380,6 +395,8 @@ class Kernel:
         if self.loop is not None and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.remove_signal_handler(sig)
+        if self.http is not None:
+            await self.http.stop()
         for hook in list(self.on_shutdown):
             try:
                 result = hook(self)
