@@ -109,12 +109,13 @@ async def _run_part(part: Part, run_kernel: KernelRun) -> int:
     if part.after is None:
         return await run_kernel(part.kernel, stdin, None)
     reader = subprocess.Popen([SHELL, "-c", part.after], stdin=subprocess.PIPE)
-    assert reader.stdin is not None
+    pipe = reader.stdin
+    assert pipe is not None
 
     def feed(text: str) -> None:
         try:
-            reader.stdin.write(text.encode("utf-8"))
-            reader.stdin.flush()
+            pipe.write(text.encode("utf-8"))
+            pipe.flush()
         except (BrokenPipeError, ValueError):  # `| !head -1` left early: the rest is dropped, as sh's SIGPIPE
             pass
 
@@ -122,7 +123,7 @@ async def _run_part(part: Part, run_kernel: KernelRun) -> int:
         await run_kernel(part.kernel, stdin, feed)
     finally:
         try:
-            reader.stdin.close()
+            pipe.close()
         except BrokenPipeError:
             pass
         code = reader.wait()

@@ -112,13 +112,13 @@ class Printer:
             if REDIRECT_MIME in data:
                 self.redirects.handle(data[REDIRECT_MIME])
                 return
-            text = data.get("text/plain")
-            if text and kind == "execute_result" and self.stdout_to is not None:
-                self.stdout_to(text if text.endswith("\n") else text + "\n")
+            plain = data.get("text/plain")
+            if plain and kind == "execute_result" and self.stdout_to is not None:
+                self.stdout_to(plain if plain.endswith("\n") else plain + "\n")
                 return
-            if text:
+            if plain:
                 self._end_progress()
-                sys.stdout.write(_for(sys.stdout, text if text.endswith("\n") else text + "\n"))
+                sys.stdout.write(_for(sys.stdout, plain if plain.endswith("\n") else plain + "\n"))
                 sys.stdout.flush()
         # `error` is not printed here: the reply carries the same line and is shown once by `error()`
 

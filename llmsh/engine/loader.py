@@ -214,7 +214,7 @@ class Loader:
                 proc.progress, proc.progress_text = float(frac), text
                 self.procs.changed(proc, "progress")
 
-            model = load(path, device=device, dtype=dtype, progress=progress, **({"quant": quant} if quant else {}))
+            model = load(path, device=device, dtype=dtype, progress=progress, quant=quant)
         except LoadAborted:
             return proc
         except Exception as e:  # LoadError is the expected one; anything else still must not kill the kernel

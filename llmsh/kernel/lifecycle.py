@@ -182,8 +182,9 @@ def start_kernel_daemon(connection_file: str | None = None, timeout: float = 20,
     offset = logpath.stat().st_size
     cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(path), *_start_args(args)]
     env = _kernel_env()
-    if getattr(args, "http_key", None):  # in the environment, not the command line that `ps` shows
-        env["LLMSH_HTTP_KEY"] = args.http_key
+    http_key = getattr(args, "http_key", None)
+    if http_key:  # in the environment, not the command line that `ps` shows
+        env["LLMSH_HTTP_KEY"] = http_key
     with open(logpath, "ab") as logf:
         try:
             proc = subprocess.Popen(

@@ -54,7 +54,7 @@ def read_input(text: str, *, jsonl: bool, field_name: str, template: str | None)
         if jsonl:
             try:
                 obj = json.loads(raw)
-            except ValueError as e:
+            except json.JSONDecodeError as e:
                 lines.append(Line(no, no, None, f"line {no}: not JSON ({e.msg})"))
                 continue
             if not isinstance(obj, dict):

@@ -654,6 +654,7 @@ class Kernel:
             return {"status": "error", "ename": "BadRequest", "evalue": problem, "traceback": [problem]}
         code = msg["content"]["code"]
         pos = msg["content"].get("cursor_pos", len(code))
+        matches: list[str]
         if self._executor is None:
             matches, start, end = [], pos, pos
         else:

@@ -172,7 +172,7 @@ class Checkpoint:
             for e in f.entries.values():
                 by_dtype[e["dtype"]] = by_dtype.get(e["dtype"], 0) + e["data_offsets"][1] - e["data_offsets"][0]
         floats = {k: v for k, v in by_dtype.items() if k in ("F32", "F16", "BF16", "F64")}
-        return DTYPES[max(floats, key=floats.get)] if floats else torch.float32
+        return DTYPES[max(floats, key=lambda k: floats[k])] if floats else torch.float32
 
     def hf_key(self, param_name: str) -> str:
         """The stored key holding our parameter `param_name` (its first part's, if fused); LoadError if it lacks it."""

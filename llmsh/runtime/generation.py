@@ -127,7 +127,7 @@ class BatchGenerator:
             self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
-            self.cache.free(seq.slot)
+            self.cache.free(_slot(seq))
             seq.slot = None
         if not seq.finished:
             seq.finished = "cancelled"
@@ -147,17 +147,17 @@ class BatchGenerator:
             seq.slot = self.cache.alloc()
             joining.append(seq)
         if joining:
-            logits = self.model.prefill(self.cache, [s.slot for s in joining], [s.prompt_ids for s in joining])
+            logits = self.model.prefill(self.cache, [_slot(s) for s in joining], [s.prompt_ids for s in joining])
             out += self._advance(joining, logits)
             self.running += joining
         if decoding:
-            logits = self.model.decode_step(self.cache, [s.slot for s in decoding], [s.last_token for s in decoding])
+            logits = self.model.decode_step(self.cache, [_slot(s) for s in decoding], [s.last_token for s in decoding])
             out += self._advance(decoding, logits)
         self.last_batch_size = len(joining) + len(decoding)
         self.steps += 1
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
-            self.cache.free(seq.slot)
+            self.cache.free(_slot(seq))
         return out
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, str]]:
@@ -168,7 +168,13 @@ class BatchGenerator:
         for i, seq in enumerate(seqs):
             token = choice[i] if i in choice else seq.sample(logits[i])
             piece = seq.push(token)
-            if not seq.finished and self.cache.length(seq.slot) >= self.max_seq_len:
+            if not seq.finished and self.cache.length(_slot(seq)) >= self.max_seq_len:
                 piece += seq.finish("length")  # no room to feed this token back
             out.append((seq, piece))
         return out
+
+
+def _slot(seq: Sequence) -> int:
+    """The KV cache slot of a sequence in the batch (it has one from admission until it leaves)."""
+    assert seq.slot is not None, "a sequence in the batch has a slot"
+    return seq.slot

@@ -47,7 +47,7 @@ def _plain_reader() -> type:
     from gguf import GGUFReader
 
     class PlainReader(GGUFReader):
-        @property
+        @property  # type: ignore[override]  # a property over gguf's attribute, same value
         def data(self) -> np.ndarray:
             return self._plain
 
@@ -382,7 +382,7 @@ class GGUFCheckpoint:
         for t in self.g.tensors.values():
             by[t.tensor_type.name] = by.get(t.tensor_type.name, 0) + int(t.n_bytes)
         by = {k: v for k, v in by.items() if k in FLOAT_TYPES} or {"F32": 0}    # quantized: activations in float32
-        best = max(by, key=by.get)
+        best = max(by, key=lambda k: by[k])
         return {"BF16": torch.bfloat16, "F16": torch.float16}.get(best, torch.float32)
 
 
@@ -444,7 +444,8 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str |
     gen_cfg = {k: v for k, v in (("bos_token_id", cfg_json.get("bos_token_id")),
                                  ("eos_token_id", sorted(tokenizer.eos_token_ids) if tokenizer else None)) if v}
     display = name or path.name
-    m = model_mod.Model(module, name=display, path=path, hf_config=cfg_json, checkpoint=ckpt, tokenizer=tokenizer,
+    m = model_mod.Model(module, name=display, path=path, hf_config=cfg_json, checkpoint=ckpt,  # type: ignore[arg-type]  # the same interface
+                        tokenizer=tokenizer,
                         generation_config=gen_cfg, device=dev, dtype=dt)
     report(1.0, f"loaded {display} in {time.perf_counter() - started:.2f}s")
     return m

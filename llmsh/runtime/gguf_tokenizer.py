@@ -70,7 +70,7 @@ def _build_tokenizers(meta: Callable[[str, Any], Any], kind: str, tokens: list[s
             log.warning("GGUF pre-tokenizer %r is not known to llmsh: splitting words as GPT-2 does", pre)
         split, digits = PRE.get(pre, (None, False))
         tok = Tok(models.BPE(vocab=vocab, merges=merges, ignore_merges=split == LLAMA3_SPLIT))
-        steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+        steps: list[Any] = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
         if split is None:
             steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
         else:
@@ -85,10 +85,10 @@ def _build_tokenizers(meta: Callable[[str, Any], Any], kind: str, tokens: list[s
         unk = meta("tokenizer.ggml.unknown_token_id", None)
         tok = Tok(models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores, types), byte_fallback=True,
                              unk_token=tokens[unk] if unk is not None else None, fuse_unk=True))
-        steps = [normalizers.Replace(" ", "▁")]
+        norm_steps: list[Any] = [normalizers.Replace(" ", "▁")]
         if meta("tokenizer.ggml.add_space_prefix", True):
-            steps.insert(0, normalizers.Prepend("▁"))
-        tok.normalizer = normalizers.Sequence(steps)
+            norm_steps.insert(0, normalizers.Prepend("▁"))
+        tok.normalizer = normalizers.Sequence(norm_steps)
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
                                         + ([decoders.Strip(" ", 1, 0)] if meta("tokenizer.ggml.add_space_prefix", True)
                                            else []))

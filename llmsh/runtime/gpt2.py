@@ -99,8 +99,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
         self.approximate = cfg.gelu_approximate
-        self.c_fc = Linear(cfg.n_embd, cfg.n_inner)
-        self.c_proj = Linear(cfg.n_inner, cfg.n_embd)
+        inner = cfg.n_inner or 4 * cfg.n_embd  # __post_init__ filled it in
+        self.c_fc = Linear(cfg.n_embd, inner)
+        self.c_proj = Linear(inner, cfg.n_embd)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))

@@ -79,6 +79,7 @@ class Step:
         uniform = starts[0] if all(s == starts[0] for s in starts) else None
         if cache is None:
             return cls(input_pos, None, None, T, uniform)
+        assert slots is not None, "a cached step names its slots"
         lo = slots[0]
         rows: Tensor | slice = slice(lo, lo + B) if slots == list(range(lo, lo + B)) else \
             torch.tensor(slots, device=input_pos.device)
@@ -107,6 +108,7 @@ class Step:
     def _row_index(self, device: torch.device) -> Tensor:
         if isinstance(self.slots, slice):
             return torch.arange(self.slots.start, self.slots.stop, device=device)
+        assert isinstance(self.slots, Tensor), "a cached step has its rows"
         return self.slots
 
     def mask(self, window: int | None = None) -> tuple[Tensor | None, bool]:
@@ -123,7 +125,7 @@ class Step:
                 j = torch.arange(L, device=self.input_pos.device)
                 pos = self.input_pos[:, :, None]                      # (B, T, 1)
                 m = j <= pos                                          # (B, T, L)
-                if windowed:
+                if window is not None and windowed:
                     m = m & (j > pos - window)
                 self._masks[window] = (m[:, None], False)              # (B, 1, T, L)
         return self._masks[window]

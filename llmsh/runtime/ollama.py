@@ -77,7 +77,7 @@ def _read_manifest(path: Path, name: str) -> OllamaModel:
                         f"re-pull it (ollama pull {name})")
     hexdigest = digest.removeprefix("sha256:")
     blob = store_dir() / "blobs" / f"sha256-{hexdigest}"
-    return OllamaModel(name, path, blob, hexdigest, int(model.get("size") or 0), _describe(data))
+    return OllamaModel(name, path, blob, hexdigest, int((model or {}).get("size") or 0), _describe(data))
 
 
 def _describe(manifest: dict[str, Any]) -> str:

@@ -108,8 +108,9 @@ class Tokenizer:
         self.model_max_length = tc.get("model_max_length")
         config, generation_config = config or {}, generation_config or {}
         eos = _ids(generation_config.get("eos_token_id")) or _ids(config.get("eos_token_id"))
-        if "eos_token" in self.special_tokens and self.token_to_id(self.special_tokens["eos_token"]) is not None:
-            eos.add(self.token_to_id(self.special_tokens["eos_token"]))
+        eos_id = self.token_to_id(self.special_tokens["eos_token"]) if "eos_token" in self.special_tokens else None
+        if eos_id is not None:
+            eos.add(eos_id)
         self.eos_token_ids: set[int] = eos
         bos = self.special_tokens.get("bos_token")
         self.bos_token_id: int | None = self.token_to_id(bos) if bos else next(iter(_ids(config.get("bos_token_id"))), None)

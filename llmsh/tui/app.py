@@ -78,8 +78,8 @@ class TopApp(App[int]):
         self.query_one("#nodes", NodesTable).border_title = "Nodes"
         self.query_one(NoKernel).show(self.where)
         for table in self.query(FitTable):  # whole-cell thumbs: no ▁▂▃ glyphs at the panels' edges
-            table.vertical_scrollbar.renderer = WholeCellScrollBar
-            table.horizontal_scrollbar.renderer = WholeCellScrollBar
+            table.vertical_scrollbar.renderer = WholeCellScrollBar  # type: ignore[misc]  # Textual's documented hook
+            table.horizontal_scrollbar.renderer = WholeCellScrollBar  # type: ignore[misc]
         self._apply_panel()
         self.watch_conn(self.conn)
         self.watch_compact(self.compact)
@@ -212,7 +212,7 @@ class TopApp(App[int]):
         line = f"kill -{sig} {row['pid']}"
         if sig in ("TERM", "KILL"):
             question = f"Send {sig} to process {row['pid']} ({row.get('name', '?')})?"
-            self.push_screen(Confirm(question), lambda yes: self.send(line) if yes else None)
+            self.push_screen(Confirm(question), lambda yes: self._send_if(yes, line))
         else:
             self.send(line)
 
@@ -223,6 +223,11 @@ class TopApp(App[int]):
             return
         nice = int(row.get("nice") or 0) + step
         self.send(f"renice {nice} {row['pid']}")
+
+    def _send_if(self, yes: bool | None, line: str) -> None:
+        """The answer of a confirmation: send `line` only on yes."""
+        if yes:
+            self.send(line)
 
     @work(group="actions")
     async def send(self, line: str) -> None:

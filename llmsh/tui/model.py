@@ -83,8 +83,8 @@ class State:
         self.msgs_out.append(float(total.get("out_msgs_s") or 0))
         self.log.extend(payload["traffic"].get("recent", []))
         for r in payload["traffic"].get("rates", []):
-            key = (str(r.get("dir")), str(r.get("type")))
-            self.rates.setdefault(key, deque(maxlen=HISTORY)).append(float(r.get("msgs_s") or 0))
+            rate_key = (str(r.get("dir")), str(r.get("type")))
+            self.rates.setdefault(rate_key, deque(maxlen=HISTORY)).append(float(r.get("msgs_s") or 0))
         return True
 
     @property

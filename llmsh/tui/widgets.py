@@ -152,7 +152,7 @@ class GpuRows(Static):
             out.append_text(bar(util / 100, meter, f"{util:.0f}%", level_style(util)))
             out.append_text(bar(frac, meter, f"{human_bytes(used)}/{human_bytes(total)}", level_style(100 * frac)))
             out.append(tail)
-            hist = self.state.gpu_util.get(f"{self.node}/{g.get('device')}", []) if self.state else []
+            hist: Any = self.state.gpu_util.get(f"{self.node}/{g.get('device')}", []) if self.state else []
             out.append(spark(hist, meter, 100), style="magenta")
         return out
 
