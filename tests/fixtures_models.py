@@ -83,6 +83,28 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
              max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=True),
         "chatml",
     ),
+    "qwen3": (  # head_dim set apart from hidden/heads, as Qwen3's are; q/k norms; tied like Qwen3-0.6B
+        "Qwen3Config",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=32, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=True),
+        "chatml",
+    ),
+    "phi3": (  # longrope (short factors within the original 64 positions; attention factor from 256/64), window 24
+        "Phi3Config",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, original_max_position_embeddings=64, initializer_range=0.2,
+             sliding_window=24, tie_word_embeddings=False, pad_token_id=0,
+             rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
+                           "long_factor": [2.0 + i for i in range(8)]}),
+        "chatml",
+    ),
+    "phi4": (  # Phi-4-mini-shaped: partial rotary (3/4 of each head), tied embeddings, GQA
+        "Phi3Config",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+             max_position_embeddings=256, initializer_range=0.2, partial_rotary_factor=0.75, tie_word_embeddings=True,
+             pad_token_id=0),
+        "chatml",
+    ),
 }
 
 # tokenizer style -> (special tokens, bos, eos, chat template or None, add bos on encode)

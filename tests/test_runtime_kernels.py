@@ -127,7 +127,7 @@ def test_attention_writes_the_cache_and_matches_sdpa(dtype, window, threads, hd,
     assert torch.equal(kc, expected_k) and torch.equal(vc, expected_v)
 
 
-FAMILIES = ["gpt2", "llama", "llama3", "mistral", "qwen2"]
+FAMILIES = ["gpt2", "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "phi4"]
 
 
 def _decode_both_ways(model, prompts, steps, hook=None):

@@ -152,7 +152,7 @@ class _Llama(FastDecoder):
         return Step(M=B, dim=c.dim, n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
                     hidden=c.intermediate_size, max_seq=max_seq, is_bf16=self.bf16, is_gpt2=0, exact_gelu=0,
                     eps=c.norm_eps, rope_cos=self.net.rope_cos.data_ptr(), rope_sin=self.net.rope_sin.data_ptr(),
-                    pos=pos.data_ptr(), slots=slots.data_ptr())
+                    pos=pos.data_ptr(), slots=slots.data_ptr(), rotary_dim=c.rotary_dim)
 
     def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
         emb = self.net.tok_embeddings.weight
@@ -167,7 +167,9 @@ class _Llama(FastDecoder):
                      b_qkv=_ptr(a.wqkv.bias), w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias),
                      norm2=_ptr(block.ffn_norm.weight), w_up=_ptr(ff.w13.weight), b_up=_ptr(ff.w13.bias),
                      w_down=_ptr(ff.w2.weight), b_down=_ptr(ff.w2.bias), k_cache=cache.k[i].data_ptr(),
-                     v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=self.cfg.head_dim ** -0.5)
+                     v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=self.cfg.head_dim ** -0.5,
+                     q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
+                     k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight))
 
     def final_norm(self, x: Tensor, out: Tensor) -> None:
         self.lib.lm_rmsnorm(x.data_ptr(), x.shape[0], x.shape[1], _ptr(self.net.norm.weight), self.bf16,

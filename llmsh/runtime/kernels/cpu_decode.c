@@ -445,6 +445,7 @@ typedef struct {                           /* one layer's parameters (model dtyp
     void *k_cache, *v_cache;
     long window;                           /* sliding window, 0 for full attention */
     float attn_scale;
+    const void *q_norm, *k_norm;           /* Qwen3: RMSNorm weights (head_dim) of each q and k head; else NULL */
 } lm_layer;
 
 typedef struct {                           /* what every layer of the step shares */
@@ -455,11 +456,52 @@ typedef struct {                           /* what every layer of the step share
     const float *rope_cos, *rope_sin;
     const int64_t *pos, *slots;
     float *scratch;                        /* lm_scratch_floats() floats */
+    long rotary_dim;                       /* RoPE on the first rotary_dim of each head (Phi-4); 0: all of it */
 } lm_step;
 
 long lm_scratch_floats(long M, long dim, long n_head, long n_kv, long head_dim, long hidden, long max_seq,
                        long n_threads) {
     return M * (dim + (2 * n_head + 2 * n_kv) * head_dim + 3 * hidden) + n_threads * max_seq;
+}
+
+/* ---- the newer families' extras (Qwen3, Phi-4) --------------------------------------------------------------- */
+
+/* RMSNorm of every q head and k head of the qkv rows (M rows of `stride` floats), in place: Qwen3 normalises each
+ * head over head_dim with its own weights for q and for k, before RoPE. */
+void lm_qk_norm(float *qkv, long M, long stride, long n_head, long n_kv, long hd, const void *q_w, const void *k_w,
+                int is_bf16, float eps) {
+    for (long m = 0; m < M; m++)
+        for (long h = 0; h < n_head + n_kv; h++) {
+            float *v = qkv + m * stride + h * hd, ss = 0.0f;
+            const void *w = h < n_head ? q_w : k_w;
+#pragma omp simd reduction(+ : ss)
+            for (long d = 0; d < hd; d++) ss += v[d] * v[d];
+            float inv = 1.0f / sqrtf(ss / hd + eps);
+            for (long d = 0; d < hd; d++) v[d] = v[d] * inv * load(w, d, is_bf16);
+        }
+}
+
+/* RoPE on the first `rot` dims of each head (tables (max_seq, rot)); the other hd - rot dims pass unchanged. */
+void lm_rope_partial(float *x, long M, long stride, long n_heads, long hd, long rot, const float *cos,
+                     const float *sin, const int64_t *pos) {
+    float tmp[512];
+    long half = rot / 2;
+    for (long m = 0; m < M; m++) {
+        const float *c = cos + pos[m] * rot, *s = sin + pos[m] * rot;
+        for (long h = 0; h < n_heads; h++) {
+            float *v = x + m * stride + h * hd;
+            memcpy(tmp, v, sizeof(float) * rot);
+            for (long d = 0; d < half; d++) v[d] = tmp[d] * c[d] + tmp[d + half] * s[d];
+            for (long d = half; d < rot; d++) v[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
+        }
+    }
+}
+
+static void rope_heads(const lm_step *s, float *qkv, long stride, long n_heads) {
+    if (s->rotary_dim > 0 && s->rotary_dim < s->head_dim)
+        lm_rope_partial(qkv, s->M, stride, n_heads, s->head_dim, s->rotary_dim, s->rope_cos, s->rope_sin, s->pos);
+    else
+        lm_rope(qkv, s->M, stride, n_heads, s->head_dim, s->rope_cos, s->rope_sin, s->pos);
 }
 
 static void norm(const lm_step *s, const float *x, const void *w, const void *b, float *y) {
@@ -479,7 +521,8 @@ void lm_layers(float *x, const lm_layer *layers, long n, const lm_step *s) {
         const lm_layer *l = layers + i;
         norm(s, x, l->norm1, l->norm1_bias, h);
         lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv, nt);
-        if (!s->is_gpt2) lm_rope(qkv, M, qkv_width, nh + nkv, hd, s->rope_cos, s->rope_sin, s->pos);
+        if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps);
+        if (!s->is_gpt2) rope_heads(s, qkv, qkv_width, nh + nkv);
         lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
                      l->attn_scale, scores, att, nt);
         lm_linear(att, M, nh * hd, l->w_o, D, l->b_o, bf, 1, x, nt);
