@@ -105,13 +105,35 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
              pad_token_id=0),
         "chatml",
     ),
+    "gemma2": (  # soft-caps, (1 + w) norms, pre/post norms, sliding window 12 on even layers (crossed by the tests)
+        "Gemma2Config",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, max_position_embeddings=256, initializer_range=0.2, sliding_window=12,
+             query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, pad_token_id=0),
+        "gemma",
+    ),
+    "gemma3": (  # text-only Gemma 3: q/k norms, local base 10k and global 1M with linear scaling, window 12
+        "Gemma3TextConfig",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+             head_dim=32, max_position_embeddings=256, initializer_range=0.2, sliding_window=12,
+             query_pre_attn_scalar=24, pad_token_id=0,
+             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        "gemma",
+    ),
 }
+
+# families whose norm weights are randomised before saving: transformers initialises them to 1 (or Gemma's 0 offset),
+# which would let a wrong gain formula or a norm left out (q/k norms) pass the comparisons
+RANDOM_NORMS = {"qwen3", "phi3", "phi4", "gemma2", "gemma3"}
 
 # tokenizer style -> (special tokens, bos, eos, chat template or None, add bos on encode)
 TOKENIZER_STYLES: dict[str, tuple[list[str], str | None, str, str | None, bool]] = {
     "gpt2": (["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", None, False),
     "llama": (["<unk>", "<s>", "</s>"], "<s>", "</s>", LLAMA2_TEMPLATE, True),
     "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML_TEMPLATE, False),
+    "gemma": (["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", None, True),
 }
 
 
@@ -175,6 +197,11 @@ def build_tiny_model(folder: Path, family: str = "gpt2", *, shards: bool = False
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if family in RANDOM_NORMS:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
     model = model.to(getattr(torch, dtype))
     model.generation_config.do_sample = False
     model.save_pretrained(folder, max_shard_size="100KB" if shards else "5GB")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmsh.runtime import fast_decode, gpt2, hub, integrity, llama
+from llmsh.runtime import fast_decode, gemma, gpt2, hub, integrity, llama
 from llmsh.runtime.checkpoint import Checkpoint
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.generation import BatchGenerator, Sequence
@@ -27,7 +27,7 @@ from llmsh.runtime.kv_cache import KVCache, Step
 from llmsh.runtime.sampling import SamplingParams
 from llmsh.runtime.tokenizer import Tokenizer
 
-FAMILIES: dict[str, ModuleType] = {t: m for m in (gpt2, llama) for t in m.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {t: m for m in (gpt2, llama, gemma) for t in m.MODEL_TYPES}
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
