@@ -122,11 +122,26 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
         "gemma",
     ),
+    "mixtral": (  # 4 experts, top-2 (weights renormalised), untied
+        "MixtralConfig",
+        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, initializer_range=0.2, num_local_experts=4, num_experts_per_tok=2,
+             tie_word_embeddings=False),
+        "llama",
+    ),
+    "qwen3_moe": (  # 6 experts, top-2 without renormalising (norm_topk_prob false); layer 1 a dense MLP
+        "Qwen3MoeConfig",
+        dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+             initializer_range=0.2, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
+             tie_word_embeddings=False),
+        "chatml",
+    ),
 }
 
 # families whose norm weights are randomised before saving: transformers initialises them to 1 (or Gemma's 0 offset),
 # which would let a wrong gain formula or a norm left out (q/k norms) pass the comparisons
-RANDOM_NORMS = {"qwen3", "phi3", "phi4", "gemma2", "gemma3"}
+RANDOM_NORMS = {"qwen3", "phi3", "phi4", "gemma2", "gemma3", "mixtral", "qwen3_moe"}
 
 # tokenizer style -> (special tokens, bos, eos, chat template or None, add bos on encode)
 TOKENIZER_STYLES: dict[str, tuple[list[str], str | None, str, str | None, bool]] = {

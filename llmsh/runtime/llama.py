@@ -241,10 +241,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), with w1 | w3 fused into one matrix `w13`."""
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, hidden: int | None = None) -> None:
         super().__init__()
-        self.w13 = Linear(cfg.dim, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)   # gate | up
-        self.w2 = Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)        # down
+        hidden = hidden or cfg.intermediate_size                                   # (a MoE expert's is smaller)
+        self.w13 = Linear(cfg.dim, 2 * hidden, bias=cfg.mlp_bias)                  # gate | up
+        self.w2 = Linear(hidden, cfg.dim, bias=cfg.mlp_bias)                       # down
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmsh.runtime import fast_decode, gemma, gpt2, hub, integrity, llama
+from llmsh.runtime import fast_decode, gemma, gpt2, hub, integrity, llama, moe
 from llmsh.runtime.checkpoint import Checkpoint
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.generation import BatchGenerator, Sequence
@@ -27,7 +27,7 @@ from llmsh.runtime.kv_cache import KVCache, Step
 from llmsh.runtime.sampling import SamplingParams
 from llmsh.runtime.tokenizer import Tokenizer
 
-FAMILIES: dict[str, ModuleType] = {t: m for m in (gpt2, llama, gemma) for t in m.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {t: m for m in (gpt2, llama, gemma, moe) for t in m.MODEL_TYPES}
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
@@ -77,8 +77,13 @@ class Model:
 
     def bytes_read_per_token(self) -> int:
         """Weight bytes a batch-1 decode step streams (what memory bandwidth bounds decoding by): every parameter
-        except embedding tables that are only looked up, one row per token, unless the head multiplies by them (tied)."""
+        except embedding tables that are only looked up, one row per token, unless the head multiplies by them (tied),
+        and of a mixture of experts only the top_k of n_experts experts a token runs (their mean size)."""
         read = self.weight_bytes()
+        n_experts, top_k = getattr(self.config, "n_experts", 0), getattr(self.config, "top_k", 0)
+        if n_experts:
+            expert_bytes = sum(p.nbytes for p in self._pages if ".expert." in p.name)
+            read -= expert_bytes - expert_bytes * top_k // n_experts
         for name, mod in self.module.named_modules():
             if isinstance(mod, nn.Embedding) and len(self._tied[f"{name}.weight"]) == 1:
                 read -= mod.weight.nbytes - mod.weight[0].nbytes
@@ -279,7 +284,8 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: st
     if family is None:
         supported = ", ".join(sorted(FAMILIES))
         raise LoadError(f"model_type {model_type!r} in {folder / 'config.json'} is not supported; "
-                        f"llmsh runs: {supported} (GPT-2 and the Llama family: Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama)")
+                        f"llmsh runs: {supported} (GPT-2; the Llama family: Llama 2/3, Mistral, Qwen2/3, Phi-3/4, SmolLM; "
+                        "Gemma 2/3; the experts of Mixtral and Qwen3-MoE)")
     dev = _resolve_device(device)
     checkpoint = Checkpoint(folder)
     if verify and integrity.has_checksums(folder):
