@@ -121,3 +121,56 @@ def test_which_families_decode_through_the_c_kernels(family, fast, make_tiny_mod
 
     model = load(make_tiny_model(family))
     assert (model.fast_decode is not None) == (fast and library() is not None)
+
+
+CHATS = [
+    [{"role": "user", "content": "  hi  "}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"},
+     {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}, {"role": "user", "content": "And 3+3? 🙂"}],
+    [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "<think>\nuse the tool\n</think>\n\nok"}],
+]
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def _with_template(folder, tmp_path, template):
+    out = tmp_path / "chat"
+    shutil.copytree(folder, out)
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    tc["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(tc))
+    return out
+
+
+@pytest.mark.parametrize("family,template", [("qwen3", "QWEN3"), ("gemma2", "GEMMA2"), ("gemma3", "GEMMA3")])
+def test_chat_templates_render_as_transformers_renders_them(family, template, make_tiny_model, tmp_path):
+    """Qwen3: thinking tags (on, off, earlier turns' reasoning dropped), tools; Gemma 2: a system message is refused
+    with the template's own one-line reason; Gemma 3: it joins the first user turn."""
+    from transformers import AutoTokenizer
+
+    from llmsh.runtime.tokenizer import Tokenizer
+    from tests import chat_templates
+
+    folder = _with_template(make_tiny_model(family), tmp_path, getattr(chat_templates, template))
+    ours, ref = Tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    options = [{}, {"enable_thinking": False}, {"enable_thinking": True}, {"tools": TOOLS}] if family == "qwen3" else [{}]
+    rendered = 0
+    for chat in CHATS:
+        for gen in (True, False):
+            for extra in options:
+                try:
+                    want = ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen, **extra)
+                except Exception as e:                                   # noqa: BLE001 (jinja's TemplateError)
+                    with pytest.raises(ValueError) as err:
+                        ours.apply_chat_template(chat, add_generation_prompt=gen, **extra)
+                    assert str(e) in str(err.value) and "\n" not in str(err.value)
+                    continue
+                assert ours.apply_chat_template(chat, add_generation_prompt=gen, **extra) == want
+                rendered += 1
+    assert rendered >= (len(CHATS) - 1) * 2
+    if family == "gemma2":
+        with pytest.raises(ValueError, match="System role not supported"):
+            ours.apply_chat_template(CHATS[1])
+    if family == "qwen3":
+        off = ours.apply_chat_template(CHATS[0], enable_thinking=False)
+        assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert "add them" not in ours.apply_chat_template(CHATS[1])           # earlier reasoning is dropped
