@@ -114,9 +114,10 @@ def test_longrope_switches_to_its_long_factors_past_the_original_length():
     assert not torch.allclose(cos[8:], plain[8:] * scale)
 
 
-@pytest.mark.parametrize("family,fast", [("qwen3", True), ("phi4", True), ("gemma2", False), ("mixtral", False)])
+@pytest.mark.parametrize("family,fast", [("qwen3", True), ("phi4", True), ("gemma2", True), ("gemma3", True),
+                                         ("mixtral", False), ("qwen3_moe", False)])
 def test_which_families_decode_through_the_c_kernels(family, fast, make_tiny_model):
-    """Qwen3 and Phi-3/4 take the C path (where a compiler exists); Gemma and the MoE families run on torch ops."""
+    """Qwen3, Phi-3/4 and Gemma take the C path (where a compiler exists); the MoE families run on torch ops."""
     from llmsh.runtime.kernels import library
 
     model = load(make_tiny_model(family))

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmsh.runtime import gpt2, llama
+from llmsh.runtime import gemma, gpt2, llama
 from llmsh.runtime.kernels import MAX_HEAD_DIM, Layer, Step, library
 from llmsh.runtime.kv_cache import KVCache
 
@@ -46,17 +46,19 @@ def for_model(model: Any) -> FastDecoder | None:
     net, cfg = model.module, model.config
     if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if cfg.head_dim > MAX_HEAD_DIM or not isinstance(net, (llama.Transformer, gpt2.Transformer)):
+    if cfg.head_dim > MAX_HEAD_DIM or not isinstance(net, (llama.Transformer, gpt2.Transformer, gemma.Transformer)):
         return None
     lib = library()
     if lib is None:
         return None
-    family = _Llama if isinstance(net, llama.Transformer) else _GPT2
+    family = _Llama if isinstance(net, llama.Transformer) else _Gemma if isinstance(net, gemma.Transformer) else _GPT2
     return family(net, lib, model.dtype)
 
 
 class FastDecoder:
     """One model's decode step: embed (torch indexing), lm_layers, final norm and head (C)."""
+
+    layers_fn = "lm_layers"          # the C function that runs whole layers of this family
 
     def __init__(self, net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
         self.net, self.lib, self.dtype, self.bf16 = net, lib, dtype, int(dtype == torch.bfloat16)
@@ -91,19 +93,23 @@ class FastDecoder:
         if hook:                                          # the pager: page in each layer right before it runs
             for i, block in enumerate(blocks):
                 hook(1 + i)
-                self.lib.lm_layers(x_ptr, ctypes.byref(self.layer_args(block, i, cache)), 1,
-                                   ctypes.byref(step))
+                getattr(self.lib, self.layers_fn)(x_ptr, ctypes.byref(self.layer_args(block, i, cache)), 1,
+                                                  ctypes.byref(step))
             if cfg.tie_embeddings:
                 hook(0)                                   # the head reads the embedding page's matrix
             hook(len(blocks) + 1)
         else:
-            self.lib.lm_layers(x_ptr, self.all_layer_args(cache), len(blocks), ctypes.byref(step))
+            getattr(self.lib, self.layers_fn)(x_ptr, self.all_layer_args(cache), len(blocks), ctypes.byref(step))
         h = torch.empty_like(x)
         self.final_norm(x, h)
         logits = torch.empty(B, cfg.vocab_size)
         head = self.head()
         self.lib.lm_linear(h.data_ptr(), B, head.weight.shape[0], _ptr(head.weight), head.weight.shape[1], None,
                            self.bf16, 0, logits.data_ptr(), threads)
+        return self.finish(logits)
+
+    def finish(self, logits: Tensor) -> Tensor:
+        """What the family does to the head's logits (Gemma 2: soft-capping); in place, returns them."""
         return logits
 
     def all_layer_args(self, cache: KVCache) -> ctypes.Array[Layer]:
@@ -213,3 +219,41 @@ class _GPT2(FastDecoder):
 
     def head(self) -> nn.Module:
         return self.net.lm_head
+
+
+class _Gemma(_Llama):
+    """Gemma 2 / 3: `lm_gemma_layers` (kernels/cpu_decode.c); the embedding scaled by sqrt(dim) as the modules do."""
+
+    layers_fn = "lm_gemma_layers"
+
+    def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        scale = torch.tensor(self.cfg.dim ** 0.5, dtype=self.dtype).item()   # rounded to the model dtype, as HF does
+        return super().embed(tokens, pos).mul_(scale)
+
+    def step_args(self, B: int, max_seq: int, slots: Tensor, pos: Tensor) -> Step:
+        c = self.cfg
+        return Step(M=B, dim=c.dim, n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
+                    hidden=c.intermediate_size, max_seq=max_seq, is_bf16=self.bf16, is_gpt2=0, exact_gelu=0,
+                    eps=c.norm_eps, rope_cos=self.net.rope_cos.data_ptr(), rope_sin=self.net.rope_sin.data_ptr(),
+                    pos=pos.data_ptr(), slots=slots.data_ptr())
+
+    def layer_args(self, block: gemma.Block, i: int, cache: KVCache) -> Layer:
+        a, ff, net = block.attention, block.feed_forward, self.net
+        local = a.window is not None
+        return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight), b_qkv=_ptr(a.wqkv.bias),
+                     w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias), norm2=_ptr(block.ffn_norm.weight),
+                     w_up=_ptr(ff.w13.weight), w_down=_ptr(ff.w2.weight), k_cache=cache.k[i].data_ptr(),
+                     v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=a.scale,
+                     q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
+                     k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight),
+                     post_norm1=_ptr(block.post_attention_norm.weight), post_norm2=_ptr(block.post_ffn_norm.weight),
+                     rope_cos=net.rope_local_cos.data_ptr() if local else None,
+                     rope_sin=net.rope_local_sin.data_ptr() if local else None, softcap=a.cap or 0.0)
+
+    def final_norm(self, x: Tensor, out: Tensor) -> None:
+        self.lib.lm_rmsnorm_plus_one(x.data_ptr(), x.shape[0], x.shape[1], _ptr(self.net.norm.weight), self.bf16,
+                                     self.cfg.norm_eps, out.data_ptr())
+
+    def finish(self, logits: Tensor) -> Tensor:
+        cap = self.cfg.final_softcap
+        return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)

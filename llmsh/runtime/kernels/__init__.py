@@ -47,7 +47,10 @@ SIGNATURES = {
     "lm_attention": [_P, _L, _L, _L, _L, _P, _P, _I, _L, _P, _P, _L, _F, _P, _P, _I],
     "lm_layers": [_P, _P, _L, _P],
     "lm_scratch_floats": [_L] * 8,
-    "lm_qk_norm": [_P, _L, _L, _L, _L, _L, _P, _P, _I, _F],
+    "lm_qk_norm": [_P, _L, _L, _L, _L, _L, _P, _P, _I, _F, _I],
+    "lm_rmsnorm_plus_one": [_P, _L, _L, _P, _I, _F, _P],
+    "lm_attention_softcap": [_P, _L, _L, _L, _L, _P, _P, _I, _L, _P, _P, _L, _F, _F, _P, _P, _I],
+    "lm_gemma_layers": [_P, _P, _L, _P],
     "lm_rope_partial": [_P, _L, _L, _L, _L, _L, _P, _P, _P],
 }
 RESTYPES = {"lm_scratch_floats": _L}
@@ -58,7 +61,9 @@ class Layer(ctypes.Structure):
 
     _fields_ = [(name, _P) for name in ("norm1", "norm1_bias", "w_qkv", "b_qkv", "w_o", "b_o", "norm2", "norm2_bias",
                                         "w_up", "b_up", "w_down", "b_down", "k_cache", "v_cache")] + \
-        [("window", _L), ("attn_scale", _F), ("q_norm", _P), ("k_norm", _P)]
+        [("window", _L), ("attn_scale", _F)] + \
+        [(name, _P) for name in ("q_norm", "k_norm", "post_norm1", "post_norm2", "rope_cos", "rope_sin")] + \
+        [("softcap", _F)]
 
 
 class Step(ctypes.Structure):

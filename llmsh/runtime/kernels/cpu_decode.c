@@ -445,7 +445,10 @@ typedef struct {                           /* one layer's parameters (model dtyp
     void *k_cache, *v_cache;
     long window;                           /* sliding window, 0 for full attention */
     float attn_scale;
-    const void *q_norm, *k_norm;           /* Qwen3: RMSNorm weights (head_dim) of each q and k head; else NULL */
+    const void *q_norm, *k_norm;           /* Qwen3, Gemma 3: RMSNorm weights (head_dim) of each q and k head */
+    const void *post_norm1, *post_norm2;   /* Gemma: RMSNorm of the attention / MLP output before the residual add */
+    const float *rope_cos, *rope_sin;      /* Gemma 3: this layer's RoPE tables (local or global); NULL: the step's */
+    float softcap;                         /* Gemma 2: attention logits become softcap * tanh(s / softcap); 0: none */
 } lm_layer;
 
 typedef struct {                           /* what every layer of the step shares */
@@ -467,9 +470,9 @@ long lm_scratch_floats(long M, long dim, long n_head, long n_kv, long head_dim, 
 /* ---- the newer families' extras (Qwen3, Phi-4) --------------------------------------------------------------- */
 
 /* RMSNorm of every q head and k head of the qkv rows (M rows of `stride` floats), in place: Qwen3 normalises each
- * head over head_dim with its own weights for q and for k, before RoPE. */
+ * head over head_dim with its own weights for q and for k, before RoPE (Gemma 3 too, with gains 1 + w). */
 void lm_qk_norm(float *qkv, long M, long stride, long n_head, long n_kv, long hd, const void *q_w, const void *k_w,
-                int is_bf16, float eps) {
+                int is_bf16, float eps, int plus_one) {
     for (long m = 0; m < M; m++)
         for (long h = 0; h < n_head + n_kv; h++) {
             float *v = qkv + m * stride + h * hd, ss = 0.0f;
@@ -477,7 +480,7 @@ void lm_qk_norm(float *qkv, long M, long stride, long n_head, long n_kv, long hd
 #pragma omp simd reduction(+ : ss)
             for (long d = 0; d < hd; d++) ss += v[d] * v[d];
             float inv = 1.0f / sqrtf(ss / hd + eps);
-            for (long d = 0; d < hd; d++) v[d] = v[d] * inv * load(w, d, is_bf16);
+            for (long d = 0; d < hd; d++) v[d] = v[d] * inv * (load(w, d, is_bf16) + (plus_one ? 1.0f : 0.0f));
         }
 }
 
@@ -521,7 +524,7 @@ void lm_layers(float *x, const lm_layer *layers, long n, const lm_step *s) {
         const lm_layer *l = layers + i;
         norm(s, x, l->norm1, l->norm1_bias, h);
         lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv, nt);
-        if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps);
+        if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 0);
         if (!s->is_gpt2) rope_heads(s, qkv, qkv_width, nh + nkv);
         lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
                      l->attn_scale, scores, att, nt);
@@ -535,5 +538,146 @@ void lm_layers(float *x, const lm_layer *layers, long n, const lm_step *s) {
             lm_silu_mul(up, M, F, act);
         }
         lm_linear(act, M, F, l->w_down, D, l->b_down, bf, 1, x, nt);
+    }
+}
+
+/* ---- Gemma 2 / Gemma 3 layers ------------------------------------------------------------------------------------
+ * Their own loop rather than switches in lm_layers: every norm has gain (1 + w), the attention and MLP outputs are
+ * normed again before the residual add, the MLP is GeGLU, Gemma 2 soft-caps attention logits and Gemma 3 has q/k
+ * norms and per-layer RoPE tables. The matrix products, RoPE and (uncapped) attention are the kernels above. */
+
+/* y = x / rms(x) * (1 + w) over M rows of D; y may be x */
+static void rmsnorm_plus_one(const float *x, long M, long D, const void *w, int is_bf16, float eps, float *y) {
+    for (long m = 0; m < M; m++) {
+        const float *xr = x + m * D;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (long i = 0; i < D; i++) ss += xr[i] * xr[i];
+        float inv = 1.0f / sqrtf(ss / D + eps);
+        for (long i = 0; i < D; i++) y[m * D + i] = xr[i] * inv * (1.0f + load(w, i, is_bf16));
+    }
+}
+
+void lm_rmsnorm_plus_one(const float *x, long M, long D, const void *w, int is_bf16, float eps, float *y) {
+    rmsnorm_plus_one(x, M, D, w, is_bf16, eps, y);
+}
+
+/* out = gelu_tanh(gate) * up over M rows of gate | up (2F floats each) */
+static void gelu_mul(const float *restrict gu, long M, long F, float *restrict out) {
+    for (long m = 0; m < M; m++) {
+        const float *g = gu + m * 2 * F, *u = g + F;
+        float *o = out + m * F;
+        for (long i = 0; i < F; i++) {
+            float z = 0.7978845608f * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
+            float t = 1.0f - 2.0f / (exp_approx(2.0f * z) + 1.0f);     /* tanh(z) */
+            o[i] = 0.5f * g[i] * (1.0f + t) * u[i];
+        }
+    }
+}
+
+/* lm_attention with soft-capped logits: cap * tanh(scale q.k / cap), then softmax and the weighted sum of V. Plain
+ * loops (vectorised by the compiler): at decode contexts attention is a few percent of a step. */
+void lm_attention_softcap(const float *qkv, long M, long n_head, long n_kv, long hd, void *k_cache, void *v_cache,
+                          int is_bf16, long max_seq, const int64_t *slots, const int64_t *pos, long window,
+                          float scale, float cap, float *restrict scores, float *restrict out, int n_threads) {
+    long stride = (n_head + 2 * n_kv) * hd, rep = n_head / n_kv;
+    for (long m = 0; m < M; m++) {
+        const float *k_new = qkv + m * stride + n_head * hd, *v_new = k_new + n_kv * hd;
+        for (long g = 0; g < n_kv; g++) {
+            long at = ((slots[m] * n_kv + g) * max_seq + pos[m]) * hd;
+            for (long d = 0; d < hd; d++) {
+                if (is_bf16) {
+                    ((bf16 *)k_cache)[at + d] = f32_to_bf16(k_new[g * hd + d]);
+                    ((bf16 *)v_cache)[at + d] = f32_to_bf16(v_new[g * hd + d]);
+                } else {
+                    ((float *)k_cache)[at + d] = k_new[g * hd + d];
+                    ((float *)v_cache)[at + d] = v_new[g * hd + d];
+                }
+            }
+        }
+    }
+    int parts = n_threads < M * n_head ? n_threads : (int)(M * n_head);
+#pragma omp parallel num_threads(parts) if (parts > 1)
+    {
+        float *sc = scores;
+#ifdef _OPENMP
+        sc += omp_get_thread_num() * max_seq;
+#endif
+#pragma omp for schedule(static)
+        for (long mh = 0; mh < M * n_head; mh++) {
+            long m = mh / n_head, h = mh % n_head, p = pos[m];
+            long lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+            long base = (slots[m] * n_kv + h / rep) * max_seq * hd;
+            const float *q = qkv + m * stride + h * hd;
+            float *o = out + m * n_head * hd + h * hd;
+            for (long j = lo; j <= p; j++) {
+                float dot = 0.0f;
+                if (is_bf16) {
+                    const bf16 *k = (const bf16 *)k_cache + base + j * hd;
+#pragma omp simd reduction(+ : dot)
+                    for (long d = 0; d < hd; d++) dot += q[d] * bf16_to_f32(k[d]);
+                } else {
+                    const float *k = (const float *)k_cache + base + j * hd;
+#pragma omp simd reduction(+ : dot)
+                    for (long d = 0; d < hd; d++) dot += q[d] * k[d];
+                }
+                sc[j] = cap * tanhf(dot * scale / cap);
+            }
+            float inv = softmax_in_place(sc + lo, p + 1 - lo);
+            memset(o, 0, sizeof(float) * hd);
+            for (long j = lo; j <= p; j++) {
+                float wj = sc[j] * inv;
+                if (is_bf16) {
+                    const bf16 *v = (const bf16 *)v_cache + base + j * hd;
+                    for (long d = 0; d < hd; d++) o[d] += wj * bf16_to_f32(v[d]);
+                } else {
+                    const float *v = (const float *)v_cache + base + j * hd;
+                    for (long d = 0; d < hd; d++) o[d] += wj * v[d];
+                }
+            }
+        }
+    }
+}
+
+/* x += y / rms(y) * (1 + w), row by row (Gemma's post-norm before the residual add) */
+static void add_normed(float *restrict x, const float *restrict y, long M, long D, const void *w, int is_bf16,
+                       float eps) {
+    for (long m = 0; m < M; m++) {
+        const float *yr = y + m * D;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (long i = 0; i < D; i++) ss += yr[i] * yr[i];
+        float inv = 1.0f / sqrtf(ss / D + eps);
+        for (long i = 0; i < D; i++) x[m * D + i] += yr[i] * inv * (1.0f + load(w, i, is_bf16));
+    }
+}
+
+/* x (M, dim) float32, in place: x += post1(attention(norm1(x))); x += post2(geglu(norm2(x))) for each of n layers.
+ * Scratch as lm_layers (lm_scratch_floats); h holds each half's output before its post-norm. */
+void lm_gemma_layers(float *x, const lm_layer *layers, long n, const lm_step *s) {
+    long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, F = s->hidden;
+    long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16, nt = s->n_threads;
+    float *h = s->scratch, *qkv = h + M * D, *att = qkv + M * qkv_width, *up = att + M * nh * hd;
+    float *act = up + M * 2 * F, *scores = act + M * F;
+    for (long i = 0; i < n; i++) {
+        const lm_layer *l = layers + i;
+        rmsnorm_plus_one(x, M, D, l->norm1, bf, s->eps, h);
+        lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv, nt);
+        if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 1);
+        lm_rope(qkv, M, qkv_width, nh + nkv, hd, l->rope_cos ? l->rope_cos : s->rope_cos,
+                l->rope_sin ? l->rope_sin : s->rope_sin, s->pos);
+        if (l->softcap > 0)
+            lm_attention_softcap(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos,
+                                 l->window, l->attn_scale, l->softcap, scores, att, nt);
+        else
+            lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
+                         l->attn_scale, scores, att, nt);
+        lm_linear(att, M, nh * hd, l->w_o, D, l->b_o, bf, 0, h, nt);
+        add_normed(x, h, M, D, l->post_norm1, bf, s->eps);
+        rmsnorm_plus_one(x, M, D, l->norm2, bf, s->eps, h);
+        lm_linear(h, M, D, l->w_up, 2 * F, l->b_up, bf, 0, up, nt);
+        gelu_mul(up, M, F, act);
+        lm_linear(act, M, F, l->w_down, D, l->b_down, bf, 0, h, nt);
+        add_normed(x, h, M, D, l->post_norm2, bf, s->eps);
     }
 }
