@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmsh.runtime import gemma, gpt2, llama
+from llmsh.runtime import gemma, gpt2, llama, moe
 from llmsh.runtime.kernels import MAX_HEAD_DIM, Layer, Step, library
 from llmsh.runtime.kv_cache import KVCache
 
@@ -46,13 +46,12 @@ def for_model(model: Any) -> FastDecoder | None:
     net, cfg = model.module, model.config
     if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if cfg.head_dim > MAX_HEAD_DIM or not isinstance(net, (llama.Transformer, gpt2.Transformer, gemma.Transformer)):
+    if cfg.head_dim > MAX_HEAD_DIM or type(net) not in FAMILY_TYPES:
         return None
     lib = library()
     if lib is None:
         return None
-    family = _Llama if isinstance(net, llama.Transformer) else _Gemma if isinstance(net, gemma.Transformer) else _GPT2
-    return family(net, lib, model.dtype)
+    return FAMILY_TYPES[type(net)](net, lib, model.dtype)
 
 
 class FastDecoder:
@@ -88,18 +87,7 @@ class FastDecoder:
         if hook:
             hook(0)
         x = self.embed(torch.tensor(tokens), pos_t)
-        x_ptr = _ptr(x)                                   # (meta if the embedding page was released)
-        blocks = self.blocks()
-        if hook:                                          # the pager: page in each layer right before it runs
-            for i, block in enumerate(blocks):
-                hook(1 + i)
-                getattr(self.lib, self.layers_fn)(x_ptr, ctypes.byref(self.layer_args(block, i, cache)), 1,
-                                                  ctypes.byref(step))
-            if cfg.tie_embeddings:
-                hook(0)                                   # the head reads the embedding page's matrix
-            hook(len(blocks) + 1)
-        else:
-            getattr(self.lib, self.layers_fn)(x_ptr, self.all_layer_args(cache), len(blocks), ctypes.byref(step))
+        self.run_layers(x, cache, step, hook)
         h = torch.empty_like(x)
         self.final_norm(x, h)
         logits = torch.empty(B, cfg.vocab_size)
@@ -107,6 +95,22 @@ class FastDecoder:
         self.lib.lm_linear(h.data_ptr(), B, head.weight.shape[0], _ptr(head.weight), head.weight.shape[1], None,
                            self.bf16, 0, logits.data_ptr(), threads)
         return self.finish(logits)
+
+    def run_layers(self, x: Tensor, cache: KVCache, step: Step, hook: Any) -> None:
+        """x (B, dim) float32 through every layer, in place; with a page hook, each layer's page (and then the
+        head's) is paged in right before it runs."""
+        x_ptr = _ptr(x)                                   # (meta if the embedding page was released)
+        blocks = self.blocks()
+        if hook:                                          # the pager: page in each layer right before it runs
+            for i, block in enumerate(blocks):
+                hook(1 + i)
+                getattr(self.lib, self.layers_fn)(x_ptr, ctypes.byref(self.layer_args(block, i, cache)), 1,
+                                                  ctypes.byref(step))
+            if self.cfg.tie_embeddings:
+                hook(0)                                   # the head reads the embedding page's matrix
+            hook(len(blocks) + 1)
+        else:
+            getattr(self.lib, self.layers_fn)(x_ptr, self.all_layer_args(cache), len(blocks), ctypes.byref(step))
 
     def finish(self, logits: Tensor) -> Tensor:
         """What the family does to the head's logits (Gemma 2: soft-capping); in place, returns them."""
@@ -257,3 +261,56 @@ class _Gemma(_Llama):
     def finish(self, logits: Tensor) -> Tensor:
         cap = self.cfg.final_softcap
         return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
+
+
+class _MoE(_Llama):
+    """Mixtral / Qwen3-MoE: per layer the attention half in C (`lm_attention_half`), routing with torch on the
+    (B, dim) router input, then `lm_expert` once per chosen expert, each right after its page hook. A step reads
+    the attention weights, the routers and only the chosen experts."""
+
+    def run_layers(self, x: Tensor, cache: KVCache, step: Step, hook: Any) -> None:
+        net = self.net
+        h = torch.empty_like(x)
+        x_ptr, h_ptr = _ptr(x), h.data_ptr()
+        for i, block in enumerate(net.layers):
+            if hook:
+                hook(net.block_page[i])
+                layer = self.layer_args(block, i, cache)
+            else:
+                layer = self.all_layer_args(cache)[i]
+            self.lib.lm_attention_half(x_ptr, ctypes.byref(layer), ctypes.byref(step), h_ptr)
+            ff = block.feed_forward
+            if not isinstance(ff, moe.SparseMoE):                         # Qwen3-MoE's dense layers
+                self.expert(h, x, torch.arange(x.shape[0]), torch.ones(x.shape[0]), ff, step)
+                continue
+            weights, chosen = ff.route(h.to(self.dtype))                   # (B, top_k) each, as the module routes
+            for j in torch.unique(chosen).tolist():
+                rows, k = torch.where(chosen == j)
+                if hook:
+                    hook(net.expert_pages[i][j])
+                self.expert(h, x, rows, weights[rows, k].float(), ff.experts[j], step)
+        if hook:
+            if self.cfg.tie_embeddings:
+                hook(0)                                                    # the head reads the embedding's matrix
+            hook(net.block_page[-1] + len(net.expert_pages[-1]) + 1)
+
+    def expert(self, h: Tensor, x: Tensor, rows: Tensor, weights: Tensor, ff: llama.FeedForward, step: Step) -> None:
+        """x[rows] += weights * ff(h[rows]) in C."""
+        n, (B, D), F = len(rows), h.shape, ff.w2.weight.shape[0]
+        scratch = torch.empty(n * (2 * D + 3 * F))
+        rows, weights = rows.to(torch.int64).contiguous(), weights.contiguous()
+        self.lib.lm_expert(h.data_ptr(), D, rows.data_ptr(), n, weights.data_ptr(), _ptr(ff.w13.weight),
+                           _ptr(ff.w2.weight), F, self.bf16, x.data_ptr(), scratch.data_ptr(), step.n_threads)
+
+    def layer_args(self, block: moe.Block, i: int, cache: KVCache) -> Layer:
+        a = block.attention
+        return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight), b_qkv=_ptr(a.wqkv.bias),
+                     w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias), norm2=_ptr(block.ffn_norm.weight),
+                     k_cache=cache.k[i].data_ptr(), v_cache=cache.v[i].data_ptr(), window=a.window or 0,
+                     attn_scale=self.cfg.head_dim ** -0.5,
+                     q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
+                     k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight))
+
+
+FAMILY_TYPES: dict[type, type[FastDecoder]] = {llama.Transformer: _Llama, gpt2.Transformer: _GPT2,
+                                               gemma.Transformer: _Gemma, moe.Transformer: _MoE}

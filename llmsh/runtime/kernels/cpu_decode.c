@@ -681,3 +681,36 @@ void lm_gemma_layers(float *x, const lm_layer *layers, long n, const lm_step *s)
         add_normed(x, h, M, D, l->post_norm2, bf, s->eps);
     }
 }
+
+/* ---- mixtures of experts (Mixtral, Qwen3-MoE) ---------------------------------------------------------------------
+ * A layer is split where the router sits: the attention half here, routing in Python (a few floats per token; the
+ * pager must page each chosen expert in before it runs), then one call per chosen expert. */
+
+/* x += attention(norm1(x)) as in lm_layers, then h = norm2(x): the MLP's input, which the router reads too */
+void lm_attention_half(float *x, const lm_layer *l, const lm_step *s, float *h_out) {
+    long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, F = s->hidden;
+    long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16, nt = s->n_threads;
+    float *h = s->scratch, *qkv = h + M * D, *att = qkv + M * qkv_width, *up = att + M * nh * hd;
+    float *act = up + M * 2 * F, *scores = act + M * F;
+    norm(s, x, l->norm1, l->norm1_bias, h);
+    lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv, nt);
+    if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 0);
+    rope_heads(s, qkv, qkv_width, nh + nkv);
+    lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
+                 l->attn_scale, scores, att, nt);
+    lm_linear(att, M, nh * hd, l->w_o, D, l->b_o, bf, 1, x, nt);
+    norm(s, x, l->norm2, l->norm2_bias, h_out);
+}
+
+/* One expert on the n rows of h (M, D) that chose it: x[rows[r]] += weights[r] * w2(silu(w1 h) * w3 h), with w13
+ * = w1 | w3 (D, 2F) and w2 (F, D). scratch: n * (D + 3F + D) floats. */
+void lm_expert(const float *h, long D, const int64_t *rows, long n, const float *weights, const void *w13,
+               const void *w2, long F, int is_bf16, float *x, float *scratch, int n_threads) {
+    float *in = scratch, *up = in + n * D, *act = up + n * 2 * F, *y = act + n * F;
+    for (long r = 0; r < n; r++) memcpy(in + r * D, h + rows[r] * D, sizeof(float) * D);
+    lm_linear(in, n, D, w13, 2 * F, NULL, is_bf16, 0, up, n_threads);
+    lm_silu_mul(up, n, F, act);
+    lm_linear(act, n, F, w2, D, NULL, is_bf16, 0, y, n_threads);
+    for (long r = 0; r < n; r++)
+        for (long i = 0; i < D; i++) x[rows[r] * D + i] += weights[r] * y[r * D + i];
+}
