@@ -3,6 +3,7 @@ model whose experts alone are larger than the budget generates what it generates
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +42,38 @@ def test_experts_larger_than_the_budget_generate_identically(family, make_tiny_m
         assert model.generate(PROMPTS, **GREEDY) == expected
         snap = pager.snapshot()
         assert seen and snap["totals"]["page_outs"] > 0
-        assert sum(model.page_resident(i) for i, p in enumerate(pages) if ".expert." in p.name) <= 2 + 1
+        resident = sum(p.nbytes for i, p in enumerate(pages) if model.page_resident(i))
+        assert resident <= budget < sum(p.nbytes for p in experts)
+    finally:
+        pager.close()
+
+
+def test_cold_experts_are_evicted_before_hot_ones_and_never_prefetched(make_tiny_model: Callable[..., Path]) -> None:
+    """Among a running model's pages, an expert page is scored by its age (LRU), not by its distance ahead in the
+    forward order: an expert no token has chosen goes before one used in the last step. The prefetcher reads the next
+    block, past the experts in between."""
+    from llmsh.kernel.paging.policy import Candidate, eviction_order
+    from llmsh.runtime import load
+
+    model = load(make_tiny_model("mixtral", num_hidden_layers=3))
+    infos = ModelSource(model).page_infos()
+    n = len(infos)
+    assert [i.name for i in infos if i.on_demand] == [p.name for p in model.pages() if ".expert." in p.name]
+    running = (1, 1)                                                  # pid 1 computes block.0 (page 1)
+    hot, cold = (1, 3), (1, 4)                                        # block.0.expert.1 used at tick 90; expert.2 never
+    behind = (1, n - 2)                                               # a dense page just behind: needed next pass
+    order = eviction_order([Candidate(hot, 10, 90, 0, n, on_demand=True), Candidate(cold, 10, 0, 0, n, on_demand=True),
+                            Candidate(behind, 10, 95, 0, n)], tick=100, requester=running)
+    assert [c.key for c in order][0] == cold and order[-1].key == hot
+
+    pager = Pager({"cpu": model.weight_bytes() * 2}, prefetch=True, prefetch_depth=1)
+    try:
+        proc = pager.attach(1, ModelSource(model), name="m", hook=False)
+        pager.page_out(1)
+        pager.prefetcher.after(proc, 1)                               # block.0 is about to run
+        deadline = time.monotonic() + 10
+        while pager.snapshot()["totals"]["prefetched"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [e.name for e in proc.entries if e.state != "out"] == ["block.1"]
     finally:
         pager.close()

@@ -39,6 +39,7 @@ class Page:
     name: str
     param_names: list[str]
     nbytes: int
+    on_demand: bool = False    # a MoE expert: runs only when chosen, out of the pages' order
 
 
 class Model:
@@ -52,7 +53,9 @@ class Model:
         self.hf_config, self.checkpoint, self.tokenizer = hf_config, checkpoint, tokenizer
         self.generation_config, self.device, self.dtype = generation_config, device, dtype
         self.max_seq_len: int = module.config.max_seq_len
-        self._pages = [Page(n, names, sum(self._param_nbytes(p) for p in names)) for n, names in module.pages()]
+        on_demand = getattr(module, "on_demand_pages", set())
+        self._pages = [Page(n, names, sum(self._param_nbytes(p) for p in names), n in on_demand)
+                       for n, names in module.pages()]
         self._tied: dict[str, list[str]] = {}  # parameter name -> every name sharing that tensor
         by_id: dict[int, list[str]] = {}
         for pname, param in module.named_parameters(remove_duplicate=False):
@@ -82,7 +85,7 @@ class Model:
         read = self.weight_bytes()
         n_experts, top_k = getattr(self.config, "n_experts", 0), getattr(self.config, "top_k", 0)
         if n_experts:
-            expert_bytes = sum(p.nbytes for p in self._pages if ".expert." in p.name)
+            expert_bytes = sum(p.nbytes for p in self._pages if p.on_demand)
             read -= expert_bytes - expert_bytes * top_k // n_experts
         for name, mod in self.module.named_modules():
             if isinstance(mod, nn.Embedding) and len(self._tied[f"{name}.weight"]) == 1:

@@ -147,6 +147,8 @@ class Transformer(nn.Module):
         # page indices (see pages()): block i's own page, and each of its experts' pages
         self.block_page: list[int] = []
         self.expert_pages: list[list[int]] = []
+        self.on_demand_pages = {f"block.{i}.expert.{j}" for i, layer in enumerate(self.layers)
+                                for j in range(len(getattr(layer.feed_forward, "experts", [])))}
         for layer in self.layers:
             self.block_page.append(1 + sum(1 + len(p) for p in self.expert_pages))
             n = len(layer.feed_forward.experts) if isinstance(layer.feed_forward, SparseMoE) else 0
@@ -162,7 +164,8 @@ class Transformer(nn.Module):
     def pages(self) -> list[tuple[str, list[str]]]:
         """(page name, parameter names): embed, then per block its attention, norms and router ('block.i') followed by
         one page per expert ('block.i.expert.j'), then head. Experts run only when chosen, so their pages are
-        visited out of this order."""
+        visited out of this order: `on_demand_pages` names them for the pager (never prefetched in order, evicted
+        least recently used first)."""
         head = ["norm.weight"] + ([] if self.config.tie_embeddings else ["output.weight"])
         pages: list[tuple[str, list[str]]] = [("embed", ["tok_embeddings.weight"])]
         for i, layer in enumerate(self.layers):
