@@ -8,7 +8,9 @@ torch modules, so the two paths mix freely: prefill and larger batches run the m
 in either. With a page hook (the pager), layers run one call each, the hook first, as the modules do.
 
 Used for decode steps of up to MAX_ROWS sequences of a float32 or bfloat16 model on the CPU, when the kernels
-could be built (`kernels.library()`); the family modules stay the reference that tests compare against.
+could be built (`kernels.library()`); the family modules stay the reference that tests compare against. Every
+family has a decoder: the Llama family (with Qwen3's q/k norms and Phi-4's partial RoPE) and GPT-2 through
+`lm_layers`, Gemma through `lm_gemma_layers`, mixtures of experts per layer half and per chosen expert (`_MoE`).
 """
 
 from __future__ import annotations

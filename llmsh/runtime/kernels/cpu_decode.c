@@ -9,7 +9,9 @@
  * (in, out) row-major, KV cache (max_batch, n_kv_head, max_seq_len, head_dim).
  *
  * Contents: one-row GEMV, several-row GEMM, lm_linear (threads over columns); exp, SiLU, GELU; RMSNorm, LayerNorm;
- * RoPE; attention with the KV-cache write; lm_layers, which runs whole Llama or GPT-2 layers in one call.
+ * RoPE; attention with the KV-cache write; lm_layers, which runs whole Llama or GPT-2 layers in one call. At the
+ * end, in functions of their own: the newer families' extras (q/k head norms, partial RoPE), lm_gemma_layers for
+ * Gemma 2/3, and the two halves of a mixture-of-experts layer (lm_attention_half, lm_expert).
  */
 #include <math.h>
 #ifdef _OPENMP
