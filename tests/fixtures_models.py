@@ -137,11 +137,21 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
              tie_word_embeddings=False),
         "chatml",
     ),
+    "gemma3_mm": (  # a multimodal Gemma 3 (Gemma3ForConditionalGeneration, like the 4B+ ones): its text model only
+        "Gemma3Config",
+        dict(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=32, vocab_size=VOCAB, sliding_window=12,
+                              query_pre_attn_scalar=24, max_position_embeddings=256, initializer_range=0.2),
+             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14),
+             mm_tokens_per_image=4, initializer_range=0.2, pad_token_id=0),
+        "gemma",
+    ),
 }
 
 # families whose norm weights are randomised before saving: transformers initialises them to 1 (or Gemma's 0 offset),
 # which would let a wrong gain formula or a norm left out (q/k norms) pass the comparisons
-RANDOM_NORMS = {"qwen3", "phi3", "phi4", "gemma2", "gemma3", "mixtral", "qwen3_moe"}
+RANDOM_NORMS = {"qwen3", "phi3", "phi4", "gemma2", "gemma3", "gemma3_mm", "mixtral", "qwen3_moe"}
 
 # tokenizer style -> (special tokens, bos, eos, chat template or None, add bos on encode)
 TOKENIZER_STYLES: dict[str, tuple[list[str], str | None, str, str | None, bool]] = {

@@ -99,6 +99,13 @@ def test_old_style_configs_read_the_same():
                                    rope_scaling={"type": "su", "short_factor": [1.0, 1.0], "long_factor": [2.0, 3.0]}))
     assert phi.rope_scaling["rope_type"] == "longrope" and phi.rope_scaling["original_max_position_embeddings"] == 4096
     assert phi.fused_checkpoint and not phi.qk_norm
+    # gemma-3-4b-it's config.json: the text_config names only what differs from Gemma3TextConfig's defaults
+    mm = GemmaConfig.from_hf(dict(model_type="gemma3", text_config=dict(
+        model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, sliding_window=1024,
+        rope_scaling={"factor": 8.0, "rope_type": "linear"})))
+    assert (mm.dim, mm.n_layer, mm.n_head, mm.n_kv_head, mm.head_dim, mm.vocab_size) == (2560, 34, 8, 4, 256, 262208)
+    assert mm.windows[:6] == [1024] * 5 + [None] and mm.rope_scaling["factor"] == 8.0 and mm.tie_embeddings
+    assert (mm.rope_theta, mm.rope_local_theta, mm.query_pre_attn_scalar) == (1e6, 1e4, 256)
 
 
 def test_longrope_switches_to_its_long_factors_past_the_original_length():

@@ -31,7 +31,12 @@ from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
 from llmsh.runtime.layers import Linear, TiedEmbedding
 
-MODEL_TYPES = ("gemma2", "gemma3_text")
+MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")   # gemma3: the multimodal checkpoints (4B+), their text model
+# Gemma3TextConfig's defaults: the multimodal checkpoints' text_config lists only what differs from them
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6, max_position_embeddings=131072,
+    query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1e6, rope_local_base_freq=10000.0)
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")   # all the tanh approximation of GELU
 
 
@@ -67,7 +72,11 @@ class GemmaConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> GemmaConfig:
-        """Read a transformers Gemma2Config / Gemma3TextConfig config.json (v4 or v5 RoPE keys)."""
+        """Read a transformers Gemma2Config / Gemma3TextConfig config.json (v4 or v5 RoPE keys), or the text model of
+        a multimodal Gemma 3 (Gemma3Config: its `text_config`; the vision tower is not loaded)."""
+        if cfg.get("model_type") == "gemma3":
+            cfg = {**GEMMA3_TEXT_DEFAULTS, **(cfg.get("text_config") or {}), "model_type": "gemma3_text",
+                   "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
         model_type = cfg.get("model_type")
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ACTIVATIONS:
@@ -310,13 +319,18 @@ _HF_RULES = [
 
 
 def hf_keys(name: str, cfg: GemmaConfig) -> list[str]:
-    """Load hook: candidate Hugging Face keys for our parameter `name` (tied heads read the embedding)."""
+    """Load hook: candidate Hugging Face keys for our parameter `name` (tied heads read the embedding); each also
+    under the prefixes multimodal Gemma 3 checkpoints give their text model (`language_model.model.…`)."""
+    keys = [name]
     if name == "output.weight" and cfg.tie_embeddings:
-        return ["model.embed_tokens.weight", "lm_head.weight"]
-    for pattern, repl in _HF_RULES:
-        if re.match(pattern, name):
-            return [re.sub(pattern, repl, name)]
-    return [name]
+        keys = ["model.embed_tokens.weight", "lm_head.weight"]
+    else:
+        for pattern, repl in _HF_RULES:
+            if re.match(pattern, name):
+                keys = [re.sub(pattern, repl, name)]
+                break
+    return [*keys, *(f"language_model.{k}" for k in keys), *(k.replace("model.", "model.language_model.", 1)
+                                                             for k in keys if k.startswith("model."))]
 
 
 _FUSED = {".attention.wqkv.": (".attention.wq.", ".attention.wk.", ".attention.wv."),
