@@ -266,13 +266,16 @@ class _Gemma(_Llama):
 
 
 class _MoE(_Llama):
-    """Mixtral / Qwen3-MoE: per layer the attention half in C (`lm_attention_half`), routing with torch on the
-    (B, dim) router input, then `lm_expert` once per chosen expert, each right after its page hook. A step reads
-    the attention weights, the routers and only the chosen experts."""
+    """Mixtral / Qwen3-MoE: per layer the attention half in C (`lm_attention_half`), the router (`lm_route`), then
+    `lm_expert` once per chosen expert, each right after its page hook. A step reads the attention weights, the
+    routers and only the chosen experts."""
 
     def run_layers(self, x: Tensor, cache: KVCache, step: Step, hook: Any) -> None:
-        net = self.net
+        net, cfg, lib = self.net, self.cfg, self.lib
+        B, D = x.shape
         h = torch.empty_like(x)
+        chosen, weights = torch.empty(B * cfg.top_k, dtype=torch.int64), torch.empty(B * cfg.top_k)
+        logits = torch.empty(B * cfg.n_experts)
         x_ptr, h_ptr = _ptr(x), h.data_ptr()
         for i, block in enumerate(net.layers):
             if hook:
@@ -280,28 +283,32 @@ class _MoE(_Llama):
                 layer = self.layer_args(block, i, cache)
             else:
                 layer = self.all_layer_args(cache)[i]
-            self.lib.lm_attention_half(x_ptr, ctypes.byref(layer), ctypes.byref(step), h_ptr)
+            lib.lm_attention_half(x_ptr, ctypes.byref(layer), ctypes.byref(step), h_ptr)
             ff = block.feed_forward
-            if not isinstance(ff, moe.SparseMoE):                         # Qwen3-MoE's dense layers
-                self.expert(h, x, torch.arange(x.shape[0]), torch.ones(x.shape[0]), ff, step)
+            if not isinstance(ff, moe.SparseMoE):                          # Qwen3-MoE's dense layers
+                self.expert(h, x, list(range(B)), 1, torch.ones(B), ff, step)
                 continue
-            weights, chosen = ff.route(h.to(self.dtype))                   # (B, top_k) each, as the module routes
-            for j in torch.unique(chosen).tolist():
-                rows, k = torch.where(chosen == j)
+            lib.lm_route(h_ptr, B, D, _ptr(ff.gate.weight), cfg.n_experts, cfg.top_k, int(cfg.norm_topk),
+                         int(cfg.weights_in_model_dtype and self.bf16), self.bf16, chosen.data_ptr(),
+                         weights.data_ptr(), logits.data_ptr())
+            by_expert: dict[int, list[int]] = {}
+            for s, j in enumerate(chosen.tolist()):                          # s: (row, choice) = divmod(s, top_k)
+                by_expert.setdefault(j, []).append(s)
+            for j in sorted(by_expert):
                 if hook:
                     hook(net.expert_pages[i][j])
-                self.expert(h, x, rows, weights[rows, k].float(), ff.experts[j], step)
+                self.expert(h, x, by_expert[j], cfg.top_k, weights, ff.experts[j], step)
         if hook:
-            if self.cfg.tie_embeddings:
-                hook(0)                                                    # the head reads the embedding's matrix
+            if cfg.tie_embeddings:
+                hook(0)                                                     # the head reads the embedding's matrix
             hook(net.block_page[-1] + len(net.expert_pages[-1]) + 1)
 
-    def expert(self, h: Tensor, x: Tensor, rows: Tensor, weights: Tensor, ff: llama.FeedForward, step: Step) -> None:
-        """x[rows] += weights * ff(h[rows]) in C."""
-        n, (B, D), F = len(rows), h.shape, ff.w2.weight.shape[0]
-        scratch = torch.empty(n * (2 * D + 3 * F))
-        rows, weights = rows.to(torch.int64).contiguous(), weights.contiguous()
-        self.lib.lm_expert(h.data_ptr(), D, rows.data_ptr(), n, weights.data_ptr(), _ptr(ff.w13.weight),
+    def expert(self, h: Tensor, x: Tensor, sel: list[int], k: int, weights: Tensor, ff: llama.FeedForward,
+               step: Step) -> None:
+        """x[s // k] += weights[s] * ff(h[s // k]) for s in sel, in C."""
+        n, D, F = len(sel), h.shape[1], ff.w2.weight.shape[0]
+        scratch, sel_t = torch.empty(n * (2 * D + 3 * F)), torch.tensor(sel, dtype=torch.int64)
+        self.lib.lm_expert(h.data_ptr(), D, sel_t.data_ptr(), n, k, weights.data_ptr(), _ptr(ff.w13.weight),
                            _ptr(ff.w2.weight), F, self.bf16, x.data_ptr(), scratch.data_ptr(), step.n_threads)
 
     def layer_args(self, block: moe.Block, i: int, cache: KVCache) -> Layer:

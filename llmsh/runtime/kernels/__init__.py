@@ -52,7 +52,8 @@ SIGNATURES = {
     "lm_attention_softcap": [_P, _L, _L, _L, _L, _P, _P, _I, _L, _P, _P, _L, _F, _F, _P, _P, _I],
     "lm_gemma_layers": [_P, _P, _L, _P],
     "lm_attention_half": [_P, _P, _P, _P],
-    "lm_expert": [_P, _L, _P, _L, _P, _P, _P, _L, _I, _P, _P, _I],
+    "lm_route": [_P, _L, _L, _P, _L, _L, _I, _I, _I, _P, _P, _P],
+    "lm_expert": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _I, _P, _P, _I],
     "lm_rope_partial": [_P, _L, _L, _L, _L, _L, _P, _P, _P],
 }
 RESTYPES = {"lm_scratch_floats": _L}

@@ -704,15 +704,41 @@ void lm_attention_half(float *x, const lm_layer *l, const lm_step *s, float *h_o
     norm(s, x, l->norm2, l->norm2_bias, h_out);
 }
 
-/* One expert on the n rows of h (M, D) that chose it: x[rows[r]] += weights[r] * w2(silu(w1 h) * w3 h), with w13
- * = w1 | w3 (D, 2F) and w2 (F, D). scratch: n * (D + 3F + D) floats. */
-void lm_expert(const float *h, long D, const int64_t *rows, long n, const float *weights, const void *w13,
+/* The router: for each of M rows of h, softmax(h gate) over E experts (gate (D, E)), the k largest (the lower index
+ * first on ties) into chosen[m k ..] and their probabilities into weights[m k ..], renormalised to sum 1 if `norm`,
+ * rounded to bf16 if `round_bf16` (Qwen3-MoE rounds them to the model dtype). scratch: M * E floats. */
+void lm_route(const float *h, long M, long D, const void *gate, long E, long k, int norm, int round_bf16,
+              int is_bf16, int64_t *chosen, float *weights, float *scratch) {
+    lm_linear(h, M, D, gate, E, NULL, is_bf16, 0, scratch, 1);
+    for (long m = 0; m < M; m++) {
+        float *p = scratch + m * E, inv = softmax_in_place(p, E), total = 0.0f;
+        for (long e = 0; e < E; e++) p[e] *= inv;
+        for (long t = 0; t < k; t++) {
+            long best = -1;
+            for (long e = 0; e < E; e++)
+                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            chosen[m * k + t] = best;
+            weights[m * k + t] = p[best];
+            total += p[best];
+            p[best] = -1.0f;                              /* taken */
+        }
+        for (long t = 0; t < k; t++) {
+            float w = norm ? weights[m * k + t] / total : weights[m * k + t];
+            weights[m * k + t] = round_bf16 ? bf16_to_f32(f32_to_bf16(w)) : w;
+        }
+    }
+}
+
+/* One expert on the n (row, choice) pairs that chose it: sel[r] indexes the router's M x k outputs, so the row is
+ * sel[r] / k and its weight weights[sel[r]]; x[row] += weight * w2(silu(w1 h[row]) * w3 h[row]), with w13 = w1 | w3
+ * (D, 2F) and w2 (F, D). scratch: n * (D + 3F + D) floats. */
+void lm_expert(const float *h, long D, const int64_t *sel, long n, long k, const float *weights, const void *w13,
                const void *w2, long F, int is_bf16, float *x, float *scratch, int n_threads) {
     float *in = scratch, *up = in + n * D, *act = up + n * 2 * F, *y = act + n * F;
-    for (long r = 0; r < n; r++) memcpy(in + r * D, h + rows[r] * D, sizeof(float) * D);
+    for (long r = 0; r < n; r++) memcpy(in + r * D, h + sel[r] / k * D, sizeof(float) * D);
     lm_linear(in, n, D, w13, 2 * F, NULL, is_bf16, 0, up, n_threads);
     lm_silu_mul(up, n, F, act);
     lm_linear(act, n, F, w2, D, NULL, is_bf16, 0, y, n_threads);
     for (long r = 0; r < n; r++)
-        for (long i = 0; i < D; i++) x[rows[r] * D + i] += weights[r] * y[r * D + i];
+        for (long i = 0; i < D; i++) x[sel[r] / k * D + i] += weights[sel[r]] * y[r * D + i];
 }
