@@ -54,6 +54,11 @@ What the profiles (torch.profiler, cProfile) showed and what moved the numbers:
 - tried, no gain: transparent huge pages (+0-3%, within noise), oneDNN prepacked weights, a numba bf16 kernel,
   NTA or longer (512-1024 byte) software prefetch in the GEMV, 8-, 32- or 64-column steps, 32-row panels,
   torch.compile (needs a compiler at run time anyway and recompiles per batch shape).
+- the newer families (issue 18): Qwen3 and Phi-3/4 run `lm_layers` with the q/k head norms and partial RoPE added;
+  Gemma 2/3 their own `lm_gemma_layers` (soft-capped attention in plain loops: a few percent of a step at these
+  contexts); a mixture of experts runs per layer `lm_attention_half`, `lm_route` and one `lm_expert` per chosen
+  expert. With routing in torch (~10 small ops a layer) a Mixtral-shaped bf16 batch-1 step took 22 ms; routing in C
+  17 ms for 245 MiB read (of 778 MiB of weights: 2 of 8 experts).
 - what is left at batch 1: prefill (16 tokens through torch's GEMMs, ~3-4% of the bf16 runs) and the sampling and
   detokenising around each step (~0.3 ms a token).
 """
