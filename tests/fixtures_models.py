@@ -83,13 +83,82 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
              max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=True),
         "chatml",
     ),
+    "qwen3": (  # head_dim set apart from hidden/heads, as Qwen3's are; q/k norms; tied like Qwen3-0.6B
+        "Qwen3Config",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=32, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=True),
+        "chatml",
+    ),
+    "phi3": (  # longrope (short factors within the original 64 positions; attention factor from 256/64), window 24
+        "Phi3Config",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, original_max_position_embeddings=64, initializer_range=0.2,
+             sliding_window=24, tie_word_embeddings=False, pad_token_id=0,
+             rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
+                           "long_factor": [2.0 + i for i in range(8)]}),
+        "chatml",
+    ),
+    "phi4": (  # Phi-4-mini-shaped: partial rotary (3/4 of each head), tied embeddings, GQA
+        "Phi3Config",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+             max_position_embeddings=256, initializer_range=0.2, partial_rotary_factor=0.75, tie_word_embeddings=True,
+             pad_token_id=0),
+        "chatml",
+    ),
+    "gemma2": (  # soft-caps, (1 + w) norms, pre/post norms, sliding window 12 on even layers (crossed by the tests)
+        "Gemma2Config",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, max_position_embeddings=256, initializer_range=0.2, sliding_window=12,
+             query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, pad_token_id=0),
+        "gemma",
+    ),
+    "gemma3": (  # text-only Gemma 3: q/k norms, local base 10k and global 1M with linear scaling, window 12
+        "Gemma3TextConfig",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+             head_dim=32, max_position_embeddings=256, initializer_range=0.2, sliding_window=12,
+             query_pre_attn_scalar=24, pad_token_id=0,
+             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        "gemma",
+    ),
+    "mixtral": (  # 4 experts, top-2 (weights renormalised), untied
+        "MixtralConfig",
+        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, initializer_range=0.2, num_local_experts=4, num_experts_per_tok=2,
+             tie_word_embeddings=False),
+        "llama",
+    ),
+    "qwen3_moe": (  # 6 experts, top-2 without renormalising (norm_topk_prob false); layer 1 a dense MLP
+        "Qwen3MoeConfig",
+        dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+             initializer_range=0.2, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
+             tie_word_embeddings=False),
+        "chatml",
+    ),
+    "gemma3_mm": (  # a multimodal Gemma 3 (Gemma3ForConditionalGeneration, like the 4B+ ones): its text model only
+        "Gemma3Config",
+        dict(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=32, vocab_size=VOCAB, sliding_window=12,
+                              query_pre_attn_scalar=24, max_position_embeddings=256, initializer_range=0.2),
+             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14),
+             mm_tokens_per_image=4, initializer_range=0.2, pad_token_id=0),
+        "gemma",
+    ),
 }
+
+# families whose norm weights are randomised before saving: transformers initialises them to 1 (or Gemma's 0 offset),
+# which would let a wrong gain formula or a norm left out (q/k norms) pass the comparisons
+RANDOM_NORMS = {"qwen3", "phi3", "phi4", "gemma2", "gemma3", "gemma3_mm", "mixtral", "qwen3_moe"}
 
 # tokenizer style -> (special tokens, bos, eos, chat template or None, add bos on encode)
 TOKENIZER_STYLES: dict[str, tuple[list[str], str | None, str, str | None, bool]] = {
     "gpt2": (["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", None, False),
     "llama": (["<unk>", "<s>", "</s>"], "<s>", "</s>", LLAMA2_TEMPLATE, True),
     "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML_TEMPLATE, False),
+    "gemma": (["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", None, True),
 }
 
 
@@ -153,6 +222,11 @@ def build_tiny_model(folder: Path, family: str = "gpt2", *, shards: bool = False
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if family in RANDOM_NORMS:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
     model = model.to(getattr(torch, dtype))
     model.generation_config.do_sample = False
     model.save_pretrained(folder, max_shard_size="100KB" if shards else "5GB")

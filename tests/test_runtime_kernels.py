@@ -127,7 +127,7 @@ def test_attention_writes_the_cache_and_matches_sdpa(dtype, window, threads, hd,
     assert torch.equal(kc, expected_k) and torch.equal(vc, expected_v)
 
 
-FAMILIES = ["gpt2", "llama", "llama3", "mistral", "qwen2"]
+FAMILIES = ["gpt2", "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "phi4", "gemma2", "gemma3", "mixtral", "qwen3_moe"]
 
 
 def _decode_both_ways(model, prompts, steps, hook=None):
@@ -173,7 +173,7 @@ def test_fast_decode_matches_the_modules(family, make_tiny_model, torch_threads)
 
 
 @needs_kernels
-@pytest.mark.parametrize("family", ["gpt2", "llama3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "gemma2", "mixtral"])
 def test_fast_decode_in_bfloat16_is_closer_to_float32_than_the_modules(family, make_tiny_model):
     """bf16: the kernels keep activations in float32 where the modules round each op to bf16, so against a float32
     run over the same bf16-rounded weights the kernels' logits are nearer (measured ~2x) than the modules'."""

@@ -9,7 +9,8 @@ from llmsh.runtime import load
 from llmsh.runtime.generation import BatchGenerator, Sequence
 from llmsh.runtime.sampling import SamplingParams
 
-FAMILIES = ["gpt2", "llama", "llama3", "smollm", "mistral", "qwen2"]
+FAMILIES = ["gpt2", "llama", "llama3", "smollm", "mistral", "qwen2", "qwen3", "phi3", "phi4", "gemma2", "gemma3",
+            "gemma3_mm", "mixtral", "qwen3_moe"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

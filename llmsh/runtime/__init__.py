@@ -1,4 +1,5 @@
-"""llmsh.runtime: GPT-2 and the Llama family in plain PyTorch, loaded from Hugging Face checkpoints.
+"""llmsh.runtime: GPT-2, the Llama family (with Qwen3, Phi-3/4), Gemma 2/3 and mixtures of experts (Mixtral,
+Qwen3-MoE) in plain PyTorch, loaded from Hugging Face checkpoints.
 
 Public API (contract D): `load`, `Model`, `SamplingParams`, `LoadError`. Names are resolved lazily so that importing
 `llmsh.runtime.integrity` (used by the torch-free `llmsh checksum`) never imports torch.

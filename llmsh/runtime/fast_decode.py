@@ -8,7 +8,9 @@ torch modules, so the two paths mix freely: prefill and larger batches run the m
 in either. With a page hook (the pager), layers run one call each, the hook first, as the modules do.
 
 Used for decode steps of up to MAX_ROWS sequences of a float32 or bfloat16 model on the CPU, when the kernels
-could be built (`kernels.library()`); the family modules stay the reference that tests compare against.
+could be built (`kernels.library()`); the family modules stay the reference that tests compare against. Every
+family has a decoder: the Llama family (with Qwen3's q/k norms and Phi-4's partial RoPE) and GPT-2 through
+`lm_layers`, Gemma through `lm_gemma_layers`, mixtures of experts per layer half and per chosen expert (`_MoE`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmsh.runtime import gpt2, llama, quant
+from llmsh.runtime import gemma, gpt2, llama, moe, quant
 from llmsh.runtime.kernels import MAX_HEAD_DIM, Layer, Step, library
 from llmsh.runtime.kv_cache import KVCache
 
@@ -48,13 +50,12 @@ def for_model(model: Any) -> FastDecoder | None:
         return None
     if any(isinstance(m, quant.QLinear) for m in net.modules()):  # quantized matrices: quant_decode.py's decoder
         return None
-    if cfg.head_dim > MAX_HEAD_DIM or not isinstance(net, (llama.Transformer, gpt2.Transformer)):
+    if cfg.head_dim > MAX_HEAD_DIM or type(net) not in FAMILY_TYPES:
         return None
     lib = library()
     if lib is None:
         return None
-    family = _Llama if isinstance(net, llama.Transformer) else _GPT2
-    return family(net, lib, model.dtype)
+    return FAMILY_TYPES[type(net)](net, lib, model.dtype)
 
 
 def family_decoder(net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> FastDecoder:
@@ -64,6 +65,8 @@ def family_decoder(net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> Fast
 
 class FastDecoder:
     """One model's decode step: embed (torch indexing), lm_layers, final norm and head (C)."""
+
+    layers_fn = "lm_layers"          # the C function that runs whole layers of this family
 
     def __init__(self, net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
         self.net, self.lib, self.dtype, self.bf16 = net, lib, dtype, int(dtype == torch.bfloat16)
@@ -93,24 +96,33 @@ class FastDecoder:
         if hook:
             hook(0)
         x = self.embed(torch.tensor(tokens), pos_t)
-        x_ptr = _ptr(x)                                   # (meta if the embedding page was released)
-        blocks = self.blocks()
-        if hook:                                          # the pager: page in each layer right before it runs
-            for i, block in enumerate(blocks):
-                hook(1 + i)
-                self.lib.lm_layers(x_ptr, ctypes.byref(self.layer_args(block, i, cache)), 1,
-                                   ctypes.byref(step))
-            if cfg.tie_embeddings:
-                hook(0)                                   # the head reads the embedding page's matrix
-            hook(len(blocks) + 1)
-        else:
-            self.lib.lm_layers(x_ptr, self.all_layer_args(cache), len(blocks), ctypes.byref(step))
+        self.run_layers(x, cache, step, hook)
         h = torch.empty_like(x)
         self.final_norm(x, h)
         logits = torch.empty(B, cfg.vocab_size)
         head = self.head()
         self.lib.lm_linear(h.data_ptr(), B, head.weight.shape[0], _ptr(head.weight), head.weight.shape[1], None,
                            self.bf16, 0, logits.data_ptr(), threads)
+        return self.finish(logits)
+
+    def run_layers(self, x: Tensor, cache: KVCache, step: Step, hook: Any) -> None:
+        """x (B, dim) float32 through every layer, in place; with a page hook, each layer's page (and then the
+        head's) is paged in right before it runs."""
+        x_ptr = _ptr(x)                                   # (meta if the embedding page was released)
+        blocks = self.blocks()
+        if hook:                                          # the pager: page in each layer right before it runs
+            for i, block in enumerate(blocks):
+                hook(1 + i)
+                getattr(self.lib, self.layers_fn)(x_ptr, ctypes.byref(self.layer_args(block, i, cache)), 1,
+                                                  ctypes.byref(step))
+            if self.cfg.tie_embeddings:
+                hook(0)                                   # the head reads the embedding page's matrix
+            hook(len(blocks) + 1)
+        else:
+            getattr(self.lib, self.layers_fn)(x_ptr, self.all_layer_args(cache), len(blocks), ctypes.byref(step))
+
+    def finish(self, logits: Tensor) -> Tensor:
+        """What the family does to the head's logits (Gemma 2: soft-capping); in place, returns them."""
         return logits
 
     def all_layer_args(self, cache: KVCache) -> ctypes.Array[Layer]:
@@ -159,7 +171,7 @@ class _Llama(FastDecoder):
         return Step(M=B, dim=c.dim, n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
                     hidden=c.intermediate_size, max_seq=max_seq, is_bf16=self.bf16, is_gpt2=0, exact_gelu=0,
                     eps=c.norm_eps, rope_cos=self.net.rope_cos.data_ptr(), rope_sin=self.net.rope_sin.data_ptr(),
-                    pos=pos.data_ptr(), slots=slots.data_ptr())
+                    pos=pos.data_ptr(), slots=slots.data_ptr(), rotary_dim=c.rotary_dim)
 
     def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
         emb = self.net.tok_embeddings.weight
@@ -174,7 +186,9 @@ class _Llama(FastDecoder):
                      b_qkv=_ptr(a.wqkv.bias), w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias),
                      norm2=_ptr(block.ffn_norm.weight), w_up=_ptr(ff.w13.weight), b_up=_ptr(ff.w13.bias),
                      w_down=_ptr(ff.w2.weight), b_down=_ptr(ff.w2.bias), k_cache=cache.k[i].data_ptr(),
-                     v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=self.cfg.head_dim ** -0.5)
+                     v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=self.cfg.head_dim ** -0.5,
+                     q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
+                     k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight))
 
     def final_norm(self, x: Tensor, out: Tensor) -> None:
         self.lib.lm_rmsnorm(x.data_ptr(), x.shape[0], x.shape[1], _ptr(self.net.norm.weight), self.bf16,
@@ -218,3 +232,101 @@ class _GPT2(FastDecoder):
 
     def head(self) -> nn.Module:
         return self.net.lm_head
+
+
+class _Gemma(_Llama):
+    """Gemma 2 / 3: `lm_gemma_layers` (kernels/cpu_decode.c); the embedding scaled by sqrt(dim) as the modules do."""
+
+    layers_fn = "lm_gemma_layers"
+
+    def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        scale = torch.tensor(self.cfg.dim ** 0.5, dtype=self.dtype).item()   # rounded to the model dtype, as HF does
+        return super().embed(tokens, pos).mul_(scale)
+
+    def step_args(self, B: int, max_seq: int, slots: Tensor, pos: Tensor) -> Step:
+        c = self.cfg
+        return Step(M=B, dim=c.dim, n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
+                    hidden=c.intermediate_size, max_seq=max_seq, is_bf16=self.bf16, is_gpt2=0, exact_gelu=0,
+                    eps=c.norm_eps, rope_cos=self.net.rope_cos.data_ptr(), rope_sin=self.net.rope_sin.data_ptr(),
+                    pos=pos.data_ptr(), slots=slots.data_ptr())
+
+    def layer_args(self, block: gemma.Block, i: int, cache: KVCache) -> Layer:
+        a, ff, net = block.attention, block.feed_forward, self.net
+        local = a.window is not None
+        return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight), b_qkv=_ptr(a.wqkv.bias),
+                     w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias), norm2=_ptr(block.ffn_norm.weight),
+                     w_up=_ptr(ff.w13.weight), w_down=_ptr(ff.w2.weight), k_cache=cache.k[i].data_ptr(),
+                     v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=a.scale,
+                     q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
+                     k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight),
+                     post_norm1=_ptr(block.post_attention_norm.weight), post_norm2=_ptr(block.post_ffn_norm.weight),
+                     rope_cos=net.rope_local_cos.data_ptr() if local else None,
+                     rope_sin=net.rope_local_sin.data_ptr() if local else None, softcap=a.cap or 0.0)
+
+    def final_norm(self, x: Tensor, out: Tensor) -> None:
+        self.lib.lm_rmsnorm_plus_one(x.data_ptr(), x.shape[0], x.shape[1], _ptr(self.net.norm.weight), self.bf16,
+                                     self.cfg.norm_eps, out.data_ptr())
+
+    def finish(self, logits: Tensor) -> Tensor:
+        cap = self.cfg.final_softcap
+        return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
+
+
+class _MoE(_Llama):
+    """Mixtral / Qwen3-MoE: per layer the attention half in C (`lm_attention_half`), the router (`lm_route`), then
+    `lm_expert` once per chosen expert, each right after its page hook. A step reads the attention weights, the
+    routers and only the chosen experts."""
+
+    def run_layers(self, x: Tensor, cache: KVCache, step: Step, hook: Any) -> None:
+        net, cfg, lib = self.net, self.cfg, self.lib
+        B, D = x.shape
+        h = torch.empty_like(x)
+        chosen, weights = torch.empty(B * cfg.top_k, dtype=torch.int64), torch.empty(B * cfg.top_k)
+        logits = torch.empty(B * cfg.n_experts)
+        x_ptr, h_ptr = _ptr(x), h.data_ptr()
+        for i, block in enumerate(net.layers):
+            if hook:
+                hook(net.block_page[i])
+                layer = self.layer_args(block, i, cache)
+            else:
+                layer = self.all_layer_args(cache)[i]
+            lib.lm_attention_half(x_ptr, ctypes.byref(layer), ctypes.byref(step), h_ptr)
+            ff = block.feed_forward
+            if not isinstance(ff, moe.SparseMoE):                          # Qwen3-MoE's dense layers
+                self.expert(h, x, list(range(B)), 1, torch.ones(B), ff, step)
+                continue
+            lib.lm_route(h_ptr, B, D, _ptr(ff.gate.weight), cfg.n_experts, cfg.top_k, int(cfg.norm_topk),
+                         int(cfg.weights_in_model_dtype and self.bf16), self.bf16, chosen.data_ptr(),
+                         weights.data_ptr(), logits.data_ptr())
+            by_expert: dict[int, list[int]] = {}
+            for s, j in enumerate(chosen.tolist()):                          # s: (row, choice) = divmod(s, top_k)
+                by_expert.setdefault(j, []).append(s)
+            for j in sorted(by_expert):
+                if hook:
+                    hook(net.expert_pages[i][j])
+                self.expert(h, x, by_expert[j], cfg.top_k, weights, ff.experts[j], step)
+        if hook:
+            if cfg.tie_embeddings:
+                hook(0)                                                     # the head reads the embedding's matrix
+            hook(net.block_page[-1] + len(net.expert_pages[-1]) + 1)
+
+    def expert(self, h: Tensor, x: Tensor, sel: list[int], k: int, weights: Tensor, ff: llama.FeedForward,
+               step: Step) -> None:
+        """x[s // k] += weights[s] * ff(h[s // k]) for s in sel, in C."""
+        n, D, F = len(sel), h.shape[1], ff.w2.weight.shape[0]
+        scratch, sel_t = torch.empty(n * (2 * D + 3 * F)), torch.tensor(sel, dtype=torch.int64)
+        self.lib.lm_expert(h.data_ptr(), D, sel_t.data_ptr(), n, k, weights.data_ptr(), _ptr(ff.w13.weight),
+                           _ptr(ff.w2.weight), F, self.bf16, x.data_ptr(), scratch.data_ptr(), step.n_threads)
+
+    def layer_args(self, block: moe.Block, i: int, cache: KVCache) -> Layer:
+        a = block.attention
+        return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight), b_qkv=_ptr(a.wqkv.bias),
+                     w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias), norm2=_ptr(block.ffn_norm.weight),
+                     k_cache=cache.k[i].data_ptr(), v_cache=cache.v[i].data_ptr(), window=a.window or 0,
+                     attn_scale=self.cfg.head_dim ** -0.5,
+                     q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
+                     k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight))
+
+
+FAMILY_TYPES: dict[type, type[FastDecoder]] = {llama.Transformer: _Llama, gpt2.Transformer: _GPT2,
+                                               gemma.Transformer: _Gemma, moe.Transformer: _MoE}

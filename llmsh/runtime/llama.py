@@ -1,10 +1,13 @@
-"""The Llama family in one module: Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama are switches of one config.
+"""The Llama family in one module: Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/Phi-4, SmolLM, TinyLlama are switches of
+one config.
 
     h   = x + Attention(RMSNorm(x))          # RoPE on q, k; grouped-query heads (n_kv_head <= n_head)
     out = h + SwiGLU(RMSNorm(h))             # w2(silu(w1 h) * w3 h)
 
 Switches: GQA (`n_kv_head`), q/k/v bias (Qwen2), bias everywhere (`attention_bias`), sliding-window attention
-(Mistral, Qwen2 `use_sliding_window`), RoPE scaling (linear, llama3), tied input/output embeddings (SmolLM, Llama 3.2).
+(Mistral, Phi-3, Qwen2/3 `use_sliding_window`), RoPE scaling (linear, llama3, Phi-3's longrope), partial rotary
+(Phi-4-mini), RMSNorm of each q and k head before RoPE (Qwen3), tied input/output embeddings (SmolLM, Llama 3.2).
+Phi-3 is Llama with q|k|v and gate|up already fused in its checkpoints (`fused_checkpoint`), which is our layout.
 Parameter names follow gpt-fast; `hf_keys` is the load hook mapping them to the Hugging Face layout, `transposed`
 says which stored (out, in) matrices become our (in, out) `Linear` weights, and `fused_parts` which stored matrices
 are concatenated into one (q|k|v as `wqkv`, gate|up as `w13`: fewer, larger GEMMs per decode step).
@@ -25,8 +28,8 @@ from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
 from llmsh.runtime.layers import Linear, TiedEmbedding
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
-ROPE_TYPES = ("default", "linear", "llama3", "factors")   # factors: per-frequency divisors, as GGUF files store llama3
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "factors")  # factors: per-frequency divisors, as GGUF files store llama3
 
 
 @dataclass
@@ -49,10 +52,15 @@ class LlamaConfig:
     mlp_bias: bool = False
     tie_embeddings: bool = False              # SmolLM, Llama 3.2 1B/3B, Qwen2 0.5B: output = embedding matrix
     windows: list[int | None] = field(default_factory=list)  # per-layer sliding window (None = full attention)
+    qk_norm: bool = False                     # Qwen3: RMSNorm over each q and k head before RoPE
+    partial_rotary_factor: float = 1.0        # Phi-4-mini: RoPE on the first 3/4 of each head, the rest passes
+    fused_checkpoint: bool = False            # Phi-3: checkpoints store qkv_proj and gate_up_proj already fused
+    rotary_dim: int = 0                       # derived: head_dim * partial_rotary_factor
 
     def __post_init__(self) -> None:
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.dim // self.n_head
+        self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)
         if self.n_head % self.n_kv_head:
             raise LoadError(f"num_attention_heads {self.n_head} is not a multiple of num_key_value_heads {self.n_kv_head}")
         if not self.windows:
@@ -66,16 +74,21 @@ class LlamaConfig:
             raise LoadError(f"hidden_act {act!r} in config.json is not supported for {cfg.get('model_type')} (only silu)")
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        partial = rope.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor", 1.0)
         n_layer = cfg["num_hidden_layers"]
         model_type = cfg.get("model_type", "llama")
+        if rope.get("rope_type", rope.get("type")) in ("su", "longrope", "yarn") and model_type == "phi3":
+            rope["rope_type"] = "longrope"               # Phi-3's old names for it (transformers renames them too)
+            rope.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+            rope["max_position_embeddings"] = cfg.get("max_position_embeddings", 4096)
         window = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             window = None
         layer_types = cfg.get("layer_types") or ["sliding_attention" if window else "full_attention"] * n_layer
-        if model_type == "qwen2" and window and not cfg.get("layer_types"):  # v4 configs: window from max_window_layers on
+        if model_type in ("qwen2", "qwen3") and window and not cfg.get("layer_types"):  # v4 configs: window from max_window_layers on
             first = cfg.get("max_window_layers", 0)
             layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
-        if model_type == "mistral" and window:
+        if model_type in ("mistral", "phi3") and window:
             layer_types = ["sliding_attention"] * n_layer
         windows = [window if t == "sliding_attention" and window else None for t in layer_types]
         return cls(
@@ -86,7 +99,8 @@ class LlamaConfig:
             max_seq_len=cfg.get("max_position_embeddings", 4096),
             qkv_bias=model_type == "qwen2" or cfg.get("attention_bias", False), o_bias=cfg.get("attention_bias", False),
             mlp_bias=cfg.get("mlp_bias", False), tie_embeddings=cfg.get("tie_word_embeddings", False),
-            windows=windows,
+            windows=windows, qk_norm=model_type == "qwen3", partial_rotary_factor=partial,
+            fused_checkpoint=model_type == "phi3",
         )
 
     @classmethod
@@ -113,9 +127,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> Tensor:
-    """Inverse frequencies theta^(-2i/d), rescaled as config.rope_scaling says (linear or llama3)."""
-    hd = cfg.head_dim
+def rope_inv_freq(cfg: LlamaConfig, long: bool = False) -> Tensor:
+    """Inverse frequencies theta^(-2i/d) over the rotary dims, rescaled as config.rope_scaling says (linear, llama3,
+    longrope: its short factors, or its long ones with `long`)."""
+    hd = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -125,6 +140,9 @@ def rope_inv_freq(cfg: LlamaConfig) -> Tensor:
         return inv_freq / scaling["factor"]
     if kind == "factors":                                    # GGUF's rope_freqs tensor (llama.cpp's llama3 scaling)
         return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
+    if kind == "longrope":
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return 1.0 / (factors * cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     if kind == "llama3":
         factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
@@ -135,6 +153,28 @@ def rope_inv_freq(cfg: LlamaConfig) -> Tensor:
         medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
         return torch.where(medium, blended, scaled)
     raise LoadError(f"rope scaling {kind!r} in config.json is not supported (supported: {', '.join(ROPE_TYPES)})")
+
+
+def model_rope_tables(cfg: LlamaConfig) -> tuple[Tensor, Tensor]:
+    """The model's cos / signed-sin tables (max_seq_len, rotary_dim).
+
+    Phi-3's longrope rotates with its short factors up to `original_max_position_embeddings` and its long ones beyond,
+    and scales cos and sin by sqrt(1 + ln(factor) / ln(original)). Transformers picks one set for a whole forward
+    (long as soon as any position passes the original length, re-rotating only the new tokens); here each position
+    keeps its own, so results equal transformers' for sequences within the original length (4096 for Phi-3-mini-128k).
+    """
+    cos, sin = rope_tables(rope_inv_freq(cfg), cfg.max_seq_len)
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") != "longrope":
+        return cos, sin
+    old_len = scaling["original_max_position_embeddings"]
+    long_cos, long_sin = rope_tables(rope_inv_freq(cfg, long=True), cfg.max_seq_len)
+    cos[old_len:], sin[old_len:] = long_cos[old_len:], long_sin[old_len:]
+    factor = scaling.get("factor") or scaling["max_position_embeddings"] / old_len
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+    return cos * attention_factor, sin * attention_factor
 
 
 def rope_tables(inv_freq: Tensor, max_seq_len: int) -> tuple[Tensor, Tensor]:
@@ -178,12 +218,22 @@ class Attention(nn.Module):
         # wq | wk | wv as one (dim, (n_head + 2 n_kv_head) * head_dim) matrix: one GEMM instead of three per layer
         self.wqkv = Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.rotary_dim = cfg.rotary_dim
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
         B, T, _ = x.shape
         nh, nqk = self.n_head, self.n_head + self.n_kv_head
         qkv = self.wqkv(x).view(B, T, nqk + self.n_kv_head, self.head_dim)
-        qk = apply_rope(qkv[:, :, :nqk], cos, sin)                                # q and k heads rotated at once
+        qk = qkv[:, :, :nqk]
+        if self.q_norm is not None:                                               # Qwen3: per-head RMSNorm first
+            qk = torch.cat((self.q_norm(qk[:, :, :nh]), self.k_norm(qk[:, :, nh:])), dim=2)
+        if self.rotary_dim == self.head_dim:
+            qk = apply_rope(qk, cos, sin)                                         # q and k heads rotated at once
+        else:                                                                     # partial: the rest passes through
+            r = self.rotary_dim
+            qk = torch.cat((apply_rope(qk[..., :r], cos, sin), qk[..., r:]), dim=-1)
         q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)      # (B, nh, T, hd), (B, n_kv, T, hd)
         k, v = step.update(self.layer, k, qkv[:, :, nqk:].transpose(1, 2))       # (B, n_kv, L, hd)
         y = attend(q, k, v, step, self.window)                                     # (B, nh, T, hd)
@@ -193,10 +243,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), with w1 | w3 fused into one matrix `w13`."""
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, hidden: int | None = None) -> None:
         super().__init__()
-        self.w13 = Linear(cfg.dim, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)   # gate | up
-        self.w2 = Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)        # down
+        hidden = hidden or cfg.intermediate_size                                   # (a MoE expert's is smaller)
+        self.w13 = Linear(cfg.dim, 2 * hidden, bias=cfg.mlp_bias)                  # gate | up
+        self.w2 = Linear(hidden, cfg.dim, bias=cfg.mlp_bias)                       # down
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -238,7 +289,7 @@ class Transformer(nn.Module):
         """After weights are assigned: tie the head if configured and build the RoPE tables on device."""
         if self.config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(rope_inv_freq(self.config), self.config.max_seq_len)
+        cos, sin = model_rope_tables(self.config)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def pages(self) -> list[tuple[str, list[str]]]:
@@ -272,6 +323,7 @@ class Transformer(nn.Module):
 _HF_RULES = [
     (r"^tok_embeddings\.", "model.embed_tokens."),
     (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
+    (r"^layers\.(\d+)\.attention\.([qk]_norm)\.", r"model.layers.\1.self_attn.\2."),
     (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
     (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
     (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
@@ -282,11 +334,17 @@ _HF_RULES = [
 ]
 
 
+_PHI3_RULES = [
+    (r"^layers\.(\d+)\.attention\.wqkv\.", r"model.layers.\1.self_attn.qkv_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w13\.", r"model.layers.\1.mlp.gate_up_proj."),
+]
+
+
 def hf_keys(name: str, cfg: LlamaConfig) -> list[str]:
     """Load hook: candidate Hugging Face keys for our parameter `name` (tied heads read the embedding)."""
     if name == "output.weight" and cfg.tie_embeddings:
         return ["model.embed_tokens.weight", "lm_head.weight"]
-    for pattern, repl in _HF_RULES:
+    for pattern, repl in (_PHI3_RULES if cfg.fused_checkpoint else []) + _HF_RULES:
         if re.match(pattern, name):
             return [re.sub(pattern, repl, name)]
     return [name]
@@ -298,6 +356,8 @@ _FUSED = {".attention.wqkv.": (".attention.wq.", ".attention.wk.", ".attention.w
 
 def fused_parts(name: str, cfg: LlamaConfig) -> list[str]:
     """Load hook: the checkpoint parameters our fused `wqkv` / `w13` concatenate (in our naming), else []."""
+    if cfg.fused_checkpoint:
+        return []
     for fused, parts in _FUSED.items():
         if fused in name:
             return [name.replace(fused, part) for part in parts]
@@ -310,5 +370,6 @@ def transposed(name: str, cfg: LlamaConfig) -> bool:
     if name in ("output.weight", "tok_embeddings.weight"):
         return name == "output.weight" or cfg.tie_embeddings
     return name.endswith(".weight") and (".attention.w" in name or ".feed_forward.w" in name)
+
 
 Config = LlamaConfig

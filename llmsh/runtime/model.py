@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmsh.runtime import fast_decode, gpt2, hub, integrity, llama
+from llmsh.runtime import fast_decode, gemma, gpt2, hub, integrity, llama, moe
 from llmsh.runtime.checkpoint import Checkpoint
 from llmsh.runtime.config_check import check_sizes
 from llmsh.runtime.decoders import decoder_for
@@ -29,7 +29,7 @@ from llmsh.runtime.kv_cache import KVCache, Step
 from llmsh.runtime.sampling import SamplingParams
 from llmsh.runtime.tokenizer import Tokenizer
 
-FAMILIES: dict[str, ModuleType] = {t: m for m in (gpt2, llama) for t in m.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {t: m for m in (gpt2, llama, gemma, moe) for t in m.MODEL_TYPES}
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
@@ -41,6 +41,7 @@ class Page:
     name: str
     param_names: list[str]
     nbytes: int
+    on_demand: bool = False    # a MoE expert: runs only when chosen, out of the pages' order
 
 
 class Model:
@@ -54,7 +55,9 @@ class Model:
         self.hf_config, self.checkpoint, self.tokenizer = hf_config, checkpoint, tokenizer
         self.generation_config, self.device, self.dtype = generation_config, device, dtype
         self.max_seq_len: int = module.config.max_seq_len
-        self._pages = [Page(n, names, sum(self._param_nbytes(p) for p in names)) for n, names in module.pages()]
+        on_demand = getattr(module, "on_demand_pages", set())
+        self._pages = [Page(n, names, sum(self._param_nbytes(p) for p in names), n in on_demand)
+                       for n, names in module.pages()]
         self._tied: dict[str, list[str]] = {}  # parameter name -> every name sharing that tensor
         by_id: dict[int, list[str]] = {}
         for pname, param in module.named_parameters(remove_duplicate=False):
@@ -80,8 +83,13 @@ class Model:
 
     def bytes_read_per_token(self) -> int:
         """Weight bytes a batch-1 decode step streams (what memory bandwidth bounds decoding by): every parameter
-        except embedding tables that are only looked up, one row per token, unless the head multiplies by them (tied)."""
+        except embedding tables that are only looked up, one row per token, unless the head multiplies by them (tied),
+        and of a mixture of experts only the top_k of n_experts experts a token runs (their mean size)."""
         read = self.weight_bytes()
+        n_experts, top_k = getattr(self.config, "n_experts", 0), getattr(self.config, "top_k", 0)
+        if n_experts:
+            expert_bytes = sum(p.nbytes for p in self._pages if p.on_demand)
+            read -= expert_bytes - expert_bytes * top_k // n_experts
         for name, mod in self.module.named_modules():
             if isinstance(mod, nn.Embedding) and len(self._tied[f"{name}.weight"]) == 1:
                 read -= mod.weight.nbytes - mod.weight[0].nbytes
@@ -285,7 +293,8 @@ def load_hf(path_or_name: str | Path, device: str | torch.device = "cpu", dtype:
     if family is None:
         supported = ", ".join(sorted(FAMILIES))
         raise LoadError(f"model_type {model_type!r} in {folder / 'config.json'} is not supported; "
-                        f"llmsh runs: {supported} (GPT-2 and the Llama family: Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama)")
+                        f"llmsh runs: {supported} (GPT-2; the Llama family: Llama 2/3, Mistral, Qwen2/3, Phi-3/4, SmolLM; "
+                        "Gemma 2/3; the experts of Mixtral and Qwen3-MoE)")
     dev = _resolve_device(device)
     checkpoint = Checkpoint(folder)
     if verify and integrity.has_checksums(folder):

@@ -1,8 +1,9 @@
 """Decode throughput of llmsh's runtime against transformers' generate, on the same random weights, in one run.
 
-Models: random weights shaped like GPT-2 124M and like a ~110M Llama with GQA (12 layers, 768 wide, 12 heads / 4 KV
-heads), saved with transformers' save_pretrained in float32 and in bfloat16 (so each dtype loads zero-copy). For each
-model x dtype x batch size (1, 16): greedy, 128 new tokens after a 16-token prompt, tokens/s of
+Models: random weights shaped like GPT-2 124M, like a ~110M Llama with GQA (12 layers, 768 wide, 12 heads / 4 KV
+heads), and ~0.5B models shaped like Qwen3, Gemma 2 and a Mixtral-style mixture of 8 experts, top-2
+(`family_configs`); saved with transformers' save_pretrained in float32 and in bfloat16 (so each dtype loads
+zero-copy). For each model x dtype x batch size (1, 16): greedy, 128 new tokens after a 16-token prompt, tokens/s of
   llmsh:        BatchGenerator (prefill + decode steps over the slotted KV cache)
   transformers: model.generate(do_sample=False, min_new_tokens=max_new_tokens)
 timed alternately (best of --repeats) so machine noise hits both alike. Batch-1 is also compared with the
@@ -53,6 +54,11 @@ What the profiles (torch.profiler, cProfile) showed and what moved the numbers:
 - tried, no gain: transparent huge pages (+0-3%, within noise), oneDNN prepacked weights, a numba bf16 kernel,
   NTA or longer (512-1024 byte) software prefetch in the GEMV, 8-, 32- or 64-column steps, 32-row panels,
   torch.compile (needs a compiler at run time anyway and recompiles per batch shape).
+- the newer families (issue 18): Qwen3 and Phi-3/4 run `lm_layers` with the q/k head norms and partial RoPE added;
+  Gemma 2/3 their own `lm_gemma_layers` (soft-capped attention in plain loops: a few percent of a step at these
+  contexts); a mixture of experts runs per layer `lm_attention_half`, `lm_route` and one `lm_expert` per chosen
+  expert. With routing in torch (~10 small ops a layer) a Mixtral-shaped bf16 batch-1 step took 22 ms; routing in C
+  17 ms for 245 MiB read (of 778 MiB of weights: 2 of 8 experts).
 - what is left at batch 1: prefill (16 tokens through torch's GEMMs, ~3-4% of the bf16 runs) and the sampling and
   detokenising around each step (~0.3 ms a token).
 """
@@ -77,9 +83,32 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 PROMPT_LEN = 16
+ALL_MODELS = ("gpt2-124m", "llama-110m-gqa", "qwen3-0.5b", "gemma2-0.5b", "moe-8x2")
 # THREADS: batch-1 decode is memory-bound and one core's GEMV already streams weights at the machine's copy bandwidth;
 # on a shared 2-core VM a second OpenMP thread made every GEMM ~4x slower whenever another process held a core
 # (measured: 7 MB GEMV 0.38 ms at 1 thread vs 1.4 ms at 2). So both engines run with one thread unless told otherwise.
+
+
+def family_configs() -> dict:
+    """The newer families' cases (issue 18), ~0.5B parameters each with random weights: Qwen3-0.6B's shape (head_dim
+    128 over 16/8 heads, q/k norms, tied) with a 32k vocabulary; Gemma 2's (soft-caps, alternating 4096 windows,
+    pre/post norms, GeGLU); and a Mixtral-shaped mixture of 8 experts, top-2 (of its 0.41B parameters a token
+    reads ~0.13B)."""
+    import transformers
+
+    return {
+        "qwen3-0.5b": transformers.Qwen3Config(
+            vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+            num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True),
+        "gemma2-0.5b": transformers.Gemma2Config(
+            vocab_size=32000, hidden_size=1152, intermediate_size=4608, num_hidden_layers=22, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=128, query_pre_attn_scalar=128, max_position_embeddings=4096,
+            sliding_window=4096, pad_token_id=0),
+        "moe-8x2": transformers.MixtralConfig(
+            vocab_size=32000, hidden_size=768, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=12,
+            num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048,
+            tie_word_embeddings=False),
+    }
 
 
 def make_checkpoints(root: Path, models: list[str], dtypes: list[str]) -> dict[tuple[str, str], Path]:
@@ -93,6 +122,7 @@ def make_checkpoints(root: Path, models: list[str], dtypes: list[str]) -> dict[t
         "llama-110m-gqa": transformers.LlamaConfig(
             vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
             num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False),
+        **(family_configs() if set(models) - {"gpt2-124m", "llama-110m-gqa"} else {}),
     }
     out = {}
     for name in models:
@@ -187,14 +217,16 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per engine (best is kept)")
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--models", default=None, help="comma list of gpt2-124m,llama-110m-gqa")
+    ap.add_argument("--models", default=None,
+                    help="comma list of gpt2-124m,llama-110m-gqa,qwen3-0.5b,gemma2-0.5b,moe-8x2 (default: all; "
+                         "--quick: gpt2-124m)")
     ap.add_argument("--dtypes", default=None, help="comma list of float32,bfloat16")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one llmsh batch-1 run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)  # deliberate (see THREADS): the same count for both engines
     n_new = args.new_tokens or (32 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 2)
-    models = (args.models or ("gpt2-124m" if args.quick else "gpt2-124m,llama-110m-gqa")).split(",")
+    models = (args.models or ("gpt2-124m" if args.quick else ",".join(ALL_MODELS))).split(",")
     dtypes = (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
     batches = [int(b) for b in args.batches.split(",")]
 

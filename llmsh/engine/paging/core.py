@@ -87,6 +87,7 @@ class Entry:
     tensors: list[Any] | None = None  # buffers the pager allocated for it while IN (never the checkpoint's mmap)
     buffers: list[Any] | None = None  # an evicted page's buffers to read into (same layout), reserved for it
     layout: tuple | None = None  # shapes/dtype of its buffers, when the source can tell
+    on_demand: bool = False  # a MoE expert: used only when a token chooses it (see policy.score)
 
 
 @dataclass(eq=False)
@@ -234,7 +235,8 @@ class Pager:
         if not infos:
             raise PagerError(f"{name or pid}: the model has no pages to manage")
         proc = Proc(pid=pid, name=name or str(pid), source=source, device=device, nice=nice, keep_alive=keep_alive)
-        proc.entries = [Entry(proc, i, info.name, int(info.nbytes)) for i, info in enumerate(infos)]
+        proc.entries = [Entry(proc, i, info.name, int(info.nbytes), on_demand=getattr(info, "on_demand", False))
+                        for i, info in enumerate(infos)]
         deps = getattr(source, "deps", None)
         for e in proc.entries:
             e.deps = tuple(d for d in (deps(e.index) if deps else ()) if d != e.index)
@@ -489,7 +491,7 @@ class Pager:
                 else:
                     ok = device == HOST and e.host is not None
                 if ok:
-                    yield Candidate((proc.pid, e.index), e.nbytes, e.last_used, proc.nice, n, idle)
+                    yield Candidate((proc.pid, e.index), e.nbytes, e.last_used, proc.nice, n, idle, e.on_demand)
 
     def _evict(self, device: str, key: tuple[int, int], keep: bool = False) -> list[Any] | None:
         """Page (pid, index) out of `device`; with keep, hand back its buffers (their bytes stay counted)."""

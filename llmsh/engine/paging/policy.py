@@ -7,6 +7,8 @@ estimates how far in the future it will be needed again, scaled by its process's
 - pages of the process that is asking: the distance to their next use in layer order, which is known exactly
   (a forward pass visits pages 0, 1, …, n-1 and then starts again), so a model larger than its budget keeps the
   pages it will need soonest instead of evicting each one just before it is needed (LRU's worst case);
+- a mixture of experts' expert pages are visited only when a token chooses them: their age, as for LRU, so the
+  hot experts stay resident and the cold ones go first;
 - both multiplied by 1024 / weight(nice) with the CFS weights the scheduler uses, so a nice 10 model's pages age
   about 9x faster than a nice 0 model's and a nice −5 model's pages about 3x slower.
 The largest score is evicted first.
@@ -46,6 +48,7 @@ class Candidate:
     nice: int
     n_pages: int  # pages in its process (for the cyclic distance)
     idle: bool = False  # its process has no request in flight
+    on_demand: bool = False  # a MoE expert: needed when chosen, not at a known point of the pass
 
 
 def score(c: Candidate, tick: int, requester: tuple[int, int] | None, horizon: int = 0) -> float:
@@ -54,6 +57,8 @@ def score(c: Candidate, tick: int, requester: tuple[int, int] | None, horizon: i
     `horizon` is the length of the requester's cycle (its page count): its own pages are all needed within it, while
     another process's page is needed only after the requester's pass at the earliest — so those count from there."""
     if requester is not None and c.key[0] == requester[0]:
+        if c.on_demand:  # an expert: the pass may skip it, so recency is the guess (hot experts stay, cold go first)
+            return (tick - c.last_used) * age_factor(c.nice)
         distance = (c.key[1] - requester[1]) % c.n_pages
         return distance * age_factor(c.nice)
     return (horizon + tick - c.last_used) * age_factor(c.nice)

@@ -38,11 +38,16 @@ class Prefetcher:
         from llmsh.engine.paging.states import OUT
 
         n = len(proc.entries)
-        todo = []
-        for d in range(1, min(self.pager.prefetch_depth, n - 1) + 1):
+        todo, ahead, depth = [], 0, min(self.pager.prefetch_depth, n - 1)
+        for d in range(1, n):                 # the next pages in forward order, past experts (run only if chosen)
             e = proc.entries[(index + d) % n]
+            if ahead >= depth:
+                break
+            if e.on_demand:
+                continue
             if e.state == OUT:
                 todo.append((e, index))
+            ahead += 1
         if not todo:
             return
         with self._wake:

@@ -20,6 +20,7 @@ class PageInfo:
 
     name: str
     nbytes: int
+    on_demand: bool = False  # run only when chosen (a MoE expert), not in forward order: never prefetched in order
 
 
 class PageSource(Protocol):
@@ -59,7 +60,7 @@ class ModelSource:
         self._layouts = [self._layout_now(i) for i in range(len(self._pages))]
 
     def page_infos(self) -> list[PageInfo]:
-        return [PageInfo(p.name, int(p.nbytes)) for p in self._pages]
+        return [PageInfo(p.name, int(p.nbytes), bool(getattr(p, "on_demand", False))) for p in self._pages]
 
     def param_names(self, index: int) -> list[str]:
         return list(self._pages[index].param_names)

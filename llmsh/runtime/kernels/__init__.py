@@ -47,6 +47,14 @@ SIGNATURES = {
     "lm_attention": [_P, _L, _L, _L, _L, _P, _P, _I, _L, _P, _P, _L, _F, _P, _P, _I],
     "lm_layers": [_P, _P, _L, _P],
     "lm_scratch_floats": [_L] * 8,
+    "lm_qk_norm": [_P, _L, _L, _L, _L, _L, _P, _P, _I, _F, _I],
+    "lm_rmsnorm_plus_one": [_P, _L, _L, _P, _I, _F, _P],
+    "lm_attention_softcap": [_P, _L, _L, _L, _L, _P, _P, _I, _L, _P, _P, _L, _F, _F, _P, _P, _I],
+    "lm_gemma_layers": [_P, _P, _L, _P],
+    "lm_attention_half": [_P, _P, _P, _P],
+    "lm_route": [_P, _L, _L, _P, _L, _L, _I, _I, _I, _P, _P, _P],
+    "lm_expert": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _I, _P, _P, _I],
+    "lm_rope_partial": [_P, _L, _L, _L, _L, _L, _P, _P, _P],
 }
 RESTYPES = {"lm_scratch_floats": _L}
 
@@ -56,7 +64,9 @@ class Layer(ctypes.Structure):
 
     _fields_ = [(name, _P) for name in ("norm1", "norm1_bias", "w_qkv", "b_qkv", "w_o", "b_o", "norm2", "norm2_bias",
                                         "w_up", "b_up", "w_down", "b_down", "k_cache", "v_cache")] + \
-        [("window", _L), ("attn_scale", _F)]
+        [("window", _L), ("attn_scale", _F)] + \
+        [(name, _P) for name in ("q_norm", "k_norm", "post_norm1", "post_norm2", "rope_cos", "rope_sin")] + \
+        [("softcap", _F)]
 
 
 class Step(ctypes.Structure):
@@ -64,7 +74,7 @@ class Step(ctypes.Structure):
 
     _fields_ = [(name, _L) for name in ("M", "dim", "n_head", "n_kv", "head_dim", "hidden", "max_seq")] + \
         [(name, _I) for name in ("is_bf16", "is_gpt2", "exact_gelu", "n_threads")] + [("eps", _F)] + \
-        [(name, _P) for name in ("rope_cos", "rope_sin", "pos", "slots", "scratch")]
+        [(name, _P) for name in ("rope_cos", "rope_sin", "pos", "slots", "scratch")] + [("rotary_dim", _L)]
 
 
 def compiler() -> str | None:

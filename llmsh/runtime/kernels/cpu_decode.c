@@ -9,7 +9,9 @@
  * (in, out) row-major, KV cache (max_batch, n_kv_head, max_seq_len, head_dim).
  *
  * Contents: one-row GEMV, several-row GEMM, lm_linear (threads over columns); exp, SiLU, GELU; RMSNorm, LayerNorm;
- * RoPE; attention with the KV-cache write; lm_layers, which runs whole Llama or GPT-2 layers in one call.
+ * RoPE; attention with the KV-cache write; lm_layers, which runs whole Llama or GPT-2 layers in one call. At the
+ * end, in functions of their own: the newer families' extras (q/k head norms, partial RoPE), lm_gemma_layers for
+ * Gemma 2/3, and the two halves of a mixture-of-experts layer (lm_attention_half, lm_expert).
  */
 #include <math.h>
 #ifdef _OPENMP
@@ -445,6 +447,10 @@ typedef struct {                           /* one layer's parameters (model dtyp
     void *k_cache, *v_cache;
     long window;                           /* sliding window, 0 for full attention */
     float attn_scale;
+    const void *q_norm, *k_norm;           /* Qwen3, Gemma 3: RMSNorm weights (head_dim) of each q and k head */
+    const void *post_norm1, *post_norm2;   /* Gemma: RMSNorm of the attention / MLP output before the residual add */
+    const float *rope_cos, *rope_sin;      /* Gemma 3: this layer's RoPE tables (local or global); NULL: the step's */
+    float softcap;                         /* Gemma 2: attention logits become softcap * tanh(s / softcap); 0: none */
 } lm_layer;
 
 typedef struct {                           /* what every layer of the step shares */
@@ -455,11 +461,52 @@ typedef struct {                           /* what every layer of the step share
     const float *rope_cos, *rope_sin;
     const int64_t *pos, *slots;
     float *scratch;                        /* lm_scratch_floats() floats */
+    long rotary_dim;                       /* RoPE on the first rotary_dim of each head (Phi-4); 0: all of it */
 } lm_step;
 
 long lm_scratch_floats(long M, long dim, long n_head, long n_kv, long head_dim, long hidden, long max_seq,
                        long n_threads) {
     return M * (dim + (2 * n_head + 2 * n_kv) * head_dim + 3 * hidden) + n_threads * max_seq;
+}
+
+/* ---- the newer families' extras (Qwen3, Phi-4) --------------------------------------------------------------- */
+
+/* RMSNorm of every q head and k head of the qkv rows (M rows of `stride` floats), in place: Qwen3 normalises each
+ * head over head_dim with its own weights for q and for k, before RoPE (Gemma 3 too, with gains 1 + w). */
+void lm_qk_norm(float *qkv, long M, long stride, long n_head, long n_kv, long hd, const void *q_w, const void *k_w,
+                int is_bf16, float eps, int plus_one) {
+    for (long m = 0; m < M; m++)
+        for (long h = 0; h < n_head + n_kv; h++) {
+            float *v = qkv + m * stride + h * hd, ss = 0.0f;
+            const void *w = h < n_head ? q_w : k_w;
+#pragma omp simd reduction(+ : ss)
+            for (long d = 0; d < hd; d++) ss += v[d] * v[d];
+            float inv = 1.0f / sqrtf(ss / hd + eps);
+            for (long d = 0; d < hd; d++) v[d] = v[d] * inv * (load(w, d, is_bf16) + (plus_one ? 1.0f : 0.0f));
+        }
+}
+
+/* RoPE on the first `rot` dims of each head (tables (max_seq, rot)); the other hd - rot dims pass unchanged. */
+void lm_rope_partial(float *x, long M, long stride, long n_heads, long hd, long rot, const float *cos,
+                     const float *sin, const int64_t *pos) {
+    float tmp[512];
+    long half = rot / 2;
+    for (long m = 0; m < M; m++) {
+        const float *c = cos + pos[m] * rot, *s = sin + pos[m] * rot;
+        for (long h = 0; h < n_heads; h++) {
+            float *v = x + m * stride + h * hd;
+            memcpy(tmp, v, sizeof(float) * rot);
+            for (long d = 0; d < half; d++) v[d] = tmp[d] * c[d] + tmp[d + half] * s[d];
+            for (long d = half; d < rot; d++) v[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
+        }
+    }
+}
+
+static void rope_heads(const lm_step *s, float *qkv, long stride, long n_heads) {
+    if (s->rotary_dim > 0 && s->rotary_dim < s->head_dim)
+        lm_rope_partial(qkv, s->M, stride, n_heads, s->head_dim, s->rotary_dim, s->rope_cos, s->rope_sin, s->pos);
+    else
+        lm_rope(qkv, s->M, stride, n_heads, s->head_dim, s->rope_cos, s->rope_sin, s->pos);
 }
 
 static void norm(const lm_step *s, const float *x, const void *w, const void *b, float *y) {
@@ -479,7 +526,8 @@ void lm_layers(float *x, const lm_layer *layers, long n, const lm_step *s) {
         const lm_layer *l = layers + i;
         norm(s, x, l->norm1, l->norm1_bias, h);
         lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv, nt);
-        if (!s->is_gpt2) lm_rope(qkv, M, qkv_width, nh + nkv, hd, s->rope_cos, s->rope_sin, s->pos);
+        if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 0);
+        if (!s->is_gpt2) rope_heads(s, qkv, qkv_width, nh + nkv);
         lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
                      l->attn_scale, scores, att, nt);
         lm_linear(att, M, nh * hd, l->w_o, D, l->b_o, bf, 1, x, nt);
@@ -493,4 +541,204 @@ void lm_layers(float *x, const lm_layer *layers, long n, const lm_step *s) {
         }
         lm_linear(act, M, F, l->w_down, D, l->b_down, bf, 1, x, nt);
     }
+}
+
+/* ---- Gemma 2 / Gemma 3 layers ------------------------------------------------------------------------------------
+ * Their own loop rather than switches in lm_layers: every norm has gain (1 + w), the attention and MLP outputs are
+ * normed again before the residual add, the MLP is GeGLU, Gemma 2 soft-caps attention logits and Gemma 3 has q/k
+ * norms and per-layer RoPE tables. The matrix products, RoPE and (uncapped) attention are the kernels above. */
+
+/* y = x / rms(x) * (1 + w) over M rows of D; y may be x */
+static void rmsnorm_plus_one(const float *x, long M, long D, const void *w, int is_bf16, float eps, float *y) {
+    for (long m = 0; m < M; m++) {
+        const float *xr = x + m * D;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (long i = 0; i < D; i++) ss += xr[i] * xr[i];
+        float inv = 1.0f / sqrtf(ss / D + eps);
+        for (long i = 0; i < D; i++) y[m * D + i] = xr[i] * inv * (1.0f + load(w, i, is_bf16));
+    }
+}
+
+void lm_rmsnorm_plus_one(const float *x, long M, long D, const void *w, int is_bf16, float eps, float *y) {
+    rmsnorm_plus_one(x, M, D, w, is_bf16, eps, y);
+}
+
+/* out = gelu_tanh(gate) * up over M rows of gate | up (2F floats each) */
+static void gelu_mul(const float *restrict gu, long M, long F, float *restrict out) {
+    for (long m = 0; m < M; m++) {
+        const float *g = gu + m * 2 * F, *u = g + F;
+        float *o = out + m * F;
+        for (long i = 0; i < F; i++) {
+            float z = 0.7978845608f * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
+            float t = 1.0f - 2.0f / (exp_approx(2.0f * z) + 1.0f);     /* tanh(z) */
+            o[i] = 0.5f * g[i] * (1.0f + t) * u[i];
+        }
+    }
+}
+
+/* lm_attention with soft-capped logits: cap * tanh(scale q.k / cap), then softmax and the weighted sum of V. Plain
+ * loops (vectorised by the compiler): at decode contexts attention is a few percent of a step. */
+void lm_attention_softcap(const float *qkv, long M, long n_head, long n_kv, long hd, void *k_cache, void *v_cache,
+                          int is_bf16, long max_seq, const int64_t *slots, const int64_t *pos, long window,
+                          float scale, float cap, float *restrict scores, float *restrict out, int n_threads) {
+    long stride = (n_head + 2 * n_kv) * hd, rep = n_head / n_kv;
+    for (long m = 0; m < M; m++) {
+        const float *k_new = qkv + m * stride + n_head * hd, *v_new = k_new + n_kv * hd;
+        for (long g = 0; g < n_kv; g++) {
+            long at = ((slots[m] * n_kv + g) * max_seq + pos[m]) * hd;
+            for (long d = 0; d < hd; d++) {
+                if (is_bf16) {
+                    ((bf16 *)k_cache)[at + d] = f32_to_bf16(k_new[g * hd + d]);
+                    ((bf16 *)v_cache)[at + d] = f32_to_bf16(v_new[g * hd + d]);
+                } else {
+                    ((float *)k_cache)[at + d] = k_new[g * hd + d];
+                    ((float *)v_cache)[at + d] = v_new[g * hd + d];
+                }
+            }
+        }
+    }
+    int parts = n_threads < M * n_head ? n_threads : (int)(M * n_head);
+#pragma omp parallel num_threads(parts) if (parts > 1)
+    {
+        float *sc = scores;
+#ifdef _OPENMP
+        sc += omp_get_thread_num() * max_seq;
+#endif
+#pragma omp for schedule(static)
+        for (long mh = 0; mh < M * n_head; mh++) {
+            long m = mh / n_head, h = mh % n_head, p = pos[m];
+            long lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+            long base = (slots[m] * n_kv + h / rep) * max_seq * hd;
+            const float *q = qkv + m * stride + h * hd;
+            float *o = out + m * n_head * hd + h * hd;
+            for (long j = lo; j <= p; j++) {
+                float dot = 0.0f;
+                if (is_bf16) {
+                    const bf16 *k = (const bf16 *)k_cache + base + j * hd;
+#pragma omp simd reduction(+ : dot)
+                    for (long d = 0; d < hd; d++) dot += q[d] * bf16_to_f32(k[d]);
+                } else {
+                    const float *k = (const float *)k_cache + base + j * hd;
+#pragma omp simd reduction(+ : dot)
+                    for (long d = 0; d < hd; d++) dot += q[d] * k[d];
+                }
+                sc[j] = cap * tanhf(dot * scale / cap);
+            }
+            float inv = softmax_in_place(sc + lo, p + 1 - lo);
+            memset(o, 0, sizeof(float) * hd);
+            for (long j = lo; j <= p; j++) {
+                float wj = sc[j] * inv;
+                if (is_bf16) {
+                    const bf16 *v = (const bf16 *)v_cache + base + j * hd;
+                    for (long d = 0; d < hd; d++) o[d] += wj * bf16_to_f32(v[d]);
+                } else {
+                    const float *v = (const float *)v_cache + base + j * hd;
+                    for (long d = 0; d < hd; d++) o[d] += wj * v[d];
+                }
+            }
+        }
+    }
+}
+
+/* x += y / rms(y) * (1 + w), row by row (Gemma's post-norm before the residual add) */
+static void add_normed(float *restrict x, const float *restrict y, long M, long D, const void *w, int is_bf16,
+                       float eps) {
+    for (long m = 0; m < M; m++) {
+        const float *yr = y + m * D;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (long i = 0; i < D; i++) ss += yr[i] * yr[i];
+        float inv = 1.0f / sqrtf(ss / D + eps);
+        for (long i = 0; i < D; i++) x[m * D + i] += yr[i] * inv * (1.0f + load(w, i, is_bf16));
+    }
+}
+
+/* x (M, dim) float32, in place: x += post1(attention(norm1(x))); x += post2(geglu(norm2(x))) for each of n layers.
+ * Scratch as lm_layers (lm_scratch_floats); h holds each half's output before its post-norm. */
+void lm_gemma_layers(float *x, const lm_layer *layers, long n, const lm_step *s) {
+    long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, F = s->hidden;
+    long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16, nt = s->n_threads;
+    float *h = s->scratch, *qkv = h + M * D, *att = qkv + M * qkv_width, *up = att + M * nh * hd;
+    float *act = up + M * 2 * F, *scores = act + M * F;
+    for (long i = 0; i < n; i++) {
+        const lm_layer *l = layers + i;
+        rmsnorm_plus_one(x, M, D, l->norm1, bf, s->eps, h);
+        lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv, nt);
+        if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 1);
+        lm_rope(qkv, M, qkv_width, nh + nkv, hd, l->rope_cos ? l->rope_cos : s->rope_cos,
+                l->rope_sin ? l->rope_sin : s->rope_sin, s->pos);
+        if (l->softcap > 0)
+            lm_attention_softcap(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos,
+                                 l->window, l->attn_scale, l->softcap, scores, att, nt);
+        else
+            lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
+                         l->attn_scale, scores, att, nt);
+        lm_linear(att, M, nh * hd, l->w_o, D, l->b_o, bf, 0, h, nt);
+        add_normed(x, h, M, D, l->post_norm1, bf, s->eps);
+        rmsnorm_plus_one(x, M, D, l->norm2, bf, s->eps, h);
+        lm_linear(h, M, D, l->w_up, 2 * F, l->b_up, bf, 0, up, nt);
+        gelu_mul(up, M, F, act);
+        lm_linear(act, M, F, l->w_down, D, l->b_down, bf, 0, h, nt);
+        add_normed(x, h, M, D, l->post_norm2, bf, s->eps);
+    }
+}
+
+/* ---- mixtures of experts (Mixtral, Qwen3-MoE) ---------------------------------------------------------------------
+ * A layer is split where the router sits: the attention half here, routing in Python (a few floats per token; the
+ * pager must page each chosen expert in before it runs), then one call per chosen expert. */
+
+/* x += attention(norm1(x)) as in lm_layers, then h = norm2(x): the MLP's input, which the router reads too */
+void lm_attention_half(float *x, const lm_layer *l, const lm_step *s, float *h_out) {
+    long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, F = s->hidden;
+    long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16, nt = s->n_threads;
+    float *h = s->scratch, *qkv = h + M * D, *att = qkv + M * qkv_width, *up = att + M * nh * hd;
+    float *act = up + M * 2 * F, *scores = act + M * F;
+    norm(s, x, l->norm1, l->norm1_bias, h);
+    lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv, nt);
+    if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 0);
+    rope_heads(s, qkv, qkv_width, nh + nkv);
+    lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
+                 l->attn_scale, scores, att, nt);
+    lm_linear(att, M, nh * hd, l->w_o, D, l->b_o, bf, 1, x, nt);
+    norm(s, x, l->norm2, l->norm2_bias, h_out);
+}
+
+/* The router: for each of M rows of h, softmax(h gate) over E experts (gate (D, E)), the k largest (the lower index
+ * first on ties) into chosen[m k ..] and their probabilities into weights[m k ..], renormalised to sum 1 if `norm`,
+ * rounded to bf16 if `round_bf16` (Qwen3-MoE rounds them to the model dtype). scratch: M * E floats. */
+void lm_route(const float *h, long M, long D, const void *gate, long E, long k, int norm, int round_bf16,
+              int is_bf16, int64_t *chosen, float *weights, float *scratch) {
+    lm_linear(h, M, D, gate, E, NULL, is_bf16, 0, scratch, 1);
+    for (long m = 0; m < M; m++) {
+        float *p = scratch + m * E, inv = softmax_in_place(p, E), total = 0.0f;
+        for (long e = 0; e < E; e++) p[e] *= inv;
+        for (long t = 0; t < k; t++) {
+            long best = -1;
+            for (long e = 0; e < E; e++)
+                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            chosen[m * k + t] = best;
+            weights[m * k + t] = p[best];
+            total += p[best];
+            p[best] = -1.0f;                              /* taken */
+        }
+        for (long t = 0; t < k; t++) {
+            float w = norm ? weights[m * k + t] / total : weights[m * k + t];
+            weights[m * k + t] = round_bf16 ? bf16_to_f32(f32_to_bf16(w)) : w;
+        }
+    }
+}
+
+/* One expert on the n (row, choice) pairs that chose it: sel[r] indexes the router's M x k outputs, so the row is
+ * sel[r] / k and its weight weights[sel[r]]; x[row] += weight * w2(silu(w1 h[row]) * w3 h[row]), with w13 = w1 | w3
+ * (D, 2F) and w2 (F, D). scratch: n * (D + 3F + D) floats. */
+void lm_expert(const float *h, long D, const int64_t *sel, long n, long k, const float *weights, const void *w13,
+               const void *w2, long F, int is_bf16, float *x, float *scratch, int n_threads) {
+    float *in = scratch, *up = in + n * D, *act = up + n * 2 * F, *y = act + n * F;
+    for (long r = 0; r < n; r++) memcpy(in + r * D, h + sel[r] / k * D, sizeof(float) * D);
+    lm_linear(in, n, D, w13, 2 * F, NULL, is_bf16, 0, up, n_threads);
+    lm_silu_mul(up, n, F, act);
+    lm_linear(act, n, F, w2, D, NULL, is_bf16, 0, y, n_threads);
+    for (long r = 0; r < n; r++)
+        for (long i = 0; i < D; i++) x[sel[r] / k * D + i] += weights[sel[r]] * y[r * D + i];
 }
