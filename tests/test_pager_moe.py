@@ -9,8 +9,8 @@ from typing import Callable
 
 import pytest
 
-from llmsh.kernel.paging.core import Pager
-from llmsh.kernel.paging.sources import ModelSource
+from llmsh.engine.paging.core import Pager
+from llmsh.engine.paging.sources import ModelSource
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was"]
 GREEDY = dict(max_tokens=16, temperature=0)
@@ -52,7 +52,7 @@ def test_cold_experts_are_evicted_before_hot_ones_and_never_prefetched(make_tiny
     """Among a running model's pages, an expert page is scored by its age (LRU), not by its distance ahead in the
     forward order: an expert no token has chosen goes before one used in the last step. The prefetcher reads the next
     block, past the experts in between."""
-    from llmsh.kernel.paging.policy import Candidate, eviction_order
+    from llmsh.engine.paging.policy import Candidate, eviction_order
     from llmsh.runtime import load
 
     model = load(make_tiny_model("mixtral", num_hidden_layers=3))
