@@ -6,7 +6,8 @@ No Textual or torch here: every room may import it.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 _UNITS = ("B", "K", "M", "G", "T", "P")
 

@@ -13,12 +13,11 @@ import json
 import math
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
-from safetensors.torch import load_file
-
-import gguf
 from gguf import GGMLQuantizationType as T
+from safetensors.torch import load_file
 
 LLAMA_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

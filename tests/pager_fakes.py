@@ -4,7 +4,7 @@ page hook before each page and fails loudly if the page is not materialised."""
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -7,23 +7,23 @@ semantics: exit codes, error lines, pipes, redirects, --json/--help, jobs, cance
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-import os
 import json
 import logging
 import os
 import sys
 import time
 import types
-from typing import Any, Iterator
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from llmsh.client.redirect import RedirectFiles
 from llmsh.commands import executor
 from llmsh.commands.executor import ExecResult, complete, execute
-from llmsh.kernel.jobs import JobTable
-from llmsh.client.redirect import RedirectFiles
 from llmsh.commands.registry import REGISTRY, Command, CommandError, arg
+from llmsh.kernel.jobs import JobTable
 from llmsh.protocol.redirect import REDIRECT_MIME
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from queue import Empty
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import zmq

@@ -10,7 +10,13 @@ from jupyter_client.session import DELIM
 
 from llmsh.kernel.counters import Counters
 from llmsh.kernel.lifecycle import kernelspec
-from llmsh.protocol.connection import ConnectionFileError, is_loopback, new_key, read_connection_file, write_connection_file
+from llmsh.protocol.connection import (
+    ConnectionFileError,
+    is_loopback,
+    new_key,
+    read_connection_file,
+    write_connection_file,
+)
 from llmsh.protocol.session import BAD_SIGNATURE, MALFORMED, REPLAY, UNSIGNED, Rejected, Verifier, make_session
 
 

@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from tests.fixtures_kernel import kernel_env, start_kernel
-from tests.test_crash import _engine_pid, _env, _llmsh, _ok, _pid_alive, _running_kernels, _wait
+from tests.test_crash import _env, _llmsh, _ok, _pid_alive, _running_kernels, _wait
 
 GREEDY = "--temperature 0 --ignore-eos"
 pytestmark = pytest.mark.slow
@@ -100,7 +100,7 @@ def test_map_resumes_after_a_crash_with_no_line_done_twice(crash: str, tmp_path:
         first.wait(60)
         before = _lines_done(out)
         assert 0 < before < 24
-        again = _llmsh(env, "-c", f"map --resume job --json", timeout=300)
+        again = _llmsh(env, "-c", "map --resume job --json", timeout=300)
         assert again.returncode == 0, again.stderr
         summary = json.loads(again.stdout)
         assert summary["done"] == 24 and summary["errors"] == 0

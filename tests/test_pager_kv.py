@@ -3,10 +3,8 @@ host and resume later — with greedy output identical to an uninterrupted run."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-import pytest
 
 from llmsh.engine.paging.core import Pager
 

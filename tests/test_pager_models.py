@@ -6,8 +6,8 @@ operation), and the process's anonymous RSS confirms it.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -219,7 +219,6 @@ def test_a_renice_racing_the_end_of_a_load_does_not_fail_it(make_tiny_model: Cal
     """`load M & renice 3 M`: the renice's table event and the loader's 'ready' event both try to put the model under
     the pager; the second must see it is already there, not fail the process with 'already attached'."""
     import threading
-    from types import SimpleNamespace
 
     from llmsh.engine.loader import ModelRuntime
     from llmsh.engine.pager import PagerService

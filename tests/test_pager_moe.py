@@ -4,8 +4,8 @@ model whose experts alone are larger than the budget generates what it generates
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

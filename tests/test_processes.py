@@ -12,8 +12,9 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -366,7 +367,7 @@ def test_completion_and_help(kernel: Any, tiny_gpt2: Path) -> None:
     pid = load(kernel, tiny_gpt2, "--name compl")
     kc = kernel.client()
     try:
-        for line, expected in ((f"kill -STOP ", str(pid)), ("run co", "compl"), ("renice 3 ", "compl")):
+        for line, expected in (("kill -STOP ", str(pid)), ("run co", "compl"), ("renice 3 ", "compl")):
             msg_id = kc.complete(line, len(line))
             reply = kc.get_shell_msg(timeout=10)
             assert reply["parent_header"]["msg_id"] == msg_id

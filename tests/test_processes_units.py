@@ -4,9 +4,10 @@ the `ps` table, and the real runtime adapter under the scheduler (stepped by han
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

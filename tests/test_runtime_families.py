@@ -12,7 +12,6 @@ import torch
 from llmsh.runtime import LoadError, load
 from llmsh.runtime.gemma import GemmaConfig
 from llmsh.runtime.llama import LlamaConfig
-from llmsh.runtime.moe import MoEConfig
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])

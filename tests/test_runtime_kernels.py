@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from llmsh.runtime import kernels, load
-from llmsh.runtime.llama import apply_rope, rope_inv_freq, rope_tables, LlamaConfig
+from llmsh.runtime.llama import LlamaConfig, apply_rope, rope_inv_freq, rope_tables
 
 native = kernels.library() if kernels.compiler() else None
 needs_kernels = pytest.mark.skipif(native is None, reason="needs a C compiler (the kernels could not be built)")

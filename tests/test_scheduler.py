@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from llmsh.engine.process import ProcessTable
-from llmsh.protocol.procs import SCHED_PRIO_TO_WEIGHT, ExitHow, ProcState, StateError, cfs_weight, parse_signal
 from llmsh.engine.scheduler import BusyError, Scheduler
+from llmsh.protocol.procs import SCHED_PRIO_TO_WEIGHT, ExitHow, ProcState, StateError, cfs_weight, parse_signal
 
 
 class FakeSeq:

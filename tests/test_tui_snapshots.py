@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import types
 from collections import deque
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 

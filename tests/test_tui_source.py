@@ -4,7 +4,8 @@ command, and notices when the kernel goes away."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from llmsh.tui.source import KernelSource
 

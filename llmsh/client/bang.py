@@ -10,8 +10,8 @@ runs statement by statement on the client, each kernel part as its own request, 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from llmsh.commands.parser import ParseError, Pipeline, SimpleCommand, parse
 

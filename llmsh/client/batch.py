@@ -10,12 +10,12 @@ Commands on stdin run as their lines arrive, so `producer | llmsh` works like a 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 from llmsh.client.bang import BangError, Plan, plan, run_plan
-
-from llmsh.client.sync_client import KernelGone, SyncKernelClient
 from llmsh.client.render import Printer, exit_code, reply_error
+from llmsh.client.sync_client import KernelGone, SyncKernelClient
 from llmsh.commands.parser import ParseError, is_complete, parse, simple_argv
 
 

@@ -10,8 +10,9 @@ reply); Ctrl-C at an empty sub-prompt, Ctrl-D or `/exit` leave the chat; `/reset
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from llmsh.commands.parser import simple_argv
 

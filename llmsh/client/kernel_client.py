@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -76,7 +77,7 @@ class KernelClient:
             try:
                 await asyncio.wait_for(idle.wait(), min(0.25, max(0.01, deadline - time.monotonic())))
                 return reply["content"]
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if time.monotonic() > deadline:
                     raise KernelGone("the kernel answers but its iopub channel does not; is it a llmsh kernel?") from None
             finally:
@@ -91,7 +92,7 @@ class KernelClient:
             if timeout is None:
                 return await self._await_alive(fut)
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise KernelGone("the kernel did not answer; check it with 'llmsh kernel status'") from None
         finally:
             self._replies.pop(msg_id, None)
@@ -101,7 +102,7 @@ class KernelClient:
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), 2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if time.monotonic() - self.last_heard > 2.0 and not await self.heartbeat(3.0):
                     raise KernelGone("the kernel stopped answering (no heartbeat); see its log") from None
 
@@ -174,7 +175,7 @@ class KernelClient:
             reply = await self._request(self.shell, msg, timeout=None)
             try:  # output published before the reply may still be in flight on iopub
                 await asyncio.wait_for(idle.wait(), 5.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             return reply["content"]
         finally:

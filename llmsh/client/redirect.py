@@ -8,7 +8,8 @@ as an error of the command that wrote it, in one line: `llmsh: PATH: No space le
 from __future__ import annotations
 
 import os
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 from llmsh.protocol.redirect import CLOSE, OPEN, WRITE
 

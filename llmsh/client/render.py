@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from llmsh.client.redirect import RedirectFiles
 from llmsh.protocol.redirect import REDIRECT_MIME

@@ -8,7 +8,8 @@ reply; a second Ctrl-C gives up waiting and re-raises.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Coroutine, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from llmsh.client.kernel_client import KernelClient, KernelGone
 

@@ -13,7 +13,8 @@ import platform
 import socket
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import llmsh
 from llmsh.commands.registry import REGISTRY, CommandError, Context, arg, command

@@ -23,15 +23,16 @@ import logging
 import os
 import shlex
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Protocol
 
 from llmsh.commands import load_all
 from llmsh.commands.core import ExitRequested
-from llmsh.kernel.errors import KernelError
 from llmsh.commands.parser import AndOr, ParseError, Pipeline, SimpleCommand, Statement, is_complete, parse, tokenize
 from llmsh.commands.registry import REGISTRY, Command, CommandError, HelpRequested, UsageError
+from llmsh.kernel.errors import KernelError
 from llmsh.protocol.redirect import CLOSE, OPEN, WRITE, redirect_bundle
 
 __all__ = ["ExecResult", "Output", "ShellContext", "PipeReader", "BrokenPipe", "execute", "complete", "is_complete"]

@@ -6,13 +6,13 @@ They ask the engine's pager (llmsh/engine/pager.py) through `kernel.services.pro
 from __future__ import annotations
 
 import argparse
-import asyncio
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from llmsh.commands.registry import CommandError, Context, arg, command
+from llmsh.fmt import human_bytes, table
 from llmsh.kernel.table import Entry
 from llmsh.units import parse_duration
-from llmsh.fmt import human_bytes, table
 
 GROUP = "memory"
 

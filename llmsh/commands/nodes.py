@@ -14,8 +14,8 @@ from typing import Any
 
 from llmsh.commands.memory import free_columns  # the pager's BUDGET / PAGED-IN columns
 from llmsh.commands.registry import CommandError, Context, arg, command
-from llmsh.kernel.telemetry import snapshot
 from llmsh.fmt import duration, human_bytes, proc_table, rate, table
+from llmsh.kernel.telemetry import snapshot
 
 # (row key, header) of `free`; sizes are bytes in the rows and human-readable in the text
 FREE_COLUMNS: list[tuple[str, str]] = [

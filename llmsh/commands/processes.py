@@ -18,8 +18,9 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from llmsh.commands.registry import CommandError, Context, UsageError, arg, command
 from llmsh.commands.values import seed_value

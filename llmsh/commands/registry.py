@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the kernel object is only a type here; commands reach services through it
     from typing import Any as Kernel

@@ -29,5 +29,5 @@ class Driver(ABC):
         """Per-device memory rows `{"device", "kind", "total", "used", "free", …}` for `free`; none by default."""
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional for drivers: most hold nothing)
         """Release library handles (NVML); a no-op by default."""

@@ -7,8 +7,9 @@ for that field, never an exception.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from llmsh.drivers.base import Driver
 

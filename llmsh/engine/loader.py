@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
-import json
 import os
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +204,7 @@ class Loader:
             return proc
         try:
             configure_torch_threads()
-            from llmsh.runtime import LoadError, load
+            from llmsh.runtime import load
 
             def progress(frac: float, text: str) -> None:
                 if proc.abort_load:

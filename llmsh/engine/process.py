@@ -17,13 +17,14 @@ This is the engine's side of a process (its model, batch and scheduling state); 
 from __future__ import annotations
 
 import collections
-import enum
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
+from llmsh.protocol.names import check_name
 from llmsh.protocol.procs import (  # noqa: F401  (re-exported: the engine's modules import them from here)
     RUNNABLE,
     SIGNALS,
@@ -34,7 +35,6 @@ from llmsh.protocol.procs import (  # noqa: F401  (re-exported: the engine's mod
     cfs_weight,
     parse_signal,
 )
-from llmsh.protocol.names import check_name
 
 
 class Runtime(Protocol):

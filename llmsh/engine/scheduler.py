@@ -25,8 +25,9 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from llmsh.engine.process import ExitHow, Process, ProcessTable, ProcState, StateError, cfs_weight
 

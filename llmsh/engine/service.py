@@ -16,13 +16,14 @@ import logging
 import os
 import socket
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from llmsh.engine.loader import Loader
 from llmsh.engine.pager import PagerError, PagerService
 from llmsh.engine.paging.core import Pager
 from llmsh.engine.process import ExitHow, Process, ProcessTable, ProcState, StateError
-from llmsh.engine.scheduler import COALESCE_S, BusyError, Request, RequestError, Scheduler
+from llmsh.engine.scheduler import COALESCE_S, BusyError, Request, Scheduler
 from llmsh.procinfo import thread_rows
 
 log = logging.getLogger("llmsh.engine")

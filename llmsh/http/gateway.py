@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from llmsh.kernel.errors import KernelError
 from llmsh.kernel.table import Entry

@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -161,7 +162,7 @@ class EngineLink:
             try:
                 await asyncio.wait_for(self.request("shutdown"), 5)
                 await asyncio.wait_for(proc.wait(), 5)
-            except (asyncio.TimeoutError, EngineDied, EngineRequestError, zmq.ZMQError):
+            except (TimeoutError, EngineDied, EngineRequestError, zmq.ZMQError):
                 pass
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 if proc.returncode is not None:
@@ -169,7 +170,7 @@ class EngineLink:
                 try:
                     proc.send_signal(sig)
                     await asyncio.wait_for(proc.wait(), 5)
-                except (ProcessLookupError, asyncio.TimeoutError):
+                except (TimeoutError, ProcessLookupError):
                     pass
         for t in list(self._tasks):
             t.cancel()

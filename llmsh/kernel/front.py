@@ -15,9 +15,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from llmsh.kernel.engines import EngineDied, EngineLink, EngineRequestError
 from llmsh.kernel.errors import KernelError

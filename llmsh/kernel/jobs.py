@@ -10,15 +10,15 @@ restart at 1 when a client has no jobs left, like sh. Finished jobs stay listed 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import builtins
+import contextvars
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Coroutine
+from typing import Any
 
 from llmsh.kernel.errors import KernelError
-
 
 log = logging.getLogger("llmsh.kernel.jobs")
 

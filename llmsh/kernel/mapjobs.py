@@ -16,9 +16,10 @@ import hashlib
 import json
 import string
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmsh.kernel.engines import EngineDied
 from llmsh.kernel.errors import KernelError
@@ -82,7 +83,7 @@ def render(template: str, values: dict[str, Any]) -> str:
     """`Summarise: {text}` with the line's fields; KeyError names a missing one. Only plain `{name}` fields, so a
     template cannot reach attributes or indexes of the values."""
     out = []
-    for literal, name, spec, conv in string.Formatter().parse(template):
+    for literal, name, spec, _conv in string.Formatter().parse(template):
         out.append(literal)
         if name is None:
             continue

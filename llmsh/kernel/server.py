@@ -23,9 +23,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 import zmq.asyncio
@@ -47,8 +48,8 @@ from llmsh.protocol.connection import (
     write_connection_file,
 )
 from llmsh.protocol.limits import DEFAULT_MAX_MESSAGE, bad_complete_request, too_big
-from llmsh.protocol.transport import choose_transport, remove_ipc_files
 from llmsh.protocol.session import Rejected, Verifier, make_session
+from llmsh.protocol.transport import choose_transport, remove_ipc_files
 
 if TYPE_CHECKING:
     from llmsh.kernel.front import Services

@@ -15,8 +15,9 @@ import asyncio
 import collections
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from llmsh.kernel.errors import KernelError
 from llmsh.kernel.journal import Journal
@@ -215,7 +216,7 @@ class ProcessTable:
         async with self.changed:
             try:
                 await asyncio.wait_for(self.changed.wait_for(predicate), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
         return True
 

@@ -75,7 +75,7 @@ class FastDecoder:
 
     def __call__(self, cache: KVCache, slots: list[int], tokens: list[int], pos: list[int]) -> Tensor:
         """Float32 logits (B, vocab) of one token per slot at that slot's position; writes their K/V to cache."""
-        net, cfg, hook = self.net, self.cfg, self.net.page_hook
+        cfg, hook = self.cfg, self.net.page_hook
         B = len(tokens)
         # C indexes memory with these without bounds checks: anything torch would reject is rejected here first
         if cache.k[0].dtype != self.dtype:

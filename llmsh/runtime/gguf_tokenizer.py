@@ -59,7 +59,8 @@ def build(meta: Callable[[str, Any], Any], cached: str | None = None) -> tuple[T
 
 def _build_tokenizers(meta: Callable[[str, Any], Any], kind: str, tokens: list[str]) -> Any:
     """The `tokenizers.Tokenizer` the metadata describes (see the module docstring)."""
-    from tokenizers import AddedToken, Tokenizer as Tok, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Tok
 
     types: list[int] = meta("tokenizer.ggml.token_type", None) or [1] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}

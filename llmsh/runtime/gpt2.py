@@ -10,8 +10,9 @@ token-embedding matrix, which is transposed once at load to serve as the head's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

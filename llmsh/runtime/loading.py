@@ -3,8 +3,9 @@ Hugging Face folder or hub-cache name (model.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from llmsh.runtime.errors import LoadError
 

@@ -18,9 +18,11 @@ out) `Linear` weight like every projection.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -188,7 +190,7 @@ class Transformer(nn.Module):
             on_expert = None
             if hook:
                 hook(self.block_page[i])
-                on_expert = (lambda j, pages=self.expert_pages[i]: hook(pages[j]))
+                on_expert = functools.partial(_page_expert, hook, self.expert_pages[i])
             x = layer(x, cos, sin, step, on_expert)
         if last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last]               # (B, dim)
@@ -229,3 +231,8 @@ def transposed(name: str, cfg: MoEConfig) -> bool:
 
 
 Config = MoEConfig
+
+
+def _page_expert(hook: Any, pages: list[int], j: int) -> None:
+    """The page hook for expert `j` of a layer whose expert pages are `pages`."""
+    hook(pages[j])

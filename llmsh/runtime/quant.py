@@ -44,7 +44,7 @@ def qlib() -> ctypes.CDLL | None:
     lib = kernels.library("quant_decode.c")
     if lib is None:
         return None
-    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int  # noqa: E741  (ctypes' names, as the C reads)
     sigs = {"lm_qlinear": [P, L, L, P, P, L, L, P, I, I, P, I], "lm_qdequant": [P, P, L, L, L, L, P, I],
             "lm_qlayers": [P, P, P, L, P]}
     for name, argtypes in sigs.items():

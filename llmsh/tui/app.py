@@ -22,7 +22,14 @@ from llmsh.tui.model import State
 from llmsh.tui.source import Event, KernelSource, Source
 from llmsh.tui.tables import FitTable, MessageLog, NodesTable, ProcessTable, RatesTable
 from llmsh.tui.widgets import (
-    Confirm, NodeLoad, NoKernel, StatusLine, TrafficPanel, TrafficSpark, WholeCellScrollBar, scheduler_line,
+    Confirm,
+    NodeLoad,
+    NoKernel,
+    StatusLine,
+    TrafficPanel,
+    TrafficSpark,
+    WholeCellScrollBar,
+    scheduler_line,
 )
 
 PANELS = ("procs", "traffic", "nodes")

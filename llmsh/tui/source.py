@@ -10,9 +10,10 @@ interface, so tests can hand it a scripted source instead.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Protocol
 
 from llmsh.client.kernel_client import KernelClient, KernelGone
 from llmsh.protocol.connection import ConnectionFileError, read_connection_file
@@ -111,7 +112,7 @@ class KernelSource:
         while True:
             try:
                 msg = await asyncio.wait_for(self._broadcast.get(), silence)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 # quiet iopub: telemetry may be off, or the kernel may be gone — ask it
                 try:
                     await client.kernel_info(self.answer_s)
@@ -134,7 +135,7 @@ class KernelSource:
             return False, "not connected to a kernel"
         try:
             content = await asyncio.wait_for(client.execute(code, store_history=False), 10.0)
-        except (asyncio.TimeoutError, KernelGone):
+        except (TimeoutError, KernelGone):
             return False, f"no answer from the kernel to {code!r}"
         if content.get("status") == "ok":
             return True, ""

@@ -7,7 +7,8 @@ horizontal scrollbar. Rows are rebuilt from plain dicts at each telemetry tick.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rich.text import Text
 from textual.binding import Binding

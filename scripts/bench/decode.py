@@ -290,7 +290,8 @@ def _run(args: argparse.Namespace, root: Path, models: list[str], dtypes: list[s
 
 def profile(model, n_new: int) -> None:
     """torch.profiler table of one batch-1 llmsh generation (what the time goes to)."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     prompts = [list(range(1, PROMPT_LEN + 1))]
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:

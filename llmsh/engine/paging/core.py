@@ -18,8 +18,9 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from llmsh.engine.paging.budget import default_budget, format_bytes, normalize_device
 from llmsh.engine.paging.kv import KVManager
@@ -542,7 +543,6 @@ class Pager:
                     if self._reusable(device, c.key, reuse_for):
                         victim = c
                         break
-            v = self.procs[victim.key[0]].entries[victim.key[1]]
             if reuse_for is not None and self._reusable(device, victim.key, reuse_for):
                 reuse_for.buffers = self._evict(device, victim.key, keep=True)
                 reuse_for.proc.stats.recycled += 1

@@ -13,8 +13,9 @@ restored as they were, greedy output is identical to an uninterrupted run.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from llmsh.engine.paging.budget import format_bytes
 from llmsh.engine.paging.states import PagerError

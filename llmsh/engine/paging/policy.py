@@ -16,8 +16,8 @@ The largest score is evicted first.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 # Linux CFS prio_to_weight: nice −20 … 19; each step is ~1.25x, nice 0 = 1024.
 NICE_WEIGHTS: tuple[int, ...] = (
