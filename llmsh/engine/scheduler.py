@@ -458,11 +458,14 @@ class Scheduler:
         self.procs.changed(proc)
 
     def cont(self, proc: Process) -> None:
-        """SIGCONT: back on the run queue, exactly where it stopped."""
+        """SIGCONT: back on the run queue, exactly where it stopped; a process that is not stopped is left as it is
+        (as POSIX does: CONT to a running process is no error)."""
         eng = self.engine(proc.device)
         with eng.cond:
+            if proc.state is ProcState.FAILED:
+                raise StateError(f"process {proc.pid} ({proc.name}) failed: {proc.reason}")
             if proc.state is not ProcState.STOPPED:
-                raise StateError(f"process {proc.pid} ({proc.name}) is {proc.state.value}, not stopped; CONT only resumes a stopped process")
+                return
             self._resume_locked(proc)
             eng.cond.notify_all()
         self.procs.changed(proc)

@@ -337,8 +337,8 @@ class Processes:
                 return "exited"
             if sig == "STOP":
                 raise StateError(f"STOP: process {entry.pid} ({entry.name}) is paged-out; STOP needs a ready or running process")
-            if sig == "CONT":
-                raise StateError(f"CONT: process {entry.pid} ({entry.name}) is paged-out, not stopped; CONT only resumes a stopped process")
+            if sig == "CONT":  # not stopped: nothing to resume, as POSIX's CONT to a running process
+                return entry.state.value
         reply = await self._engine_signal(entry, sig)
         self.dmesg("signal", f"{sig} pid {entry.pid} ({entry.name})", entry.pid)
         if sig == "KILL":  # the engine has freed it (or does right after the step in flight): so has the table
