@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from llmsh.paths import config_dir
+from llmsh.config import ConfigError, read_config
 from llmsh.runtime.hub import hub_cache_dir
 
 
@@ -34,13 +33,11 @@ def model_dirs() -> list[Path]:
     dirs: list[Path] = []
     env = os.environ.get("LLMSH_MODEL_PATH", "")
     dirs += [Path(d).expanduser() for d in env.split(os.pathsep) if d]
-    cfg = config_dir() / "config.toml"
-    if cfg.is_file():
-        try:
-            data = tomllib.loads(cfg.read_text())
-            dirs += [Path(str(d)).expanduser() for d in data.get("model_dirs", []) or []]
-        except (OSError, tomllib.TOMLDecodeError):
-            pass
+    try:
+        data = read_config()
+    except ConfigError:
+        data = {}  # `load` says nothing of it; the kernel's start already reported the file
+    dirs += [Path(str(d)).expanduser() for d in data.get("model_dirs", []) or []]
     return dirs
 
 

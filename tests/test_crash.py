@@ -306,3 +306,22 @@ def test_device_time_is_shared_fairly_between_model_sizes_and_by_nice(tmp_path: 
         assert 0.75 < (a / b) / (1024 / 335) < 1.33, (a, b)
     finally:
         k.stop()
+
+
+def test_the_process_limit_is_a_setting_and_its_error_names_it(tmp_path: Path,
+                                                              make_tiny_model: Callable[..., Path]) -> None:
+    env = _env(tmp_path)
+    config = tmp_path / "config"
+    (config / "llmsh").mkdir(parents=True)
+    (config / "llmsh" / "config.toml").write_text("max_procs = 2\n")
+    env["XDG_CONFIG_HOME"] = str(config)
+    folder = make_tiny_model("gpt2")
+    try:
+        r = _llmsh(env, "-c", f"load {folder} --name a; load {folder} --name b; load {folder} --name c")
+        assert r.returncode != 0 and "2 processes already loaded (the limit, max_procs in config.toml)" in r.stderr
+        (config / "llmsh" / "config.toml").write_text("max_procs = 0\n")
+        _llmsh(env, "kernel", "stop")
+        r = _llmsh(env, "-c", "ps")
+        assert r.returncode != 0 and "max_procs = 0; give a whole number ≥ 1" in r.stderr
+    finally:
+        _llmsh(env, "kernel", "stop")

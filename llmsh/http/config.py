@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from llmsh.config import ConfigError, read_config
 from llmsh.protocol.connection import is_loopback
 
 DEFAULT_HOST = "127.0.0.1"
@@ -67,11 +67,10 @@ def settings(args: Any, config_path: Any = None) -> HttpSettings | None:
     """The HTTP settings from the command line, else config.toml; None when HTTP is off."""
     spec = getattr(args, "http", None)
     data: dict[str, Any] = {}
-    if config_path is not None and os.path.isfile(config_path):
+    if config_path is not None:
         try:
-            with open(config_path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError):
+            data = read_config(config_path)
+        except ConfigError:
             data = {}
     spec = spec or _from_config(data)
     if not spec:

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmsh.config import max_procs as config_max_procs
 from llmsh.kernel.engines import EngineDied, EngineLink, EngineRequestError
 from llmsh.kernel.errors import KernelError
 from llmsh.kernel.jobs import JobTable
 from llmsh.kernel.journal import Journal
 from llmsh.kernel.mapjobs import MapJobs
-from llmsh.kernel.table import Entry, ProcessTable
+from llmsh.kernel.table import DEFAULT_MAX_PROCS, Entry, ProcessTable
 from llmsh.models import default_name, resolve_model
 from llmsh.protocol.names import usable_name
 from llmsh.protocol.procs import ExitHow, ProcState, cfs_weight
@@ -455,7 +456,7 @@ def build_services(runtime_dir: Path, log_path: Path, journal_path: Path | None,
                    node: str | None = None, max_procs: int | None = None) -> Services:
     """The front's services for one kernel (call on the running loop)."""
     journal = Journal(journal_path) if journal_path is not None else None
-    table = ProcessTable(journal, **({"max_procs": max_procs} if max_procs else {}))
+    table = ProcessTable(journal, max_procs=max_procs or config_max_procs(DEFAULT_MAX_PROCS))
     link = EngineLink(node or socket.gethostname(), runtime_dir / f"engine-{os.getpid()}.sock", log_path,
                       mem_budget=mem_budget)
     procs = Processes(table, journal, link)

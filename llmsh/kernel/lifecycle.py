@@ -258,13 +258,14 @@ def run_foreground(args: argparse.Namespace, executor: Any = None) -> int:
 
     from llmsh.http.config import HttpConfigError
     from llmsh.kernel import server
+    from llmsh.config import ConfigError
     from llmsh.protocol.connection import ConnectionFileError
 
     path = Path(args.connection_file) if args.connection_file else new_connection_file()
     setup_logging(path)
     try:
         server.run(args, path, executor)
-    except (ConnectionFileError, HttpConfigError) as e:
+    except (ConnectionFileError, HttpConfigError, ConfigError) as e:
         print(f"llmsh: kernel: {e}", file=sys.stderr)
         return 1
     except (OSError, zmq.ZMQError) as e:  # e.g. a port in the given connection file is taken
