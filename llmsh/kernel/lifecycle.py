@@ -256,9 +256,9 @@ def run_foreground(args: argparse.Namespace, executor: Any = None) -> int:
     """Run the kernel in this process until it is shut down; `executor` runs the shell language."""
     import zmq
 
+    from llmsh.config import ConfigError
     from llmsh.http.config import HttpConfigError
     from llmsh.kernel import server
-    from llmsh.config import ConfigError
     from llmsh.protocol.connection import ConnectionFileError
 
     path = Path(args.connection_file) if args.connection_file else new_connection_file()
