@@ -174,3 +174,17 @@ def test_two_map_jobs_at_nice_0_and_5_share_the_device_1024_to_335(make_kernel: 
     a, b = now["a"]["time_s"] - t1["a"], now["b"]["time_s"] - t1["b"]
     assert 0.75 < (a / b) / (1024 / 335) < 1.33, (a, b)
     _ok(k, "kill %1 %2")
+
+
+def test_replicas_share_the_lines_and_keep_the_order(make_kernel: Callable[..., Any], tiny_gpt2: Path,
+                                                     tmp_path: Path) -> None:
+    k = make_kernel()
+    _ok(k, f"load {tiny_gpt2} --name g")
+    src, out, one = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "one.jsonl"
+    _prompts(src, 12)
+    _ok(k, f"map g --input {src} --output {one} --max-tokens 5 {GREEDY}")
+    r = _ok(k, f"map g --input {src} --output {out} --max-tokens 5 {GREEDY} --replicas 3 --json")
+    assert r["data"]["pids"] == [1, 2, 3] and r["data"]["done"] == 12
+    assert out.read_text() == one.read_text()  # greedy: the same text whichever replica ran a line
+    rows = {row["name"]: row for row in _ok(k, "ps --json")["data"]}
+    assert {"g-r2", "g-r3"} <= set(rows) and all(rows[n]["tokens"] > 0 for n in ("g", "g-r2", "g-r3"))

@@ -17,7 +17,9 @@ from typing import Any
 
 from llmsh.commands.processes import SAMPLING_ARGS, _sampling
 from llmsh.commands.registry import CommandError, Context, UsageError, arg, command
+from llmsh.kernel.errors import KernelError
 from llmsh.kernel.jobs import CURRENT_JOB
+from llmsh.kernel.table import Entry
 from llmsh.kernel.mapjobs import DEFAULT_IN_FLIGHT, MapJob, read_input, sha256_text, template_fields
 
 GROUP = "processes"
@@ -53,6 +55,22 @@ async def _check_writable(ctx: Context, name: str) -> Path:
     return path
 
 
+async def _replicas(ctx: Context, entry: Entry, n: int) -> list[Entry]:
+    """`entry` and n-1 more processes of the same model (`NAME-r2`, …), loaded now where they are missing."""
+    procs = ctx.kernel.services.procs
+    out = [entry]
+    for i in range(2, n + 1):
+        name = f"{entry.name}-r{i}"
+        try:
+            out.append(procs.resolve(name))
+        except KernelError:
+            o = entry.options
+            out.append(await procs.load(entry.path, name=name, device=o.get("device") or entry.device,
+                                        dtype=o.get("dtype"), nice=entry.nice, max_batch=o.get("max_batch"),
+                                        ctx=o.get("ctx"), quant=o.get("quant")))
+    return out
+
+
 class _Control:
     """What `kill -STOP/-CONT %J` and `jobs` reach on a map job."""
 
@@ -79,7 +97,10 @@ MAP_ARGS = (
     arg("--overlap", type=int, default=0, metavar="T", help="tokens each chunk repeats from the previous (--split)"),
     arg("--name", metavar="JOB", help="the job's name (default: derived from the command, so the same command resumes)"),
     arg("--resume", metavar="JOB", help="go on with job JOB where it stopped (its output is rewritten from the journal)"),
-    arg("--in-flight", type=int, default=DEFAULT_IN_FLIGHT, metavar="N", help="requests in flight at once (default 16)"),
+    arg("--in-flight", type=int, default=DEFAULT_IN_FLIGHT, metavar="N",
+        help="requests in flight at once per replica (default 16)"),
+    arg("--replicas", type=int, default=1, metavar="N",
+        help="spread the lines over N processes of the model (NAME-r2… are loaded as needed, same nice)"),
 )
 
 
@@ -106,14 +127,15 @@ async def map_cmd(ctx: Context, args: argparse.Namespace) -> int:
             if key == "params":
                 for k, v in value.items():
                     setattr(args, k, v)
-            elif getattr(args, key, None) in (None, "prompt", 0, DEFAULT_IN_FLIGHT):
+            elif getattr(args, key, None) in (None, "prompt", 0, 1, DEFAULT_IN_FLIGHT):
                 setattr(args, key, value)
         args.name = args.resume
     if not args.target or not args.input or not args.output:
         raise UsageError("map PID|NAME --input FILE --output FILE (or map --resume JOB); see 'help map'")
-    if args.in_flight < 1:
-        raise UsageError(f"--in-flight {args.in_flight}: give a number ≥ 1")
+    if args.in_flight < 1 or args.replicas < 1:
+        raise UsageError(f"--in-flight {args.in_flight} --replicas {args.replicas}: give numbers ≥ 1")
     entry = ctx.kernel.services.procs.resolve(args.target)
+    replicas = await _replicas(ctx, entry, args.replicas)
     params = _sampling(args)
     text = await _read(ctx, args.input)
     output = await _check_writable(ctx, args.output)
@@ -130,9 +152,9 @@ async def map_cmd(ctx: Context, args: argparse.Namespace) -> int:
         lines = read_input(text, jsonl=jsonl, field_name=args.field, template=args.template)
     spec = {"target": str(entry.pid), "input": str(_path(ctx, args.input)) if args.input != "-" else "-",
             "output": str(output), "field": args.field, "template": args.template, "split": args.split,
-            "overlap": args.overlap, "in_flight": args.in_flight, "params": params}
+            "overlap": args.overlap, "in_flight": args.in_flight, "replicas": args.replicas, "params": params}
     name = args.name or "map-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-    job = MapJob(name, entry, lines, output, params, in_flight=args.in_flight)
+    job = MapJob(name, entry, lines, output, params, in_flight=args.in_flight, replicas=replicas)
     shell_job = CURRENT_JOB.get()
     if shell_job is not None:
         shell_job.control = _Control(job)

@@ -112,9 +112,17 @@ class MapJob:
     tokens: int = 0
     requests: int = 0  # requests sent by this run (resumes send only what was missing)
     paused: asyncio.Event = field(default_factory=asyncio.Event)  # set = running
+    replicas: list[Entry] = field(default_factory=list)  # more processes of the same model that share the lines
+    busy: dict[int, int] = field(default_factory=dict)  # pid → requests in flight
 
     def __post_init__(self) -> None:
         self.paused.set()
+        if not self.replicas:
+            self.replicas = [self.entry]
+
+    def pick(self) -> Entry:
+        """The replica with the fewest requests in flight (the first on a tie)."""
+        return min(self.replicas, key=lambda e: self.busy.get(e.pid, 0))
 
     @property
     def total(self) -> int:
@@ -126,7 +134,8 @@ class MapJob:
         done = len(self.done)
         rate = self.requests and done / elapsed
         left = self.total - done
-        return {"job": self.name, "pid": self.entry.pid, "done": done, "total": self.total,
+        return {"job": self.name, "pid": self.entry.pid, "pids": [e.pid for e in self.replicas], "done": done,
+                "total": self.total,
                 "errors": sum(1 for r in self.done.values() if r.get("error")), "tokens": self.tokens,
                 "tok_s": round(self.tokens / elapsed, 2), "eta_s": round(left / rate, 1) if rate else None,
                 "requests": self.requests, "state": "stopped" if not self.paused.is_set() else "running"}
@@ -174,7 +183,7 @@ class MapJobs:
 
     async def _dispatch(self, job: MapJob, todo: list[Line], writer: _OrderedWriter,
                         on_progress: Callable[[MapJob], None] | None) -> None:
-        slots = asyncio.Semaphore(job.in_flight)
+        slots = asyncio.Semaphore(job.in_flight * len(job.replicas))
         failed: list[BaseException] = []
 
         async def one(line: Line) -> None:
@@ -182,8 +191,10 @@ class MapJobs:
                 pieces: list[str] = []
                 result: dict[str, Any] = {}
                 job.requests += 1
+                replica = job.pick()
+                job.busy[replica.pid] = job.busy.get(replica.pid, 0) + 1
                 try:
-                    async for piece in self.generate(job.entry, prompt=line.prompt, params={**job.params, **line.params},
+                    async for piece in self.generate(replica, prompt=line.prompt, params={**job.params, **line.params},
                                                      client=f"map:{job.name}", result=result):
                         pieces.append(piece)
                     record = {"id": line.id, "line": line.no, "text": "".join(pieces),
@@ -195,6 +206,8 @@ class MapJobs:
                     return
                 except KernelError as e:
                     record = {"id": line.id, "line": line.no, "text": None, "error": str(e)}
+                finally:
+                    job.busy[replica.pid] -= 1
                 await self._finish(job, line, record)
                 await asyncio.to_thread(writer.write_ready, job.done)
                 if on_progress is not None:
