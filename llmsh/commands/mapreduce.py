@@ -19,8 +19,8 @@ from llmsh.commands.processes import SAMPLING_ARGS, _sampling
 from llmsh.commands.registry import CommandError, Context, UsageError, arg, command
 from llmsh.kernel.errors import KernelError
 from llmsh.kernel.jobs import CURRENT_JOB
-from llmsh.kernel.table import Entry
 from llmsh.kernel.mapjobs import DEFAULT_IN_FLIGHT, MapJob, read_input, sha256_text, template_fields
+from llmsh.kernel.table import Entry
 
 GROUP = "processes"
 
