@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from llmsh.runtime import gemma, gpt2, llama, moe, quant
 from llmsh.runtime.kernels import MAX_HEAD_DIM, Layer, Step, library
 from llmsh.runtime.kv_cache import KVCache
+from llmsh.runtime.layers import Linear
 
 # Up to this many rows the kernels' GEMMs beat MKL's on decode shapes (one thread, GPT-2 124M's linears):
 # float32 46 ms at 1 row (MKL 48), 58 ms at 4 (MKL 93), 98 ms at 16 (MKL 120); bfloat16 44 ms at 4 (torch 124),
@@ -69,8 +70,11 @@ class FastDecoder:
     layers_fn = "lm_layers"          # the C function that runs whole layers of this family
 
     def __init__(self, net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
-        self.net, self.lib, self.dtype, self.bf16 = net, lib, dtype, int(dtype == torch.bfloat16)
-        self.cfg = net.config
+        # a family's Transformer and its Config: Any, as their attributes differ per family (and nn.Module's
+        # __getattr__ would type each one Tensor | Module)
+        self.net: Any = net
+        self.lib, self.dtype, self.bf16 = lib, dtype, int(dtype == torch.bfloat16)
+        self.cfg: Any = net.config
         self._layers: tuple[weakref.ref[KVCache], ctypes.Array[Layer]] | None = None
 
     def __call__(self, cache: KVCache, slots: list[int], tokens: list[int], pos: list[int]) -> Tensor:
@@ -152,13 +156,15 @@ class FastDecoder:
     def blocks(self) -> nn.ModuleList:
         raise NotImplementedError
 
-    def layer_args(self, block: nn.Module, i: int, cache: KVCache) -> Layer:
+    def layer_args(self, block: Any, i: int, cache: KVCache) -> Layer:
+        """block: one of blocks(), of this decoder's family."""
         raise NotImplementedError
 
     def final_norm(self, x: Tensor, out: Tensor) -> None:
         raise NotImplementedError
 
-    def head(self) -> nn.Module:
+    def head(self) -> Linear | quant.QLinear:
+        """The output matrix's module (a QLinear in quantized models, which quant_decode.py decodes)."""
         raise NotImplementedError
 
 
@@ -180,7 +186,8 @@ class _Llama(FastDecoder):
     def blocks(self) -> nn.ModuleList:
         return self.net.layers
 
-    def layer_args(self, block: llama.Block, i: int, cache: KVCache) -> Layer:
+    def layer_args(self, block: Any, i: int, cache: KVCache) -> Layer:
+        """block: a llama.Block (Any: the Gemma and MoE subclasses pass their own family's Block)."""
         a, ff = block.attention, block.feed_forward
         return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight),
                      b_qkv=_ptr(a.wqkv.bias), w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias),
@@ -194,7 +201,7 @@ class _Llama(FastDecoder):
         self.lib.lm_rmsnorm(x.data_ptr(), x.shape[0], x.shape[1], _ptr(self.net.norm.weight), self.bf16,
                             self.cfg.norm_eps, out.data_ptr())
 
-    def head(self) -> nn.Module:
+    def head(self) -> Linear | quant.QLinear:
         return self.net.output
 
 
@@ -230,7 +237,7 @@ class _GPT2(FastDecoder):
         self.lib.lm_layernorm(x.data_ptr(), x.shape[0], x.shape[1], _ptr(ln.weight), _ptr(ln.bias),
                               self.bf16, ln.eps, out.data_ptr())
 
-    def head(self) -> nn.Module:
+    def head(self) -> Linear | quant.QLinear:
         return self.net.lm_head
 
 
@@ -304,7 +311,8 @@ class _MoE(_Llama):
             for j in sorted(by_expert):
                 if hook:
                     hook(net.expert_pages[i][j])
-                self.expert(h, x, by_expert[j], cfg.top_k, weights, ff.experts[j], step)
+                expert_ff = cast(llama.FeedForward, ff.experts[j])          # (a ModuleList's items type as Module)
+                self.expert(h, x, by_expert[j], cfg.top_k, weights, expert_ff, step)
         if hook:
             if cfg.tie_embeddings:
                 hook(0)                                                     # the head reads the embedding's matrix

@@ -203,7 +203,7 @@ class Attention(nn.Module):
         nh, nqk = self.n_head, self.n_head + self.n_kv_head
         qkv = self.wqkv(x).view(B, T, nqk + self.n_kv_head, self.head_dim)
         qk = qkv[:, :, :nqk]
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:             # (both or neither: cfg.qk_norm)
             qk = torch.cat((self.q_norm(qk[:, :, :nh]), self.k_norm(qk[:, :, nh:])), dim=2)
         qk = llama.apply_rope(qk, cos, sin)
         q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)      # (B, nh, T, hd), (B, n_kv, T, hd)
@@ -264,6 +264,7 @@ class Transformer(nn.Module):
         """After weights are assigned: tie the head if configured and build both RoPE tables on device."""
         cfg = self.config
         if cfg.tie_embeddings:
+            assert isinstance(self.tok_embeddings, TiedEmbedding)           # built so in __init__ when tied
             self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling, cfg.max_seq_len)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
@@ -291,7 +292,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             if hook:
                 hook(1 + i)
-            x = layer(x, *tables[layer.attention.window], step)                  # cos, sin (B, T, 1, hd)
+            x = layer(x, *tables[self.config.windows[i]], step)                  # cos, sin (B, T, 1, hd)
         if last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last]               # (B, dim)
         if hook:

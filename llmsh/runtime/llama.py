@@ -214,21 +214,23 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
-        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        n_kv_head, head_dim = cfg.n_kv_head, cfg.head_dim
+        assert n_kv_head is not None and head_dim is not None            # filled in by LlamaConfig.__post_init__
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, n_kv_head, head_dim
         self.window = cfg.windows[layer]
         # wq | wk | wv as one (dim, (n_head + 2 n_kv_head) * head_dim) matrix: one GEMM instead of three per layer
-        self.wqkv = Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.wqkv = Linear(cfg.dim, (cfg.n_head + 2 * n_kv_head) * head_dim, bias=cfg.qkv_bias)
+        self.wo = Linear(cfg.n_head * head_dim, cfg.dim, bias=cfg.o_bias)
         self.rotary_dim = cfg.rotary_dim
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
         B, T, _ = x.shape
         nh, nqk = self.n_head, self.n_head + self.n_kv_head
         qkv = self.wqkv(x).view(B, T, nqk + self.n_kv_head, self.head_dim)
         qk = qkv[:, :, :nqk]
-        if self.q_norm is not None:                                               # Qwen3: per-head RMSNorm first
+        if self.q_norm is not None and self.k_norm is not None:                   # Qwen3: per-head RMSNorm first
             qk = torch.cat((self.q_norm(qk[:, :, :nh]), self.k_norm(qk[:, :, nh:])), dim=2)
         if self.rotary_dim == self.head_dim:
             qk = apply_rope(qk, cos, sin)                                         # q and k heads rotated at once
@@ -289,6 +291,7 @@ class Transformer(nn.Module):
     def setup(self, device: torch.device | str) -> None:
         """After weights are assigned: tie the head if configured and build the RoPE tables on device."""
         if self.config.tie_embeddings:
+            assert isinstance(self.tok_embeddings, TiedEmbedding)           # built so in __init__ when tied
             self.output.weight = self.tok_embeddings.weight
         cos, sin = model_rope_tables(self.config)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,9 @@ from llmsh.runtime.generation import BatchGenerator, Sequence
 from llmsh.runtime.kv_cache import KVCache, Step
 from llmsh.runtime.sampling import SamplingParams
 from llmsh.runtime.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llmsh.runtime.quant import QuantizedCheckpoint
 
 FAMILIES: dict[str, ModuleType] = {t: m for m in (gpt2, llama, gemma, moe) for t in m.MODEL_TYPES}
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -47,17 +50,20 @@ class Page:
 class Model:
     """A loaded model: network, tokenizer, configs, and the generation and paging APIs."""
 
-    def __init__(self, module: nn.Module, *, name: str, path: Path, hf_config: dict[str, Any], checkpoint: Checkpoint,
-                 tokenizer: Tokenizer | None, generation_config: dict[str, Any], device: torch.device,
-                 dtype: torch.dtype) -> None:
-        self.module, self.name, self.path = module, name, path
-        self.config = module.config
+    def __init__(self, module: nn.Module, *, name: str, path: Path, hf_config: dict[str, Any],
+                 checkpoint: Checkpoint | QuantizedCheckpoint, tokenizer: Tokenizer | None,
+                 generation_config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        # a family's Transformer and its Config: Any, as their attributes differ per family (and nn.Module's
+        # __getattr__ would type each one Tensor | Module)
+        net: Any = module
+        self.module, self.name, self.path = net, name, path
+        self.config: Any = net.config
         self.hf_config, self.checkpoint, self.tokenizer = hf_config, checkpoint, tokenizer
         self.generation_config, self.device, self.dtype = generation_config, device, dtype
-        self.max_seq_len: int = module.config.max_seq_len
-        on_demand = getattr(module, "on_demand_pages", set())
+        self.max_seq_len: int = self.config.max_seq_len
+        on_demand: set[str] = getattr(module, "on_demand_pages", set())
         self._pages = [Page(n, names, sum(self._param_nbytes(p) for p in names), n in on_demand)
-                       for n, names in module.pages()]
+                       for n, names in net.pages()]
         self._tied: dict[str, list[str]] = {}  # parameter name -> every name sharing that tensor
         by_id: dict[int, list[str]] = {}
         for pname, param in module.named_parameters(remove_duplicate=False):
@@ -289,31 +295,32 @@ def load_hf(path_or_name: str | Path, device: str | torch.device = "cpu", dtype:
     report(0.0, f"reading {folder}")
     hf_config = _read_json(folder / "config.json")
     model_type = hf_config.get("model_type")
-    family = FAMILIES.get(model_type)
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         supported = ", ".join(sorted(FAMILIES))
         raise LoadError(f"model_type {model_type!r} in {folder / 'config.json'} is not supported; "
                         f"llmsh runs: {supported} (GPT-2; the Llama family: Llama 2/3, Mistral, Qwen2/3, Phi-3/4, SmolLM; "
                         "Gemma 2/3; the experts of Mixtral and Qwen3-MoE)")
     dev = _resolve_device(device)
-    checkpoint = Checkpoint(folder)
+    base = Checkpoint(folder)
     if verify and integrity.has_checksums(folder):
         integrity.verify_folder(folder, progress=lambda f, m: report(0.05 + 0.6 * f, m))
-    dt = _resolve_dtype(dtype, checkpoint.dtype(), dev)
+    dt = _resolve_dtype(dtype, base.dtype(), dev)
     check_sizes(hf_config, folder / "config.json")  # n_layer 0, n_head 0…: one line here, not a failing first step
     try:
         cfg = family.Config.from_hf(hf_config)
     except KeyError as e:
         raise LoadError(f"config.json in {folder} lacks {e.args[0]!r}, which {model_type} models need") from None
-    checkpoint.key_map = lambda name: family.hf_keys(name, cfg)
-    checkpoint.transposed = lambda name: family.transposed(name, cfg)
-    checkpoint.parts = lambda name: family.fused_parts(name, cfg)
+    base.key_map = lambda name: family.hf_keys(name, cfg)
+    base.transposed = lambda name: family.transposed(name, cfg)
+    base.parts = lambda name: family.fused_parts(name, cfg)
+    checkpoint: Checkpoint | QuantizedCheckpoint = base
     with torch.device("meta"):
         module = family.Transformer(cfg)
     if quant:  # matrices from a quantized copy of the checkpoint (made once, cached): quant.py
         from llmsh.runtime import quant as quant_mod
 
-        checkpoint = quant_mod.quantized_checkpoint(checkpoint, module, quant,
+        checkpoint = quant_mod.quantized_checkpoint(base, module, quant,
                                                     progress=lambda f, m: report(0.05 + 0.6 * f, m))
         quant_mod.quantize_module(module, checkpoint)
     expected = module.state_dict()

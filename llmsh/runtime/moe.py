@@ -50,7 +50,7 @@ class MoEConfig(llama.LlamaConfig):
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> MoEConfig:
         """Read a transformers MixtralConfig / Qwen3MoeConfig config.json."""
-        model_type = cfg.get("model_type")
+        model_type: str = cfg["model_type"]      # present: load() picked this family by it
         qwen = model_type == "qwen3_moe"
         if cfg.get("shared_expert_intermediate_size"):
             raise LoadError(f"shared experts (shared_expert_intermediate_size) are not supported for {model_type}")
@@ -159,6 +159,7 @@ class Transformer(nn.Module):
     def setup(self, device: torch.device | str) -> None:
         """After weights are assigned: tie the head if configured and build the RoPE tables on device."""
         if self.config.tie_embeddings:
+            assert isinstance(self.tok_embeddings, TiedEmbedding)           # built so in __init__ when tied
             self.output.weight = self.tok_embeddings.weight
         cos, sin = llama.model_rope_tables(self.config)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)

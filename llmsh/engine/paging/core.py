@@ -14,6 +14,7 @@ swaps done under the lock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -267,7 +268,7 @@ class Pager:
                 return_freed_memory_to_os()
             self._check(device)
         if hook:
-            source.set_hook(lambda index, _pid=pid: self.ensure(_pid, index))
+            source.set_hook(functools.partial(self.ensure, pid))
         if locked:
             self.mlock(pid)
         return proc
@@ -396,11 +397,11 @@ class Pager:
                     self._check(HOST)
         stream = self._side_stream(proc.device)
         with torch.cuda.stream(stream):
-            out = {k: v.to(proc.device, non_blocking=True) for k, v in host.items()}
+            moved = {k: v.to(proc.device, non_blocking=True) for k, v in host.items()}
             event = torch.cuda.Event()
             event.record(stream)
         e.ready_event = event
-        return out
+        return moved
 
     def _side_stream(self, device: str) -> Any:
         import torch

@@ -32,8 +32,10 @@ class PageSource(Protocol):
     def page_infos(self) -> list[PageInfo]:
         """The pages in forward order."""
 
-    def read(self, index: int, device: str, *, pin: bool = False) -> dict[str, "torch.Tensor"]:
-        """Fresh tensors of one page, read from its home on disk (pinned host memory if `pin`)."""
+    def read(self, index: int, device: str, *, pin: bool = False,
+             out: list["torch.Tensor"] | None = None) -> dict[str, "torch.Tensor"]:
+        """Fresh tensors of one page, read from its home on disk (pinned host memory if `pin`); with `out`, read into
+        those buffers (an evicted page's of the same `layout`: passed only to sources that have a `layout` method)."""
 
     def deps(self, index: int) -> list[int]:
         """Other pages this page's modules read (e.g. a tied head reads the embedding); may be absent."""

@@ -62,9 +62,10 @@ RESTYPES = {"lm_scratch_floats": _L}
 class Layer(ctypes.Structure):
     """lm_layer: one layer's parameter and KV cache addresses (0 where the layer has no such tensor)."""
 
+    # one list per C type: a list mixing c_long and c_float fields would be typed list[tuple[str, type[object]]]
     _fields_ = [(name, _P) for name in ("norm1", "norm1_bias", "w_qkv", "b_qkv", "w_o", "b_o", "norm2", "norm2_bias",
                                         "w_up", "b_up", "w_down", "b_down", "k_cache", "v_cache")] + \
-        [("window", _L), ("attn_scale", _F)] + \
+        [("window", _L)] + [("attn_scale", _F)] + \
         [(name, _P) for name in ("q_norm", "k_norm", "post_norm1", "post_norm2", "rope_cos", "rope_sin")] + \
         [("softcap", _F)]
 
