@@ -25,7 +25,7 @@ from llmsh.protocol.names import check_name
 from llmsh.protocol.procs import ExitHow, ProcState, cfs_weight
 
 DEFAULT_MAX_PROCS = 16
-_ENGINE_STATES = frozenset({"ready", "running", "paged-out", "stopped", "exiting"})
+_ENGINE_STATES = frozenset({"ready", "running", "paged-out", "stopped", "exiting", "failed"})
 
 
 class TableFull(KernelError):
@@ -208,6 +208,8 @@ class ProcessTable:
                 entry.live = row
                 if entry.on_engine and row.get("state") in _ENGINE_STATES:  # ready ⇄ running flip with every request:
                     entry.state = ProcState(row["state"])  # the engine's word, not journalled (a restore reloads)
+                    if entry.state is ProcState.FAILED:  # its `state` event (journalled) may still be on its way
+                        entry.reason = str(row.get("reason") or entry.reason)
         self.scheduler_stats = scheduler
 
     # ---- waiting ---------------------------------------------------------------------------------------------------
