@@ -163,10 +163,7 @@ class PagerService:
         if sched is None:
             return
         try:
-            eng = sched.engine(proc.device)
-            with eng.cond:
-                sched._fail_locked(proc, line)
-            sched._free(proc)
+            sched.fail(proc, line)
         except Exception:
             log.exception("could not fail pid %s after the pager refused it", proc.pid)
 

@@ -538,6 +538,14 @@ class Scheduler:
         self.procs.changed(proc)
         return old
 
+    def fail(self, proc: Process, reason: str) -> None:
+        """Fail a loaded process from outside the scheduler (the pager could not place it, or its checkpoint changed):
+        every request gets the line, the model is dropped, the entry stays with its reason."""
+        eng = self.engine(proc.device)
+        with eng.cond:
+            self._fail_locked(proc, reason)
+        self._free(proc)
+
     def fail_load(self, proc: Process, reason: str) -> None:
         """The loader could not load `proc`: mark it failed (entry kept with its reason) and fail anything queued."""
         eng = self.engine(proc.device)
