@@ -54,6 +54,13 @@ def exit_cause(returncode: int | None) -> str:
     return f"exit status {returncode}"
 
 
+def _open_log(path: Path) -> Any:
+    """The kernel's log, for appending, owner-only (opened off the event loop: it is file I/O)."""
+    f = open(path, "ab")  # noqa: SIM115  (handed to the child process, closed by the caller)
+    os.chmod(path, 0o600)
+    return f
+
+
 async def _default_exit(cause: str) -> str:
     return f"engine exited: {cause}"
 
@@ -112,10 +119,12 @@ class EngineLink:
                 "--parent", str(os.getpid())]
         if self.mem_budget:
             argv += ["--mem-budget", self.mem_budget]
-        with open(self.log_path, "ab") as logf:  # the engine's stderr goes to the kernel's log
-            os.chmod(self.log_path, 0o600)
+        logf = await asyncio.to_thread(_open_log, self.log_path)  # the engine's stderr goes to the kernel's log
+        try:
             self.proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                              stdout=logf, stderr=logf)
+        finally:
+            logf.close()  # the child has its own descriptor
         self.generation += 1
         proc = self.proc
         exited = loop.create_task(proc.wait())
