@@ -5,10 +5,39 @@ The scripts run as `python scripts/bench/NAME.py`, so this folder is on sys.path
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def isolate() -> Path:
+    """Run against a private kernel in a temporary XDG/Jupyter home, never a user's; this checkout importable."""
+    home = Path(tempfile.mkdtemp(prefix="llmsh-bench-"))
+    for var in ("XDG_RUNTIME_DIR", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "JUPYTER_RUNTIME_DIR"):
+        (home / var).mkdir(mode=0o700)
+        os.environ[var] = str(home / var)
+    os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the engine sets for itself: references on the same footing
+    sys.path.insert(0, str(REPO))
+    return home
+
+
+def gpt2_checkpoint(shape: dict, tag: str) -> Path:
+    """A random HF-format GPT-2 of `shape` with a small trained tokenizer, cached in the temp dir between runs."""
+    folder = Path(tempfile.gettempdir()) / f"llmsh-bench-gpt2-{tag}"
+    if not (folder / "model.safetensors").exists():
+        from tests.fixtures_models import build_tiny_model
+
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        build_tiny_model(tmp, "gpt2", initializer_range=0.02, **shape)
+        tmp.rename(folder)
+    return folder
 
 
 def start_kernel(home: Path) -> tuple[subprocess.Popen, Path]:

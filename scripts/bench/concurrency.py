@@ -23,40 +23,14 @@ import platform
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from benchkit import client, start_kernel
+from benchkit import client, gpt2_checkpoint, isolate, start_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 GPT2_124M = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
-
-
-def _isolate() -> Path:
-    """Run against a private kernel in a temporary XDG home, never a user's."""
-    home = Path(tempfile.mkdtemp(prefix="llmsh-bench-"))
-    for var in ("XDG_RUNTIME_DIR", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "JUPYTER_RUNTIME_DIR"):
-        (home / var).mkdir(mode=0o700)
-        os.environ[var] = str(home / var)
-    os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the kernel sets for itself (process.setup): same footing
-    sys.path.insert(0, str(REPO))
-    return home
-
-
-def _checkpoint(shape: dict, tag: str) -> Path:
-    """A random HF-format GPT-2 of `shape` with a real (small, trained) tokenizer; cached between runs."""
-    folder = Path(tempfile.gettempdir()) / f"llmsh-bench-gpt2-{tag}"
-    if not (folder / "model.safetensors").exists():
-        from tests.fixtures_models import build_tiny_model
-
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build_tiny_model(tmp, "gpt2", initializer_range=0.02, **shape)
-        tmp.rename(folder)
-    return folder
 
 
 def _execute(kc, code: str, timeout: float = 600) -> tuple[str, dict]:
@@ -216,8 +190,8 @@ def main() -> None:
     def note(text: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {text}", flush=True)
 
-    home = _isolate()
-    folder = _checkpoint(GPT2_124M, "124m")
+    home = isolate()
+    folder = gpt2_checkpoint(GPT2_124M, "124m")
 
     import torch
     import transformers

@@ -24,40 +24,17 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchkit import gpt2_checkpoint, isolate
 
 REPO = Path(__file__).resolve().parents[2]
 # GPT-2-124M's body with the vocabulary of the small trained tokenizer: every generated id decodes to text, so each
 # token is a streamed piece (with 50257 rows most ids are past the tokenizer and decode to nothing)
 GPT2_124M_BODY = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=384)
 GPT2_SMALL = dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, vocab_size=384)  # --small: the transport dominates
-
-
-def isolate() -> Path:
-    """A private kernel in a temporary XDG home, never a user's."""
-    home = Path(tempfile.mkdtemp(prefix="llmsh-bench-"))
-    for var in ("XDG_RUNTIME_DIR", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "JUPYTER_RUNTIME_DIR"):
-        (home / var).mkdir(mode=0o700)
-        os.environ[var] = str(home / var)
-    os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    sys.path.insert(0, str(REPO))
-    return home
-
-
-def checkpoint(shape: dict, tag: str) -> Path:
-    """A random HF-format GPT-2 of `shape` with a small trained tokenizer; cached between runs (as concurrency.py)."""
-    folder = Path(tempfile.gettempdir()) / f"llmsh-bench-gpt2-{tag}"
-    if not (folder / "model.safetensors").exists():
-        from tests.fixtures_models import build_tiny_model
-
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build_tiny_model(tmp, "gpt2", initializer_range=0.02, **shape)
-        tmp.rename(folder)
-    return folder
 
 
 def free_port() -> int:
@@ -186,7 +163,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {text}", flush=True)
 
     home = isolate()
-    folder = checkpoint(GPT2_SMALL, "small-v384") if opts.small else checkpoint(GPT2_124M_BODY, "124m-v384")
+    folder = gpt2_checkpoint(GPT2_SMALL, "small-v384") if opts.small else gpt2_checkpoint(GPT2_124M_BODY, "124m-v384")
     port = free_port()
     proc, cf = start_kernel(home, port)
     try:

@@ -20,37 +20,14 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchkit import client, start_kernel
+from benchkit import client, gpt2_checkpoint, isolate, start_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"124m": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257),
           "small": dict(n_embd=256, n_layer=4, n_head=4, n_positions=512)}
-
-
-def _isolate() -> Path:
-    home = Path(tempfile.mkdtemp(prefix="llmsh-bench-"))
-    for var in ("XDG_RUNTIME_DIR", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "JUPYTER_RUNTIME_DIR"):
-        (home / var).mkdir(mode=0o700)
-        os.environ[var] = str(home / var)
-    os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    sys.path.insert(0, str(REPO))
-    return home
-
-
-def _checkpoint(shape: str) -> Path:
-    folder = Path(tempfile.gettempdir()) / f"llmsh-bench-gpt2-recovery-{shape}"
-    if not (folder / "model.safetensors").exists():
-        from tests.fixtures_models import build_tiny_model
-
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build_tiny_model(tmp, "gpt2", initializer_range=0.02, **SHAPES[shape])
-        tmp.rename(folder)
-    return folder
 
 
 def _execute(kc, code: str) -> dict:
@@ -105,8 +82,8 @@ def main() -> int:
     args = p.parse_args()
     if args.quick:
         args.rounds, args.shape = min(args.rounds, 2), "small"
-    home = _isolate()
-    folder = _checkpoint(args.shape)
+    home = isolate()
+    folder = gpt2_checkpoint(SHAPES[args.shape], f"recovery-{args.shape}")
     cold: list[float] = []
     recovery: list[float] = []
     run = "--max-tokens 1 --temperature 0 --ignore-eos hello"

@@ -15,23 +15,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchkit import client, start_kernel
+from benchkit import client, isolate, start_kernel
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _isolate() -> Path:
-    home = Path(tempfile.mkdtemp(prefix="llmsh-bench-"))
-    for var in ("XDG_RUNTIME_DIR", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "JUPYTER_RUNTIME_DIR"):
-        (home / var).mkdir(mode=0o700)
-        os.environ[var] = str(home / var)
-    os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    sys.path.insert(0, str(REPO))
-    return home
 
 
 def _roundtrip(kc, code: str) -> float:
@@ -70,7 +59,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=300, help="round trips per kernel")
     ap.add_argument("--oneshot-runs", type=int, default=10)
     opts = ap.parse_args()
-    home = _isolate()
+    home = isolate()
     from jupyter_client.manager import start_new_kernel
 
     proc, cf = start_kernel(home)
