@@ -124,3 +124,29 @@ def test_prefill_rejects_bad_input(gpt2):
     assert cache.length(slot) == 0
     with pytest.raises(RuntimeError, match="KV cache full"):
         cache.alloc(), cache.alloc()
+
+
+def test_length_groups_bound_the_padding():
+    from llmsh.runtime.model import length_groups
+
+    lengths = [16, 256, 250, 20, 18, 100, 17]
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each prompt exactly once
+    for g in groups:
+        width = max(lengths[i] for i in g)
+        assert width * len(g) <= 1.15 * sum(lengths[i] for i in g)
+    assert len(groups) < len(lengths)  # similar lengths still share a call
+    assert length_groups([5, 5, 5]) == [[0, 1, 2]]
+    assert all(len(g) * 300 <= 1000 for g in length_groups([300] * 10, max_rows=1000))
+
+
+def test_prefill_of_mixed_lengths_equals_one_prompt_at_a_time(gpt2):
+    prompts = [list(range(1, 1 + n)) for n in (3, 40, 5, 38, 4)]
+    together, alone = gpt2.new_cache(5, 64), gpt2.new_cache(5, 64)
+    slots = [together.alloc() for _ in prompts]
+    got = gpt2.prefill(together, slots, prompts)
+    want = torch.cat([gpt2.prefill(alone, [alone.alloc()], [p]) for p in prompts])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert [together.length(s) for s in slots] == [len(p) for p in prompts]
+    steps = [gpt2.decode_step(c, list(range(5)), [7] * 5) for c in (together, alone)]
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-4, rtol=1e-4)

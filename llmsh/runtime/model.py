@@ -121,7 +121,15 @@ class Model:
                 raise ValueError(f"slot {s}: {n} prompt tokens after {start} do not fit the context of {cache.max_seq_len}")
         if any(starts) and len(slots) > 1:  # continuing slots: one at a time, so padding never runs past a slot's end
             return torch.cat([self.prefill(cache, [s], [t]) for s, t in zip(slots, token_ids)])
-        return self._prefill(cache, slots, token_ids, starts[0])
+        groups = length_groups(lengths)
+        if len(groups) == 1:
+            return self._prefill(cache, slots, token_ids, starts[0])
+        rows: list[Tensor] = [torch.empty(0)] * len(slots)
+        for group in groups:
+            logits = self._prefill(cache, [slots[i] for i in group], [token_ids[i] for i in group], 0)
+            for row, i in enumerate(group):
+                rows[i] = logits[row]
+        return torch.stack(rows)
 
     def _prefill(self, cache: KVCache, slots: list[int], token_ids: list[list[int]], start: int) -> Tensor:
         T = max(len(t) for t in token_ids)
@@ -266,6 +274,26 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise LoadError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
     return dev
+
+
+def length_groups(lengths: list[int], waste: float = 0.15, max_rows: int = 4096) -> list[list[int]]:
+    """Indices of prompts grouped for padded prefill calls: similar lengths together, so that padding adds at most
+    `waste` of a group's real tokens, and no group holds more than `max_rows` padded positions.
+
+    One call for prompts of 16 and 256 tokens computes 2 x 256 positions for 272 real ones; `map` joins many prompts
+    of mixed lengths at once, where that padding cost more than the batching saved (measured on GPT-2 124M with
+    16-256-token prompts: 8.9 s batched as one call against 5.8 s one prompt at a time)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g is not None:
+            width, real = lengths[g[0]], sum(lengths[j] for j in g) + lengths[i]  # g[0] is its longest
+            if width * (len(g) + 1) <= (1 + waste) * real and width * (len(g) + 1) <= max_rows:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, stored: torch.dtype, device: torch.device) -> torch.dtype:
