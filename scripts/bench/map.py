@@ -7,7 +7,9 @@ All in one run, same random GPT-2-shaped checkpoint (cached in the temp dir), sa
   sequential  one `llmsh -c 'run bench …'` per prompt (what a hand-written loop does), timed on a sample, scaled
 Prompts have 16–256 tokens in and 16–128 out (each JSON line carries its own max_tokens); transformers gets them
 grouped by output length as well as sorted by input length, so that no batch runs past what its requests need.
-Last line: ratio_static=<static s / map s> ratio_seq=<sequential s / map s>  (goals: ≥ 1.5 and ≥ 5)
+Last line: ratio_static=<static s / map s> ratio_seq=<sequential s / map s>  (goals: ≥ 1.5 and ≥ 5), and
+prefill_share (of map's time spent on the prompts alone) and ratio_seq_bound (sequential s / prefill-alone s: the
+most any batching can gain where prefill is compute-bound).
 Usage: python scripts/bench/map.py [--quick] [--prompts 512] [--shape small|124m]
 """
 
@@ -50,6 +52,26 @@ def _execute(kc, code: str) -> dict:
     if reply["status"] != "ok":
         raise SystemExit(f"{code[:80]!r} failed: {reply.get('evalue')}")
     return reply
+
+
+def _prefill_floor(folder: Path, work: list[tuple[str, int]], sample: int) -> float:
+    """Seconds to prefill every prompt once, one at a time, in llmsh's runtime (scaled from an evenly spread sample).
+
+    Both `map` and the sequential loop must do this work, so t_seq / this is the most any batching could gain over
+    the loop: on a CPU, where prefill is bound by the FMA rate, it bounds ratio_seq from above."""
+    from llmsh.runtime import load
+
+    model = load(folder)
+    picked = work[:: max(1, len(work) // sample)]
+    cache = model.new_cache(1, 1024)
+    slot = cache.alloc()
+    model.prefill(cache, [slot], [model.tokenizer.encode("warm up")])
+    t0 = time.perf_counter()
+    for q, _ in picked:
+        cache.free(slot)
+        slot = cache.alloc()
+        model.prefill(cache, [slot], [model.tokenizer.encode(q)])
+    return (time.perf_counter() - t0) * len(work) / len(picked)
 
 
 def main() -> int:
@@ -124,9 +146,13 @@ def main() -> int:
     t.join()
     t_static = box[0]
     print(f"transformers static batches of 16 (sorted by length): {t_static:.2f} s", file=sys.stderr)
+    t_floor = _prefill_floor(folder, work, args.seq_sample * 4)
+    print(f"prefill alone (every prompt through the model once, no decoding): {t_floor:.2f} s (scaled from a sample)",
+          file=sys.stderr)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; model {args.shape}; "
           f"{args.prompts} prompts")
-    print(f"ratio_static={t_static / t_map:.2f} ratio_seq={t_seq / t_map:.2f} map_s={t_map:.2f}")
+    print(f"ratio_static={t_static / t_map:.2f} ratio_seq={t_seq / t_map:.2f} map_s={t_map:.2f} "
+          f"prefill_share={t_floor / t_map:.2f} ratio_seq_bound={t_seq / t_floor:.2f}")
     return 0
 
 
