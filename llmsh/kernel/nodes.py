@@ -205,7 +205,7 @@ class Nodes:
             row = {"name": link.node, "local": False, "drivers": load.get("drivers", []),
                    "cpu": load.get("cpu") or {}, "gpus": load.get("gpus") or [], "torch": load.get("torch"),
                    "memory": load.get("memory") or []}
-            row.update(self.engine_row(link, counts.get(link.node, 0)))
+            row.update(self.engine_row(link, counts.get(link.node, int(link.beat.get("procs") or 0))))
             rows.append(row)
         return rows
 
