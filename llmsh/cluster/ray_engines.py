@@ -4,7 +4,7 @@
 Ray's node table and gives every alive node a `RayEngineLink` (a node joining later is found at the next `load` or
 `nodes`). Each link binds its own ROUTER on the front's node IP as a CurveZMQ server, with a ZAP handler that admits
 exactly the client key issued to that node's engine; the actor (`llmsh.cluster.ray_actor.EngineActor`, pinned with
-`NodeAffinitySchedulingStrategy`, `max_restarts=-1`) gets the front's public key and its key pair, connects and says
+`NodeAffinitySchedulingStrategy`, `max_restarts=-1`, holding the node's GPUs) gets the front's public key and its key pair, connects and says
 hello. So the front ↔ engine frames are encrypted and authenticated across machines, never plaintext; the keys
 themselves ride Ray's control channel (turn on Ray's TLS if that network is not yours).
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,18 @@ def with_cpu_budget(spec: str | None, nbytes: int) -> str | None:
     return ",".join([*parts, f"cpu={nbytes}"])
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT address must answer TCP before Ray is asked (Ray itself retries an unreachable head for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", or a scheme Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"--ray {address}: cannot reach a Ray head there ({e.strerror or e}); check the address "
+                           "('ray status' on the head prints it)") from None
+
+
 class _Keys:
     """ZAP credentials: node name (the socket's ZAP domain) → the one client key admitted there."""
 
@@ -89,6 +102,7 @@ class RayCluster:
 
     def __init__(self, address: str, *, mem_budget: str | None = None) -> None:
         ray = import_ray()
+        check_reachable(address)
         try:
             ray.init(address=address, namespace="llmsh", log_to_driver=False, ignore_reinit_error=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -132,7 +146,8 @@ class RayCluster:
             elif link is None:
                 res = n.get("Resources", {})
                 link = RayEngineLink(self, name, n["NodeID"], n["NodeManagerAddress"],
-                                     with_cpu_budget(self.mem_budget, int(res.get("memory", 0))), int(res.get("CPU", 0)))
+                                     with_cpu_budget(self.mem_budget, int(res.get("memory", 0))), int(res.get("CPU", 0)),
+                                     int(res.get("GPU", 0)))
                 nodes.add(link)
         if not nodes.links:
             raise ClusterError(f"--ray {self.address}: the Ray cluster has no alive node")
@@ -153,6 +168,7 @@ class RayCluster:
         curve = {"serverkey": self.server_public.decode(), "publickey": public.decode(), "secretkey": secret.decode()}
         return EngineActor.options(  # type: ignore[attr-defined]
             scheduling_strategy=NodeAffinitySchedulingStrategy(link.node_id, soft=False),
+            num_gpus=link.gpus,  # the node's GPUs are the engine's (an actor without GPUs gets CUDA_VISIBLE_DEVICES="")
             runtime_env={"env_vars": {"PYTHONPATH": path}},
         ).remote(link.url, link.node, link.budget, curve, HEARTBEAT_S, link.cpus)
 
@@ -175,13 +191,13 @@ class RayEngineLink(EngineLink):
     remote = True
 
     def __init__(self, cluster: RayCluster, node: str, node_id: str, address: str, budget: str | None,
-                 cpus: int) -> None:
+                 cpus: int, gpus: int = 0) -> None:
         super().__init__(node, Path(os.devnull), Path(os.devnull), mem_budget=budget, ctx=cluster.ctx)
         self.cluster = cluster
         self.node_id = node_id
         self.address = address
         self.budget = budget
-        self.cpus = cpus
+        self.cpus, self.gpus = cpus, gpus
         self.url = ""
         self.actor: Any = None
         self.lost_line = ""

@@ -120,11 +120,10 @@ def format_nodes(payload: dict[str, Any]) -> str:
         if node.get("front"):
             where = f"the front, kernel pid {kpid}; its engines run on the nodes below"
         elif node.get("local"):
-            where = f"local, kernel pid {kpid}, {node.get('state', 'idle')}"
+            where = f"local, kernel pid {kpid}" + (f", {node['state']}" if node.get("state") else "")
         else:
-            where = f"remote {node.get('address')}, {node.get('state')}"
-            if node.get("reason"):
-                where += f": {node['reason']}"
+            where = "remote" + (f" {node['address']}" if node.get("address") else "") \
+                + (f", {node['state']}" if node.get("state") else "") + (f": {node['reason']}" if node.get("reason") else "")
         drivers = node.get("drivers") or []
         out.append(f"{node.get('name')} ({where}" + (f"; drivers: {', '.join(drivers)})" if drivers else ")"))
         load = " ".join(f"{x:.2f}" for x in cpu.get("load", []))

@@ -113,8 +113,9 @@ class Processes(Recovery):
         self._applier = asyncio.get_running_loop().create_task(self._apply_events(), name="engine events")
 
     async def close(self) -> None:
-        if self._applier is not None:
-            self._applier.cancel()
+        for task in (self._applier, self.starting):
+            if task is not None:
+                task.cancel()
         await self.nodes.close()
 
     def dmesg(self, kind: str, text: str, pid: int | None = None) -> None:

@@ -128,7 +128,7 @@ class Nodes:
             try:
                 chosen = place(states, need, nice=nice, node=node, pid=pid)
             except NoRoom as e:
-                readable = [s for s in states if s.up and s.readable]
+                readable = [s for s in states if s.up and s.readable and s.budget > 0]  # budget 0: no such device
                 if node is not None or not readable:
                     if not readable and unreadable:
                         first = unreadable[0].name
