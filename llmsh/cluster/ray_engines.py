@@ -40,7 +40,9 @@ from llmsh.kernel.nodes import Nodes
 log = logging.getLogger("llmsh.cluster.ray")
 HELLO_TIMEOUT_S = 120.0  # a new Ray worker starts Python, imports Ray and llmsh; a busy machine takes its time
 LOST_AFTER_S = 15.0  # no message from an engine for this long: its node is lost (heartbeats come every 2 s)
-CONFIRM_S = 3.0  # after a disconnect, how long a request may take to show the engine is still there
+CONFIRM_S = 3.0  # after a disconnect, how long a request may take to show the engine is still there (a gone peer
+# fails at once). A disconnect within LOST_AFTER_S of a new engine's hello is left to the heartbeats: it may be its
+# predecessor's (Ray restarted it), seen after the new one already said hello
 HEARTBEAT_S = 2.0
 _RAY_BUILTIN = ("CPU", "GPU", "memory", "object_store_memory", "TPU", "NPU", "HPU")
 
@@ -202,6 +204,7 @@ class RayEngineLink(EngineLink):
         self.actor: Any = None
         self.lost_line = ""
         self._fd = -1
+        self._since = 0.0  # time.monotonic() of the current engine's hello
         self._seen = asyncio.Event()
         self._monitor: zmq.asyncio.Socket | None = None
 
@@ -269,7 +272,7 @@ class RayEngineLink(EngineLink):
 
     def on_hello(self, msg: dict[str, Any], fd: int) -> None:
         if self._hello is not None and not self._hello.done():
-            self._fd = fd
+            self._fd, self._since = fd, time.monotonic()
             self._hello.set_result(msg)
             return
         if int(msg["pid"]) != self.engine_pid or self.lost:  # Ray restarted the actor: a new engine
@@ -287,7 +290,7 @@ class RayEngineLink(EngineLink):
 
     def _back(self, pid: int, fd: int) -> None:
         self.lost = self.lost_line = ""
-        self.engine_pid, self._fd = pid, fd
+        self.engine_pid, self._fd, self._since = pid, fd, time.monotonic()
         self.generation += 1
         if self._hello is None or self._hello.done():
             self._hello = asyncio.get_running_loop().create_future()
@@ -316,6 +319,8 @@ class RayEngineLink(EngineLink):
                 return
             if event["event"] != zmq.EVENT_DISCONNECTED or int(event["value"]) != self._fd or not self.running:
                 continue
+            if time.monotonic() - self._since < LOST_AFTER_S:
+                continue  # a new engine: this may be its predecessor's socket number; its heartbeats will tell
             try:
                 await asyncio.wait_for(self.request("stats"), CONFIRM_S)
             except (KernelError, TimeoutError):
