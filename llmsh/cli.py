@@ -77,7 +77,8 @@ def _kernel_parser() -> argparse.ArgumentParser:
         "--max-message", metavar="SIZE", type=_message_size, default=DEFAULT_MAX_MESSAGE,
         help="refuse requests larger than this (default 4MiB)",
     )
-    start.add_argument("--ray", metavar="ADDRESS", help="place processes on the nodes of this Ray cluster")
+    start.add_argument("--ray", metavar="auto|ADDRESS", help="one engine per node of this Ray cluster ('auto': the one "
+                       "'ray start --head' runs here), processes placed by free memory and load; needs llmsh[ray]")
     start.add_argument("--http", metavar="[ADDR:]PORT", type=_http_address,
                        help="serve the OpenAI (/v1) and Ollama (/api) HTTP APIs (default address 127.0.0.1; port 11435 "
                        "is the documented choice; off loopback --http-key is required)")

@@ -1,7 +1,7 @@
 """`config.toml` (platformdirs' user_config_dir): the one reader of the user's settings file.
 
 Keys in use: `model_dirs` (llmsh/models.py), `max_procs` (the process table's limit), `http`/`serve_http`/`http_key`/
-`http_min_nice` (llmsh/http/config.py). A missing or unreadable file is an empty config; a file that is not valid TOML
+`http_min_nice` (llmsh/http/config.py), `ray` (the Ray cluster a kernel joins, as `--ray`). A missing or unreadable file is an empty config; a file that is not valid TOML
 is reported once by whoever asks (`ConfigError`), never silently half-read.
 """
 
@@ -41,4 +41,16 @@ def max_procs(default: int) -> int:
     value = read_config().get("max_procs", default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{config_path()}: max_procs = {value!r}; give a whole number ≥ 1")
+    return value
+
+
+def ray_address(given: str | None) -> str | None:
+    """`--ray` if given, else `ray` from config.toml ("auto" or an address), else None (one machine, no Ray)."""
+    if given:
+        return given
+    value = read_config().get("ray")
+    if value is None or value is False or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{config_path()}: ray = {value!r}; give \"auto\" or a Ray address like \"10.0.0.5:6379\"")
     return value

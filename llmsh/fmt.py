@@ -24,6 +24,7 @@ PROC_COLUMNS: tuple[tuple[str, str, int, bool], ...] = (
     ("tok_s", "TOK/S", 5, True),
     ("tokens", "TOKENS", 6, True),
     ("time_s", "TIME", 7, True),
+    ("node", "NODE", 10, False),  # shown when there are several nodes (the dashboard, `top -n 1`)
 )
 # which columns to keep first when the terminal is narrow (80 columns fit all but PAGED and TOKENS)
 PROC_PRIORITY = ("pid", "name", "state", "nice", "device", "res_bytes", "tok_s", "reqs", "time_s", "paged_bytes",
@@ -111,11 +112,12 @@ def table(rows: Sequence[Sequence[str]], headers: Sequence[str], right: Iterable
 
 
 def proc_table(procs: list[dict[str, Any]]) -> str:
-    """The process table as text (the bottom half of `top -n 1`)."""
-    keys = [c[0] for c in PROC_COLUMNS]
+    """The process table as text (the bottom half of `top -n 1`); NODE only when the processes are on several."""
+    columns = [c for c in PROC_COLUMNS if c[0] != "node" or len({p.get("node") for p in procs}) > 1]
+    keys = [c[0] for c in columns]
     rows = [[proc_cell(p, k) for k in keys] for p in procs]
-    right = [i for i, c in enumerate(PROC_COLUMNS) if c[3]]
-    return table(rows, [c[1] for c in PROC_COLUMNS], right)
+    right = [i for i, c in enumerate(columns) if c[3]]
+    return table(rows, [c[1] for c in columns], right)
 
 
 def clock(t: float, utc: bool = False) -> str:

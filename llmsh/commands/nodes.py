@@ -79,15 +79,53 @@ def _gpu_line(g: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def node_rows(kernel: Any, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The payload's node rows, each with its engine's side (state, engine pid, heartbeat age, budget in use,
+    processes, tok/s) where it runs one; with Ray the front's own machine is marked `front` (it runs none)."""
+    services = kernel.services
+    nodes = services.procs.nodes
+    counts: dict[str, int] = {}
+    for e in services.table:
+        counts[e.node] = counts.get(e.node, 0) + 1
+    rows = []
+    for r in payload.get("nodes", []):
+        name = str(r.get("name"))
+        link = nodes.links.get(name)
+        if r.get("local") and link is not None and not link.remote:
+            r = {**r, **nodes.engine_row(link, counts.get(name, 0))}
+        elif r.get("local"):
+            r = {**r, "front": True}
+        else:
+            r = {**r, "procs": counts.get(name, 0)}
+        rows.append(r)
+    return rows
+
+
+def _engine_line(node: dict[str, Any]) -> str:
+    """`budget 1.2M / 64M used  2 processes  15.3 tok/s  0 queued  heartbeat 0.4s ago`."""
+    age = node.get("heartbeat_age_s")
+    return (f"  {'engine':<8} pid {node.get('engine_pid') or '-'}  budget {human_bytes(node.get('budget_used'))} / "
+            f"{human_bytes(node.get('budget_total'))} used  {node.get('procs', 0)} processes  "
+            f"{rate(node.get('tok_s'))} tok/s  {node.get('queued', 0)} queued  "
+            f"heartbeat {'-' if age is None else f'{age:.1f}s ago'}")
+
+
 def format_nodes(payload: dict[str, Any]) -> str:
-    """Each node, then one line per device with its load."""
+    """Each node, then one line per device with its load (and its engine's line)."""
     out = []
     kpid = (payload.get("kernel") or {}).get("pid")
     for node in payload.get("nodes", []):
         cpu = node.get("cpu") or {}
         mem = cpu.get("mem") or {}
-        where = f"local, kernel pid {kpid}" if node.get("local") else "remote"
-        out.append(f"{node.get('name')} ({where}; drivers: {', '.join(node.get('drivers', []))})")
+        if node.get("front"):
+            where = f"the front, kernel pid {kpid}; its engines run on the nodes below"
+        elif node.get("local"):
+            where = f"local, kernel pid {kpid}" + (f", {node['state']}" if node.get("state") else "")
+        else:
+            where = "remote" + (f" {node['address']}" if node.get("address") else "") \
+                + (f", {node['state']}" if node.get("state") else "") + (f": {node['reason']}" if node.get("reason") else "")
+        drivers = node.get("drivers") or []
+        out.append(f"{node.get('name')} ({where}" + (f"; drivers: {', '.join(drivers)})" if drivers else ")"))
         load = " ".join(f"{x:.2f}" for x in cpu.get("load", []))
         out.append(
             f"  {'cpu':<8} {cpu.get('count', '?')} cores  {cpu.get('percent', 0):.1f}%  load {load}  "
@@ -98,6 +136,8 @@ def format_nodes(payload: dict[str, Any]) -> str:
         t = node.get("torch")
         if t:
             out.append(f"  {'torch':<8} {t.get('version')}  {t.get('threads')} threads")
+        if "state" in node:
+            out.append(_engine_line(node))
     return "\n".join(out)
 
 
@@ -147,13 +187,17 @@ def format_top(payload: dict[str, Any]) -> str:
 @command(
     "nodes",
     "list the nodes with their devices and load",
-    description="Each node of this kernel (one without Ray) with its devices: CPU cores and load, RAM, GPUs.",
+    description="Each node of this kernel (one without Ray; with 'kernel start --ray', every Ray node) with its "
+    "address, devices (CPU cores and load, RAM, GPUs) and its engine: state (up, lost, idle), engine pid, memory "
+    "budget used, processes, tokens/s, queue and heartbeat age.",
     structured=True,
     group="nodes",
 )
 async def nodes_cmd(ctx: Context, args: argparse.Namespace) -> int:
     """`nodes`."""
+    await ctx.kernel.services.procs.nodes.refresh()  # nodes that joined the cluster since
     payload = await snapshot(ctx.kernel)
+    payload["nodes"] = node_rows(ctx.kernel, payload)
     ctx.result(payload["nodes"], format_nodes(payload) + "\n")
     return 0
 

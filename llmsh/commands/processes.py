@@ -87,6 +87,9 @@ LOAD_ARGS = (
     arg("--ctx", type=int, metavar="TOKENS", help="KV cache length per request (default: the model's, at most 2048)"),
     arg("--quant", choices=("q8_0", "q4_0", "q4_k"), help="quantize a Hugging Face checkpoint's matrices at load "
         "(GGUF block formats; cached, so the next load is fast)"),
+    arg("--node", metavar="NODE", help="the node to load it on (default: placed by free budget and load; see 'nodes')"),
+    arg("--replicas", type=int, default=1, metavar="N", help="load N processes of the model (NAME, NAME-2, …), each "
+        "placed on its own"),
 )
 
 
@@ -126,11 +129,31 @@ async def load_cmd(ctx: Context, args: argparse.Namespace) -> int:
                 ctx.warn(f"{label} {now[0]}%\n")
             shown.append(now)
 
-    entry = await ctx.kernel.services.procs.load(
-        source, name=args.name, device=args.device, dtype=args.dtype, nice=args.nice, max_batch=args.max_batch,
-        ctx=args.ctx, quant=args.quant, on_progress=on_progress,
-    )
-    ctx.result(entry.row(), f"{entry.pid}")
+    replicas = int(getattr(args, "replicas", 1) or 1)
+    if replicas < 1:
+        raise UsageError(f"--replicas {replicas}: give a number ≥ 1")
+    procs = ctx.kernel.services.procs
+    names: list[str | None] = [None] * replicas if args.name is None else \
+        [args.name if i == 0 else f"{args.name}-{i + 1}" for i in range(replicas)]  # None: the table names them
+
+    async def one(name: str | None) -> Entry:
+        return await procs.load(source, name=name, device=args.device, dtype=args.dtype, nice=args.nice,
+                                max_batch=args.max_batch, ctx=args.ctx, quant=args.quant, on_progress=on_progress,
+                                node=getattr(args, "node", None))
+
+    if replicas == 1:
+        entry = await one(names[0])
+        ctx.result(entry.row(), f"{entry.pid}")
+        return 0
+    results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+    entries = [r for r in results if isinstance(r, Entry)]
+    if entries:
+        ctx.result([e.row() for e in entries], "\n".join(str(e.pid) for e in entries))
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        if not isinstance(errors[0], (KernelError, CommandError)):
+            raise errors[0]
+        raise CommandError(f"{len(errors)} of {replicas} replicas did not load: {errors[0]}")
     return 0
 
 

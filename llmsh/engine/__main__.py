@@ -1,8 +1,10 @@
 """`python -m llmsh.engine --connect URL`: one engine process, spoken to by the front over ZeroMQ.
 
-The front starts this as its child. The engine connects a DEALER socket (routing id = its node name) to the front's
-ROUTER, says `hello`, then serves requests until the front says `shutdown`, closes the socket, or dies (Linux: the
-parent-death signal; elsewhere: the front's socket going away ends the engine at its next send).
+The front starts this as its child (one machine), or a Ray actor runs `serve` on another node (`llmsh.cluster`).
+The engine connects a DEALER socket (routing id = its node name) to the front's ROUTER, says `hello`, then serves
+requests until the front says `shutdown`, closes the socket, or dies (Linux: the parent-death signal; elsewhere: the
+front's socket going away ends the engine at its next send). A `heartbeat` every few seconds tells the front it is
+alive (and, from another machine, that node's load). Across machines the socket is a CurveZMQ client.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import zmq.asyncio
 from llmsh.protocol import engine as wire
 
 log = logging.getLogger("llmsh.engine")
+HEARTBEAT_S = 2.0  # the front counts a node lost after several silent periods (llmsh.kernel.nodes.LOST_AFTER_S)
 
 
 def _preimport() -> None:
@@ -44,18 +47,29 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-async def serve(url: str, node: str, budgets: dict[str, int]) -> int:
-    """Connect to the front and answer its requests until shutdown."""
+async def serve(url: str, node: str, budgets: dict[str, int], *, curve: dict[str, str] | None = None,
+                heartbeat_s: float = HEARTBEAT_S, address: str = "", report_load: bool = False,
+                stop: asyncio.Event | None = None) -> int:
+    """Connect to the front and answer its requests until shutdown (or until `stop` is set by whoever runs us).
+
+    `curve`: {"serverkey", "publickey", "secretkey"} (Z85) when the front is on another machine; `report_load`:
+    put this node's driver sample in each heartbeat (the front cannot sample another machine itself)."""
     from llmsh.engine.service import EngineError, EngineService
 
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.ROUTING_ID, node.encode())
+    if curve is not None:  # the front is the CurveZMQ server; it knows our public key (it issued the pair)
+        sock.curve_serverkey = curve["serverkey"].encode("ascii")
+        sock.curve_publickey = curve["publickey"].encode("ascii")
+        sock.curve_secretkey = curve["secretkey"].encode("ascii")
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)  # a front that vanished without closing TCP is noticed
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
     sock.connect(url)
     loop = asyncio.get_running_loop()
     loop_thread = threading.get_ident()
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
 
     def send_now(frame: bytes) -> None:
         sock.send(frame)  # frames: [message]; the front's ROUTER prepends our routing id
@@ -88,7 +102,7 @@ async def serve(url: str, node: str, budgets: dict[str, int]) -> int:
         if msg["type"] == "shutdown":
             stop.set()
 
-    send("hello", node=node, pid=os.getpid(), devices=["cpu"])
+    send("hello", node=node, pid=os.getpid(), devices=["cpu"], address=address)
     # Import torch and the runtime now, on a thread: a restarted engine is ready for its restored processes sooner
     # (the import is seconds on a busy machine); a load arriving meanwhile waits on the import lock.
     threading.Thread(target=_preimport, name="llmsh-preimport", daemon=True).start()
@@ -109,9 +123,26 @@ async def serve(url: str, node: str, budgets: dict[str, int]) -> int:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
+    async def beat() -> None:
+        """A heartbeat every `heartbeat_s`: the budget in use, processes, rates (and the node's load if asked)."""
+        drivers = None
+        if report_load:
+            from llmsh.drivers import Drivers
+
+            drivers = await asyncio.to_thread(Drivers, os.getpid(), node)
+        while True:
+            await asyncio.sleep(heartbeat_s)
+            fields = service.heartbeat_fields()
+            if drivers is not None:
+                fields["load"] = dict(await asyncio.to_thread(drivers.sample), local=False)
+            send("heartbeat", node=node, pid=os.getpid(), **fields)
+
     receiver = loop.create_task(receive())
+    beater = loop.create_task(beat()) if heartbeat_s > 0 else None
     await stop.wait()
     receiver.cancel()
+    if beater is not None:
+        beater.cancel()
     for t in list(tasks):
         t.cancel()
     service.close()

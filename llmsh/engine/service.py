@@ -82,6 +82,27 @@ def chat_prompt_ids(proc: Any, messages: list[dict[str, str]], params: Any) -> l
 
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+
+
+def checkpoint_size(path: str) -> tuple[bool, int, str]:
+    """(readable here, bytes of its weight files, why not) for a checkpoint folder or file on this node."""
+    if path.startswith("ollama:"):  # resolved by the loader in this node's Ollama store
+        return True, 0, ""
+    p = os.path.expanduser(path)
+    if not os.path.exists(p):
+        return False, 0, f"no such file or folder {path}"
+    if not os.access(p, os.R_OK):
+        return False, 0, f"{path} is not readable"
+    if os.path.isfile(p):
+        return True, os.path.getsize(p), ""
+    try:
+        names = os.listdir(p)
+    except OSError as e:
+        return False, 0, f"{path}: {e.strerror or e}"
+    return True, sum(os.path.getsize(os.path.join(p, n)) for n in names if n.endswith(WEIGHT_SUFFIXES)), ""
+
+
 def _settle(fut: asyncio.Future, value: Any) -> None:
     if not fut.done():
         fut.set_result(value)
@@ -332,6 +353,32 @@ class EngineService:
         tok = tokenizer_of(proc)
         counts = [len(tok.encode(str(t), add_special_tokens=False)) for t in msg["texts"]]
         return {"counts": counts, "context": proc.runtime.max_seq_len}  # type: ignore[union-attr]
+
+    async def on_probe(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Placement's question to every node: can it read the checkpoint, how big is it, how much of the device's
+        budget is free, how busy is the node (llmsh.cluster.placement takes the answers)."""
+        device = str(msg.get("device") or "cpu")
+        readable, size, why = await asyncio.to_thread(checkpoint_size, str(msg["path"]))
+        try:
+            budget, free = self.pager.budget(device), self.pager.free(device)
+        except ValueError as e:  # a device this node does not have
+            raise EngineError("UsageError", f"node {self.node}: {_first_line(e)}") from None
+        beat = self.heartbeat_fields()
+        return {"node": self.node, "readable": readable, "bytes": size, "why": why, "budget": budget,
+                "used": budget - free, "queued": beat["queued"], "load": beat["load_avg"],
+                "nices": [p.nice for p in self.table if not p.gone.is_set()]}
+
+    def heartbeat_fields(self) -> dict[str, Any]:
+        """What a heartbeat carries besides node and pid: budgets in use, processes, token rate, queue."""
+        devices = self.sched.stats()["devices"]
+        budget = {dev: {"budget": b, "used": b - self.pager.free(dev)} for dev, b in self.pager.budgets().items()
+                  if not dev.startswith("kv:")}
+        if "cpu" not in budget:
+            b = self.pager.budget("cpu")
+            budget["cpu"] = {"budget": b, "used": b - self.pager.free("cpu")}
+        return {"budget": budget, "procs": len(self.table), "tok_s": round(sum(d["tok_s"] for d in devices.values()), 2),
+                "queued": sum(int(d["queue"]) for d in devices.values()),
+                "load_avg": round(os.getloadavg()[0] / (os.cpu_count() or 1), 3)}
 
     async def on_shutdown(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {"bye": True}

@@ -1,9 +1,11 @@
 """The front's link to one engine process: spawn it, send requests, stream tokens, notice when it dies.
 
-The engine is a child OS process (`python -m llmsh.engine`) connected to a ROUTER socket that the front binds on an
-`ipc://` path in the 0700 runtime dir. Requests get a future each; `generate` also gets a queue for its tokens.
-The child's exit is awaited (`asyncio` subprocess `wait()`, no polling): every request in flight then fails at once
-with the cause (`EngineDied`), and `on_exit` tells the front, which restores the processes on a new engine.
+`EngineLink` is the local case: the engine is a child OS process (`python -m llmsh.engine`) connected to a ROUTER
+socket that the front binds on an `ipc://` path in the 0700 runtime dir. Requests get a future each; `generate` also
+gets a queue for its tokens. The child's exit is awaited (`asyncio` subprocess `wait()`, no polling): every request
+in flight then fails at once with the cause (`EngineDied`), and `on_exit` tells the front, which restores the
+processes on a new engine. An engine on another node (a Ray actor, `llmsh.cluster.ray_engines`) is the same link
+with another socket (TCP + CurveZMQ), another launcher and another way of noticing its end.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -68,8 +71,16 @@ async def _default_exit(cause: str) -> str:
 class EngineLink:
     """One engine process and its socket."""
 
-    def __init__(self, node: str, socket_path: Path, log_path: Path, *, mem_budget: str | None = None) -> None:
+    remote = False  # an engine on another node (its heartbeats carry that node's load)
+
+    def __init__(self, node: str, socket_path: Path, log_path: Path, *, mem_budget: str | None = None,
+                 ctx: zmq.asyncio.Context | None = None) -> None:
         self.node = node
+        self.address = "local"  # where the engine runs (a Ray node's IP for remote engines)
+        self.last_seen = 0.0  # time.monotonic() of the engine's latest message
+        self.beat: dict[str, Any] = {}  # its latest heartbeat (budget in use, processes, tok/s, load)
+        self.lost = ""  # why its node is gone (remote engines only; a local engine is restarted instead)
+        self.on_back: Callable[[], Awaitable[None]] | None = None  # a lost node's engine is back (remote only)
         self.socket_path = socket_path
         self.log_path = log_path
         self.mem_budget = mem_budget
@@ -78,7 +89,8 @@ class EngineLink:
         self.proc: asyncio.subprocess.Process | None = None
         self.engine_pid: int | None = None
         self.generation = 0  # how many engines were started (1 = the first)
-        self._ctx = zmq.asyncio.Context()
+        self._own_ctx = ctx is None
+        self._ctx = ctx if ctx is not None else zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._ident = node.encode()
         self._ids = itertools.count(1)
@@ -108,13 +120,24 @@ class EngineLink:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         if self._sock is None:
-            self.socket_path.unlink(missing_ok=True)
-            self._sock = self._ctx.socket(zmq.ROUTER)
-            self._sock.linger = 0
-            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead engine raises instead of vanishing
-            self._sock.bind(f"ipc://{self.socket_path}")
+            self._sock = self._bind()
             self._spawn_task(self._receive(), "engine receive")
         self._hello = loop.create_future()
+        await self._launch()
+
+    def _bind(self) -> zmq.asyncio.Socket:
+        """The ROUTER the engine connects to: an ipc path in the private runtime dir."""
+        self.socket_path.unlink(missing_ok=True)
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead engine raises instead of vanishing
+        sock.bind(f"ipc://{self.socket_path}")
+        return sock
+
+    async def _launch(self) -> None:
+        """Spawn `python -m llmsh.engine` and wait for its hello (or its exit)."""
+        assert self._hello is not None
+        loop = asyncio.get_running_loop()
         argv = [sys.executable, "-m", "llmsh.engine", "--connect", f"ipc://{self.socket_path}", "--node", self.node,
                 "--parent", str(os.getpid())]
         if self.mem_budget:
@@ -155,7 +178,11 @@ class EngineLink:
         if self.closing:
             return
         log.error("engine %s (pid %s) exited: %s", self.node, proc.pid, cause)
-        err = EngineDied(await self.on_exit(cause))
+        self.fail_inflight(await self.on_exit(cause))
+
+    def fail_inflight(self, line: str) -> None:
+        """Every request in flight on this engine ends now with `line` (EngineDied); their token streams end."""
+        err = EngineDied(line)
         for fut in list(self._replies.values()):
             if not fut.done():
                 fut.set_exception(err)
@@ -185,7 +212,8 @@ class EngineLink:
             t.cancel()
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._ctx.term()
+        if self._own_ctx:
+            self._ctx.term()
         self.socket_path.unlink(missing_ok=True)
 
     # ---- messages ---------------------------------------------------------------------------------------------------
@@ -194,9 +222,10 @@ class EngineLink:
         assert self._sock is not None
         while True:
             try:
-                frames = await self._sock.recv_multipart()
+                frames, fd = await self._recv()
             except zmq.ZMQError:
                 return
+            self.last_seen = time.monotonic()
             if len(frames) != 2:  # routing id, message
                 log.warning("dropped a malformed engine frame list (%d frames)", len(frames))
                 continue
@@ -215,13 +244,28 @@ class EngineLink:
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
             elif kind == "hello":
-                if self._hello is not None and not self._hello.done():
-                    self._hello.set_result(msg)
+                self.on_hello(msg, fd)
+            elif kind == "heartbeat":
+                self.on_heartbeat(msg, fd)
             else:
                 try:
                     self.on_event(msg)
                 except Exception:
                     log.exception("handling engine event %s failed", kind)
+
+    async def _recv(self) -> tuple[list[bytes], int]:
+        """One message's frames and the file descriptor it came on (-1: not asked)."""
+        assert self._sock is not None
+        return await self._sock.recv_multipart(), -1
+
+    def on_hello(self, msg: dict[str, Any], fd: int) -> None:
+        """An engine said hello: the one being started."""
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_result(msg)
+
+    def on_heartbeat(self, msg: dict[str, Any], fd: int) -> None:
+        """The engine is alive; keep what it says about its node."""
+        self.beat = msg
 
     def _send(self, msg_type: str, **fields: Any) -> None:
         assert self._sock is not None

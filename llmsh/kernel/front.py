@@ -2,15 +2,21 @@
 to act on model processes (load, generate, signal, renice, memory), which keeps the table, the journal and the
 engine in step.
 
-Crashes: when the engine dies, every request in flight fails at once with the cause, the processes stay in the table
-as `paged-out` (not on any engine), and each comes back on a new engine at its first use (pinned ones at once);
-one that no longer loads becomes `failed` with the reason. When the whole front dies, the next start finds the
-journal not closed cleanly and restores the table the same way (see `restore`).
+Each process lives on one node (`entry.node`); every request about it goes to that node's engine link
+(`llmsh.kernel.nodes.Nodes`: one local engine, or one per Ray node). PIDs stay the front's, across nodes.
+
+Crashes: when the local engine dies, every request in flight fails at once with the cause, the processes stay in the
+table as `paged-out` (not on any engine), and each comes back on a new engine at its first use (pinned ones at once);
+one that no longer loads becomes `failed` with the reason. When a remote node goes away, its requests fail at once
+the same way and its processes become `lost` (the other nodes go on); when its engine says hello again (Ray restarted
+it), they are restored on it. When the whole front dies, the next start finds the journal not closed cleanly and
+restores the table the same way (see `restore`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -21,11 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from llmsh.config import max_procs as config_max_procs
+from llmsh.config import ray_address
 from llmsh.kernel.engines import EngineDied, EngineLink, EngineRequestError
 from llmsh.kernel.errors import KernelError
 from llmsh.kernel.jobs import JobTable
 from llmsh.kernel.journal import Journal
 from llmsh.kernel.mapjobs import MapJobs
+from llmsh.kernel.nodes import Nodes
+from llmsh.kernel.recovery import Recovery
+from llmsh.kernel.reports import StateError
 from llmsh.kernel.table import DEFAULT_MAX_PROCS, Entry, ProcessTable
 from llmsh.models import default_name, resolve_model
 from llmsh.protocol.names import usable_name
@@ -33,7 +43,6 @@ from llmsh.protocol.procs import ExitHow, ProcState, cfs_weight
 
 log = logging.getLogger("llmsh.kernel.front")
 MAX_CHATS = 256  # conversations kept per kernel (oldest forgotten first)
-SIGBUS_HINT = "its checkpoint file changed on disk?"
 KILL_SETTLE_S = 10.0  # KILL waits at most this long for the engine's `removed` (one step in flight, at worst)
 
 
@@ -41,8 +50,6 @@ class NoSuchProcess(KernelError):
     ename = "NoSuchProcess"
 
 
-class StateError(KernelError):
-    ename = "StateError"
 
 
 @dataclass
@@ -56,7 +63,7 @@ class Services:
     chats: dict[tuple[str, int], list[dict[str, str]]] = field(default_factory=dict)
     maps: MapJobs | None = None  # `map` jobs (built in __post_init__)
     telemetry: Any = None  # llmsh.kernel.telemetry.Telemetry, when --telemetry-hz > 0
-    cluster: Any = None  # node loads of other nodes (the Nodes issue); None on one machine
+    cluster: Any = None  # llmsh.kernel.nodes.Nodes with Ray (other nodes' loads for telemetry); None on one machine
 
     def __post_init__(self) -> None:
         self.table.listeners.append(self._forget_chats)
@@ -70,29 +77,46 @@ class Services:
                 self.chats.pop(key, None)
 
 
-class Processes:
-    """Model processes: the front's table on one side, the engine on the other."""
+class Processes(Recovery):
+    """Model processes: the front's table on one side, the engines of the nodes on the other."""
 
-    def __init__(self, table: ProcessTable, journal: Journal | None, engine: EngineLink) -> None:
+    def __init__(self, table: ProcessTable, journal: Journal | None, engines: EngineLink | Nodes) -> None:
         self.table = table
         self.journal = journal
-        self.engine = engine
-        engine.on_event = self.on_engine_event
-        engine.on_exit = self.on_engine_exit
+        self.nodes = engines if isinstance(engines, Nodes) else Nodes([engines])
+        self.nodes.on_add.append(self._wire)
+        for link in self.nodes:
+            self._wire(link)
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._applier: asyncio.Task | None = None
         self._restoring: dict[int, asyncio.Task] = {}
-        self.node = engine.node
         self.crashes = 0
+        self.starting: asyncio.Task | None = None  # the engines of a cluster's nodes starting (build_services)
+
+    def _wire(self, link: EngineLink) -> None:
+        """Hear a link's events, its engine's end and (remote nodes) its return."""
+        link.on_event = self.on_engine_event
+        link.on_exit = functools.partial(self.on_engine_exit, link)
+        link.on_back = functools.partial(self.on_node_back, link)
+
+    @property
+    def engine(self) -> EngineLink:
+        """The local engine's link (the first node's with Ray): `kernel status` shows its pid."""
+        return self.nodes.single or next(iter(self.nodes))
+
+    def link(self, entry: Entry) -> EngineLink:
+        """The engine link of the node `entry` lives on."""
+        return self.nodes.link(entry.node)
 
     def start(self) -> None:
         """Start applying engine events (call on the running loop)."""
         self._applier = asyncio.get_running_loop().create_task(self._apply_events(), name="engine events")
 
     async def close(self) -> None:
-        if self._applier is not None:
-            self._applier.cancel()
-        await self.engine.close()
+        for task in (self._applier, self.starting):
+            if task is not None:
+                task.cancel()
+        await self.nodes.close()
 
     def dmesg(self, kind: str, text: str, pid: int | None = None) -> None:
         """One line in the event log (journalled off the loop)."""
@@ -143,71 +167,11 @@ class Processes:
             self.dmesg("exit", f"pid {entry.pid} ({entry.name}) exited ({how.value}){': ' + reason if reason else ''}", entry.pid)
             await self.table.remove(entry, how, reason)
 
-    async def on_engine_exit(self, cause: str) -> str:
-        """The engine died: say why (naming the process that was running), keep the table, restore on use."""
-        self.crashes += 1
-        busy = [e for e in self.table if e.inflight]
-        line = f"engine exited: {cause}"
-        if busy:
-            line += " while running " + ", ".join(f"pid {e.pid} ({e.name})" for e in busy)
-        if cause == "SIGBUS":
-            line += f"; {SIGBUS_HINT}"
-        self.dmesg("engine-crash", line)
-        for entry in self.table:
-            if entry.state is ProcState.FAILED:
-                await self.table.remove(entry, ExitHow.REAPED, entry.reason)
-                continue
-            was_loading = entry.state is ProcState.LOADING and not entry.on_engine
-            await self.table.update(entry, on_engine=False, live={},
-                                    state=ProcState.FAILED if was_loading else ProcState.PAGED_OUT,
-                                    reason=line if was_loading else "")
-        asyncio.get_running_loop().create_task(self._restart_after_crash(), name="restart engine")
-        return line
-
-    async def _restart_after_crash(self) -> None:
-        """A new engine at once, with the pinned processes loaded (the others come back at first use)."""
-        try:
-            await self.engine.ensure_started()
-        except KernelError as e:
-            self.dmesg("engine-crash", f"the engine did not restart: {e}")
-            return
-        self.dmesg("engine", f"engine restarted (pid {self.engine.engine_pid})")
-        for entry in self.table:
-            if entry.locked and not entry.on_engine:
-                self._restore_soon(entry)
-
-    def _restore_soon(self, entry: Entry) -> asyncio.Task:
-        task = self._restoring.get(entry.pid)
-        if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._restore(entry), name=f"restore pid {entry.pid}")
-            self._restoring[entry.pid] = task
-        return task
-
-    async def _restore(self, entry: Entry) -> None:
-        """Load a journalled process on the engine again (same PID, name, nice, pins, keep-alive)."""
-        try:
-            row = await self.engine.request("load", **self._load_fields(entry))
-        except KernelError as e:
-            if not self.table.gone(entry):
-                await self.table.update(entry, state=ProcState.FAILED, reason=f"restore failed: {e}")
-                self.dmesg("restore", f"pid {entry.pid} ({entry.name}) could not be restored: {e}", entry.pid)
-            return
-        if not self.table.gone(entry):
-            await self.table.update(entry, on_engine=True, state=ProcState(row["state"]), dtype=row.get("dtype", ""),
-                                    device=row.get("device", entry.device))
-            self.dmesg("restore", f"pid {entry.pid} ({entry.name}) restored on engine {self.node}", entry.pid)
-
-    def _load_fields(self, entry: Entry) -> dict[str, Any]:
-        o = entry.options
-        return {
-            "pid": entry.pid, "name": entry.name, "path": entry.path, "device": o.get("device") or "cpu",
-            "dtype": o.get("dtype"), "nice": entry.nice, "max_batch": o.get("max_batch"), "ctx": o.get("ctx"),
-            "quant": o.get("quant"),
-            "keep_alive": entry.keep_alive, "locked": entry.locked,
-        }
-
     async def ensure_loaded(self, entry: Entry) -> None:
         """Wait for a loading process; restore one that is not on the engine (after a crash)."""
+        if entry.state is ProcState.LOST:
+            raise KernelError(f"process {entry.pid} ({entry.name}) is lost: {entry.reason}; 'load' it again to run it "
+                              f"on a node that is up, or 'kill {entry.pid}' to forget it", ename="Lost")
         if not entry.on_engine and entry.state is ProcState.PAGED_OUT:
             await self._restore_soon(entry)
         await self.table.wait_for(lambda: entry.state is not ProcState.LOADING or self.table.gone(entry))
@@ -216,55 +180,40 @@ class Processes:
         if entry.state is ProcState.FAILED:
             raise KernelError(f"process {entry.pid} ({entry.name}) failed: {entry.reason}", ename="RequestFailed")
 
-    # ---- restore after a crash of the whole kernel ------------------------------------------------------------------
-    def restore(self, state: dict[str, Any], *, crashed: bool) -> str:
-        """Bring back the journalled table at start; returns the notice for the first client ('' if none)."""
-        meta = state.get("meta", {})
-        self.table.next_pid = max(int(meta.get("next_pid", 1)), *(int(p["pid"]) + 1 for p in state["procs"]), 1)
-        if not state["procs"]:
-            return ""
-        notice = ""
-        for row in state["procs"]:
-            entry = Entry(pid=int(row["pid"]), name=row["name"], path=row["path"], device=row.get("device", "cpu"),
-                          dtype=row.get("dtype", ""), nice=int(row.get("nice", 0)), options=row.get("options", {}),
-                          locked=bool(row.get("locked")), keep_alive=row.get("keep_alive", "unset"),
-                          started_at=float(row.get("started_at", time.time())), state=ProcState.PAGED_OUT)
-            self.table.adopt(entry)
-        n, reqs = len(state["procs"]), len(state.get("requests", []))
-        if crashed:
-            at = time.strftime("%H:%M:%S", time.localtime(float(meta.get("alive_at") or time.time())))
-            notice = (f"kernel restarted after a crash at {at}: {n} process{'es' if n != 1 else ''} restored, "
-                      f"{reqs} request{'s' if reqs != 1 else ''} interrupted (see dmesg)")
-            self.dmesg("restore", notice)
-        else:
-            self.dmesg("restore", f"{n} processes restored from the last clean stop (--restore)")
-        return notice
-
-    def restore_pinned(self) -> None:
-        """Pinned processes come back at once (on a new engine); the others at first use."""
-        for entry in self.table:
-            if entry.locked:
-                self._restore_soon(entry)
-
     # ---- load ---------------------------------------------------------------------------------------------------
     async def load(self, source: str, *, name: str | None, device: str, dtype: str | None, nice: int,
                    max_batch: int | None, ctx: int | None, quant: str | None = None,
-                   on_progress: Callable[[Entry], None] | None = None) -> Entry:
-        """A new process: table entry (journalled), then the engine loads it; returns when it is ready or failed."""
+                   on_progress: Callable[[Entry], None] | None = None, node: str | None = None) -> Entry:
+        """A new process: table entry (journalled), placed on a node (`node` overrides), then that node's engine
+        loads it; returns when it is ready or failed."""
         cfs_weight(nice)
         for what, v in (("--max-batch", max_batch), ("--ctx", ctx)):
             if v is not None and v < 1:
                 raise KernelError(f"{what} {v}: give a positive number", ename="UsageError", status=2)
         path = await asyncio.to_thread(resolve_model, source)  # scans model dirs: not on the loop
         base = name if name is not None else self.table.unique_name(usable_name(default_name(path)))
+        single = self.nodes.single
+        if single is not None and node is not None:
+            self.nodes.link(node)  # one line naming the nodes when it is not this one
         try:
             entry = await self.table.add(base, path, device=device, dtype=dtype or "", nice=nice,
                                          options={"device": device, "dtype": dtype, "max_batch": max_batch, "ctx": ctx,
-                                                  "quant": quant})
+                                                  "quant": quant}, node=single.node if single is not None else "")
         except ValueError as e:
             raise KernelError(str(e)) from None
-        entry.progress_text = "queued"
-        self.dmesg("load", f"pid {entry.pid} ({entry.name}): loading {path}", entry.pid)
+        entry.progress_text = "queued" if single is not None else "placing"
+        choice = None
+        if single is None:
+            try:
+                choice = await self.nodes.choose(path, device=device, nice=nice, node=node, pid=entry.pid)
+            except BaseException as e:
+                if not self.table.gone(entry):
+                    await self.table.remove(entry, ExitHow.REAPED, f"not placed: {e}")
+                raise
+            await self.table.update(entry, node=choice.node)
+            self.dmesg("place", choice.reason, entry.pid)
+        self.dmesg("load", f"pid {entry.pid} ({entry.name}): loading {path}"
+                   + (f" on node {entry.node}" if single is None else ""), entry.pid)
         listener = None
         if on_progress is not None:
             def listener(e: Entry, event: str) -> None:
@@ -272,20 +221,23 @@ class Processes:
                     on_progress(e)
             self.table.listeners.append(listener)
         try:
-            row = await self.engine.request("load", **self._load_fields(entry))
+            row = await self.link(entry).request("load", **self._load_fields(entry))
         except asyncio.CancelledError:  # Ctrl-C on a foreground load aborts it
             if not self.table.gone(entry):
                 asyncio.get_running_loop().create_task(self._kill_quietly(entry, "load interrupted"))
             raise
         except EngineRequestError as e:
+            line = str(e) if single is not None or entry.node in str(e) else f"node {entry.node}: {e}"
             if not self.table.gone(entry) and e.ename != "Killed":
-                await self.table.update(entry, state=ProcState.FAILED, reason=str(e))
-            raise KernelError(str(e), ename="LoadError" if e.ename != "Killed" else "Killed") from None
+                await self.table.update(entry, state=ProcState.FAILED, reason=line)
+            raise KernelError(line, ename="LoadError" if e.ename != "Killed" else "Killed") from None
         except EngineDied as e:
             raise KernelError(str(e), ename="LoadError") from None
         finally:
             if listener is not None:
                 self.table.listeners.remove(listener)
+            if choice is not None:
+                self.nodes.release(choice)
         if not self.table.gone(entry):
             await self.table.update(entry, on_engine=True, state=ProcState(row["state"]), dtype=row.get("dtype", ""),
                                     device=row.get("device", device), progress=1.0, progress_text="ready")
@@ -293,7 +245,7 @@ class Processes:
 
     async def _kill_quietly(self, entry: Entry, reason: str) -> None:
         try:
-            await self.engine.request("signal", pid=entry.pid, sig="KILL", how=ExitHow.KILL.value, reason=reason)
+            await self.link(entry).request("signal", pid=entry.pid, sig="KILL", how=ExitHow.KILL.value, reason=reason)
         except KernelError:
             pass
         if not self.table.gone(entry):
@@ -303,7 +255,9 @@ class Processes:
     async def generate(self, entry: Entry, *, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
                        params: dict[str, Any], client: str, result: dict[str, Any]) -> AsyncIterator[str]:
         """Stream the text of one request; `result` gets finish_reason, prompt_tokens, tokens."""
-        await self.engine.ensure_started()  # first: a crash not yet handled marks the entry for restore
+        link = self.link(entry)
+        if entry.state is not ProcState.LOST:
+            await link.ensure_started()  # first: a crash not yet handled marks the entry for restore
         await self.ensure_loaded(entry)
         fields: dict[str, Any] = {"params": params, "client": client}
         if messages is not None:
@@ -315,7 +269,7 @@ class Processes:
         if self.journal is not None:
             self.journal.request_started(rid, entry.pid)
         try:
-            async for piece in self.engine.generate(entry.pid, fields, result):
+            async for piece in link.generate(entry.pid, fields, result):
                 yield piece
         finally:
             entry.inflight -= 1
@@ -333,11 +287,12 @@ class Processes:
             return "exited"
         if not entry.on_engine:  # not on any engine (restored after a crash, not used yet)
             if sig in ("TERM", "KILL"):
-                await self.table.remove(entry, ExitHow.TERM if sig == "TERM" else ExitHow.KILL, f"{sig} while paged out")
+                await self.table.remove(entry, ExitHow.TERM if sig == "TERM" else ExitHow.KILL, f"{sig} while {entry.state.value}")
                 self.dmesg("signal", f"{sig} pid {entry.pid} ({entry.name})", entry.pid)
                 return "exited"
             if sig == "STOP":
-                raise StateError(f"STOP: process {entry.pid} ({entry.name}) is paged-out; STOP needs a ready or running process")
+                raise StateError(f"STOP: process {entry.pid} ({entry.name}) is {entry.state.value}; STOP needs a ready "
+                                 "or running process")
             if sig == "CONT":  # not stopped: nothing to resume, as POSIX's CONT to a running process
                 return entry.state.value
         reply = await self._engine_signal(entry, sig)
@@ -350,7 +305,7 @@ class Processes:
 
     async def _engine_signal(self, entry: Entry, sig: str, **extra: Any) -> dict[str, Any]:
         try:
-            return dict(await self.engine.request("signal", pid=entry.pid, sig=sig, **extra))
+            return dict(await self.link(entry).request("signal", pid=entry.pid, sig=sig, **extra))
         except EngineRequestError as e:
             if e.ename == "NoSuchProcess" and sig in ("TERM", "KILL"):  # already gone on the engine
                 await self.table.remove(entry, ExitHow.KILL, str(e))
@@ -376,7 +331,7 @@ class Processes:
         old = entry.nice
         if entry.on_engine:
             try:
-                await self.engine.request("renice", pid=entry.pid, nice=nice)
+                await self.link(entry).request("renice", pid=entry.pid, nice=nice)
             except EngineRequestError as e:
                 raise StateError(str(e)) from None
         await self.table.update(entry, nice=nice)
@@ -394,57 +349,6 @@ class Processes:
         await self.table.wait_for(settled)
         return int(code[0] or 0)
 
-    # ---- reports and memory ----------------------------------------------------------------------------------------
-    async def refresh(self) -> None:
-        """Fresh live numbers from the engine into the table (no engine: nothing to refresh)."""
-        if not self.engine.running:
-            return
-        try:
-            data = await self.engine.request("stats")
-        except KernelError:
-            return
-        await self._events.join()  # the events the engine sent before this reply are applied first (same socket, in order)
-        self.table.merge_live(data["rows"], data["scheduler"])
-
-    async def memory(self, what: str, entry: Entry | None = None, **fields: Any) -> Any:
-        """mem, mlock, munlock, keepalive, pageout: the engine's pager answers."""
-        if entry is not None:
-            if not entry.on_engine:
-                if what == "keepalive":
-                    await self.table.update(entry, keep_alive=fields["seconds"])
-                    return {"pid": entry.pid, "keep_alive_s": fields["seconds"]}
-                if what in ("mlock",):
-                    await self.ensure_loaded(entry)
-                else:
-                    raise StateError(f"process {entry.pid} ({entry.name}) is paged out (not on the engine since a restart)")
-            fields["pid"] = entry.pid
-        if what == "mem" and not self.engine.running:
-            return None
-        try:
-            data = await self.engine.request(what, **fields)
-        except EngineRequestError as e:
-            raise KernelError(str(e), ename=e.ename) from None
-        if entry is not None and what in ("mlock", "munlock"):
-            await self.table.update(entry, locked=(what == "mlock"))
-        elif entry is not None and what == "keepalive":
-            await self.table.update(entry, keep_alive=fields["seconds"])
-        return data
-
-    async def tokens(self, what: str, entry: Entry, **fields: Any) -> Any:
-        """Tokenizer questions for `map --split` and `reduce` ("split" or "count"), answered by the engine."""
-        await self.engine.ensure_started()
-        await self.ensure_loaded(entry)
-        try:
-            return await self.engine.request(what, pid=entry.pid, **fields)
-        except EngineRequestError as e:
-            raise KernelError(str(e), ename=e.ename, status=e.status) from None
-
-    async def threads(self) -> list[dict[str, Any]]:
-        if not self.engine.running:
-            return []
-        rows = await self.engine.request("threads")
-        return [dict(r, process=f"engine {self.engine.engine_pid}") for r in rows]
-
     def resolve(self, ref: str) -> Entry:
         try:
             return self.table.resolve(ref)
@@ -453,12 +357,21 @@ class Processes:
 
 
 def build_services(runtime_dir: Path, log_path: Path, journal_path: Path | None, *, mem_budget: str | None,
-                   node: str | None = None, max_procs: int | None = None) -> Services:
-    """The front's services for one kernel (call on the running loop)."""
+                   node: str | None = None, max_procs: int | None = None, ray: str | None = None) -> Services:
+    """The front's services for one kernel (call on the running loop). `ray`: the address of a Ray cluster whose
+    nodes get an engine each (Ray is imported only then); else one local engine, spawned on first use."""
+    ray = ray_address(ray)  # --ray, else config.toml's `ray`
     journal = Journal(journal_path) if journal_path is not None else None
     table = ProcessTable(journal, max_procs=max_procs or config_max_procs(DEFAULT_MAX_PROCS))
-    link = EngineLink(node or socket.gethostname(), runtime_dir / f"engine-{os.getpid()}.sock", log_path,
-                      mem_budget=mem_budget)
-    procs = Processes(table, journal, link)
+    if ray:
+        from llmsh.cluster.ray_engines import connect  # Ray itself is imported there, and only there
+
+        nodes = connect(ray, mem_budget=mem_budget)
+    else:
+        nodes = Nodes([EngineLink(node or socket.gethostname(), runtime_dir / f"engine-{os.getpid()}.sock", log_path,
+                                  mem_budget=mem_budget)])
+    procs = Processes(table, journal, nodes)
     procs.start()
-    return Services(table=table, procs=procs, journal=journal)
+    if ray:
+        procs.starting = asyncio.get_running_loop().create_task(nodes.start_all(), name="start node engines")
+    return Services(table=table, procs=procs, journal=journal, cluster=nodes if ray else None)

@@ -431,6 +431,11 @@ def main(args: argparse.Namespace, executor: Any = None) -> int:
     """`llmsh kernel start|stop|status|list|install`; returns the exit code (`executor`: see `run_foreground`)."""
     action = args.action
     if action == "start":
+        if getattr(args, "ray", None):
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                return _err("--ray needs Ray: pip install 'llmsh[ray]'")
         if args.foreground:
             return run_foreground(args, executor)
         try:

@@ -354,7 +354,7 @@ class Kernel:
 
         journal_path, crashed_at = open_journal(self.connection_file)
         self.services = build_services(runtime_dir(), log_file(self.connection_file), journal_path,
-                                       mem_budget=getattr(self.args, "mem_budget", None))
+                                       ray=getattr(self.args, "ray", None), mem_budget=getattr(self.args, "mem_budget", None))
         journal = self.services.journal
         if journal is not None:
             state = journal.load_state()

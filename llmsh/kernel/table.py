@@ -63,7 +63,7 @@ class Entry:
         return {
             "pid": self.pid, "name": self.name, "path": self.path, "device": self.device, "dtype": self.dtype,
             "nice": self.nice, "options": self.options, "locked": self.locked, "keep_alive": self.keep_alive,
-            "started_at": self.started_at, "state": self.state.value, "reason": self.reason,
+            "started_at": self.started_at, "state": self.state.value, "reason": self.reason, "node": self.node,
         }
 
     def row(self) -> dict[str, Any]:
@@ -143,11 +143,11 @@ class ProcessTable:
             self.changed.notify_all()
 
     async def add(self, name: str, path: str, *, device: str = "cpu", dtype: str = "", nice: int = 0,
-                  options: dict[str, Any] | None = None, pid: int | None = None) -> Entry:
+                  options: dict[str, Any] | None = None, pid: int | None = None, node: str | None = None) -> Entry:
         """A new `loading` entry (journalled before this returns); TableFull or ValueError with one line."""
         cfs_weight(nice)
         check_name(name)
-        live = [e for e in self if e.state is not ProcState.FAILED]
+        live = [e for e in self if e.state not in (ProcState.FAILED, ProcState.LOST)]
         if pid is None and len(live) >= self.max_procs:
             raise TableFull(f"busy: {self.max_procs} processes already loaded (the limit, max_procs in config.toml); "
                             "kill one first (see 'ps')")
@@ -157,6 +157,8 @@ class ProcessTable:
             pid = self.next_pid
         self.next_pid = max(self.next_pid, pid + 1)
         entry = Entry(pid=pid, name=name, path=path, device=device, dtype=dtype, nice=nice, options=dict(options or {}))
+        if node is not None:
+            entry.node = node
         self._procs[pid] = entry
         if self.journal is not None:
             await self._commit(self.journal.put_proc(pid, entry.journal_row()), self.journal.set_meta(next_pid=self.next_pid))
@@ -229,7 +231,7 @@ class ProcessTable:
         """Shell-style status: None while busy; 0 settled or exited by TERM; 1 failed; 137 killed."""
         entry = self._procs.get(pid)
         if entry is not None:
-            if entry.state is ProcState.FAILED:
+            if entry.state in (ProcState.FAILED, ProcState.LOST):
                 return 1
             if entry.state in (ProcState.LOADING, ProcState.EXITING) or entry.inflight:
                 return None

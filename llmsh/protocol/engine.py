@@ -7,7 +7,10 @@ such a message is refused by `decode` with one line (and counted by whoever rece
 
 Requests (front → engine) carry an `id`; the engine answers each with exactly one `reply` of the same id
 (`ok` true with `data`, or false with `ename`/`error`/`kind`), after any number of `token` (generate) events.
-Unsolicited engine events: `hello` (once, on connect), `progress`, `state` and `removed` of a process.
+Unsolicited engine events: `hello` (once per engine, on connect; again only from a new engine, e.g. one that Ray
+restarted), `heartbeat` (every few seconds: the engine is alive, with its node's load and budget), `progress`,
+`state` and `removed` of a process. Fields are only ever added, so a front and an engine of the same version
+always agree; off the machine the frames travel inside CurveZMQ (the front's server key, a client key it issued).
 """
 
 from __future__ import annotations
@@ -35,16 +38,19 @@ MESSAGES: dict[str, tuple[str, ...]] = {
     "threads": ("id",),
     "split": ("id", "pid", "text", "tokens"),  # + overlap: a long text → chunks of at most `tokens` tokens
     "count": ("id", "pid", "texts"),  # token counts of texts, and the process's context
+    "probe": ("id", "path"),  # + device: can this node read the checkpoint, its size, the device's budget and load
     "shutdown": ("id",),
     # engine → front
-    "hello": ("node", "pid"),
+    "hello": ("node", "pid"),  # + devices, address
+    "heartbeat": ("node", "pid"),  # + budget, procs, tok_s, queued, load (the node's driver sample, remote engines)
     "reply": ("id", "ok"),
     "token": ("id", "text"),
     "progress": ("pid", "progress", "text"),
     "state": ("pid", "state"),  # + reason, dtype, device
     "removed": ("pid", "how"),  # + reason
 }
-REQUESTS = frozenset(t for t in MESSAGES if t not in ("hello", "reply", "token", "progress", "state", "removed"))
+EVENTS = frozenset({"hello", "heartbeat", "reply", "token", "progress", "state", "removed"})
+REQUESTS = frozenset(t for t in MESSAGES if t not in EVENTS)
 
 
 class WireError(ValueError):

@@ -19,18 +19,20 @@ class ProcState(str, enum.Enum):
     PAGED_OUT = "paged-out"
     EXITING = "exiting"
     FAILED = "failed"
+    LOST = "lost"  # its node went away (machine down, engine actor lost); it comes back if the node's engine does
 
 
 S = ProcState
 # Allowed transitions; anything else is a bug in the caller (the commands check `can_signal` first and say why).
 TRANSITIONS: dict[ProcState, frozenset[ProcState]] = {
-    S.LOADING: frozenset({S.READY, S.FAILED}),
-    S.READY: frozenset({S.RUNNING, S.STOPPED, S.PAGED_OUT, S.EXITING, S.FAILED}),
-    S.RUNNING: frozenset({S.READY, S.STOPPED, S.PAGED_OUT, S.EXITING, S.FAILED}),
-    S.PAGED_OUT: frozenset({S.READY, S.RUNNING, S.STOPPED, S.EXITING, S.FAILED}),
-    S.STOPPED: frozenset({S.READY, S.RUNNING, S.PAGED_OUT, S.EXITING, S.FAILED}),
-    S.EXITING: frozenset({S.FAILED}),
+    S.LOADING: frozenset({S.READY, S.FAILED, S.LOST}),
+    S.READY: frozenset({S.RUNNING, S.STOPPED, S.PAGED_OUT, S.EXITING, S.FAILED, S.LOST}),
+    S.RUNNING: frozenset({S.READY, S.STOPPED, S.PAGED_OUT, S.EXITING, S.FAILED, S.LOST}),
+    S.PAGED_OUT: frozenset({S.READY, S.RUNNING, S.STOPPED, S.EXITING, S.FAILED, S.LOST}),
+    S.STOPPED: frozenset({S.READY, S.RUNNING, S.PAGED_OUT, S.EXITING, S.FAILED, S.LOST}),
+    S.EXITING: frozenset({S.FAILED, S.LOST}),
     S.FAILED: frozenset(),
+    S.LOST: frozenset({S.READY, S.PAGED_OUT, S.STOPPED, S.FAILED}),  # the front's alone: no engine holds a lost one
 }
 RUNNABLE = frozenset({S.READY, S.RUNNING, S.PAGED_OUT, S.EXITING})  # states the scheduler may step
 

@@ -153,6 +153,7 @@ class TopApp(App[int]):
         s = self.state
         self.query_one(NodeLoad).show(s)
         procs = self.query_one(ProcessTable)
+        procs.set_multinode(len(s.nodes) > 1)
         procs.show(s.procs)
         procs.border_subtitle = scheduler_line(s.payload.get("scheduler") or {}) if s.payload else ""
         tr = s.payload["traffic"] if s.payload else {}

@@ -20,7 +20,7 @@ from llmsh.tui.model import spark
 Column = tuple[str, str, int, bool]  # key, header, width, right-aligned
 
 STATE_STYLE = {"running": "bold green", "stopped": "bold yellow", "failed": "bold red", "paged-out": "blue",
-               "loading": "cyan", "exiting": "magenta"}
+               "loading": "cyan", "exiting": "magenta", "lost": "bold red"}
 
 
 class FitTable(DataTable):
@@ -114,7 +114,7 @@ class ProcessTable(FitTable):
     """The model processes: sortable columns (click a header, or `<` `>`; `I` inverts), one selected row."""
 
     COLUMNS = PROC_COLUMNS
-    PRIORITY = PROC_PRIORITY
+    PRIORITY: Sequence[str] = PROC_PRIORITY
     BINDINGS = [
         Binding("less_than_sign", "sort_by(-1)", "Sort ←", show=False),
         Binding("greater_than_sign", "sort_by(1)", "Sort →", show=False),
@@ -126,6 +126,16 @@ class ProcessTable(FitTable):
         self.sort_key = "pid"
         self.reverse = False
         self.items: list[dict[str, Any]] = []
+        self.multinode = False
+
+    def set_multinode(self, multi: bool) -> None:
+        """Several nodes: the NODE column comes right after STATE in priority (one node: it is left out)."""
+        if multi == self.multinode:
+            return
+        self.multinode = multi
+        keys = list(PROC_PRIORITY)
+        self.PRIORITY = (*keys[:3], "node", *keys[3:]) if multi else PROC_PRIORITY
+        self.rebuild()
 
     def header(self, col: Column) -> str:
         return col[1] + (("▼" if self.reverse else "▲") if col[0] == self.sort_key else "")
@@ -278,10 +288,11 @@ class MessageLog(FitTable):
 class NodesTable(FitTable):
     """All nodes with a summary of their load (the panel exists when there are several)."""
 
-    COLUMNS = (("name", "NODE", 16, False), ("cpu", "CPU%", 4, True), ("cores", "CORES", 5, True),
-               ("load", "LOAD", 14, False), ("mem", "MEM", 12, True), ("gpus", "GPUS", 4, True),
-               ("gutil", "GPU%", 4, True))
-    PRIORITY = ("name", "cpu", "mem", "gpus", "gutil", "load", "cores")
+    COLUMNS = (("name", "NODE", 16, False), ("state", "STATE", 5, False), ("cpu", "CPU%", 4, True),
+               ("cores", "CORES", 5, True), ("load", "LOAD", 14, False), ("mem", "MEM", 12, True),
+               ("procs", "PROCS", 5, True), ("tok_s", "TOK/S", 5, True), ("budget", "BUDGET", 11, True),
+               ("beat", "BEAT", 5, True), ("gpus", "GPUS", 4, True), ("gutil", "GPU%", 4, True))
+    PRIORITY = ("name", "state", "cpu", "mem", "procs", "tok_s", "budget", "beat", "gpus", "gutil", "load", "cores")
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(cursor_type="row", **kw)
@@ -302,11 +313,21 @@ class NodesTable(FitTable):
                 "mem": f"{human_bytes(mem.get('used'))}/{human_bytes(mem.get('total'))}",
                 "gpus": str(len(gpus)),
                 "gutil": "-" if gutil is None else f"{gutil:.0f}",
+                "state": str(n.get("state") or ("front" if n.get("local") else "-")),
+                "procs": str(n.get("procs", "-")),
+                "tok_s": rate(n.get("tok_s")) if n.get("tok_s") is not None else "-",
+                "budget": f"{human_bytes(n.get('budget_used'))}/{human_bytes(n.get('budget_total'))}"
+                if n.get("budget_total") else "-",
+                "beat": "-" if n.get("heartbeat_age_s") is None else f"{float(n['heartbeat_age_s']):.0f}s",
             })
         return out
 
     def row_key(self, row: dict[str, Any]) -> str:
         return row["name"]
+
+    def cell(self, row: dict[str, Any], key: str, right: bool) -> Any:
+        style = "bold red" if key == "state" and row.get("state") == "lost" else ""
+        return Text(str(row.get(key, "")), style=style, justify="right" if right else "left")
 
     def show(self, nodes: list[dict[str, Any]]) -> None:
         """New node rows."""

@@ -40,10 +40,12 @@ def gpt2_checkpoint(shape: dict, tag: str) -> Path:
     return folder
 
 
-def start_kernel(home: Path) -> tuple[subprocess.Popen, Path]:
-    """A foreground kernel (telemetry off) whose connection file lives under `home`'s XDG_RUNTIME_DIR."""
-    cf = home / "XDG_RUNTIME_DIR" / "kernel-bench.json"
-    cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(cf), "--telemetry-hz", "0"]
+def start_kernel(home: Path, *extra: str, tag: str = "bench") -> tuple[subprocess.Popen, Path]:
+    """A foreground kernel (telemetry off; `extra` options of `kernel start`) whose connection file lives under
+    `home`'s XDG_RUNTIME_DIR."""
+    cf = home / "XDG_RUNTIME_DIR" / f"kernel-{tag}.json"
+    cmd = [sys.executable, "-m", "llmsh", "kernel", "start", "--foreground", "--connection-file", str(cf), "--telemetry-hz", "0",
+           *extra]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not cf.exists():
