@@ -157,6 +157,8 @@ class BatchGenerator:
         out: list[tuple[Sequence, str]] = []
         decoding = list(self.running)
         joining = []
+        if self.waiting:  # the rows of every joiner at once: one resize of a growing cache, not one per join
+            self.cache.reserve(self.cache.rows_with(len(self.waiting)), 0)
         while self.waiting and self.cache.free_slots:
             seq = self.waiting.popleft()
             seq.slot = self.cache.alloc()

@@ -115,20 +115,23 @@ class KVCache:
 
     def plan(self, rows: int, positions: int, max_bytes: int | None = None) -> tuple[int, int]:
         """The (rows, positions) the buffers will have after `reserve(rows, positions, max_bytes)`: never less than
-        now. Positions grow by half the capacity at a time (to a block), else to the next block, else exactly what
-        is asked, whichever is the first to stay within max_bytes (a KV budget nearly spent)."""
+        now. Each grows by half its size at a time (positions to a block), else only to what is asked (positions
+        to the next block, else exactly), the largest choice that stays within max_bytes (a KV budget nearly
+        spent): growing copies the cache, so small steps would copy it at every join and every few tokens."""
         if not self.growable:
             return self.max_batch, self.max_seq_len
-        rows = min(self.n_slots, max(self.max_batch, rows))
-        cap = self.max_seq_len
-        if positions <= cap:
-            return rows, cap
-        options = (_round_up(max(positions, cap + cap // 2), BLOCK), _round_up(positions, BLOCK), positions)
-        for option in options:
-            cap = min(self.context, option)
-            if max_bytes is None or self.nbytes_of(rows, cap) <= max_bytes:
-                break
-        return rows, cap
+        r0, c0 = self.max_batch, self.max_seq_len
+        row_options = [r0]
+        if rows > r0:
+            row_options = [min(self.n_slots, max(rows, r0 + r0 // 2)), min(self.n_slots, rows)]
+        cap_options = [c0]
+        if positions > c0:
+            cap_options = [min(self.context, c) for c in
+                           (_round_up(max(positions, c0 + c0 // 2), BLOCK), _round_up(positions, BLOCK), positions)]
+        shapes = sorted({(r, c) for r in row_options for c in cap_options}, key=lambda rc: rc[0] * rc[1], reverse=True)
+        if max_bytes is None:
+            return shapes[0]
+        return next((rc for rc in shapes if self.nbytes_of(*rc) <= max_bytes), shapes[-1])
 
     def reserve(self, rows: int, positions: int, max_bytes: int | None = None) -> None:
         """Make room for slots below `rows` to hold `positions` positions (a growing cache; others are full-size)."""
