@@ -76,6 +76,33 @@ def test_growth_stays_within_what_the_budget_leaves(tiny_gpt2: Path) -> None:
     assert cache.plan(1, 300) == (1, 256)  # never past the context
 
 
+def test_a_new_request_waits_for_kv_room_and_the_budget_is_never_passed(tiny_gpt2: Path) -> None:
+    from llmsh.engine.paging.core import Pager
+    from llmsh.runtime import load
+    from llmsh.runtime.generation import BatchGenerator, Sequence
+    from llmsh.runtime.sampling import SamplingParams
+
+    model = load(tiny_gpt2)
+    prompts = ["once upon a time", "def f(x):"]
+    refs = model.generate(prompts, max_tokens=60, temperature=0, ignore_eos=True)
+    pager = Pager({"cpu": 1 << 30}, prefetch=False)
+    seen: list[int] = []
+    pager.kv.check_hooks.append(lambda device, used, budget: seen.append(used))
+    g = pager.kv.guard(BatchGenerator(model, 4, 256), pid=1, device="cpu", nice=lambda: 0)
+    budget = 100 * g.bytes_per_pos  # one request of up to 100 positions, not two
+    pager.set_budget("kv:cpu", budget)
+    seqs = [Sequence(model, model.tokenizer.encode(p), SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+            for p in prompts]
+    for s in seqs:
+        g.add(s)
+    while g.has_work:
+        g.step()
+        assert pager.kv.used("cpu") <= budget
+    assert [s.text for s in seqs] == refs and max(seen) <= budget
+    assert pager.kv.stats.held >= 1 and pager.kv.stats.preemptions == 0  # the newer one waited, nobody was cut
+    assert pager.snapshot()["devices"]["kv:cpu"]["used"] == 0
+
+
 # ---- through the kernel -------------------------------------------------------------------------------------------------
 
 

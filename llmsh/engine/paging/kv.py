@@ -1,13 +1,18 @@
-"""KV-cache budget with preemption: when the caches of a device's running requests would outgrow their budget, the
-lowest-priority requests are swapped out to host memory and resume later with exactly the state they left.
+"""KV-cache budget with preemption: the caches of a device's processes stay within its `kv` budget; when they would
+outgrow it, new requests wait and the lowest-priority running ones are swapped out to host memory and resume later
+with exactly the state they left.
 
 Each process's `BatchGenerator` (llmsh/runtime/generation.py) is wrapped by a `KVGuard`, which the engine thread
-steps like the batch itself. Before a step it computes what the step adds (one position per running sequence,
-the prompt of each joining one); if the device's KV bytes would exceed the budget it preempts victims across all
-guarded batches of the device — highest nice first, newest request first among equals (vLLM's LIFO) — by copying
-their cache rows to host and freeing their slots; joining requests of the stepping batch are simply held back.
-Swapped requests come back (oldest first) as soon as they fit. Because the cache rows and the sampler state are
-restored as they were, greedy output is identical to an uninterrupted run.
+steps like the batch itself. A cache holds what it has allocated (runtime/kv_cache.py: it grows with its sequences
+and shrinks when they leave), and that is what counts against the budget and what `mem` shows. Before a step the
+guard computes the least the cache must grow for it (a row per joining sequence, room for one more token of the
+longest running one and the longest joining prompt); if the device's KV bytes would exceed the budget it preempts
+victims across all guarded batches of the device — highest nice first, newest request first among equals (vLLM's
+LIFO) — by copying their cache rows to host and freeing their slots; joining requests of the stepping batch are
+simply held back (they wait). Then it grows the cache, by as much as the budget leaves room for. Swapped requests
+come back (oldest first) as soon as they fit. Because the cache rows and the sampler state are restored as they
+were, greedy output is identical to an uninterrupted run. A request that alone could never fit ends: a running one
+as at a full context ('length'), a prompt with one line naming the budget.
 """
 
 from __future__ import annotations
@@ -236,7 +241,8 @@ class KVGuard:
         return cache.nbytes_of(*cache.fitted(1, positions, exact=True))
 
     def _end_impossible(self) -> list[tuple[Any, str]]:
-        """Requests that alone outgrow the budget would wait forever: end them like a full context ('length')."""
+        """Requests that alone outgrow the budget would wait forever: a running (or swapped) one ends as at a full
+        context ('length'); a prompt that could never start is refused with one line naming the budget."""
         budget, cache = self.manager.budget(self.device), self.batch.cache
         ended, refused = [], []
         for seq in list(self.batch.running):
