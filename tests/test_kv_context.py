@@ -72,8 +72,13 @@ def test_growth_stays_within_what_the_budget_leaves(tiny_gpt2: Path) -> None:
     cache = load(tiny_gpt2).new_cache(4, 256)
     bpp = cache.bytes_per_position
     assert cache.plan(1, 65, max_bytes=None) == (1, 128)  # a block at a time (or half the capacity)
-    assert cache.plan(1, 65, max_bytes=100 * bpp) == (1, 65)  # only what is asked when that is all there is
+    assert cache.plan(1, 65, max_bytes=100 * bpp) == (1, 100)  # as much as the budget leaves room for
+    assert cache.plan(1, 65, max_bytes=10 * bpp) == (1, 65)  # or what is asked, when the caller made room for it
     assert cache.plan(1, 300) == (1, 256)  # never past the context
+    cache.reserve(2, 64)
+    assert cache.plan(3, 64) == (3, 64) and cache.plan(3, 64, max_bytes=10**9) == (3, 64)
+    cache.reserve(3, 64)
+    assert cache.plan(4, 64) == (4, 64)  # rows grow by half too (capped by the slots)
 
 
 def test_a_new_request_waits_for_kv_room_and_the_budget_is_never_passed(tiny_gpt2: Path) -> None:
@@ -93,11 +98,16 @@ def test_a_new_request_waits_for_kv_room_and_the_budget_is_never_passed(tiny_gpt
     pager.set_budget("kv:cpu", budget)
     seqs = [Sequence(model, model.tokenizer.encode(p), SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
             for p in prompts]
-    for s in seqs:
-        g.add(s)
+    g.add(seqs[0])
+    for _ in range(3):
+        g.step()
+    assert g.batch.cache.max_seq_len == 64  # it took a block: more than two requests' room is left
+    g.add(seqs[1])
     while g.has_work:
         g.step()
         assert pager.kv.used("cpu") <= budget
+        if not seqs[0].finished:
+            assert seqs[1].slot is None  # it waits until the first is done
     assert [s.text for s in seqs] == refs and max(seen) <= budget
     assert pager.kv.stats.held >= 1 and pager.kv.stats.preemptions == 0  # the newer one waited, nobody was cut
     assert pager.snapshot()["devices"]["kv:cpu"]["used"] == 0

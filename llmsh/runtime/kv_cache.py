@@ -115,23 +115,23 @@ class KVCache:
 
     def plan(self, rows: int, positions: int, max_bytes: int | None = None) -> tuple[int, int]:
         """The (rows, positions) the buffers will have after `reserve(rows, positions, max_bytes)`: never less than
-        now. Each grows by half its size at a time (positions to a block), else only to what is asked (positions
-        to the next block, else exactly), the largest choice that stays within max_bytes (a KV budget nearly
-        spent): growing copies the cache, so small steps would copy it at every join and every few tokens."""
+        now. Each grows by half its size at a time (positions to a block): growing copies the cache, so small steps
+        would copy it at every join and every few tokens. Past max_bytes (a KV budget nearly spent) the rows grow
+        only as asked and the positions to as many as max_bytes holds; when even that is too little, the least
+        that holds what is asked (the caller has made room for it)."""
         if not self.growable:
             return self.max_batch, self.max_seq_len
         r0, c0 = self.max_batch, self.max_seq_len
-        row_options = [r0]
-        if rows > r0:
-            row_options = [min(self.n_slots, max(rows, r0 + r0 // 2)), min(self.n_slots, rows)]
-        cap_options = [c0]
-        if positions > c0:
-            cap_options = [min(self.context, c) for c in
-                           (_round_up(max(positions, c0 + c0 // 2), BLOCK), _round_up(positions, BLOCK), positions)]
-        shapes = sorted({(r, c) for r in row_options for c in cap_options}, key=lambda rc: rc[0] * rc[1], reverse=True)
-        if max_bytes is None:
-            return shapes[0]
-        return next((rc for rc in shapes if self.nbytes_of(*rc) <= max_bytes), shapes[-1])
+        rows = min(self.n_slots, max(r0, rows))
+        positions = min(self.context, max(c0, positions))
+        cap = c0 if positions == c0 else min(self.context, _round_up(max(positions, c0 + c0 // 2), BLOCK))
+        for r in (min(self.n_slots, max(rows, r0 + r0 // 2)) if rows > r0 else rows, rows):
+            c = cap
+            if max_bytes is not None and self.nbytes_of(r, c) > max_bytes:
+                c = max(positions, min(c, max_bytes // max(1, r * self.bytes_per_position)))
+            if max_bytes is None or self.nbytes_of(r, c) <= max_bytes:
+                return r, c
+        return rows, positions
 
     def reserve(self, rows: int, positions: int, max_bytes: int | None = None) -> None:
         """Make room for slots below `rows` to hold `positions` positions (a growing cache; others are full-size)."""
