@@ -24,6 +24,7 @@ CASES = {
     "recovery.py": (["--quick", "--rounds", "1"], ["recovery_s", "cold_s", "ratio"]),
     "map.py": (["--quick", "--prompts", "8", "--seq-sample", "1"], ["ratio_static", "ratio_seq"]),
     "placement_sim.py": (["--nodes", "50", "--events", "500"], ["packed", "spread", "decision_us"]),
+    "parse.py": (["--repeats", "1"], ["parse_1mb_s", "prompt_1mb_s", "linear", "ratio_split"]),
 }
 
 

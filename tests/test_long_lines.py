@@ -73,3 +73,31 @@ def test_bad_max_message_is_a_usage_line(capsys: Any) -> None:
         main(["kernel", "start", "--max-message", "lots"])
     assert e.value.code == 2
     assert "argument --max-message: bad size 'lots': expected a number of bytes or a size like 4MiB" in capsys.readouterr().err
+
+
+def test_a_megabyte_line_of_many_statements_parses_whole_with_no_gc_pass() -> None:
+    """A 1 MB line of ~150k statements parses to every statement; its ~600k small objects (none in a cycle) start no
+    garbage collection on the way, which used to be half of its parse (timings: scripts/bench/parse.py)."""
+    import gc
+
+    code = "echo a;" * 150_000
+    passes: list[dict[str, Any]] = []
+
+    def count(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            passes.append(info)
+
+    gc.callbacks.append(count)
+    try:
+        statements = parse(code).statements
+    finally:
+        gc.callbacks.remove(count)
+    assert len(code) > 1_000_000 and len(statements) == 150_000
+    assert statements[-1].body.first.commands[0].argv == ["echo", "a"] and statements[-1].text == "echo a"
+    assert passes == [] and gc.isenabled()
+
+
+def test_quoted_megabyte_prompt_keeps_its_escapes() -> None:
+    body = 'say \\"hi\\" ' * 100_000
+    (tok,) = [t for t in tokenize(f'"{body}"')]
+    assert tok.value == 'say "hi" ' * 100_000

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -97,39 +96,19 @@ def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., 
     c = _ok(k, f"load {big} --name c2")["data"]["pid"]  # now a gives way (the failed c stays listed until reaped)
     assert _state(k, c) == "ready"
 
-    # KV budget (kv=80KiB): b (nice 10) is mid-request, stopped with its cache resident, when a (nice 0) joins with a
-    # prompt whose cache does not fit beside b's, so b's rows are swapped to host; after CONT b resumes with the same
-    # greedy text. STOP makes the overlap certain (running both at once left it to the scheduler's timing).
-    from llmsh.runtime import load as load_model
-
-    ma, mb = load_model(folders[0]), load_model(folders[1])
-    bpp_a, bpp_b = (sum(t[0, :, 0].nbytes for t in m.new_cache(1, 8).k) * 2 for m in (ma, mb))
+    # KV budget (kv=80KiB): a's request alone needs ~80 KiB, b's ~40 KiB; caches grow by blocks of 64 positions
+    # while the budget allows (a takes 64 KiB at once, b 32 KiB). Run together, b (nice 10) either waits for room
+    # (a started first) or is preempted — swapped to host — when a outgrows what b leaves; either way both
+    # answers are the greedy texts, and nothing is cut short
     long = "Once upon a time there was a little model that could generate text"
-    prompt_a, tokens_a, tokens_b = f"{long} {long}", 4, 100
-    n_a, n_b = len(ma.tokenizer.encode(prompt_a)), len(mb.tokenizer.encode(long))
-    budget_kv = 80 * 1024
-    assert (n_a + tokens_a) * bpp_a <= budget_kv and (n_b + tokens_b) * bpp_b <= budget_kv  # each fits alone…
-    assert n_a * bpp_a + (n_b + 1) * bpp_b > budget_kv  # …but a's prompt does not fit beside b once b has begun
-    want_a = ma.generate([prompt_a], max_tokens=tokens_a, temperature=0, ignore_eos=True)[0]
-    want_b = mb.generate([long], max_tokens=tokens_b, temperature=0, ignore_eos=True)[0]
-    before = next(r["tokens"] for r in _ok(k, "ps --json")["data"] if r["pid"] == b)
-    done_b: list[subprocess.CompletedProcess] = []  # b's request from a client of its own, so this one can go on
-    run_b = threading.Thread(target=lambda: done_b.append(
-        k.llmsh("-c", f"run b --max-tokens {tokens_b} --temperature 0 --ignore-eos '{long}'", timeout=120)))
-    run_b.start()
-    deadline = time.monotonic() + 30
-    while next(r["tokens"] for r in _ok(k, "ps --json")["data"] if r["pid"] == b) == before:
-        assert time.monotonic() < deadline, "b's request never started"
-        time.sleep(0.005)
-    _ok(k, "kill -STOP b")
-    assert _state(k, b) == "stopped"
-    _ok(k, f"run a --max-tokens {tokens_a} --temperature 0 --ignore-eos '{prompt_a}' > {tmp_path}/a.txt")
-    _ok(k, "kill -CONT b")
-    run_b.join()
-    assert (tmp_path / "a.txt").read_text().rstrip("\n") == want_a
-    assert done_b[0].returncode == 0 and done_b[0].stdout.rstrip("\n") == want_b, done_b[0].stderr
+    want = [load(f).generate([long], max_tokens=48, temperature=0, ignore_eos=True)[0] for f in folders]
+    opts = f"--max-tokens 48 --temperature 0 --ignore-eos '{long}'"
+    _ok(k, f"run a {opts} > {tmp_path}/a.txt & run b {opts} > {tmp_path}/b.txt & wait")
+    assert (tmp_path / "a.txt").read_text().rstrip("\n") == want[0]
+    assert (tmp_path / "b.txt").read_text().rstrip("\n") == want[1]
     kv = _ok(k, "mem --json")["data"]["kv"]
-    assert kv["preemptions"] >= 1 and kv["resumes"] == kv["preemptions"] and kv["too_long"] == 0
+    assert kv["preemptions"] + kv["held"] >= 1 and kv["resumes"] == kv["preemptions"] and kv["too_long"] == 0
+    assert kv["devices"]["cpu"]["used"] == 0  # caches are given back when their requests end
 
     # bad input: one line each
     for code, needle in (("mlock 99", "no process"), ("keepalive a soon", "bad duration"), ("mlock", "usage")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from llmsh.engine.paging.core import Pager
 
@@ -27,8 +28,9 @@ def _run(guards_and_seqs, max_steps: int = 2000) -> dict[int, str]:
     raise AssertionError("the batches did not finish")
 
 
-def test_lowest_priority_requests_are_preempted_and_resume_identically(make_tiny_model: Callable[..., Path]) -> None:
-    from llmsh.runtime import load
+def test_lowest_priority_requests_are_preempted_and_resume_identically(make_tiny_model: Callable[..., Path],
+                                                                      monkeypatch: Any) -> None:
+    from llmsh.runtime import kv_cache, load
     from llmsh.runtime.generation import BatchGenerator, Sequence
     from llmsh.runtime.sampling import SamplingParams
 
@@ -52,6 +54,7 @@ def test_lowest_priority_requests_are_preempted_and_resume_identically(make_tiny
         for s in seqs:
             g.add(s)
         guards.append((g, seqs))
+    monkeypatch.setattr(kv_cache, "BLOCK", 8)  # caches grow in blocks of 8 positions: these requests are short
     # room for about half of all the positions the eight requests will hold at their longest
     longest = sum(len(s.prompt_ids) + MAX_TOKENS for _, seqs in guards for s in seqs)
     bpp = max(g.bytes_per_pos for g, _ in guards)
@@ -67,8 +70,9 @@ def test_lowest_priority_requests_are_preempted_and_resume_identically(make_tiny
     assert snap["kv"]["preemptions"] > 0 and "kv:cpu" in snap["devices"]
 
 
-def test_a_request_that_alone_outgrows_the_kv_budget_ends_with_length(make_tiny_model: Callable[..., Path]) -> None:
-    from llmsh.runtime import load
+def test_a_request_that_alone_outgrows_the_kv_budget_ends_with_length(make_tiny_model: Callable[..., Path],
+                                                                      monkeypatch: Any) -> None:
+    from llmsh.runtime import kv_cache, load
     from llmsh.runtime.generation import BatchGenerator, Sequence
     from llmsh.runtime.sampling import SamplingParams
 
@@ -77,6 +81,7 @@ def test_a_request_that_alone_outgrows_the_kv_budget_ends_with_length(make_tiny_
     g = pager.kv.guard(BatchGenerator(m, 2, 128), pid=1, device="cpu", nice=lambda: 0)
     seq = Sequence(m, m.tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     g.add(seq)
+    monkeypatch.setattr(kv_cache, "BLOCK", 1)  # the cache grows a position at a time: the budget below is exact
     pager.set_budget("kv:cpu", (len(seq.prompt_ids) + 5) * g.bytes_per_pos)
     texts = _run([(g, [seq])])
     assert seq.finished == "length" and 0 < len(seq.token_ids) <= 6 and texts[id(seq)] == seq.text

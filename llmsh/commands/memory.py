@@ -55,15 +55,17 @@ def format_mem(snap: dict[str, Any]) -> str:
     rows = [
         [
             str(p["pid"]), p["name"], p["device"], str(p["nice"]), p["state"] + (" (mlock)" if p["locked"] else ""),
-            human_bytes(p["res_bytes"]), human_bytes(p["paged_bytes"]), f"{p['pages_resident']}/{p['pages']}",
+            human_bytes(p["res_bytes"]), human_bytes(p.get("kv_bytes", 0)), human_bytes(p["paged_bytes"]),
+            f"{p['pages_resident']}/{p['pages']}",
             str(p["page_ins"]), str(p["page_outs"]), human_bytes(p["bytes_moved"]), _pct(p["hit_rate"]),
             "-" if p["keep_alive"] is None else f"{p['keep_alive']:g}s",
         ]
         for p in snap["procs"]
     ]
     if rows:
-        headers = ["PID", "NAME", "DEVICE", "NI", "STATE", "RES", "PAGED", "PAGES", "IN", "OUT", "MOVED", "HIT", "KEEP"]
-        lines.append(table(rows, headers, right=[0, 3, 5, 6, 7, 8, 9, 10, 11]))
+        headers = ["PID", "NAME", "DEVICE", "NI", "STATE", "RES", "KV", "PAGED", "PAGES", "IN", "OUT", "MOVED", "HIT",
+                   "KEEP"]
+        lines.append(table(rows, headers, right=[0, 3, 5, 6, 7, 8, 9, 10, 11, 12]))
     else:
         lines.append("no model processes")
     return "\n".join(lines)
@@ -72,8 +74,10 @@ def format_mem(snap: dict[str, Any]) -> str:
 @command(
     "mem",
     "memory budgets and paging: resident / paged-out bytes per process, page-ins/outs, hit rate",
-    description="Each device's budget (--mem-budget) and what the pager has resident in it, then per process: "
-    "resident and paged-out bytes, pages in, page-ins and page-outs, bytes moved, the page hit rate, keep_alive.",
+    description="Each device's budget (--mem-budget) and what is resident in it: weights (cpu, cuda:N) and the KV "
+    "caches the processes have allocated (kv:DEVICE; caches grow with their requests and shrink when they end). Then "
+    "per process: RES (its weights in memory plus its KV cache, the same figure as ps), KV (the KV cache alone), "
+    "PAGED (weights paged out), pages in, page-ins and page-outs, bytes moved, the page hit rate, keep_alive.",
     structured=True,
     group=GROUP,
 )

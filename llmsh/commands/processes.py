@@ -84,7 +84,8 @@ LOAD_ARGS = (
     arg("--dtype", help="weights dtype: float32, bfloat16, float16 (default: the checkpoint's)"),
     arg("--nice", type=_nice_value, default=0, metavar="N", help="priority -20 (most) .. 19 (least), default 0"),
     arg("--max-batch", type=int, metavar="N", help="requests decoded together (KV cache slots), default 16"),
-    arg("--ctx", type=int, metavar="TOKENS", help="KV cache length per request (default: the model's, at most 2048)"),
+    arg("--ctx", type=int, metavar="TOKENS", help="the context: KV cache positions per request, prompt and output together (default: the model's own, "
+        "from its config; may only lower it, like Ollama's num_ctx)"),
     arg("--quant", choices=("q8_0", "q4_0", "q4_k"), help="quantize a Hugging Face checkpoint's matrices at load "
         "(GGUF block formats; cached, so the next load is fast)"),
     arg("--node", metavar="NODE", help="the node to load it on (default: placed by free budget and load; see 'nodes')"),
@@ -239,8 +240,9 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
     "list model processes",
     arg("-a", "--all", action="store_true", help="also list processes that have exited, with how they ended"),
     description="Columns: PID NAME STATE NI DEVICE RES (resident bytes: weights in memory plus the KV cache it has "
-    "allocated, like RSS; 'mem' shows the KV bytes in use) REQS (active+queued) TOK/S TOKENS TIME (compute time) "
-    "NODE. A failed process is listed with its reason once, then reaped.",
+    "allocated, like RSS; the same figure as RES in 'mem', which shows the KV cache alone as KV) REQS "
+    "(active+queued) TOK/S TOKENS TIME (compute time) NODE. --json rows also have ctx (the context: positions of KV "
+    "cache per request). A failed process is listed with its reason once, then reaped.",
     structured=True,
     group=GROUP,
 )

@@ -27,7 +27,6 @@ from llmsh.runtime.errors import CheckpointChanged  # torch-free
 
 LOADER_WORKERS = 2
 DEFAULT_MAX_BATCH = 16  # requests decoded together per process; more queue (bounded) until a slot frees
-DEFAULT_MAX_SEQ_LEN = 2048  # KV cache length cap per request, whatever the model's context: bounds memory per slot
 
 _torch_configured = False
 
@@ -64,8 +63,10 @@ class ModelRuntime:
                  folder: str | None = None) -> None:
         self.model = model
         self.max_batch = max_batch
-        ctx = _context_length(model.config) or DEFAULT_MAX_SEQ_LEN
-        self.max_seq_len = min(ctx, max_seq_len or DEFAULT_MAX_SEQ_LEN)
+        # the context: the model's own (its config's max_position_embeddings, n_positions or GGUF context_length),
+        # or less with `load --ctx N`. No cap is needed for memory's sake: the KV cache grows with what the requests
+        # hold, within the KV budget (runtime/kv_cache.py, engine/paging/kv.py)
+        self.max_seq_len = min(context_length(model), max_seq_len or context_length(model))
         self.batch: Any = None
         self.files = _weight_files(folder) if folder else {}
         self._checked = 0.0
@@ -102,7 +103,7 @@ class ModelRuntime:
         return Sequence(self.model, prompt_ids, params)
 
     def resident_bytes(self) -> int:
-        """Weights on the device plus this process's KV cache."""
+        """Weights on the device plus the KV cache this process has allocated (`ps` RES, `mem` RES)."""
         model = self.model
         if model is None:
             return 0
@@ -152,12 +153,10 @@ def _trim_heap() -> None:
         pass
 
 
-def _context_length(config: Any) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx"):
-        v = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+def context_length(model: Any) -> int:
+    """The model's context in tokens: what its family's config took from config.json (max_position_embeddings,
+    n_positions) or the GGUF file (context_length), the rows of its position tables."""
+    return int(model.max_seq_len)
 
 
 class Loader:
@@ -224,6 +223,12 @@ class Loader:
             return proc
         if proc.abort_load:  # killed while the last bytes came in
             del model
+            gc.collect()
+            return proc
+        ctx, limit = sizes[1], context_length(model)
+        if ctx is not None and ctx > limit:  # Ollama's num_ctx may lower the context, never raise it
+            del model
+            self.sched.fail_load(proc, f"--ctx {ctx} is over the model's context of {limit} tokens; give at most {limit}")
             gc.collect()
             return proc
         proc.dtype = str(getattr(model, "dtype", dtype or "")).replace("torch.", "")

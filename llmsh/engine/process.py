@@ -137,6 +137,7 @@ class Process:
             "nice": self.nice,
             "device": self.device,
             "res_bytes": res,
+            "ctx": int(getattr(self.runtime, "max_seq_len", 0) or 0),  # tokens per request (0: not loaded)
             "paged_bytes": self.paged_bytes,
             "reqs_active": len(self.active),
             "reqs_queued": len(self.pending),

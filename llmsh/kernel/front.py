@@ -240,7 +240,7 @@ class Processes(Recovery):
                 self.nodes.release(choice)
         if not self.table.gone(entry):
             await self.table.update(entry, on_engine=True, state=ProcState(row["state"]), dtype=row.get("dtype", ""),
-                                    device=row.get("device", device), progress=1.0, progress_text="ready")
+                                    device=row.get("device", device), progress=1.0, progress_text="ready", live=row)
         return entry
 
     async def _kill_quietly(self, entry: Entry, reason: str) -> None:

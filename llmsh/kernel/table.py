@@ -79,6 +79,7 @@ class Entry:
             "started_at": self.started_at, "steps": int(live.get("steps", 0)),
             "last_batch": int(live.get("last_batch", 0)), "max_batch": int(live.get("max_batch", 0)),
             "vruntime": float(live.get("vruntime", 0.0)), "locked": self.locked,
+            "ctx": int(live.get("ctx") or self.options.get("ctx") or 0),  # the context in tokens (0: not known yet)
         }
 
 

@@ -129,8 +129,23 @@ class BatchGenerator:
             self.running.remove(seq)
             self.cache.free(_slot(seq))
             seq.slot = None
+            self.compact()
         if not seq.finished:
             seq.finished = "cancelled"
+
+    def compact(self) -> None:
+        """After sequences left: move the highest slots' sequences down into free ones, then let the cache give back
+        what it no longer needs (a growing cache's rows reach up to the highest slot taken)."""
+        cache = self.cache
+        if not cache.growable:
+            return
+        for seq in sorted(self.running, key=_slot, reverse=True):
+            free = min(set(range(cache.n_slots)) - set(cache.used_slots()), default=None)
+            if free is None or free > _slot(seq):
+                break
+            cache.move(_slot(seq), free)
+            seq.slot = free
+        cache.fit()
 
     @property
     def has_work(self) -> bool:
@@ -142,6 +157,8 @@ class BatchGenerator:
         out: list[tuple[Sequence, str]] = []
         decoding = list(self.running)
         joining = []
+        if self.waiting:  # the rows of every joiner at once: one resize of a growing cache, not one per join
+            self.cache.reserve(self.cache.rows_with(len(self.waiting)), 0)
         while self.waiting and self.cache.free_slots:
             seq = self.waiting.popleft()
             seq.slot = self.cache.alloc()
@@ -155,9 +172,12 @@ class BatchGenerator:
             out += self._advance(decoding, logits)
         self.last_batch_size = len(joining) + len(decoding)
         self.steps += 1
-        for seq in [s for s in self.running if s.finished]:
+        finished = [s for s in self.running if s.finished]
+        for seq in finished:
             self.running.remove(seq)
             self.cache.free(_slot(seq))
+        if finished:
+            self.compact()
         return out
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, str]]:

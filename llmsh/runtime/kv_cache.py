@@ -1,46 +1,70 @@
 """A slotted KV cache and the per-forward batch context that lets sequences at different positions share a step.
 
 Continuous batching needs sequences to join and leave a running batch. The cache is one pair of buffers per layer shaped
-`(max_batch, n_kv_head, max_seq_len, head_dim)`, allocated once; a request owns a *slot* (a row) from `alloc()` until
-`free()`. A forward over a batch names its slots and each row's positions: keys/values are written at
-`[slot, :, position]` and attention reads positions `0..L-1` of those slots with a mask `j <= position` (and
-`j > position - window` for sliding-window layers). Rows beyond a sequence's length hold stale data that the mask
-hides; buffers start zeroed so stale data is always finite.
+`(rows, n_kv_head, capacity, head_dim)`; a request owns a *slot* (a row) from `alloc()` until `free()`. A forward over a
+batch names its slots and each row's positions: keys/values are written at `[slot, :, position]` and attention reads
+positions `0..L-1` of those slots with a mask `j <= position` (and `j > position - window` for sliding-window layers).
+Rows beyond a sequence's length hold stale data that the mask hides; buffers start zeroed so stale data is always finite.
+
+A cache made with `grow=True` (what `Model.new_cache` makes) starts empty and grows as the sequences need it: rows up
+to the highest slot taken, positions in blocks of BLOCK (by half its size at a time when room allows, so a long
+sequence is copied a logarithmic number of times). `fit()` gives memory back when sequences leave. Preallocating
+every slot at the whole context instead cost 16 x 2048 positions per process (1.2 GB for a small model) whatever the
+requests needed, outside any budget. The layout stays one rectangular buffer per layer because the C decode kernels
+index it as `slot * stride + position`; `max_batch` and `max_seq_len` are the buffers' current rows and positions
+(what C may index), `n_slots` and `context` the limits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+BLOCK = 64  # positions: a growing cache's capacity is a multiple of this (or the whole context)
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
 
 class KVCache:
     """Per-layer key/value buffers with slot allocation; `lengths[slot]` is how many positions that slot holds."""
 
     def __init__(self, n_layer: int, max_batch: int, n_kv_head: int, max_seq_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (max_batch, n_kv_head, max_seq_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+                 dtype: torch.dtype, device: torch.device | str, *, grow: bool = False) -> None:
+        self.n_slots, self.context, self.growable = max_batch, max_seq_len, grow
+        self._shape = (n_layer, n_kv_head, head_dim)
+        self.dtype, self.device = dtype, device
+        self.bytes_per_position = 2 * n_layer * n_kv_head * head_dim * dtype.itemsize   # K and V, every layer
+        self.on_resize: list[Callable[[], None]] = []   # the buffers moved (e.g. the C decoder's cached addresses)
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.max_batch = self.max_seq_len = 0
+        if grow:
+            self._resize(0, 0)
+        else:
+            self._resize(max_batch, max_seq_len)
         self.lengths = [0] * max_batch
         self._free = list(range(max_batch))
 
+    # ---- slots ---------------------------------------------------------------------------------------------------
     def alloc(self) -> int:
         """Take the lowest free slot (low slots keep running batches contiguous); RuntimeError when all are taken."""
         if not self._free:
-            raise RuntimeError(f"KV cache full: all {self.max_batch} slots are in use")
+            raise RuntimeError(f"KV cache full: all {self.n_slots} slots are in use")
         self._free.sort()
         slot = self._free.pop(0)
         self.lengths[slot] = 0
+        self.reserve(slot + 1, 0)
         return slot
 
     def free(self, slot: int) -> None:
         """Give a slot back; its stale contents are masked out for the next owner."""
-        if slot in self._free or not 0 <= slot < self.max_batch:
+        if slot in self._free or not 0 <= slot < self.n_slots:
             raise ValueError(f"slot {slot} is not allocated")
         self.lengths[slot] = 0
         self._free.append(slot)
@@ -54,10 +78,109 @@ class KVCache:
         """How many slots can still be allocated."""
         return len(self._free)
 
+    def used_slots(self) -> list[int]:
+        """The allocated slots, lowest first."""
+        free = set(self._free)
+        return [s for s in range(self.n_slots) if s not in free]
+
+    def rows_with(self, joining: int) -> int:
+        """Rows the buffers need once `joining` more slots are taken (the lowest free ones, as `alloc` takes)."""
+        used = self.used_slots()
+        rows = used[-1] + 1 if used else 0
+        if joining:
+            rows = max(rows, sorted(self._free)[min(joining, len(self._free)) - 1] + 1)
+        return rows
+
+    @torch.inference_mode(False)  # normal tensors, as made in __init__, whether or not a forward is running
+    def move(self, src: int, dst: int) -> None:
+        """Move the sequence in slot src to the free slot dst (to compact the rows before `fit`)."""
+        if dst not in self._free or src in self._free:
+            raise ValueError(f"cannot move slot {src} to {dst}")
+        n = self.lengths[src]
+        for t in (*self.k, *self.v):
+            t[dst, :, :n] = t[src, :, :n]
+        self._free.remove(dst)
+        self.lengths[dst] = n
+        self.free(src)
+
+    # ---- memory --------------------------------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
         """Bytes held by all key and value buffers."""
-        return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
+        return self.nbytes_of(self.max_batch, self.max_seq_len)
+
+    def nbytes_of(self, rows: int, positions: int) -> int:
+        """Bytes of buffers of this many rows and positions."""
+        return rows * positions * self.bytes_per_position
+
+    def plan(self, rows: int, positions: int, max_bytes: int | None = None) -> tuple[int, int]:
+        """The (rows, positions) the buffers will have after `reserve(rows, positions, max_bytes)`: never less than
+        now. Each grows by half its size at a time (positions to a block): growing copies the cache, so small steps
+        would copy it at every join and every few tokens. Past max_bytes (a KV budget nearly spent) the rows grow
+        only as asked and the positions to as many as max_bytes holds; when even that is too little, the least
+        that holds what is asked (the caller has made room for it)."""
+        if not self.growable:
+            return self.max_batch, self.max_seq_len
+        r0, c0 = self.max_batch, self.max_seq_len
+        rows = min(self.n_slots, max(r0, rows))
+        positions = min(self.context, max(c0, positions))
+        cap = c0 if positions == c0 else min(self.context, _round_up(max(positions, c0 + c0 // 2), BLOCK))
+        for r in (min(self.n_slots, max(rows, r0 + r0 // 2)) if rows > r0 else rows, rows):
+            c = cap
+            if max_bytes is not None and self.nbytes_of(r, c) > max_bytes:
+                c = max(positions, min(c, max_bytes // max(1, r * self.bytes_per_position)))
+            if max_bytes is None or self.nbytes_of(r, c) <= max_bytes:
+                return r, c
+        return rows, positions
+
+    def reserve(self, rows: int, positions: int, max_bytes: int | None = None) -> None:
+        """Make room for slots below `rows` to hold `positions` positions (a growing cache; others are full-size)."""
+        if positions > self.context or rows > self.n_slots:
+            raise ValueError(f"{positions} positions in {rows} slots do not fit this cache "
+                             f"({self.n_slots} slots of {self.context})")
+        shape = self.plan(rows, positions, max_bytes)
+        if shape != (self.max_batch, self.max_seq_len):
+            self._resize(*shape)
+
+    def fitted(self, rows: int, positions: int, exact: bool = False) -> tuple[int, int]:
+        """The smallest (rows, positions) a growing cache takes to hold this many: positions to the block, or
+        `exact`ly."""
+        if not self.growable:
+            return self.max_batch, self.max_seq_len
+        if not rows:
+            return 0, 0
+        return rows, positions if exact else min(self.context, _round_up(positions, BLOCK))
+
+    def fit(self, slack: float = 0.75, exact: bool = False) -> None:
+        """Give back what the allocated slots do not need (a growing cache): all of it when none is taken, else when
+        the rows up to the highest slot taken at their longest sequence's positions (to the block, or `exact`ly)
+        need at most `slack` of the bytes held (1.0: whenever anything can be given back)."""
+        if not self.growable:
+            return
+        used = self.used_slots()
+        rows, cap = self.fitted(used[-1] + 1 if used else 0, max((self.lengths[s] for s in used), default=0), exact)
+        need = self.nbytes_of(rows, cap)
+        if (rows, cap) != (self.max_batch, self.max_seq_len) and (need <= self.nbytes * slack or not need):
+            self._resize(rows, cap)
+
+    @torch.inference_mode(False)
+    def _resize(self, rows: int, cap: int) -> None:
+        """New zeroed buffers of (rows, cap), keeping what fits of the old; one layer at a time, so the peak is the
+        cache plus one layer's buffer."""
+        n_layer, n_kv, hd = self._shape
+        keep_r, keep_c = min(rows, self.max_batch), min(cap, self.max_seq_len)
+        for bufs in (self.k, self.v):
+            for i in range(n_layer):
+                new = torch.zeros((rows, n_kv, cap, hd), dtype=self.dtype, device=self.device)
+                if i < len(bufs):
+                    if keep_r and keep_c:
+                        new[:keep_r, :, :keep_c] = bufs[i][:keep_r, :, :keep_c]
+                    bufs[i] = new
+                else:
+                    bufs.append(new)
+        self.max_batch, self.max_seq_len = rows, cap
+        for fn in self.on_resize:
+            fn()
 
 
 @dataclass

@@ -103,10 +103,14 @@ class Model:
 
     # ---- scheduler API ---------------------------------------------------------------------------------------
     def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
-        """A KV cache with max_batch slots of up to max_seq_len positions (capped to the model's context)."""
+        """A KV cache of max_batch slots of up to max_seq_len positions (capped to the model's context); it starts
+        empty and grows with what the sequences hold (kv_cache.py)."""
         cfg = self.config
-        return KVCache(cfg.n_layer, max_batch, cfg.n_kv_head, min(max_seq_len, self.max_seq_len), cfg.head_dim,
-                       self.dtype, self.device)
+        cache = KVCache(cfg.n_layer, max_batch, cfg.n_kv_head, min(max_seq_len, self.max_seq_len), cfg.head_dim,
+                        self.dtype, self.device, grow=True)
+        if self.fast_decode is not None:
+            cache.on_resize.append(self.fast_decode.weights_changed)  # it caches the buffers' addresses too
+        return cache
 
     @torch.inference_mode()
     def prefill(self, cache: KVCache, slots: list[int], token_ids: list[list[int]]) -> Tensor:
@@ -117,8 +121,9 @@ class Model:
         if any(i < 0 or i >= vocab for t in token_ids for i in t):
             raise ValueError(f"token ids must be in [0, {vocab}) for this model")
         for s, start, n in zip(slots, starts, lengths):
-            if n == 0 or start + n > cache.max_seq_len:
-                raise ValueError(f"slot {s}: {n} prompt tokens after {start} do not fit the context of {cache.max_seq_len}")
+            if n == 0 or start + n > cache.context:
+                raise ValueError(f"slot {s}: {n} prompt tokens after {start} do not fit the context of {cache.context}")
+        cache.reserve(max(slots) + 1, max(start + n for start, n in zip(starts, lengths)))
         if any(starts) and len(slots) > 1:  # continuing slots: one at a time, so padding never runs past a slot's end
             return torch.cat([self.prefill(cache, [s], [t]) for s, t in zip(slots, token_ids)])
         groups = length_groups(lengths)
@@ -148,8 +153,9 @@ class Model:
     def decode_step(self, cache: KVCache, slots: list[int], tokens: list[int]) -> Tensor:
         """Feed one token per slot at that slot's own position; returns float32 logits (B, vocab)."""
         pos = [cache.lengths[s] for s in slots]
-        if max(pos) >= cache.max_seq_len:
-            raise ValueError(f"a slot is full ({cache.max_seq_len} positions); finish that sequence")
+        if max(pos) >= cache.context:
+            raise ValueError(f"a slot is full ({cache.context} positions); finish that sequence")
+        cache.reserve(max(slots) + 1, max(pos) + 1)
         if self.fast_decode is not None and len(slots) <= fast_decode.MAX_ROWS:
             logits = self.fast_decode(cache, slots, tokens, pos)                      # float32 already
         else:

@@ -742,6 +742,7 @@ class Pager:
         """Memory facts of one process (for `mem`, `ps`, `free`)."""
         with self._cond:
             p = self.proc(pid)
+            kv = self.kv.held_by(pid)
             return {
                 "pid": p.pid,
                 "name": p.name,
@@ -753,7 +754,10 @@ class Pager:
                 "pages": len(p.entries),
                 "pages_resident": sum(1 for e in p.entries if e.state in (IN, STAGED)),
                 "total_bytes": p.total_bytes,
-                "res_bytes": p.resident_bytes,
+                # as `ps` counts RES: the weights resident plus the KV cache the process has allocated
+                "res_bytes": p.resident_bytes + kv,
+                "weight_bytes": p.resident_bytes,
+                "kv_bytes": kv,
                 "paged_bytes": p.total_bytes - p.resident_bytes,
                 "host_bytes": p.host_bytes,
                 **p.stats.as_dict(),

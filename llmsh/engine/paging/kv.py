@@ -1,13 +1,18 @@
-"""KV-cache budget with preemption: when the caches of a device's running requests would outgrow their budget, the
-lowest-priority requests are swapped out to host memory and resume later with exactly the state they left.
+"""KV-cache budget with preemption: the caches of a device's processes stay within its `kv` budget; when they would
+outgrow it, new requests wait and the lowest-priority running ones are swapped out to host memory and resume later
+with exactly the state they left.
 
 Each process's `BatchGenerator` (llmsh/runtime/generation.py) is wrapped by a `KVGuard`, which the engine thread
-steps like the batch itself. Before a step it computes what the step adds (one position per running sequence,
-the prompt of each joining one); if the device's KV bytes would exceed the budget it preempts victims across all
-guarded batches of the device — highest nice first, newest request first among equals (vLLM's LIFO) — by copying
-their cache rows to host and freeing their slots; joining requests of the stepping batch are simply held back.
-Swapped requests come back (oldest first) as soon as they fit. Because the cache rows and the sampler state are
-restored as they were, greedy output is identical to an uninterrupted run.
+steps like the batch itself. A cache holds what it has allocated (runtime/kv_cache.py: it grows with its sequences
+and shrinks when they leave), and that is what counts against the budget and what `mem` shows. Before a step the
+guard computes the least the cache must grow for it (a row per joining sequence, room for one more token of the
+longest running one and the longest joining prompt); if the device's KV bytes would exceed the budget it preempts
+victims across all guarded batches of the device — highest nice first, newest request first among equals (vLLM's
+LIFO) — by copying their cache rows to host and freeing their slots; joining requests of the stepping batch are
+simply held back (they wait). Then it grows the cache, by as much as the budget leaves room for. Swapped requests
+come back (oldest first) as soon as they fit. Because the cache rows and the sampler state are restored as they
+were, greedy output is identical to an uninterrupted run. A request that alone could never fit ends: a running one
+as at a full context ('length'), a prompt with one line naming the budget.
 """
 
 from __future__ import annotations
@@ -83,6 +88,11 @@ class KVManager:
         with self.lock:
             return sum(g.used() for g in self.guards.get(device, []))
 
+    def held_by(self, pid: int) -> int:
+        """KV bytes the caches of process `pid` hold (allocated, on its device)."""
+        with self.lock:
+            return sum(g.used() for gs in self.guards.values() for g in gs if g.pid == pid)
+
     def swapped(self, device: str) -> int:
         with self.lock:
             return sum(s.nbytes for g in self.guards.get(device, []) for s in g.swapped)
@@ -129,8 +139,7 @@ class KVGuard:
     preemptions: int = 0
 
     def __post_init__(self) -> None:
-        cache = self.batch.cache
-        self.bytes_per_pos = sum(t[0, :, 0].nbytes for t in cache.k) + sum(t[0, :, 0].nbytes for t in cache.v)
+        self.bytes_per_pos = self.batch.cache.bytes_per_position
 
     # ---- the BatchGenerator interface ------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:  # cache, running, waiting, last_batch_size, steps, max_seq_len…
@@ -155,8 +164,8 @@ class KVGuard:
         return bool(self.batch.has_work or self.swapped or self.held)
 
     def used(self) -> int:
-        cache = self.batch.cache
-        return sum(cache.lengths[s.slot] for s in self.batch.running if s.slot is not None) * self.bytes_per_pos
+        """The bytes this batch's KV cache holds (what it allocated, not only the positions in use)."""
+        return int(self.batch.cache.nbytes)
 
     def step(self) -> list[tuple[Any, str]]:
         """Resume what fits, preempt what must go, then run the batch's step."""
@@ -170,6 +179,9 @@ class KVGuard:
                 if self.on_blocked is not None and not ended:
                     self.on_blocked()
                 return ended
+            # grow the cache now, within what the budget leaves (the step's own growth would not know it)
+            others = m.used(self.device) - self.used()
+            self.batch.cache.reserve(*self._need(), max_bytes=m.budget(self.device) - others)
         decoding, joining = list(self.batch.running), self._joining()
         try:
             out = self.batch.step()
@@ -200,47 +212,71 @@ class KVGuard:
                 seq.slot = None
             seq.finished = "error"
             self.joined.pop(id(seq), None)
+        self.batch.compact()
         return [*decoding, *joining]
 
     # ---- preemption ------------------------------------------------------------------------------------------
     def _joining(self) -> list[Any]:
         return list(self.batch.waiting)[: self.batch.cache.free_slots]
 
-    def _demand(self) -> int:
-        """KV bytes this step adds: one position per running sequence, the prompt of each joining one."""
-        grow = len(self.batch.running) + sum(len(s.prompt_ids) for s in self._joining())
-        return grow * self.bytes_per_pos
+    def _need(self, extra: int = 0, extra_positions: int = 0) -> tuple[int, int]:
+        """(rows, positions) the cache needs for this step: a slot per running and joining sequence (and `extra`
+        more), positions for one more token of the longest running one or the longest joining prompt."""
+        cache, joining = self.batch.cache, self._joining()
+        positions = max([extra_positions, *(cache.lengths[s.slot] + 1 for s in self.batch.running),
+                         *(len(s.prompt_ids) for s in joining)])
+        return cache.rows_with(len(joining) + extra), positions
+
+    def _demand(self, extra: int = 0, extra_positions: int = 0) -> int:
+        """KV bytes this step adds: what the cache must grow by (at the least) for `_need`."""
+        cache = self.batch.cache
+        return cache.nbytes_of(*cache.plan(*self._need(extra, extra_positions), max_bytes=0)) - cache.nbytes
 
     def _fits(self) -> bool:
         return self.manager.used(self.device) + self._demand() <= self.manager.budget(self.device)
 
+    def _alone(self, positions: int) -> int:
+        """KV bytes of one sequence of `positions` positions in a cache of its own (what it needs at the least)."""
+        cache = self.batch.cache
+        return cache.nbytes_of(*cache.fitted(1, positions, exact=True))
+
     def _end_impossible(self) -> list[tuple[Any, str]]:
-        """Requests that alone outgrow the budget would wait forever: end them like a full context ('length')."""
-        budget, bpp, cache = self.manager.budget(self.device), self.bytes_per_pos, self.batch.cache
-        ended = []
+        """Requests that alone outgrow the budget would wait forever: a running (or swapped) one ends as at a full
+        context ('length'); a prompt that could never start is refused with one line naming the budget."""
+        budget, cache = self.manager.budget(self.device), self.batch.cache
+        ended, refused = [], []
         for seq in list(self.batch.running):
-            if (cache.lengths[seq.slot] + 1) * bpp > budget:
+            if self._alone(cache.lengths[seq.slot] + 1) > budget:
                 self.batch.running.remove(seq)
                 cache.free(seq.slot)
                 seq.slot = None
                 ended.append(seq)
         for seq in [*self.batch.waiting, *self.held]:
-            if len(seq.prompt_ids) * bpp > budget:
+            if self._alone(len(seq.prompt_ids)) > budget:
                 (self.held if seq in self.held else self.batch.waiting).remove(seq)
-                ended.append(seq)
+                refused.append(seq)
         for s in list(self.swapped):
-            if (s.length + 1) * bpp > budget:
+            if self._alone(s.length + 1) > budget:
                 self.swapped.remove(s)
                 ended.append(s.seq)
-        self.manager.stats.too_long += len(ended)
-        return [(seq, seq.finish("length")) for seq in ended]
+        if ended:
+            self.batch.compact()
+        self.manager.stats.too_long += len(ended) + len(refused)
+        for seq in refused:  # it could never start: one line naming the budget, not a silent empty answer
+            seq.finished = "error"
+            if self.on_error is not None:
+                need = self._alone(len(seq.prompt_ids))
+                self.on_error([seq], f"a prompt of {len(seq.prompt_ids)} tokens needs {format_bytes(need)} of KV "
+                              f"cache, more than the whole KV budget of {self.device} ({format_bytes(budget)}); "
+                              "shorten it, or start the kernel with a larger --mem-budget kv=SIZE")
+        return [(seq, seq.finish("length")) for seq in ended] + [(seq, "") for seq in refused]
 
     def _resume(self) -> None:
         """Bring swapped sequences (oldest first), then held ones, back while they fit."""
         budget = self.manager.budget(self.device)
         for s in sorted(self.swapped, key=lambda s: s.order):
-            need = (s.length + 1) * self.bytes_per_pos
-            if not self.batch.cache.free_slots or self.manager.used(self.device) + self._demand() + need > budget:
+            if not self.batch.cache.free_slots or \
+                    self.manager.used(self.device) + self._demand(1, s.length + 1) > budget:
                 break
             self._swap_in(s)
         # held joins go back to the front of the queue, oldest first; _make_room holds them again if still short
@@ -258,7 +294,7 @@ class KVGuard:
                 self.held.append(v.seq)
                 self.manager.stats.held += 1
             else:
-                v.guard._swap_out(v.seq)
+                v.guard.swap_out(v.seq)
 
     def _victims(self) -> list[_Victim]:
         """Everything that could give way, best victim first: highest nice, then newest."""
@@ -272,8 +308,9 @@ class KVGuard:
             out.append(_Victim(self, seq, True, nice, self.joined.get(id(seq), 0)))
         return sorted(out, key=lambda v: (v.nice, v.order), reverse=True)
 
-    def _swap_out(self, seq: Any) -> None:
-        """Copy a running sequence's cache rows to host and free its slot."""
+    def swap_out(self, seq: Any) -> None:
+        """Copy a running sequence's cache rows to host, free its slot and give the room back at once (the caller
+        is making room under the budget)."""
         cache, slot = self.batch.cache, seq.slot
         n = cache.lengths[slot]
         k = [t[slot, :, :n].to("cpu", copy=True) for t in cache.k]
@@ -286,10 +323,13 @@ class KVGuard:
         self.manager.stats.preemptions += 1
         self.preemptions += 1
         self.manager.stats.swapped_bytes += s.nbytes
+        self.batch.compact()
+        cache.fit(slack=1.0, exact=True)
 
     def _swap_in(self, s: Swapped) -> None:
         cache = self.batch.cache
         slot = cache.alloc()
+        cache.reserve(slot + 1, s.length + 1)
         for t, h in zip(cache.k, s.k):
             t[slot, :, : s.length].copy_(h)
         for t, h in zip(cache.v, s.v):
