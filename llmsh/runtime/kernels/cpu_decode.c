@@ -111,14 +111,13 @@ static void reorder(float *y, long M, long ncols, long ldy, int how) {
 /* ---- y (M, N) [+]= x (M, K) @ W (K, N) + bias ------------------------------------------------------------------
  * One row (batch-1 decode) is memory-bound: the aim is to stream the weights at the copy bandwidth. PANEL weight
  * rows are read together, each sequentially (measured on a 1-core AVX-512 VM: 8 rows 0.88, 16 rows 0.92, 32 rows
- * 0.6 of the copy bandwidth; on a 2-core Zen 4 VM 8 rows read 10-20% faster than 16 in both dtypes, and 4, 6, 10
- * or 12 rows no faster than 8, so 8); y is loaded and stored once per panel, and two accumulators keep two FMA chains in
+ * 0.6 of the copy bandwidth; bf16 takes 8 or 16 by the row's length, gemv_bf16); y is loaded and stored once per panel, and two accumulators keep two FMA chains in
  * flight. bf16 rows also prefetch 256 bytes ahead, and near a row's end the start of the next panel's rows (which
  * the hardware prefetcher cannot guess: they are PANEL rows away): the hardware prefetcher alone left narrow (768-1280
  * column) bf16 matrices at ~0.7 of the copy bandwidth; prefetching within rows only raised them to ~0.8, and
  * running on into the next panel to 0.94-1.0 (Llama-110M's 768x768 and 2048x768 in a decode step). It gained nothing
  * for float32 (PREFETCH 0). The prefetch past the last panel reads beyond the matrix, harmless for a prefetch. */
-#define PANEL 8
+#define PANEL 16
 
 #define DEFINE_GEMV(name, T, vload, cvt, PREFETCH)                                                            \
     static void name(const float *restrict x, long K, const T *restrict w, long ld, long N,                   \
@@ -152,22 +151,25 @@ static void reorder(float *y, long M, long ncols, long ldy, int how) {
 
 DEFINE_GEMV(gemv_f32, float, vload_f32, F32, 0)
 
-/* The one-row product over bf16 weights: as above (PANEL rows, two accumulator chains, prefetch into the next
- * panel), 32 columns (a cache line of each row) a step, in pairs. Qwen3-0.6B-shaped matrices (1024-6144 columns),
- * one thread, 2-core Zen 4 VM: 16 columns a step widened with vpmovzxwd read 16.5 GB/s where float32 read 21; in
- * pairs 20 GB/s at 8 rows (16.5 at 16). Prefetching 64-256 bytes ahead reads the same; none 5% slower. */
+/* The one-row product over bf16 weights: as above (a panel of rows, two accumulator chains, prefetch into the
+ * next panel), 32 columns (a cache line of each row) a step, in pairs. Qwen3-0.6B-shaped matrices, one thread, a
+ * 2-core Zen 4 VM, the model's own (mmap'd) weights: 16 columns a step widened with vpmovzxwd read ~20 GB/s from
+ * the wide matrices (4096-6144 columns) where in pairs they read ~22-23 at 8 rows a panel (~20.5 at 16); the narrow
+ * ones (1024-1152 columns: 2 KB rows) read faster at 16 rows (16-18.5 GB/s against 14.5-16.5 at 8), and at 2048
+ * columns 8 rows were faster again. Row-sequential orders (1-8 rows over all columns), 4-row panels and longer
+ * prefetch distances (256-1024 bytes, or whole rows ahead) were all slower. */
 #ifndef PREFETCH_BF16
 #define PREFETCH_BF16 128
 #endif
 static inline __attribute__((always_inline)) void gemv_bf16_panel(const float *restrict x, const bf16 *restrict W,
                                                                     long ld, long N, long full, long rows,
                                                                     float *restrict y) {
-    vf xb[PANEL];
+    vf xb[16];
     for (long r = 0; r < rows; r++) xb[r] = x[r] - (vf){0};               /* broadcast: x - 0 is x */
     for (long j = 0; j < full; j += 2 * VL) {
         vf e0 = vload_f32(y + j), o0 = vload_f32(y + j + VL), e1 = {0}, o1 = {0};
         /* PREFETCH_BF16 columns ahead; past the row's end, the same rows of the next panel */
-        const bf16 *ahead = j + PREFETCH_BF16 < N ? W + j + PREFETCH_BF16 : W + PANEL * ld + (j + PREFETCH_BF16 - N);
+        const bf16 *ahead = j + PREFETCH_BF16 < N ? W + j + PREFETCH_BF16 : W + rows * ld + (j + PREFETCH_BF16 - N);
         for (long r = 0; r < rows; r += 2) {
             __builtin_prefetch(ahead + r * ld);
             vu u = *(const vu_any *)(W + r * ld + j);
@@ -190,7 +192,10 @@ static inline __attribute__((always_inline)) void gemv_bf16_panel(const float *r
 static void gemv_bf16(const float *restrict x, long K, const bf16 *restrict w, long ld, long N, float *restrict y) {
     long full = N - N % (2 * VL), i0 = 0;
     reorder(y, 1, full, N, TO_PAIRS);
-    for (; i0 + PANEL <= K; i0 += PANEL) gemv_bf16_panel(x + i0, w + i0 * ld, ld, N, full, PANEL, y);
+    if (N < 2048)                                                          /* rows of this slice under 4 KB */
+        for (; i0 + 16 <= K; i0 += 16) gemv_bf16_panel(x + i0, w + i0 * ld, ld, N, full, 16, y);
+    else
+        for (; i0 + 8 <= K; i0 += 8) gemv_bf16_panel(x + i0, w + i0 * ld, ld, N, full, 8, y);
     if (i0 < K) gemv_bf16_panel(x + i0, w + i0 * ld, ld, N, full, K - i0, y);
     reorder(y, 1, full, N, FROM_PAIRS);
 }
