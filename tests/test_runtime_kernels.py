@@ -21,23 +21,34 @@ native = kernels.library() if kernels.compiler() else None
 needs_kernels = pytest.mark.skipif(native is None, reason="needs a C compiler (the kernels could not be built)")
 
 
-@pytest.fixture(scope="module", params=["native", "avx2"])
+@pytest.fixture(scope="module", params=["native", "avx2", "avx512-no-bf16-dot"])
 def lib(request, tmp_path_factory):
-    """The kernels built for this CPU, and on x86 also for plain AVX2 + FMA: most users' CPUs have no AVX-512, and
-    the code takes other paths there (two 256-bit halves per vector, no AVX512BW bf16 widening)."""
+    """The kernels built for this CPU; on x86 also for plain AVX2 + FMA (most users' CPUs have no AVX-512, and the
+    code takes other paths there: two 256-bit halves per vector, no AVX512BW bf16 widening), and on CPUs with bf16
+    dot products (AVX512_BF16) also without them, as on AVX-512 CPUs that lack them (other bf16 GEMM)."""
     if native is None:
         pytest.skip("needs a C compiler (the kernels could not be built)")
     if request.param == "native":
         return native
-    if platform.machine() not in ("x86_64", "AMD64") or " avx2 " not in kernels._cpu_flags() + " ":
-        pytest.skip("AVX2 build: needs an x86 CPU with AVX2")
-    flags = [f for f in kernels.FLAGS if f not in ("-march=native", "-mprefer-vector-width=512")] + ["-mavx2", "-mfma"]
-    out = tmp_path_factory.mktemp("avx2")
+    flags = [f for f in kernels.FLAGS if f not in ("-march=native", "-mprefer-vector-width=512")]
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 builds: needs an x86 CPU")
+    if request.param == "avx2":
+        if " avx2 " not in kernels._cpu_flags() + " ":
+            pytest.skip("AVX2 build: needs an x86 CPU with AVX2")
+        flags += ["-mavx2", "-mfma"]
+    else:
+        if " avx512_bf16 " not in kernels._cpu_flags() + " ":
+            pytest.skip("a build without bf16 dot products: only differs from native on a CPU that has them")
+        flags = kernels.FLAGS + ["-mno-avx512bf16"]
+    out = tmp_path_factory.mktemp(request.param)
     try:
         path = kernels.build(kernels.compiler(), out, flags + ["-fopenmp"])
     except RuntimeError:                                          # a compiler without OpenMP
         path = kernels.build(kernels.compiler(), out, flags)
     return kernels.declare(ctypes.CDLL(str(path)))
+
+
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -48,19 +59,23 @@ def _bf(dtype: torch.dtype) -> int:
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,N", [(1, 64, 96), (1, 37, 4099), (2, 130, 33), (3, 16, 1), (4, 200, 700), (7, 45, 130),
-                                   (16, 70, 8200)])
+                                   (16, 70, 8200), (1, 45, 160), (5, 33, 130)])
 def test_linear_matches_torch(dtype, M, K, N, threads, lib):
     g = torch.Generator().manual_seed(M * K + N)
     x, w, b = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g).to(dtype), torch.randn(N, generator=g)
     b = b.to(dtype)
-    expected = x @ w.float() + b.float()
+    if dtype == torch.bfloat16 and M > 1 and lib.lm_bf16_dot():  # bf16 dot products: x is rounded to bf16 first
+        x_used = x.bfloat16().float()
+    else:
+        x_used = x
+    expected = x_used @ w.float() + b.float()
     y = torch.full((M, N), float("nan"))
     lib.lm_linear(x.data_ptr(), M, K, w.data_ptr(), N, b.data_ptr(), _bf(dtype), 0, y.data_ptr(), threads)
     torch.testing.assert_close(y, expected, atol=1e-4 * math.sqrt(K), rtol=1e-5)
     residual = torch.randn(M, N, generator=g)
     y = residual.clone()
     lib.lm_linear(x.data_ptr(), M, K, w.data_ptr(), N, None, _bf(dtype), 1, y.data_ptr(), threads)  # y += x @ w
-    torch.testing.assert_close(y, residual + x @ w.float(), atol=1e-4 * math.sqrt(K), rtol=1e-5)
+    torch.testing.assert_close(y, residual + x_used @ w.float(), atol=1e-4 * math.sqrt(K), rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

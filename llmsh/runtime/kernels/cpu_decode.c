@@ -18,6 +18,7 @@
 #include <omp.h>
 #endif
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef uint16_t bf16;
@@ -48,6 +49,15 @@ typedef uint32_t vu __attribute__((vector_size(64)));
 #define VL 16
 #define F32(v) (v)
 
+/* Two-vector shuffles: clang and GCC >= 12 have __builtin_shufflevector; older GCC spells it __builtin_shuffle with
+ * a mask vector. Indices 0-15 pick lanes of a, 16-31 lanes of b. */
+typedef int32_t vi __attribute__((vector_size(64)));
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
+#endif
+
 static inline vf vload_f32(const float *p) { return *(const vf *)p; }
 #ifdef __AVX512BW__
 #include <immintrin.h>
@@ -60,10 +70,48 @@ static inline vf vload_bf16(const bf16 *p) {
 static inline vf vload_bf16(const bf16 *p) { return (vf)(__builtin_convertvector(*(const vh *)p, vu) << 16); }
 #endif
 
+/* bf16 in pairs: 32 bf16 loaded as 16 32-bit lanes hold an even column in each lane's low half and the next (odd)
+ * column in its high half, so lane << 16 is the even columns as float32 and lane & 0xffff0000 the odd ones, exactly.
+ * That is one integer op per 16 weights where widening 16 at a time takes two (vpmovzxwd + shift), and a step reads
+ * a whole 64-byte line of each weight row. Sums over them come out as even | odd columns, so the bf16 matrix
+ * products keep each 32 columns of y in that order while they run (reorder), and put them back at the end. */
+typedef uint32_t vu_any __attribute__((vector_size(64), aligned(2)));     /* 32 bf16 at any (2-byte) alignment */
+static inline vf even_bf16(vu u) { return (vf)(u << 16); }
+static inline vf odd_bf16(vu u) { return (vf)(u & 0xffff0000u); }
+
+/* The orders products over bf16 weights keep y in while they run, within each 32 columns: PAIRS (even | odd
+ * columns, above) and DOT (0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31: how vpunpck{l,h}wd interleave two
+ * rows, gemm_bf16_dot below). */
+enum { TO_PAIRS, FROM_PAIRS, TO_DOT, FROM_DOT };
+
+/* Rows of y (ldy apart): each group of 32 of the first ncols columns (a multiple of 32) into or out of an order */
+static void reorder(float *y, long M, long ncols, long ldy, int how) {
+    for (long m = 0; m < M; m++)
+        for (long j = 0; j < ncols; j += 2 * VL) {
+            float *p = y + m * ldy + j;
+            vf a = vload_f32(p), b = vload_f32(p + VL), lo, hi;
+            if (how == TO_PAIRS) {
+                lo = SHUFFLE(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                hi = SHUFFLE(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            } else if (how == FROM_PAIRS) {
+                lo = SHUFFLE(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+                hi = SHUFFLE(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            } else if (how == TO_DOT) {
+                lo = SHUFFLE(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+                hi = SHUFFLE(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+            } else {
+                lo = SHUFFLE(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+                hi = SHUFFLE(a, b, 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+            }
+            *(vf *)p = lo;
+            *(vf *)(p + VL) = hi;
+        }
+}
+
 /* ---- y (M, N) [+]= x (M, K) @ W (K, N) + bias ------------------------------------------------------------------
  * One row (batch-1 decode) is memory-bound: the aim is to stream the weights at the copy bandwidth. PANEL weight
  * rows are read together, each sequentially (measured on a 1-core AVX-512 VM: 8 rows 0.88, 16 rows 0.92, 32 rows
- * 0.6 of the copy bandwidth); y is loaded and stored once per panel, and two accumulators keep two FMA chains in
+ * 0.6 of the copy bandwidth; bf16 takes 8 or 16 by the row's length, gemv_bf16); y is loaded and stored once per panel, and two accumulators keep two FMA chains in
  * flight. bf16 rows also prefetch 256 bytes ahead, and near a row's end the start of the next panel's rows (which
  * the hardware prefetcher cannot guess: they are PANEL rows away): the hardware prefetcher alone left narrow (768-1280
  * column) bf16 matrices at ~0.7 of the copy bandwidth; prefetching within rows only raised them to ~0.8, and
@@ -102,7 +150,55 @@ static inline vf vload_bf16(const bf16 *p) { return (vf)(__builtin_convertvector
     }
 
 DEFINE_GEMV(gemv_f32, float, vload_f32, F32, 0)
-DEFINE_GEMV(gemv_bf16, bf16, vload_bf16, bf16_to_f32, 128)
+
+/* The one-row product over bf16 weights: as above (a panel of rows, two accumulator chains, prefetch into the
+ * next panel), 32 columns (a cache line of each row) a step, in pairs. Qwen3-0.6B-shaped matrices, one thread, a
+ * 2-core Zen 4 VM, the model's own (mmap'd) weights: 16 columns a step widened with vpmovzxwd read ~20 GB/s from
+ * the wide matrices (4096-6144 columns) where in pairs they read ~22-23 at 8 rows a panel (~20.5 at 16); the narrow
+ * ones (1024-1152 columns: 2 KB rows) read faster at 16 rows (16-18.5 GB/s against 14.5-16.5 at 8), and at 2048
+ * columns 8 rows were faster again. Row-sequential orders (1-8 rows over all columns), 4-row panels and longer
+ * prefetch distances (256-1024 bytes, or whole rows ahead) were all slower. */
+#ifndef PREFETCH_BF16
+#define PREFETCH_BF16 128
+#endif
+static inline __attribute__((always_inline)) void gemv_bf16_panel(const float *restrict x, const bf16 *restrict W,
+                                                                    long ld, long N, long full, long rows,
+                                                                    float *restrict y) {
+    vf xb[16];
+    for (long r = 0; r < rows; r++) xb[r] = x[r] - (vf){0};               /* broadcast: x - 0 is x */
+    for (long j = 0; j < full; j += 2 * VL) {
+        vf e0 = vload_f32(y + j), o0 = vload_f32(y + j + VL), e1 = {0}, o1 = {0};
+        /* PREFETCH_BF16 columns ahead; past the row's end, the same rows of the next panel */
+        const bf16 *ahead = j + PREFETCH_BF16 < N ? W + j + PREFETCH_BF16 : W + rows * ld + (j + PREFETCH_BF16 - N);
+        for (long r = 0; r < rows; r += 2) {
+            __builtin_prefetch(ahead + r * ld);
+            vu u = *(const vu_any *)(W + r * ld + j);
+            e0 += xb[r] * even_bf16(u);
+            o0 += xb[r] * odd_bf16(u);
+            if (r + 1 < rows) {
+                __builtin_prefetch(ahead + (r + 1) * ld);
+                vu v = *(const vu_any *)(W + (r + 1) * ld + j);
+                e1 += xb[r + 1] * even_bf16(v);
+                o1 += xb[r + 1] * odd_bf16(v);
+            }
+        }
+        *(vf *)(y + j) = e0 + e1;
+        *(vf *)(y + j + VL) = o0 + o1;
+    }
+    for (long j = full; j < N; j++)                                        /* columns past the last 32 */
+        for (long r = 0; r < rows; r++) y[j] += x[r] * bf16_to_f32(W[r * ld + j]);
+}
+
+static void gemv_bf16(const float *restrict x, long K, const bf16 *restrict w, long ld, long N, float *restrict y) {
+    long full = N - N % (2 * VL), i0 = 0;
+    reorder(y, 1, full, N, TO_PAIRS);
+    if (N < 2048)                                                          /* rows of this slice under 4 KB */
+        for (; i0 + 16 <= K; i0 += 16) gemv_bf16_panel(x + i0, w + i0 * ld, ld, N, full, 16, y);
+    else
+        for (; i0 + 8 <= K; i0 += 8) gemv_bf16_panel(x + i0, w + i0 * ld, ld, N, full, 8, y);
+    if (i0 < K) gemv_bf16_panel(x + i0, w + i0 * ld, ld, N, full, K - i0, y);
+    reorder(y, 1, full, N, FROM_PAIRS);
+}
 
 /* ---- several rows: a register-blocked GEMM ----------------------------------------------------------------------
  * With M > 1 rows the work per weight grows while the bytes do not. MKL's sgemm took 93 ms (M=4) and 120 ms
@@ -118,14 +214,22 @@ DEFINE_GEMV(gemv_bf16, bf16, vload_bf16, bf16_to_f32, 128)
 
 
 /* y[0:rows, 0:NR*VL] += x[0:rows, 0:kc] @ W[0:kc, 0:NR*VL] for rows <= MR (a constant in each instance) */
-#define DEFINE_MICRO(name, T, vload, ROWS)                                                                   \
+#define LOADW_F32(w, W) for (int v = 0; v < NR; v++) w[v] = vload_f32((W) + v * VL)
+#define LOADW_BF16_PAIRS(w, W)                                                                                \
+    for (int v = 0; v < NR; v += 2) {                                                                         \
+        vu u = *(const vu_any *)((W) + v * VL);                                                               \
+        w[v] = even_bf16(u);                                                                                  \
+        w[v + 1] = odd_bf16(u);                                                                               \
+    }
+
+#define DEFINE_MICRO(name, T, LOADW, ROWS)                                                                   \
     static inline void name(const float *x, long ldx, long kc, const T *W, long ldw, float *y, long ldy) {   \
         vf acc[ROWS][NR];                                                                                     \
         for (int m = 0; m < ROWS; m++)                                                                        \
             for (int v = 0; v < NR; v++) acc[m][v] = *(const vf *)(y + m * ldy + v * VL);                    \
         for (long k = 0; k < kc; k++) {                                                                       \
             vf w[NR];                                                                                         \
-            for (int v = 0; v < NR; v++) w[v] = vload(W + k * ldw + v * VL);                                  \
+            LOADW(w, W + k * ldw);                                                                            \
             for (int m = 0; m < ROWS; m++) {                                                                  \
                 vf xb = x[m * ldx + k] - (vf){0};      /* a broadcast: x - 0 is exactly x */            \
                 for (int v = 0; v < NR; v++) acc[m][v] += xb * w[v];                                          \
@@ -135,13 +239,14 @@ DEFINE_GEMV(gemv_bf16, bf16, vload_bf16, bf16_to_f32, 128)
             for (int v = 0; v < NR; v++) *(vf *)(y + m * ldy + v * VL) = acc[m][v];                          \
     }
 
-#define DEFINE_GEMM(name, T, vload, cvt)                                                                     \
-    DEFINE_MICRO(name##_1, T, vload, 1)                                                                      \
-    DEFINE_MICRO(name##_2, T, vload, 2)                                                                      \
-    DEFINE_MICRO(name##_3, T, vload, 3)                                                                      \
-    DEFINE_MICRO(name##_4, T, vload, 4)                                                                      \
+#define DEFINE_GEMM(name, T, LOADW, cvt, PAIRS)                                                              \
+    DEFINE_MICRO(name##_1, T, LOADW, 1)                                                                      \
+    DEFINE_MICRO(name##_2, T, LOADW, 2)                                                                      \
+    DEFINE_MICRO(name##_3, T, LOADW, 3)                                                                      \
+    DEFINE_MICRO(name##_4, T, LOADW, 4)                                                                      \
     static void name(const float *x, long M, long K, const T *w, long ld, long N, float *y, long ldy) {     \
         long strip = NR * VL, full = N - N % strip;                                                          \
+        if (PAIRS) reorder(y, M, full, ldy, TO_PAIRS);                                                              \
         for (long t0 = 0; t0 < N; t0 += GEMM_TILE) {                                                         \
             long t1 = t0 + GEMM_TILE < N ? t0 + GEMM_TILE : N;                                               \
             for (long k0 = 0; k0 < K; k0 += KC) {                                                            \
@@ -164,20 +269,113 @@ DEFINE_GEMV(gemv_bf16, bf16, vload_bf16, bf16_to_f32, 128)
                             y[m * ldy + j] += x[m * K + k] * cvt(w[k * ld + j]);                                \
             }                                                                                                \
         }                                                                                                    \
+        if (PAIRS) reorder(y, M, full, ldy, FROM_PAIRS);                                                            \
     }
 
-DEFINE_GEMM(gemm_f32, float, vload_f32, F32)
-DEFINE_GEMM(gemm_bf16, bf16, vload_bf16, bf16_to_f32)
+DEFINE_GEMM(gemm_f32, float, LOADW_F32, F32, 0)
+DEFINE_GEMM(gemm_bf16, bf16, LOADW_BF16_PAIRS, bf16_to_f32, 1)      /* y in pairs order while it runs */
 
 /* Threads split the columns (whole GEMM strips, so the split costs no tail work): each streams its own slice of
  * every weight row. With OpenMP the kernels join torch's own libgomp (it is already loaded, under the same soname),
  * so n_threads = torch.get_num_threads() adds no second thread pool; without OpenMP the pragmas are ignored. */
-static void linear_columns(const float *x, long M, long K, const void *w, long N, int is_bf16, float *y, long j0,
-                           long j1) {
+#ifdef __AVX512BF16__
+/* ---- several rows over bf16 weights with bf16 dot products (AVX512_BF16: Zen 4 and later, Cooper Lake, Sapphire
+ * Rapids and later) -----------------------------------------------------------------------------------------------
+ * vdpbf16ps multiplies 32 pairs of bf16 and adds each pair's sum into a float32 lane: 32 multiply-adds an
+ * instruction where an FMA does 16, and the weights need no widening. Its other operand is bf16 too, so these
+ * products round x to bf16 first, as torch's bf16 matmuls do (one rounding of each input, relative 2^-9; sums stay
+ * float32); one row (gemv_bf16) is memory-bound and keeps x in float32. Pairs run along K: x is packed once per
+ * call as (x[k], x[k+1]) pairs (xp), and rows k, k+1 of W are interleaved in registers (vpunpck{l,h}wd), which puts
+ * each 32 columns in DOT order; y stays in that order while the product runs. The tiles are gemm's (MR x NR
+ * vectors of y in registers over KC rows of W). Measured XXX. */
+#include <immintrin.h>
+#define HAVE_BF16_DOT 1
+#define DEFINE_MICRO_DOT(name, ROWS)                                                                         \
+    static inline void name(const uint32_t *xp, long ldx, long kc, const bf16 *W, long ldw, float *y, long ldy) { \
+        __m512 acc[ROWS][NR];                                                                                 \
+        for (int m = 0; m < ROWS; m++)                                                                        \
+            for (int v = 0; v < NR; v++) acc[m][v] = _mm512_loadu_ps(y + m * ldy + v * VL);                   \
+        for (long k = 0; k < kc; k += 2) {                                                                    \
+            __m512i w[NR];                                                                                    \
+            for (int v = 0; v < NR; v += 2) {                                                                 \
+                __m512i a = _mm512_loadu_si512(W + k * ldw + v * VL);                                        \
+                __m512i b = k + 1 < kc ? _mm512_loadu_si512(W + (k + 1) * ldw + v * VL) : _mm512_setzero_si512(); \
+                w[v] = _mm512_unpacklo_epi16(a, b);                                                           \
+                w[v + 1] = _mm512_unpackhi_epi16(a, b);                                                       \
+            }                                                                                                 \
+            for (int m = 0; m < ROWS; m++) {                                                                  \
+                __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xp[m * ldx + k / 2]);                          \
+                for (int v = 0; v < NR; v++) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)w[v], xb);    \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int m = 0; m < ROWS; m++)                                                                        \
+            for (int v = 0; v < NR; v++) _mm512_storeu_ps(y + m * ldy + v * VL, acc[m][v]);                   \
+    }
+DEFINE_MICRO_DOT(gemm_dot_1, 1)
+DEFINE_MICRO_DOT(gemm_dot_2, 2)
+DEFINE_MICRO_DOT(gemm_dot_3, 3)
+DEFINE_MICRO_DOT(gemm_dot_4, 4)
+
+/* y (M, N, rows ldy apart) += x @ w as gemm_bf16, x given as its bf16 pairs xp (M rows of ldx = (K + 1) / 2) */
+static void gemm_bf16_dot(const uint32_t *xp, long ldx, long M, long K, const bf16 *w, long ld, long N, float *y,
+                          long ldy) {
+    long strip = NR * VL, full = N - N % strip;
+    reorder(y, M, full, ldy, TO_DOT);
+    for (long t0 = 0; t0 < N; t0 += GEMM_TILE) {
+        long t1 = t0 + GEMM_TILE < N ? t0 + GEMM_TILE : N;
+        for (long k0 = 0; k0 < K; k0 += KC) {                     /* KC is even: k0 / 2 is the pair index */
+            long kc = K - k0 < KC ? K - k0 : KC;
+            for (long j0 = t0; j0 < t1 && j0 < full; j0 += strip) {
+                const bf16 *W = w + k0 * ld + j0;
+                const uint32_t *xk = xp + k0 / 2;
+                long m = 0;
+                for (; m + MR <= M; m += MR) gemm_dot_4(xk + m * ldx, ldx, kc, W, ld, y + m * ldy + j0, ldy);
+                switch (M - m) {
+                    case 3: gemm_dot_3(xk + m * ldx, ldx, kc, W, ld, y + m * ldy + j0, ldy); break;
+                    case 2: gemm_dot_2(xk + m * ldx, ldx, kc, W, ld, y + m * ldy + j0, ldy); break;
+                    case 1: gemm_dot_1(xk + m * ldx, ldx, kc, W, ld, y + m * ldy + j0, ldy); break;
+                }
+            }
+            for (long m = 0; m < M; m++)                          /* columns past the last full strip */
+                for (long k = k0; k < k0 + kc; k++) {
+                    uint32_t pair = xp[m * ldx + k / 2];
+                    float xk = bf16_to_f32((bf16)(k % 2 ? pair >> 16 : pair));
+                    for (long j = t0 > full ? t0 : full; j < t1; j++) y[m * ldy + j] += xk * bf16_to_f32(w[k * ld + j]);
+                }
+        }
+    }
+    reorder(y, M, full, ldy, FROM_DOT);
+}
+
+/* x (M, K) as bf16 pairs (M, (K + 1) / 2), the odd K's last pair padded with 0 */
+static uint32_t *bf16_pairs(const float *x, long M, long K) {
+    long ldx = (K + 1) / 2;
+    uint32_t *xp = malloc(sizeof(uint32_t) * (size_t)(M * ldx));
+    if (!xp) return NULL;
+    for (long m = 0; m < M; m++)
+        for (long i = 0; i < ldx; i++) {
+            uint32_t lo = f32_to_bf16(x[m * K + 2 * i]), hi = 2 * i + 1 < K ? f32_to_bf16(x[m * K + 2 * i + 1]) : 0;
+            xp[m * ldx + i] = lo | hi << 16;
+        }
+    return xp;
+}
+#else
+#define HAVE_BF16_DOT 0
+#endif
+
+/* 1 if bf16 products of several rows round x to bf16 (bf16 dot products, see gemm_bf16_dot); Python's tests ask */
+int lm_bf16_dot(void) { return HAVE_BF16_DOT; }
+
+static void linear_columns(const float *x, const uint32_t *xp, long M, long K, const void *w, long N, int is_bf16,
+                           float *y, long j0, long j1) {
     if (M == 1 && is_bf16)
         gemv_bf16(x, K, (const bf16 *)w + j0, N, j1 - j0, y + j0);
     else if (M == 1)
         gemv_f32(x, K, (const float *)w + j0, N, j1 - j0, y + j0);
+#ifdef __AVX512BF16__
+    else if (is_bf16 && xp)
+        gemm_bf16_dot(xp, (K + 1) / 2, M, K, (const bf16 *)w + j0, N, j1 - j0, y + j0, N);
+#endif
     else if (is_bf16)
         gemm_bf16(x, M, K, (const bf16 *)w + j0, N, j1 - j0, y + j0, N);
     else
@@ -189,15 +387,20 @@ void lm_linear(const float *x, long M, long K, const void *w, long N, const void
     if (!accumulate) memset(y, 0, (size_t)(M * N) * sizeof(float));
     long strip = NR * VL, strips = (N + strip - 1) / strip;
     long parts = n_threads < strips ? n_threads : strips;
+    uint32_t *xp = NULL;
+#ifdef __AVX512BF16__
+    if (M > 1 && is_bf16) xp = bf16_pairs(x, M, K);           /* (NULL if out of memory: gemm_bf16 then) */
+#endif
     if (parts <= 1) {
-        linear_columns(x, M, K, w, N, is_bf16, y, 0, N);
+        linear_columns(x, xp, M, K, w, N, is_bf16, y, 0, N);
     } else {
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
         for (long p = 0; p < parts; p++) {
             long j0 = strips * p / parts * strip, j1 = strips * (p + 1) / parts * strip;
-            linear_columns(x, M, K, w, N, is_bf16, y, j0, j1 < N ? j1 : N);
+            linear_columns(x, xp, M, K, w, N, is_bf16, y, j0, j1 < N ? j1 : N);
         }
     }
+    free(xp);
     if (bias)
         for (long m = 0; m < M; m++)
             for (long j = 0; j < N; j++) y[m * N + j] += load(bias, j, is_bf16);
@@ -287,15 +490,6 @@ void lm_rope(float *x, long M, long stride, long n_heads, long hd, const float *
         }
     }
 }
-
-/* Two-vector shuffles: clang and GCC >= 12 have __builtin_shufflevector; older GCC spells it __builtin_shuffle with
- * a mask vector. Indices 0-15 pick lanes of a, 16-31 lanes of b. */
-typedef int32_t vi __attribute__((vector_size(64)));
-#if defined(__clang__) || __GNUC__ >= 12
-#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
-#endif
 
 /* Lane i of the result = the sum of a[i]'s 16 lanes: a transpose-and-add tree, 15 adds and 30 shuffles for 16 sums
  * where one horizontal sum per vector costs ~8 dependent operations. Each level halves the lanes per source. */
