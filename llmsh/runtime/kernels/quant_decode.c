@@ -311,7 +311,7 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
     }
     long row0 = 0;
 #ifdef HAVE_VNNI
-    xq8 xq[2] = {{0}, {0}};                               /* x in groups of 32 (Q8_0, Q4_0) and 256 (K-quants) */
+    xq8 xq[2] = {{0}, {0}};                /* x for Q8_0 and Q4_0 (groups of 32, their order), K-quants (256) */
     void *xq_mem[2] = {0, 0};
 #endif
     for (long s = 0; s < n_seg; s++) {
@@ -321,10 +321,10 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
         int parts = n_threads < chunks ? n_threads : (int)chunks;
 #ifdef HAVE_VNNI
         int kq = type == Q4_K || type == Q6_K;
-        if (!xq_mem[kq]) {                                   /* x rounded once per call and group size */
+        if (!xq_mem[kq]) {                                   /* x rounded once per call and layout */
             long G = kq ? QK_K : 32;
             xq_mem[kq] = malloc(xq8_bytes(M, K, G));
-            quantize_x8(x, M, K, G, xq_mem[kq], &xq[kq]);
+            quantize_x8(x, M, K, G, !kq, xq_mem[kq], &xq[kq]);
         }
         const xq8 *xp = &xq[kq];
 #endif

@@ -18,29 +18,36 @@
 #define HAVE_VNNI 1
 
 typedef struct {
-    int8_t *h, *l;                 /* (M, K + 64): the two planes, zero-padded by 64 (a lone last Q8_0/Q4_0 block) */
+    int8_t *h, *l;                 /* (M, K + 128): the two planes, zero-padded (a last group of < 4 blocks) */
     float *d;                      /* (M, K / G) scales */
     int32_t *s16;                  /* (M, K / 16) sums of q over each 16 */
-    long K, G, ld;                 /* ld: the planes' row stride (K + 64) */
+    int32_t *ns;                   /* Q8_0/Q4_0 layout: per four blocks, -(sum of q) of each in lanes 0, 4, 8, 12 */
+    float *dv;                     /* and their four scales, each in 4 lanes (16 floats per four blocks) */
+    long K, G, ld;                 /* ld: the planes' row stride (K + 128) */
 } xq8;
 
 static size_t xq8_bytes(long M, long K, long G) {
-    return (size_t)M * (2 * (K + 64) + sizeof(float) * (K / G) + sizeof(int32_t) * (K / 16)) + 64;
+    return (size_t)M * (2 * (K + 128) + sizeof(float) * (K / G) + sizeof(int32_t) * (K / 16) +
+                        2 * 64 * (size_t)(K / 128 + 1)) + 64;
 }
 
-/* Round M rows of x (K floats each) into xq8 planes with one scale per G (a multiple of 16) inside mem. */
-static void quantize_x8(const float *x, long M, long K, long G, void *mem, xq8 *out) {
-    long ng = K / G, ld = K + 64;
+/* Round M rows of x (K floats each) into xq8 planes with one scale per G (a multiple of 16) inside mem. For Q8_0
+ * and Q4_0 (q4 set) the planes hold each 128 weights (four blocks a..d) in the order dot_q8q4 gathers the quants:
+ * a 0-15, b 0-15, c 0-15, d 0-15, a 16-31, b 16-31, c 16-31, d 16-31. */
+static void quantize_x8(const float *x, long M, long K, long G, int q4, void *mem, xq8 *out) {
+    long ng = K / G, ld = K + 128;
     out->d = (float *)mem;
     out->s16 = (int32_t *)(out->d + M * ng);
-    out->h = (int8_t *)(out->s16 + M * (K / 16));
+    out->ns = out->s16 + M * (K / 16);
+    out->dv = (float *)(out->ns + M * 16 * (K / 128 + 1));
+    out->h = (int8_t *)(out->dv + M * 16 * (K / 128 + 1));
     out->l = out->h + M * ld;
     out->K = K, out->G = G, out->ld = ld;
     for (long m = 0; m < M; m++) {
         const float *xm = x + m * K;
         int8_t *h = out->h + m * ld, *l = out->l + m * ld;
-        memset(h + K, 0, 64);
-        memset(l + K, 0, 64);
+        memset(h + (K & ~127L), 0, 128 + (K & 127));     /* (q4's order leaves gaps in a last partial 128) */
+        memset(l + (K & ~127L), 0, 128 + (K & 127));
         for (long g = 0; g < ng; g++) {
             __m512 amax = _mm512_setzero_ps();
             for (long i = 0; i < G; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xm + g * G + i)));
@@ -51,73 +58,93 @@ static void quantize_x8(const float *x, long M, long K, long G, void *mem, xq8 *
                 __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xm + i), id));     /* nearest */
                 __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
                 __m512i lo = _mm512_sub_epi32(q, _mm512_slli_epi32(hi, 8));
-                _mm_storeu_si128((__m128i *)(h + i), _mm512_cvtepi32_epi8(hi));
-                _mm_storeu_si128((__m128i *)(l + i), _mm512_cvtepi32_epi8(lo));
+                long o = i & 127, at = q4 ? (i - o) + (o & 16) * 4 + (o >> 5) * 16 : i;   /* see dot_q8q4 */
+                _mm_storeu_si128((__m128i *)(h + at), _mm512_cvtepi32_epi8(hi));
+                _mm_storeu_si128((__m128i *)(l + at), _mm512_cvtepi32_epi8(lo));
                 out->s16[m * (K / 16) + i / 16] = _mm512_reduce_add_epi32(q);
             }
         }
+        if (!q4) continue;
+        long nb = K / 32, nv = 16 * (K / 128 + 1);
+        int32_t *ns = out->ns + m * nv;
+        float *dv = out->dv + m * nv;
+        memset(ns, 0, sizeof(int32_t) * nv);
+        memset(dv, 0, sizeof(float) * nv);
+        for (long b = 0; b < nb; b++)
+            for (int k = 0; k < 4; k++) {
+                ns[4 * b + k] = k ? 0 : -(out->s16[m * (K / 16) + 2 * b] + out->s16[m * (K / 16) + 2 * b + 1]);
+                dv[4 * b + k] = out->d[m * ng + b];
+            }
     }
 }
 
-static inline __m512i load2x32(const uint8_t *a, const uint8_t *b) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
-                              _mm256_loadu_si256((const __m256i *)b), 1);
+/* 16 bytes at each of p, p + st, p + 2 st, p + 3 st as one vector */
+static inline __m512i load4x16(const uint8_t *p, long st) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + st)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * st)), 2);
+    return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * st)), 3);
 }
 
-/* [f16 at a x 8 | f16 at b x 8] as floats */
-static inline __m512 scales2(const uint8_t *a, const uint8_t *b) {
-    __m128i ha = _mm_set1_epi16((short)rd16(a)), hb = _mm_set1_epi16((short)rd16(b));
-    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(ha), hb, 1));
-}
-
-/* Two Q8_0 / Q4_0 blocks (at blk and blk + bb; a lone last block when !two) as 64 unsigned bytes in x's order */
-static inline __attribute__((always_inline)) __m512i unpack_pair(int type, const uint8_t *blk, int two) {
-    if (type == Q8_0) {
-        __m512i v = two ? load2x32(blk + 2, blk + 36)
-                        : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(blk + 2)));
-        return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));                      /* q + 128 */
-    }
-    __m128i a = _mm_loadu_si128((const __m128i *)(blk + 2));
-    __m128i b = two ? _mm_loadu_si128((const __m128i *)(blk + 20)) : _mm_setzero_si128();
-    __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1);                /* [a | b] */
-    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(t), _mm256_srli_epi16(t, 4), 1);
-    z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));                             /* [a, a>>4, b, b>>4] */
-    return _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
-}
-
-/* y[r * ldr + m] = row r . x[m] for R rows of Q8_0 or Q4_0 and M rows of x */
+/* y[r * ldr + m] = row r . x[m] for R rows of Q8_0 or Q4_0 and M rows of x, four blocks (a, b, c, d) a step.
+ * Their quants are gathered as two vectors of unsigned bytes, [a, b, c, d] weights 0-15 and [a, b, c, d] weights
+ * 16-31 (Q4_0: the low and the high nibbles; Q8_0: q + 128), the order quantize_x8 writes x in, so both products
+ * land in the same lanes (4 per block) and the float work (scales, convert, multiply-add) is done once per four
+ * blocks; the four f16 scales come from one word permute. A last group of fewer than four blocks runs on a
+ * zero-padded copy (zero scales). */
 static inline __attribute__((always_inline)) void dot_q8q4(int type, const uint8_t *const *rows, int R, long K,
                                                          const xq8 *x, long M, float *y, long ldr) {
-    const long bb = type == Q8_0 ? 34 : 18, nb = K / 32, off = type == Q8_0 ? 128 : 8;
+    const long bb = type == Q8_0 ? 34 : 18, nb = K / 32, sh = type == Q8_0 ? 7 : 3;   /* offsets 128, 8 */
     const long ahead = R * nb * bb;              /* the rows after these, same offset: R rows' bytes ahead */
+    const __m512i sidx = _mm512_mullo_epi16(_mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                             3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                            _mm512_set1_epi16((short)(bb / 2)));      /* words 0, 1, 2, 3 blocks on */
     __m512 acc[4][QMAX_ROWS];
     for (int r = 0; r < R; r++)
         for (long m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
-    for (long b = 0; b < nb; b += 2) {
-        int two = b + 1 < nb;
-        __m512i w[4];
+    uint8_t tail[4][4 * 34] __attribute__((aligned(64)));
+    for (long b = 0; b < nb; b += 4) {
+        long nq = nb - b < 4 ? nb - b : 4;
+        __m512i lo[4], hi[4];
         __m512 ws[4];
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = rows[r] + b * bb;
             __builtin_prefetch(blk + ahead);
-            __builtin_prefetch(blk + ahead + 2 * bb - 1);
-            w[r] = unpack_pair(type, blk, two);
-            ws[r] = scales2(blk, two ? blk + bb : blk);
+            __builtin_prefetch(blk + ahead + 64);
+            __builtin_prefetch(blk + ahead + 4 * bb - 1);
+            if (nq < 4) {
+                memset(tail[r], 0, sizeof tail[r]);
+                memcpy(tail[r], blk, nq * bb);
+                blk = tail[r];
+            }
+            __m512i raw;
+            if (type == Q8_0) {
+                const __m512i flip = _mm512_set1_epi8((char)0x80);
+                lo[r] = _mm512_xor_si512(load4x16(blk + 2, bb), flip);
+                hi[r] = _mm512_xor_si512(load4x16(blk + 18, bb), flip);
+                raw = _mm512_permutex2var_epi16(_mm512_loadu_si512((const void *)blk), sidx,
+                                                _mm512_loadu_si512((const void *)(blk + 64)));
+            } else {
+                const __m512i low4 = _mm512_set1_epi8(0x0F);
+                __m512i v = load4x16(blk + 2, bb);
+                lo[r] = _mm512_and_si512(v, low4);
+                hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                raw = _mm512_permutexvar_epi16(sidx, _mm512_loadu_si512((const void *)blk));
+            }
+            ws[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(raw));                 /* [da, db, dc, dd] x 4 */
         }
         for (long m = 0; m < M; m++) {
             const int8_t *h = x->h + m * x->ld + 32 * b, *l = x->l + m * x->ld + 32 * b;
-            __m512i xh = _mm512_loadu_si512((const void *)h), xl = _mm512_loadu_si512((const void *)l);
-            const int32_t *s = x->s16 + m * (K / 16) + 2 * b;
-            int32_t sa = s[0] + s[1], sb = two ? s[2] + s[3] : 0;
-            __m512i init = _mm512_mask_blend_epi32(0x0100, _mm512_set1_epi32(0), _mm512_set1_epi32(-off * sb));
-            init = _mm512_mask_blend_epi32(0x0001, init, _mm512_set1_epi32(-off * sa));
-            const float *d = x->d + m * nb + b;
-            __m512 xd = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(two ? d[1] : 0.0f), 1);
+            long nv = 16 * (K / 128 + 1);
+            __m512i init = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(x->ns + m * nv + 4 * b)), sh);
+            __m512 xd = _mm512_loadu_ps(x->dv + m * nv + 4 * b);
+            __m512i xh0 = _mm512_loadu_si512((const void *)h), xl0 = _mm512_loadu_si512((const void *)l);
+            __m512i xh1 = _mm512_loadu_si512((const void *)(h + 64)), xl1 = _mm512_loadu_si512((const void *)(l + 64));
             for (int r = 0; r < R; r++) {
-                __m512i ph = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[r], xh);
-                __m512i pl = _mm512_dpbusd_epi32(init, w[r], xl);
-                __m512i s32 = _mm512_add_epi32(_mm512_slli_epi32(ph, 8), pl);
-                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_mul_ps(ws[r], xd), acc[r][m]);
+                __m512i ph = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xh0), hi[r], xh1);
+                __m512i pl = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, lo[r], xl0), hi[r], xl1);
+                __m512i f = _mm512_add_epi32(_mm512_slli_epi32(ph, 8), pl);
+                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f), _mm512_mul_ps(ws[r], xd), acc[r][m]);
             }
         }
     }
