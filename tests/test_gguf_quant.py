@@ -190,3 +190,13 @@ def test_kernels_without_vnni_decode_alike(tmp_path: Path, monkeypatch: pytest.M
         for rows in (1, 5):
             x = torch.randn(rows, 512)
             torch.testing.assert_close(lin(x), x @ ref.t(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi4"])
+def test_quantized_c_layers_run_qk_norms_and_partial_rotary(family: str, make_tiny_model) -> None:
+    """Qwen3's q/k norms and Phi-4's partial RoPE in the quantized C layers: the same decode as the torch modules."""
+    folder = make_tiny_model(family)
+    qm, ref = load(folder, quant="q8_0"), load(folder, quant="q8_0")
+    assert type(qm.fast_decode).__name__ == "QuantDecoder"
+    ref.fast_decode = None                                          # the torch modules (same quantized matrices)
+    assert_decodes_alike(qm, ref, [[5, 9, 23], [7, 11]])     # (a missing norm or rotation moves logits by ~1)

@@ -384,8 +384,8 @@ typedef struct {
     lm_qmat qkv, o, up, down;
 } lm_qlayer;
 
-/* lm_layers for quantized matrices: norms, biases, attention and KV cache as in lm_layers (model dtype), the four
- * products through lm_qlinear. */
+/* lm_layers for quantized matrices: norms (Qwen3's q/k norms too), biases, RoPE (Phi's partial rotary too),
+ * attention and KV cache as in lm_layers (model dtype), the four products through lm_qlinear. */
 void lm_qlayers(float *x, const lm_layer *layers, const lm_qlayer *q, long n, const lm_step *s) {
     long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, F = s->hidden;
     long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16, nt = s->n_threads;
@@ -396,7 +396,8 @@ void lm_qlayers(float *x, const lm_layer *layers, const lm_qlayer *q, long n, co
         const lm_qlayer *ql = q + i;
         norm(s, x, l->norm1, l->norm1_bias, h);
         lm_qlinear(h, M, D, ql->qkv.w, ql->qkv.segs, ql->qkv.n_seg, qkv_width, l->b_qkv, bf, 0, qkv, nt);
-        if (!s->is_gpt2) lm_rope(qkv, M, qkv_width, nh + nkv, hd, s->rope_cos, s->rope_sin, s->pos);
+        if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 0);   /* Qwen3 */
+        if (!s->is_gpt2) rope_heads(s, qkv, qkv_width, nh + nkv);                       /* (Phi: partial) */
         lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
                      l->attn_scale, scores, att, nt);
         lm_qlinear(att, M, nh * hd, ql->o.w, ql->o.segs, ql->o.n_seg, D, l->b_o, bf, 1, x, nt);
