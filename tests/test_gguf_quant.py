@@ -39,6 +39,21 @@ def test_blocks_decode_as_gguf_reference(qtype: T) -> None:
         torch.testing.assert_close(lin(x), x @ torch.from_numpy(ref).t(), atol=3e-3, rtol=3e-4)
 
 
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0])
+@pytest.mark.parametrize("k", [96, 160, 224, 288])
+def test_rows_of_any_block_count(qtype: T, k: int) -> None:
+    """The kernels take blocks four at a time: rows of 3, 5, 7 and 9 blocks end in a partial group."""
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((13, k)).astype(np.float32)
+    q = quant.quantize(w, qtype)
+    ref = torch.from_numpy(gguf.quants.dequantize(q, qtype))
+    lin = quant.QLinear(k, 13, [(qtype.name, 13)], bias=False)
+    lin.weight.data = torch.from_numpy(q).reshape(-1)
+    for rows in (1, 2, 16):
+        x = torch.randn(rows, k)
+        torch.testing.assert_close(lin(x), x @ ref.t(), atol=3e-3, rtol=3e-4)
+
+
 def test_mixed_segments_and_numpy_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal((24, 256)).astype(np.float32), rng.standard_normal((8, 256)).astype(np.float32)
@@ -175,3 +190,13 @@ def test_kernels_without_vnni_decode_alike(tmp_path: Path, monkeypatch: pytest.M
         for rows in (1, 5):
             x = torch.randn(rows, 512)
             torch.testing.assert_close(lin(x), x @ ref.t(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi4"])
+def test_quantized_c_layers_run_qk_norms_and_partial_rotary(family: str, make_tiny_model) -> None:
+    """Qwen3's q/k norms and Phi-4's partial RoPE in the quantized C layers: the same decode as the torch modules."""
+    folder = make_tiny_model(family)
+    qm, ref = load(folder, quant="q8_0"), load(folder, quant="q8_0")
+    assert type(qm.fast_decode).__name__ == "QuantDecoder"
+    ref.fast_decode = None                                          # the torch modules (same quantized matrices)
+    assert_decodes_alike(qm, ref, [[5, 9, 23], [7, 11]])     # (a missing norm or rotation moves logits by ~1)

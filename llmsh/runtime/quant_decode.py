@@ -48,9 +48,6 @@ def for_model(model: Any) -> QuantDecoder | None:
         return None
     if not isinstance(net, (llama.Transformer, gpt2.Transformer)):
         return None
-    cfg = model.config
-    if isinstance(net, llama.Transformer) and (cfg.qk_norm or cfg.rotary_dim != cfg.head_dim):
-        return None  # lm_qlayers has no q/k norms or partial rotary (Qwen3, Phi-4-mini): the torch modules run them
     mats = [_matrices(net, b) for b in _blocks(net)]
     if not all(isinstance(m, quant.QLinear) for ms in mats for m in ms):
         return None                                    # partly float matrices: the torch modules run them

@@ -269,127 +269,8 @@ static inline __attribute__((always_inline)) void seg_dot(int type, const uint8_
     }
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-/* ---- all four types with int16 activations (AVX512-VNNI vpdpwssd) ---------------------------------------------
- * x is rounded once per call to int16 blocks of 32 (scale amax/32767: relative error 1.5e-5, far below the weights'
- * own rounding, so results stay within a tight tolerance of the float reference; llama.cpp's int8 activations did
- * not: greedy tokens of the tiny test models changed). A block's dot product is then one widening of its 32 weights
- * to int16 and one vpdpwssd (32 products into 16 int32 lanes) instead of widening them to floats. */
-#define HAVE_VNNI 1
-#define QPREFETCH 512                      /* bytes ahead each streamed row is prefetched */
-
-typedef struct {
-    int16_t *q;                    /* (M, K) */
-    float *d;                      /* (M, K / 32) scales */
-    float *s;                      /* (M, K / 16) sums of q over each half block (for offsets: Q4_0's -8, …) */
-} xq16;
-
-static void quantize_x(const float *x, long M, long K, xq16 *out) {
-    long nb = K / 32;
-    for (long m = 0; m < M; m++)
-        for (long b = 0; b < nb; b++) {
-            const float *v = x + m * K + 32 * b;
-            float amax = 0.0f;
-            for (int l = 0; l < 32; l++) amax = fabsf(v[l]) > amax ? fabsf(v[l]) : amax;
-            float d = amax / 32767.0f, id = d > 0 ? 1.0f / d : 0.0f;
-            float sum[2] = {0.0f, 0.0f};
-            for (int l = 0; l < 32; l++) {
-                int q = (int)lrintf(v[l] * id);
-                out->q[m * K + 32 * b + l] = (int16_t)q;
-                sum[l >> 4] += (float)q;
-            }
-            out->d[m * nb + b] = d;
-            out->s[2 * (m * nb + b)] = sum[0];
-            out->s[2 * (m * nb + b) + 1] = sum[1];
-        }
-}
-
-/* Piece c (32 weights) of a row as int16 lanes q, with w = scale * q - offset: `scale` per lane (Q6_K has two
- * sub-blocks of 16 in a piece), and the offsets of the two halves o[0], o[1] (applied through the sums of x). */
-static inline __attribute__((always_inline)) __m512i piece_i16(int type, const uint8_t *row, long c, __m512 *scale,
-                                                              float o[2]) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    if (type == Q8_0 || type == Q4_0) {
-        const uint8_t *blk = row + c * (type == Q8_0 ? 34 : 18);
-        float d = f16_to_f32(rd16(blk));
-        *scale = _mm512_set1_ps(d);
-        if (type == Q8_0) {
-            o[0] = o[1] = 0.0f;
-            return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(blk + 2)));
-        }
-        o[0] = o[1] = 8.0f * d;
-        __m128i v = _mm_loadu_si128((const __m128i *)(blk + 2));
-        return _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low4));
-    }
-    if (type == Q4_K) {
-        const uint8_t *b = row + (c >> 3) * 144;
-        int sub = c & 7;
-        uint8_t sc, mn;
-        scale_min_k4(sub, b + 4, &sc, &mn);
-        *scale = _mm512_set1_ps(f16_to_f32(rd16(b)) * sc);
-        o[0] = o[1] = f16_to_f32(rd16(b + 2)) * mn;
-        __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * (sub >> 1)));
-        if (sub & 1) v = _mm256_srli_epi16(v, 4);
-        return _mm512_cvtepu8_epi16(_mm256_and_si256(v, low4));
-    }
-    const uint8_t *b = row + (c >> 3) * 210;                                    /* Q6_K */
-    int sub = c & 7, n = sub >> 2, r = sub & 3;
-    const int8_t *sc = (const int8_t *)(b + 192) + 8 * n + 2 * r;
-    float d = f16_to_f32(rd16(b + 208)), d0 = d * sc[0], d1 = d * sc[1];
-    *scale = _mm512_insertf32x8(_mm512_set1_ps(d0), _mm256_set1_ps(d1), 1);    /* lanes 8..15: weights 16..31 */
-    o[0] = 32.0f * d0;
-    o[1] = 32.0f * d1;
-    __m256i l = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32 * (r & 1)));
-    __m256i h = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
-    if (r & 2) l = _mm256_srli_epi16(l, 4);
-    h = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * r)), _mm256_set1_epi8(3));
-    return _mm512_cvtepu8_epi16(_mm256_or_si256(_mm256_and_si256(l, low4), _mm256_slli_epi16(h, 4)));
-}
-
-static inline __attribute__((always_inline)) void vnni_rows(int type, const uint8_t *w, long rb, long K, long j0,
-                                                           long j1, const xq16 *xq, long M, float *y, long ldy) {
-    long nb = K / 32;
-    const __m512i zero = _mm512_setzero_si512();
-    long j = j0;
-    for (; M == 1 && j + 4 <= j1; j += 4) {            /* batch 1: four rows, four independent sums in flight */
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        float corr[4] = {0, 0, 0, 0};
-        for (long b = 0; b < nb; b++) {
-            __m512i x0 = _mm512_loadu_si512((const void *)(xq->q + 32 * b));
-            float xd = xq->d[b], s0 = xq->s[2 * b], s1 = xq->s[2 * b + 1];
-            for (int r = 0; r < 4; r++) {
-                const uint8_t *row = w + (j + r) * rb;
-                __builtin_prefetch(row + b * rb / nb + QPREFETCH);   /* past a row's end: the next rows' start */
-                __m512 scale;
-                float o[2];
-                __m512i wv = piece_i16(type, row, b, &scale, o);
-                corr[r] += xd * (o[0] * s0 + o[1] * s1);
-                __m512 dot = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(zero, wv, x0));
-                acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(xd)), acc[r]);
-            }
-        }
-        for (int r = 0; r < 4; r++) y[j + r] = _mm512_reduce_add_ps(acc[r]) - corr[r];
-    }
-    for (; j < j1; j++) {
-        const uint8_t *row = w + j * rb;
-        __m512 acc[QMAX_ROWS];
-        float corr[QMAX_ROWS];
-        for (long m = 0; m < M; m++) { acc[m] = _mm512_setzero_ps(); corr[m] = 0.0f; }
-        for (long b = 0; b < nb; b++) {
-            __m512 scale;
-            float o[2];
-            __m512i wv = piece_i16(type, row, b, &scale, o);
-            for (long m = 0; m < M; m++) {
-                __m512i xv = _mm512_loadu_si512((const void *)(xq->q + m * K + 32 * b));
-                float xd = xq->d[m * nb + b];
-                corr[m] += xd * (o[0] * xq->s[2 * (m * nb + b)] + o[1] * xq->s[2 * (m * nb + b) + 1]);
-                __m512 dot = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(zero, wv, xv));
-                acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(xd)), acc[m]);
-            }
-        }
-        for (long m = 0; m < M; m++) y[m * ldy + j] = _mm512_reduce_add_ps(acc[m]) - corr[m];
-    }
-}
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include "quant_vnni.c"
 #endif
 
 static void seg_dot_any(int type, const uint8_t *w, long rb, long K, long j0, long j1, const float *x, long M,
@@ -430,8 +311,8 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
     }
     long row0 = 0;
 #ifdef HAVE_VNNI
-    xq16 xq = {0, 0, 0};
-    void *xq_mem = 0;
+    xq8 xq[2] = {{0}, {0}};                /* x for Q8_0 and Q4_0 (groups of 32, their order), K-quants (256) */
+    void *xq_mem[2] = {0, 0};
 #endif
     for (long s = 0; s < n_seg; s++) {
         int type = segs[s].type;
@@ -439,13 +320,13 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
         long chunks = (rows + 15) / 16;
         int parts = n_threads < chunks ? n_threads : (int)chunks;
 #ifdef HAVE_VNNI
-        if (!xq.q) {                                          /* x as int16 blocks, once per call */
-            xq_mem = malloc(sizeof(int16_t) * (size_t)(M * K) + 3 * sizeof(float) * (size_t)(M * (K / 32)));
-            xq.d = (float *)xq_mem;
-            xq.s = xq.d + M * (K / 32);
-            xq.q = (int16_t *)(xq.s + 2 * M * (K / 32));
-            quantize_x(x, M, K, &xq);
+        int kq = type == Q4_K || type == Q6_K;
+        if (!xq_mem[kq]) {                                   /* x rounded once per call and layout */
+            long G = kq ? QK_K : 32;
+            xq_mem[kq] = malloc(xq8_bytes(M, K, G));
+            quantize_x8(x, M, K, G, !kq, xq_mem[kq], &xq[kq]);
         }
+        const xq8 *xp = &xq[kq];
 #endif
 #pragma omp parallel for num_threads(parts) schedule(static) if (parts > 1)
         for (long p = 0; p < parts; p++) {
@@ -453,10 +334,10 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
             b = b < rows ? b : rows;
 #ifdef HAVE_VNNI
             switch (type) {
-                case Q8_0: vnni_rows(Q8_0, w, rb, K, a, b, &xq, M, out + row0, N); break;
-                case Q4_0: vnni_rows(Q4_0, w, rb, K, a, b, &xq, M, out + row0, N); break;
-                case Q4_K: vnni_rows(Q4_K, w, rb, K, a, b, &xq, M, out + row0, N); break;
-                case Q6_K: vnni_rows(Q6_K, w, rb, K, a, b, &xq, M, out + row0, N); break;
+                case Q8_0: vnni_rows(Q8_0, w, rb, K, a, b, xp, M, out + row0, N); break;
+                case Q4_0: vnni_rows(Q4_0, w, rb, K, a, b, xp, M, out + row0, N); break;
+                case Q4_K: vnni_rows(Q4_K, w, rb, K, a, b, xp, M, out + row0, N); break;
+                case Q6_K: vnni_rows(Q6_K, w, rb, K, a, b, xp, M, out + row0, N); break;
             }
             continue;
 #endif
@@ -472,7 +353,8 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
         }
     free(heap);
 #ifdef HAVE_VNNI
-    free(xq_mem);
+    free(xq_mem[0]);
+    free(xq_mem[1]);
 #endif
 }
 
@@ -502,8 +384,8 @@ typedef struct {
     lm_qmat qkv, o, up, down;
 } lm_qlayer;
 
-/* lm_layers for quantized matrices: norms, biases, attention and KV cache as in lm_layers (model dtype), the four
- * products through lm_qlinear. */
+/* lm_layers for quantized matrices: norms (Qwen3's q/k norms too), biases, RoPE (Phi's partial rotary too),
+ * attention and KV cache as in lm_layers (model dtype), the four products through lm_qlinear. */
 void lm_qlayers(float *x, const lm_layer *layers, const lm_qlayer *q, long n, const lm_step *s) {
     long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, F = s->hidden;
     long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16, nt = s->n_threads;
@@ -514,7 +396,8 @@ void lm_qlayers(float *x, const lm_layer *layers, const lm_qlayer *q, long n, co
         const lm_qlayer *ql = q + i;
         norm(s, x, l->norm1, l->norm1_bias, h);
         lm_qlinear(h, M, D, ql->qkv.w, ql->qkv.segs, ql->qkv.n_seg, qkv_width, l->b_qkv, bf, 0, qkv, nt);
-        if (!s->is_gpt2) lm_rope(qkv, M, qkv_width, nh + nkv, hd, s->rope_cos, s->rope_sin, s->pos);
+        if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 0);   /* Qwen3 */
+        if (!s->is_gpt2) rope_heads(s, qkv, qkv_width, nh + nkv);                       /* (Phi: partial) */
         lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
                      l->attn_scale, scores, att, nt);
         lm_qlinear(att, M, nh * hd, ql->o.w, ql->o.segs, ql->o.n_seg, D, l->b_o, bf, 1, x, nt);

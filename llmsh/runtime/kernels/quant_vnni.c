@@ -1,0 +1,280 @@
+/* Quantized dot products with AVX512-VNNI (vpdpbusd, vpmaddubsw + vpdpwssd), included by quant_decode.c.
+ *
+ * Activations: each row of x is rounded once per call to 16-bit integers q = round(x / d) (|q| <= 32639 = 127 * 257),
+ * one scale d per group of G weights (G = 32 for Q8_0 and Q4_0, whose blocks have float scales anyway; G = 256 for
+ * the K-quants, whose sub-block scales are small integers that then multiply inside the integer sums). q is kept as
+ * two int8 planes, q = 256 h + l (h in [-127, 127], l in [-128, 127]), because the byte instructions multiply four
+ * times the weights per instruction that int16 ones do and the weights then never need widening: a product is two
+ * byte dot products, one per plane. Rounding error per element <= 1.5e-5 of the group's largest: far below the
+ * weights' own rounding, so logits stay within a tight tolerance of the float reference (llama.cpp's single int8 plane, error
+ * ~4e-3, moved the tiny test models' logits by ~0.1).
+ *
+ * Weights stay in GGUF's blocks; each kernel unpacks a block's quants to unsigned bytes in registers (Q8_0: + 128,
+ * Q4_0 and Q4_K: the nibbles, Q6_K: the 6-bit values) and takes the offsets (-128, -8, Q4_K's mins, -32) through
+ * the sums of q over 16 weights, computed once per call on the x side. Batch 1 runs four weight rows at once (four
+ * independent chains in flight); up to 16 rows of x share each unpacked block. While a group of rows is read, the
+ * next group (rows are contiguous) is prefetched at the same offset: one stream per row alone left the core waiting
+ * on memory for half the time. Block layouts: ggml-common.h. */
+#define HAVE_VNNI 1
+
+typedef struct {
+    int8_t *h, *l;                 /* (M, K + 128): the two planes, zero-padded (a last group of < 4 blocks) */
+    float *d;                      /* (M, K / G) scales */
+    int32_t *s16;                  /* (M, K / 16) sums of q over each 16 */
+    int32_t *ns;                   /* Q8_0/Q4_0 layout: per four blocks, -(sum of q) of each in lanes 0, 4, 8, 12 */
+    float *dv;                     /* and their four scales, each in 4 lanes (16 floats per four blocks) */
+    long K, G, ld;                 /* ld: the planes' row stride (K + 128) */
+} xq8;
+
+static size_t xq8_bytes(long M, long K, long G) {
+    return (size_t)M * (2 * (K + 128) + sizeof(float) * (K / G) + sizeof(int32_t) * (K / 16) +
+                        2 * 64 * (size_t)(K / 128 + 1)) + 64;
+}
+
+/* Round M rows of x (K floats each) into xq8 planes with one scale per G (a multiple of 16) inside mem. For Q8_0
+ * and Q4_0 (q4 set) the planes hold each 128 weights (four blocks a..d) in the order dot_q8q4 gathers the quants:
+ * a 0-15, b 0-15, c 0-15, d 0-15, a 16-31, b 16-31, c 16-31, d 16-31. */
+static void quantize_x8(const float *x, long M, long K, long G, int q4, void *mem, xq8 *out) {
+    long ng = K / G, ld = K + 128;
+    out->d = (float *)mem;
+    out->s16 = (int32_t *)(out->d + M * ng);
+    out->ns = out->s16 + M * (K / 16);
+    out->dv = (float *)(out->ns + M * 16 * (K / 128 + 1));
+    out->h = (int8_t *)(out->dv + M * 16 * (K / 128 + 1));
+    out->l = out->h + M * ld;
+    out->K = K, out->G = G, out->ld = ld;
+    for (long m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        int8_t *h = out->h + m * ld, *l = out->l + m * ld;
+        memset(h + (K & ~127L), 0, 128 + (K & 127));     /* (q4's order leaves gaps in a last partial 128) */
+        memset(l + (K & ~127L), 0, 128 + (K & 127));
+        for (long g = 0; g < ng; g++) {
+            __m512 amax = _mm512_setzero_ps();
+            for (long i = 0; i < G; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xm + g * G + i)));
+            float a = _mm512_reduce_max_ps(amax), d = a / 32639.0f;
+            __m512 id = _mm512_set1_ps(d > 0 ? 1.0f / d : 0.0f);
+            out->d[m * ng + g] = d;
+            for (long i = g * G; i < (g + 1) * G; i += 16) {
+                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xm + i), id));     /* nearest */
+                __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
+                __m512i lo = _mm512_sub_epi32(q, _mm512_slli_epi32(hi, 8));
+                long o = i & 127, at = q4 ? (i - o) + (o & 16) * 4 + (o >> 5) * 16 : i;   /* see dot_q8q4 */
+                _mm_storeu_si128((__m128i *)(h + at), _mm512_cvtepi32_epi8(hi));
+                _mm_storeu_si128((__m128i *)(l + at), _mm512_cvtepi32_epi8(lo));
+                out->s16[m * (K / 16) + i / 16] = _mm512_reduce_add_epi32(q);
+            }
+        }
+        if (!q4) continue;
+        long nb = K / 32, nv = 16 * (K / 128 + 1);
+        int32_t *ns = out->ns + m * nv;
+        float *dv = out->dv + m * nv;
+        memset(ns, 0, sizeof(int32_t) * nv);
+        memset(dv, 0, sizeof(float) * nv);
+        for (long b = 0; b < nb; b++)
+            for (int k = 0; k < 4; k++) {
+                ns[4 * b + k] = k ? 0 : -(out->s16[m * (K / 16) + 2 * b] + out->s16[m * (K / 16) + 2 * b + 1]);
+                dv[4 * b + k] = out->d[m * ng + b];
+            }
+    }
+}
+
+/* 16 bytes at each of p, p + st, p + 2 st, p + 3 st as one vector */
+static inline __m512i load4x16(const uint8_t *p, long st) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + st)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * st)), 2);
+    return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * st)), 3);
+}
+
+/* y[r * ldr + m] = row r . x[m] for R rows of Q8_0 or Q4_0 and M rows of x, four blocks (a, b, c, d) a step.
+ * Their quants are gathered as two vectors of unsigned bytes, [a, b, c, d] weights 0-15 and [a, b, c, d] weights
+ * 16-31 (Q4_0: the low and the high nibbles; Q8_0: q + 128), the order quantize_x8 writes x in, so both products
+ * land in the same lanes (4 per block) and the float work (scales, convert, multiply-add) is done once per four
+ * blocks; the four f16 scales come from one word permute. A last group of fewer than four blocks runs on a
+ * zero-padded copy (zero scales). */
+static inline __attribute__((always_inline)) void dot_q8q4(int type, const uint8_t *const *rows, int R, long K,
+                                                         const xq8 *x, long M, float *y, long ldr) {
+    const long bb = type == Q8_0 ? 34 : 18, nb = K / 32, sh = type == Q8_0 ? 7 : 3;   /* offsets 128, 8 */
+    const long ahead = R * nb * bb;              /* the rows after these, same offset: R rows' bytes ahead */
+    const __m512i sidx = _mm512_mullo_epi16(_mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                             3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                            _mm512_set1_epi16((short)(bb / 2)));      /* words 0, 1, 2, 3 blocks on */
+    __m512 acc[4][QMAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (long m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+    uint8_t tail[4][4 * 34] __attribute__((aligned(64)));
+    for (long b = 0; b < nb; b += 4) {
+        long nq = nb - b < 4 ? nb - b : 4;
+        __m512i lo[4], hi[4];
+        __m512 ws[4];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = rows[r] + b * bb;
+            __builtin_prefetch(blk + ahead);
+            __builtin_prefetch(blk + ahead + 64);
+            __builtin_prefetch(blk + ahead + 4 * bb - 1);
+            if (nq < 4) {
+                memset(tail[r], 0, sizeof tail[r]);
+                memcpy(tail[r], blk, nq * bb);
+                blk = tail[r];
+            }
+            __m512i raw;
+            if (type == Q8_0) {
+                const __m512i flip = _mm512_set1_epi8((char)0x80);
+                lo[r] = _mm512_xor_si512(load4x16(blk + 2, bb), flip);
+                hi[r] = _mm512_xor_si512(load4x16(blk + 18, bb), flip);
+                raw = _mm512_permutex2var_epi16(_mm512_loadu_si512((const void *)blk), sidx,
+                                                _mm512_loadu_si512((const void *)(blk + 64)));
+            } else {
+                const __m512i low4 = _mm512_set1_epi8(0x0F);
+                __m512i v = load4x16(blk + 2, bb);
+                lo[r] = _mm512_and_si512(v, low4);
+                hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                raw = _mm512_permutexvar_epi16(sidx, _mm512_loadu_si512((const void *)blk));
+            }
+            ws[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(raw));                 /* [da, db, dc, dd] x 4 */
+        }
+        for (long m = 0; m < M; m++) {
+            const int8_t *h = x->h + m * x->ld + 32 * b, *l = x->l + m * x->ld + 32 * b;
+            long nv = 16 * (K / 128 + 1);
+            __m512i init = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(x->ns + m * nv + 4 * b)), sh);
+            __m512 xd = _mm512_loadu_ps(x->dv + m * nv + 4 * b);
+            __m512i xh0 = _mm512_loadu_si512((const void *)h), xl0 = _mm512_loadu_si512((const void *)l);
+            __m512i xh1 = _mm512_loadu_si512((const void *)(h + 64)), xl1 = _mm512_loadu_si512((const void *)(l + 64));
+            for (int r = 0; r < R; r++) {
+                __m512i ph = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xh0), hi[r], xh1);
+                __m512i pl = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, lo[r], xl0), hi[r], xl1);
+                __m512i f = _mm512_add_epi32(_mm512_slli_epi32(ph, 8), pl);
+                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f), _mm512_mul_ps(ws[r], xd), acc[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (long m = 0; m < M; m++) y[r * ldr + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+/* Q4_K's 8 six-bit scales (bytes 0..7) and mins (8..15) from its 12 packed bytes (get_scale_min_k4's packing) */
+static inline void q4k_scales(const uint8_t *p, uint8_t out[16]) {
+    uint32_t u0, u1, u2, s[4];
+    memcpy(&u0, p, 4), memcpy(&u1, p + 4, 4), memcpy(&u2, p + 8, 4);
+    s[0] = u0 & 0x3f3f3f3fu;                                             /* sc 0..3 */
+    s[1] = (u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4);          /* sc 4..7 */
+    s[2] = u1 & 0x3f3f3f3fu;                                             /* m 0..3 */
+    s[3] = ((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4);   /* m 4..7 */
+    memcpy(out, s, 16);
+}
+
+/* word lanes [v[a] x 16 | v[b] x 16] of the 16-bit words v */
+static inline __m512i spread2(__m512i v, int a, int b) {
+    return _mm512_permutexvar_epi16(_mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16((short)a),
+                                                            _mm512_set1_epi16((short)b)), v);
+}
+
+/* word lanes [v[a] x 8 | v[a+1] x 8 | v[a+2] x 8 | v[a+3] x 8] */
+static inline __m512i spread4(__m512i v, int a) {
+    const __m512i idx = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
+                                         1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_epi16(_mm512_add_epi16(idx, _mm512_set1_epi16((short)a)), v);
+}
+
+/* Q4_K or Q6_K rows (K-quants: x in groups of 256, one per super-block) */
+static inline __attribute__((always_inline)) void dot_k(int type, const uint8_t *const *rows, int R, long K,
+                                                      const xq8 *x, long M, float *y, long ldr) {
+    const long bb = type == Q4_K ? 144 : 210, nb = K / QK_K;
+    const long ahead = R * nb * bb;              /* the rows after these, same offset: R rows' bytes ahead */
+    __m512 acc[4][QMAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (long m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+    for (long b = 0; b < nb; b++) {
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = rows[r] + b * bb;
+            for (long c = 0; c < bb; c += 64) __builtin_prefetch(blk + ahead + c);
+            __builtin_prefetch(blk + ahead + bb - 1);
+            __m512i w[4], sc[4], scv;
+            float d, dmin = 0.0f;
+            if (type == Q4_K) {
+                uint8_t s[16];
+                q4k_scales(blk + 4, s);
+                d = f16_to_f32(rd16(blk)), dmin = f16_to_f32(rd16(blk + 2));
+                __m512i s16 = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)s)));
+                for (int j = 0; j < 4; j++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
+                    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+                    w[j] = _mm512_and_si512(z, low4);                         /* sub-blocks 2j | 2j+1 */
+                    sc[j] = spread2(s16, 2 * j, 2 * j + 1);
+                }
+                scv = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(s + 8)));   /* mins, lanes 0..7 */
+            } else {
+                d = f16_to_f32(rd16(blk + 208));
+                __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+                __m512i s16 = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(s8));
+                for (int n = 0; n < 2; n++) {
+                    __m512i L = _mm512_loadu_si512((const void *)(blk + 64 * n));
+                    __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * n)));
+                    const __m512i up = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(4), _mm512_set1_epi16(2));
+                    const __m512i dn = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(0), _mm512_set1_epi16(2));
+                    __m512i ha = _mm512_and_si512(_mm512_sllv_epi16(H, up), bits45);
+                    __m512i hb = _mm512_and_si512(_mm512_srlv_epi16(H, dn), bits45);
+                    w[2 * n] = _mm512_ternarylogic_epi32(L, low4, ha, 0xEA);                     /* (L & 15) | ha */
+                    w[2 * n + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(L, 4), low4, hb, 0xEA);
+                    sc[2 * n] = spread4(s16, 8 * n);
+                    sc[2 * n + 1] = spread4(s16, 8 * n + 4);
+                }
+                scv = _mm512_cvtepi8_epi32(s8);                                  /* 16 scales */
+            }
+            for (long m = 0; m < M; m++) {
+                const int8_t *h = x->h + m * x->ld + QK_K * b, *l = x->l + m * x->ld + QK_K * b;
+                __m512i ah = _mm512_setzero_si512(), al = _mm512_setzero_si512();
+                for (int j = 0; j < 4; j++) {
+                    __m512i xh = _mm512_loadu_si512((const void *)(h + 64 * j));
+                    __m512i xl = _mm512_loadu_si512((const void *)(l + 64 * j));
+                    ah = _mm512_dpwssd_epi32(ah, _mm512_maddubs_epi16(w[j], xh), sc[j]);
+                    al = _mm512_dpwssd_epi32(al, _mm512_maddubs_epi16(w[j], xl), sc[j]);
+                }
+                const int32_t *s = x->s16 + m * (K / 16) + 16 * b;
+                float dx = x->d[m * nb + b];
+                __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ah), _mm512_set1_ps(256.0f * d * dx),
+                                           _mm512_mul_ps(_mm512_cvtepi32_ps(al), _mm512_set1_ps(d * dx)));
+                __m512i sv = _mm512_loadu_si512((const void *)s);                          /* 16 sums of 16 */
+                __m512 off;
+                if (type == Q4_K) {          /* - dmin * m_j * (sum over sub-block j of 32) */
+                    __m512i s32 = _mm512_add_epi32(sv, _mm512_srli_epi64(sv, 32));          /* even lanes: pairs */
+                    s32 = _mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 14, 12, 10, 8, 6, 4, 2, 0),
+                                                   s32);
+                    s32 = _mm512_maskz_mov_epi32(0x00FF, s32);
+                    off = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(s32, scv)),
+                                        _mm512_set1_ps(-dmin * dx));
+                } else {                     /* - 32 * sc_j * (sum over sub-block j of 16) */
+                    off = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(sv, scv)),
+                                        _mm512_set1_ps(-32.0f * d * dx));
+                }
+                acc[r][m] = _mm512_add_ps(acc[r][m], _mm512_add_ps(a, off));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (long m = 0; m < M; m++) y[r * ldr + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+static inline __attribute__((always_inline)) void dot_rows(int type, const uint8_t *const *rows, int R, long K,
+                                                         const xq8 *x, long M, float *y, long ldr) {
+    if (type == Q8_0 || type == Q4_0) dot_q8q4(type, rows, R, K, x, M, y, ldr);
+    else dot_k(type, rows, R, K, x, M, y, ldr);
+}
+
+/* out[m * ldy + j] = row j . x[m] for rows j0..j1-1 of one segment (rows rb bytes apart) */
+static inline __attribute__((always_inline)) void vnni_rows(int type, const uint8_t *w, long rb, long K, long j0,
+                                                           long j1, const xq8 *x, long M, float *y, long ldy) {
+    long j = j0;
+    if (M == 1)
+        for (; j + 4 <= j1; j += 4) {
+            const uint8_t *rows[4] = {w + j * rb, w + (j + 1) * rb, w + (j + 2) * rb, w + (j + 3) * rb};
+            dot_rows(type, rows, 4, K, x, 1, y + j, 1);
+        }
+    for (; j < j1; j++) {
+        const uint8_t *rows[1] = {w + j * rb};
+        float out[QMAX_ROWS];
+        dot_rows(type, rows, 1, K, x, M, out, M);
+        for (long m = 0; m < M; m++) y[m * ldy + j] = out[m];
+    }
+}
