@@ -78,20 +78,21 @@ def test_map_resumes_after_a_crash_with_no_line_done_twice(crash: str, tmp_path:
     env = _env(tmp_path)
     folder = make_tiny_model("gpt2", n_embd=128, n_layer=4, n_head=4)
     src, out, clean = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "clean.jsonl"
-    _prompts(src, 24)
+    lines = 64  # enough that the crash lands mid-job even where decoding is fast
+    _prompts(src, lines)
     opts = f"--max-tokens 40 {GREEDY} --in-flight 2 --name job"
     assert _llmsh(env, "-c", f"load {folder} --name g").returncode == 0
     try:
         ref = _llmsh(env, "-c", f"map g --input {src} --output {clean} --max-tokens 40 {GREEDY} --in-flight 2 --name ref")
         assert ref.returncode == 0, ref.stderr
         first = _start_map(env, f"map g --input {src} --output {out} {opts}")
+        import psutil
+
         _wait(lambda: _lines_done(out) >= 4, timeout=120, what="a few lines done")
         (kernel_pid,) = _running_kernels(env)
         if crash == "client":
             first.kill()
         elif crash == "engine":
-            import psutil
-
             engine = [c.pid for c in psutil.Process(kernel_pid).children() if "llmsh.engine" in " ".join(c.cmdline())]
             os.kill(engine[0], signal.SIGKILL)
         else:
@@ -99,12 +100,13 @@ def test_map_resumes_after_a_crash_with_no_line_done_twice(crash: str, tmp_path:
             _wait(lambda: not _pid_alive(kernel_pid), what="the kernel to die")
         first.wait(60)
         before = _lines_done(out)
-        assert 0 < before < 24
+        # an engine crash fails only the requests in flight: the job (kept by the front) may retry them and finish
+        assert 0 < before < lines or (crash == "engine" and before == lines), before
         again = _llmsh(env, "-c", "map --resume job --json", timeout=300)
         assert again.returncode == 0, again.stderr
         summary = json.loads(again.stdout)
-        assert summary["done"] == 24 and summary["errors"] == 0
-        assert summary["requests"] <= 24 - before  # lines already written were not sent again
+        assert summary["done"] == lines and summary["errors"] == 0
+        assert summary["requests"] <= lines - before  # lines already written were not sent again
         assert out.read_text() == clean.read_text().replace('"ref"', '"job"')  # equal to the uninterrupted run
     finally:
         _llmsh(env, "kernel", "stop")
