@@ -103,7 +103,10 @@ def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., 
     long = "Once upon a time there was a little model that could generate text"
     want = [load(f).generate([long], max_tokens=48, temperature=0, ignore_eos=True)[0] for f in folders]
     opts = f"--max-tokens 48 --temperature 0 --ignore-eos '{long}'"
-    _ok(k, f"run a {opts} > {tmp_path}/a.txt & run b {opts} > {tmp_path}/b.txt & wait")
+    # both queued while stopped, then continued together: the two requests overlap whatever the machine's speed
+    # (one execute: `> FILE` is written by the client of the command that started the job)
+    _ok(k, f"kill -STOP a b; run a {opts} > {tmp_path}/a.txt & run b {opts} > {tmp_path}/b.txt & "
+           "sleep 2; kill -CONT a b; wait", timeout=120)
     assert (tmp_path / "a.txt").read_text().rstrip("\n") == want[0]
     assert (tmp_path / "b.txt").read_text().rstrip("\n") == want[1]
     kv = _ok(k, "mem --json")["data"]["kv"]
