@@ -132,3 +132,39 @@ def test_second_open_uses_the_index_not_the_parser(make_gguf, monkeypatch: pytes
     ids = list(range(3, 30))
     torch.testing.assert_close(again.forward(ids), first.forward(ids), atol=0, rtol=0)
     assert again.tokenizer.encode(TEXTS[1]) == first.tokenizer.encode(TEXTS[1])
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.BF16])
+def test_float_matrices_are_reshaped_once_then_mapped(qtype: T, make_tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """A float GGUF file's transposed and fused matrices are cached on the first load; the next load maps them (no
+    rebuild, the same logits), and a changed file is rebuilt."""
+    import os
+
+    from llmsh.runtime import gguf_loader
+
+    path = convert(make_tiny_model("llama"), tmp_path / "m.gguf", qtype)
+    ids = list(range(3, 30))
+    first = load(str(path))
+    want = first.forward(ids)
+    assert first.checkpoint.layout is not None and first.checkpoint.layout.entries     # written by the first load
+
+    real_rows = gguf_loader.GGUFCheckpoint.rows
+
+    def no_rebuild(self, name):                      # tensors used as stored (norms, the embedding) still read here
+        if self.layout_name(name) is not None:
+            raise AssertionError(f"rebuilt {name} instead of mapping the cached layout")
+        return real_rows(self, name)
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf_loader.GGUFCheckpoint, "rows", no_rebuild)
+        again = load(str(path))
+        torch.testing.assert_close(again.forward(ids), want, atol=0, rtol=0)
+        wqkv = again.module.layers[0].attention.wqkv.weight
+        cached = again.checkpoint.layout.tensor(again.checkpoint.layout_name("layers.0.attention.wqkv.weight"))
+        assert wqkv.data_ptr() == cached.data_ptr()                                 # a view of the mapped file
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))                  # the file "changed"
+    rebuilt = []
+    monkeypatch.setattr(gguf_loader.GGUFCheckpoint, "rows", lambda self, n: rebuilt.append(n) or real_rows(self, n))
+    torch.testing.assert_close(load(str(path)).forward(ids), want, atol=0, rtol=0)
+    assert "layers.0.attention.wqkv.weight" in rebuilt                             # not the stale entry

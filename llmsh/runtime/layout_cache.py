@@ -1,0 +1,71 @@
+"""Float GGUF matrices in the runtime's layout, written to the cache once and memory-mapped on later loads.
+
+GGUF stores a matrix (out, in) and q, k, v (gate, up) as separate tensors, with Llama's q and k rows permuted for
+its RoPE; our modules take (in, out), q|k|v and gate|up fused, rows in Hugging Face's order. Building those takes a
+transpose or a concatenation of every float matrix: ~4 s for a bfloat16 model of 1.1 B parameters, where mapping
+the file takes milliseconds. So the first load of a float GGUF file writes the matrices it built into one
+safetensors file under the user cache directory (paths.cache_dir()/layout), and later loads of the unchanged file
+(same real path, size, mtime, inode and device: hash_cache.identity) map that file instead: zero-copy views from
+the page cache, as for a safetensors checkpoint. A changed file gets a new entry and the old one is removed; an
+unwritable cache only costs the rebuild. Quantized matrices need none of this: they are used as the file has them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llmsh import paths
+from llmsh.runtime import hash_cache
+from llmsh.runtime.checkpoint import SafetensorsFile
+from llmsh.runtime.errors import LoadError
+
+log = logging.getLogger(__name__)
+VERSION = "1"          # bump when the layout of the runtime's parameters changes: older entries are then ignored
+
+
+def _target(path: Path, dtype: torch.dtype) -> tuple[Path, str]:
+    real, ident = hash_cache.identity(path)
+    prefix = hashlib.sha256(real.encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{VERSION}:{ident}:{dtype}".encode()).hexdigest()[:16]
+    return paths.cache_dir() / "layout" / f"{prefix}-{key}.safetensors", prefix
+
+
+def open_cached(path: Path, dtype: torch.dtype) -> SafetensorsFile | None:
+    """The cached matrices of the GGUF file at path in dtype, or None (never built, or the file changed)."""
+    target, _ = _target(path, dtype)
+    try:
+        return SafetensorsFile(target) if target.exists() else None
+    except (OSError, LoadError) as e:                  # a damaged entry: rebuilt on this load
+        log.warning("ignoring the cached layout %s (%s)", target, e)
+        return None
+
+
+def write(path: Path, dtype: torch.dtype, tensors: dict[str, Tensor]) -> None:
+    """Store tensors (ours, built from the GGUF file at path) for later loads; atomically, best effort."""
+    if not tensors:
+        return
+    from safetensors.torch import save_file
+
+    target, prefix = _target(path, dtype)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"version": VERSION})
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        for old in target.parent.glob(f"{prefix}-*.safetensors"):       # the same file's earlier versions
+            if old != target:
+                old.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not cache the layout of %s (%s): the next load rebuilds it", path.name, e)
