@@ -11,11 +11,13 @@
  *
  * Weights stay in GGUF's blocks; each kernel unpacks a block's quants to unsigned bytes in registers (Q8_0: + 128,
  * Q4_0 and Q4_K: the nibbles, Q6_K: the 6-bit values) and takes the offsets (-128, -8, Q4_K's mins, -32) through
- * the sums of q over 16 weights, computed once per call on the x side. Batch 1 runs four weight rows at once (four
- * independent chains in flight); up to 16 rows of x share each unpacked block. While a group of rows is read, the
- * next group (rows are contiguous) is prefetched at the same offset: one stream per row alone left the core waiting
- * on memory for half the time. Block layouts: ggml-common.h. */
+ * the sums of q over 16 weights, computed once per call on the x side. At batch 1 the 4-bit types run four weight
+ * rows at once (four independent chains in flight: alone they are compute-bound), Q8_0 and Q6_K one row at a time
+ * (bandwidth-bound: one sequential stream keeps the hardware prefetcher going, four interleaved ones did not, ~15%);
+ * up to 16 rows of x share each unpacked block. While rows are read, the next rows (they are contiguous) are
+ * prefetched at the same offset, which alone took Q4_0 from ~6 to ~12 GB/s here. Block layouts: ggml-common.h. */
 #define HAVE_VNNI 1
+
 
 typedef struct {
     int8_t *h, *l;                 /* (M, K + 128): the two planes, zero-padded (a last group of < 4 blocks) */
@@ -266,8 +268,8 @@ static inline __attribute__((always_inline)) void dot_rows(int type, const uint8
 static inline __attribute__((always_inline)) void vnni_rows(int type, const uint8_t *w, long rb, long K, long j0,
                                                            long j1, const xq8 *x, long M, float *y, long ldy) {
     long j = j0;
-    if (M == 1)
-        for (; j + 4 <= j1; j += 4) {
+    if (M == 1 && (type == Q4_0 || type == Q4_K))  /* 4-bit: compute-bound alone; the wider types stream */
+        for (; j + 4 <= j1; j += 4) {                  /* faster one row at a time (the hardware prefetcher) */
             const uint8_t *rows[4] = {w + j * rb, w + (j + 1) * rb, w + (j + 2) * rb, w + (j + 3) * rb};
             dot_rows(type, rows, 4, K, x, 1, y + j, 1);
         }
