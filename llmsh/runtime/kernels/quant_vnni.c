@@ -308,7 +308,8 @@ static inline __attribute__((always_inline)) void vnni_rows(int type, const uint
     for (; j < j1; j++) {
         const uint8_t *rows[1] = {w + j * rb};
         float out[QMAX_ROWS];
-        dot_rows(type, rows, 1, K, x, M, out, M);
+        if (M == 1) dot_rows(type, rows, 1, K, x, 1, out, 1);       /* (a constant M: x's side in registers) */
+        else dot_rows(type, rows, 1, K, x, M, out, M);
         for (long m = 0; m < M; m++) y[m * ldy + j] = out[m];
     }
 }
