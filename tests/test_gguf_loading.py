@@ -168,3 +168,7 @@ def test_float_matrices_are_reshaped_once_then_mapped(qtype: T, make_tiny_model,
     monkeypatch.setattr(gguf_loader.GGUFCheckpoint, "rows", lambda self, n: rebuilt.append(n) or real_rows(self, n))
     torch.testing.assert_close(load(str(path)).forward(ids), want, atol=0, rtol=0)
     assert "layers.0.attention.wqkv.weight" in rebuilt                             # not the stale entry
+    from llmsh.runtime import layout_cache
+
+    layout_cache.forget(path)
+    assert layout_cache.open_cached(path, first.dtype) is None

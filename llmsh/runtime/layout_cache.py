@@ -30,11 +30,20 @@ log = logging.getLogger(__name__)
 VERSION = "1"          # bump when the layout of the runtime's parameters changes: older entries are then ignored
 
 
+def _prefix(path: Path) -> str:
+    return hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
+
+
 def _target(path: Path, dtype: torch.dtype) -> tuple[Path, str]:
-    real, ident = hash_cache.identity(path)
-    prefix = hashlib.sha256(real.encode()).hexdigest()[:16]
+    _, ident = hash_cache.identity(path)
     key = hashlib.sha256(f"{VERSION}:{ident}:{dtype}".encode()).hexdigest()[:16]
-    return paths.cache_dir() / "layout" / f"{prefix}-{key}.safetensors", prefix
+    return paths.cache_dir() / "layout" / f"{_prefix(path)}-{key}.safetensors", _prefix(path)
+
+
+def forget(path: Path) -> None:
+    """Remove the cached matrices of the GGUF file at path (before deleting the file: entries are per file)."""
+    for old in (paths.cache_dir() / "layout").glob(f"{_prefix(path)}-*.safetensors"):
+        old.unlink(missing_ok=True)
 
 
 def open_cached(path: Path, dtype: torch.dtype) -> SafetensorsFile | None:
