@@ -172,3 +172,20 @@ def test_float_matrices_are_reshaped_once_then_mapped(qtype: T, make_tiny_model,
 
     layout_cache.forget(path)
     assert layout_cache.open_cached(path, first.dtype) is None
+
+
+def test_layout_entries_of_deleted_files_are_removed(make_tiny_model, tmp_path: Path) -> None:
+    from llmsh import paths
+
+    def entries() -> set[Path]:
+        return set((paths.cache_dir() / "layout").glob("*.safetensors"))
+
+    a = convert(make_tiny_model("llama"), tmp_path / "a.gguf", T.F32)
+    b = convert(make_tiny_model("qwen2"), tmp_path / "b.gguf", T.F32)
+    before = entries()
+    load(str(a))
+    a_entry = entries() - before
+    assert len(a_entry) == 1
+    a.unlink()
+    load(str(b))                                          # writing b's entry drops a's, whose file is gone
+    assert not a_entry & entries() and len(entries() - before) == 1

@@ -6,15 +6,17 @@ transpose or a concatenation of every float matrix: ~4 s for a bfloat16 model of
 the file takes milliseconds. So the first load of a float GGUF file writes the matrices it built into one
 safetensors file under the user cache directory (paths.cache_dir()/layout), and later loads of the unchanged file
 (same real path, size, mtime, inode and device: hash_cache.identity) map that file instead: zero-copy views from
-the page cache, as for a safetensors checkpoint. A changed file gets a new entry and the old one is removed; an
-unwritable cache only costs the rebuild. Quantized matrices need none of this: they are used as the file has them.
+the page cache, as for a safetensors checkpoint. A changed file gets a new entry and the old one is removed, as are
+entries whose file is gone (each names its source in its metadata); an unwritable cache only costs the rebuild. Quantized matrices need none of this: they are used as the file has them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -38,6 +40,17 @@ def _target(path: Path, dtype: torch.dtype) -> tuple[Path, str]:
     _, ident = hash_cache.identity(path)
     key = hashlib.sha256(f"{VERSION}:{ident}:{dtype}".encode()).hexdigest()[:16]
     return paths.cache_dir() / "layout" / f"{_prefix(path)}-{key}.safetensors", _prefix(path)
+
+
+def _source(entry: Path) -> str | None:
+    """The GGUF file an entry was built from (its header's metadata), or None if unreadable."""
+    try:
+        with open(entry, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            meta = json.loads(f.read(min(n, 1 << 20))).get("__metadata__", {})
+        return meta.get("source") if isinstance(meta, dict) else None
+    except (OSError, ValueError, struct.error):
+        return None
 
 
 def forget(path: Path) -> None:
@@ -68,13 +81,14 @@ def write(path: Path, dtype: torch.dtype, tensors: dict[str, Tensor]) -> None:
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
         os.close(fd)
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"version": VERSION})
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                      metadata={"version": VERSION, "source": os.path.realpath(path)})
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        for old in target.parent.glob(f"{prefix}-*.safetensors"):       # the same file's earlier versions
-            if old != target:
+        for old in target.parent.glob("*.safetensors"):       # the same file's earlier versions, deleted files'
+            if old != target and (old.name.startswith(prefix) or not os.path.exists(_source(old) or old)):
                 old.unlink(missing_ok=True)
     except OSError as e:
         log.warning("could not cache the layout of %s (%s): the next load rebuilds it", path.name, e)
