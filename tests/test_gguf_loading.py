@@ -174,6 +174,22 @@ def test_float_matrices_are_reshaped_once_then_mapped(qtype: T, make_tiny_model,
     assert layout_cache.open_cached(path, first.dtype) is None
 
 
+def test_fused_quantized_blocks_are_built_once_then_mapped(make_tiny_model, tmp_path: Path) -> None:
+    """A quantized file's fused q|k|v (and row-permuted) blocks are a copy: cached on the first load, mapped after."""
+    path = convert(make_tiny_model("llama"), tmp_path / "q.gguf", T.Q8_0)
+    ids = list(range(3, 30))
+    first = load(str(path))
+    want = first.forward(ids)
+    name = "layers.0.attention.wqkv.weight"
+    key = first.checkpoint.layout_name(name)
+    assert key is not None and key.startswith("q:")
+    again = load(str(path))
+    assert key in again.checkpoint.layout.entries
+    torch.testing.assert_close(again.forward(ids), want, atol=0, rtol=0)
+    mapped = again.checkpoint.layout.tensor(key)
+    assert again.module.layers[0].attention.wqkv.weight.data_ptr() == mapped.data_ptr()   # not rebuilt
+
+
 def test_layout_entries_of_deleted_files_are_removed(make_tiny_model, tmp_path: Path) -> None:
     from llmsh import paths
 

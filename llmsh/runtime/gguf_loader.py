@@ -279,14 +279,16 @@ class GGUFCheckpoint:
         self.layout: Any = None             # layout_cache's file of our reshaped matrices (a SafetensorsFile)
 
     def layout_name(self, name: str) -> str | None:
-        """The name our parameter has in the layout cache, or None if it is used as the file stores it."""
+        """The name our parameter has in the layout cache, or None if it is used as the file stores it (a float
+        tensor as is, a quantized matrix of one tensor whose rows need no reordering)."""
         s = self.spec(name)
-        if s.layout == "as_is" and len(s.parts) == 1 and not s.parts[0][1]:
-            return None
-        return f"{s.layout}:{'+'.join(p for p, _ in s.parts)}"
+        single = len(s.parts) == 1 and not s.parts[0][1]
+        if self.is_quantized(name):
+            return None if single else f"q:{'+'.join(p for p, _ in s.parts)}"       # fused or row-permuted blocks
+        return None if s.layout == "as_is" and single else f"{s.layout}:{'+'.join(p for p, _ in s.parts)}"
 
     def _cached(self, name: str, dtype: torch.dtype | None) -> Tensor | None:
-        key = self.layout_name(name) if self.layout is not None and not self.is_quantized(name) else None
+        key = self.layout_name(name) if self.layout is not None else None
         if key is None or key not in self.layout.entries:
             return None
         t = self.layout.tensor(key)
@@ -326,7 +328,9 @@ class GGUFCheckpoint:
 
     def quantized_bytes(self, name: str) -> Tensor:
         """A quantized parameter's rows (un-permuted, parts concatenated) as flat bytes: a view of the file when it
-        is one tensor whose rows need no reordering."""
+        is one tensor whose rows need no reordering, or of the layout cache's copy."""
+        if (cached := self._cached(name, torch.uint8)) is not None:
+            return cached
         pieces = []
         for part, heads in self.spec(name).parts:
             t = torch.from_numpy(self.g.array(part))                                  # (out, row_bytes) uint8
@@ -438,9 +442,17 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str |
     if dev.type == "cpu":
         ckpt.layout = layout_cache.open_cached(path, dt)       # our reshaped matrices from an earlier load
     built: dict[str, Tensor] = {}
+
+    def keep(pname: str, t: Tensor) -> None:                 # built here, not cached yet: written after the load
+        lname = ckpt.layout_name(pname)
+        if dev.type == "cpu" and lname and (ckpt.layout is None or lname not in ckpt.layout.entries):
+            built[lname] = t
+
     with torch.device("meta"):
         module = family.Transformer(cfg)
     quantized = quant.quantize_module(module, ckpt)          # Linear -> QLinear where the file's matrix is quantized
+    for pname, data in quantized.items():                     # (fused q|k|v, gate|up blocks are copies too)
+        keep(pname, data)
     expected = module.state_dict()
     state: dict[str, Tensor] = {}
     by_key: dict[tuple, Tensor] = {}
@@ -455,9 +467,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str |
                             f"metadata implies {list(expected[pname].shape)}; the file is inconsistent")
         if key not in by_key:
             by_key[key] = ckpt.load_tensor(pname, dev, dt)
-            lname = ckpt.layout_name(pname)
-            if dev.type == "cpu" and lname and (ckpt.layout is None or lname not in ckpt.layout.entries):
-                built[lname] = by_key[key]
+            keep(pname, by_key[key])
         state[pname] = by_key[key]
         report(0.1 + 0.85 * (i + 1) / len(expected), f"loading {pname}")
     module.load_state_dict(state, assign=True, strict=True)
