@@ -132,3 +132,76 @@ def test_second_open_uses_the_index_not_the_parser(make_gguf, monkeypatch: pytes
     ids = list(range(3, 30))
     torch.testing.assert_close(again.forward(ids), first.forward(ids), atol=0, rtol=0)
     assert again.tokenizer.encode(TEXTS[1]) == first.tokenizer.encode(TEXTS[1])
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.BF16])
+def test_float_matrices_are_reshaped_once_then_mapped(qtype: T, make_tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """A float GGUF file's transposed and fused matrices are cached on the first load; the next load maps them (no
+    rebuild, the same logits), and a changed file is rebuilt."""
+    import os
+
+    from llmsh.runtime import gguf_loader
+
+    path = convert(make_tiny_model("llama"), tmp_path / "m.gguf", qtype)
+    ids = list(range(3, 30))
+    first = load(str(path))
+    want = first.forward(ids)
+    assert first.checkpoint.layout is not None and first.checkpoint.layout.entries     # written by the first load
+
+    real_rows = gguf_loader.GGUFCheckpoint.rows
+
+    def no_rebuild(self, name):                      # tensors used as stored (norms, the embedding) still read here
+        if self.layout_name(name) is not None:
+            raise AssertionError(f"rebuilt {name} instead of mapping the cached layout")
+        return real_rows(self, name)
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf_loader.GGUFCheckpoint, "rows", no_rebuild)
+        again = load(str(path))
+        torch.testing.assert_close(again.forward(ids), want, atol=0, rtol=0)
+        wqkv = again.module.layers[0].attention.wqkv.weight
+        cached = again.checkpoint.layout.tensor(again.checkpoint.layout_name("layers.0.attention.wqkv.weight"))
+        assert wqkv.data_ptr() == cached.data_ptr()                                 # a view of the mapped file
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))                  # the file "changed"
+    rebuilt = []
+    monkeypatch.setattr(gguf_loader.GGUFCheckpoint, "rows", lambda self, n: rebuilt.append(n) or real_rows(self, n))
+    torch.testing.assert_close(load(str(path)).forward(ids), want, atol=0, rtol=0)
+    assert "layers.0.attention.wqkv.weight" in rebuilt                             # not the stale entry
+    from llmsh.runtime import layout_cache
+
+    layout_cache.forget(path)
+    assert layout_cache.open_cached(path, first.dtype) is None
+
+
+def test_fused_quantized_blocks_are_built_once_then_mapped(make_tiny_model, tmp_path: Path) -> None:
+    """A quantized file's fused q|k|v (and row-permuted) blocks are a copy: cached on the first load, mapped after."""
+    path = convert(make_tiny_model("llama"), tmp_path / "q.gguf", T.Q8_0)
+    ids = list(range(3, 30))
+    first = load(str(path))
+    want = first.forward(ids)
+    name = "layers.0.attention.wqkv.weight"
+    key = first.checkpoint.layout_name(name)
+    assert key is not None and key.startswith("q:")
+    again = load(str(path))
+    assert key in again.checkpoint.layout.entries
+    torch.testing.assert_close(again.forward(ids), want, atol=0, rtol=0)
+    mapped = again.checkpoint.layout.tensor(key)
+    assert again.module.layers[0].attention.wqkv.weight.data_ptr() == mapped.data_ptr()   # not rebuilt
+
+
+def test_layout_entries_of_deleted_files_are_removed(make_tiny_model, tmp_path: Path) -> None:
+    from llmsh import paths
+
+    def entries() -> set[Path]:
+        return set((paths.cache_dir() / "layout").glob("*.safetensors"))
+
+    a = convert(make_tiny_model("llama"), tmp_path / "a.gguf", T.F32)
+    b = convert(make_tiny_model("qwen2"), tmp_path / "b.gguf", T.F32)
+    before = entries()
+    load(str(a))
+    a_entry = entries() - before
+    assert len(a_entry) == 1
+    a.unlink()
+    load(str(b))                                          # writing b's entry drops a's, whose file is gone
+    assert not a_entry & entries() and len(entries() - before) == 1

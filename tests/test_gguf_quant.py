@@ -35,7 +35,7 @@ def test_blocks_decode_as_gguf_reference(qtype: T) -> None:
     lin.weight.data = torch.from_numpy(q).reshape(-1)
     for rows in (1, 3, 16, 17):                                  # decode batches, and the prefill path past 16
         x = torch.randn(rows, 512)
-        # (the VNNI path rounds x to int16 blocks: relative error ~1e-5 per element, ~1e-4 on these 512-term sums)
+        # (the VNNI path rounds x to 16-bit integers per group: error ~1e-5 per element, ~1e-4 on 512-term sums)
         torch.testing.assert_close(lin(x), x @ torch.from_numpy(ref).t(), atol=3e-3, rtol=3e-4)
 
 
@@ -64,7 +64,7 @@ def test_mixed_segments_and_numpy_fallback(monkeypatch: pytest.MonkeyPatch) -> N
     ref = torch.from_numpy(np.concatenate([gguf.quants.dequantize(qa, T.Q4_K), gguf.quants.dequantize(qb, T.Q6_K)]))
     x = torch.randn(2, 256)
     want = x @ ref.t() + lin.bias
-    torch.testing.assert_close(lin(x), want, atol=3e-3, rtol=3e-4)             # (x rounded to int16 blocks)
+    torch.testing.assert_close(lin(x), want, atol=3e-3, rtol=3e-4)             # (x rounded to 16 bits per group)
     monkeypatch.setattr(quant, "qlib", lambda: None)             # no C compiler: gguf's numpy decoding
     torch.testing.assert_close(lin(x), want, atol=1e-4, rtol=1e-4)
 
@@ -75,7 +75,7 @@ TIE = 1e-3      # a reference step whose top two logits are closer than this has
 def assert_decodes_alike(qm, fm, prompts: list[list[int]], n: int = 32, atol: float = 1e-2,
                          rtol: float = 5e-3) -> None:
     """Decode n steps of all prompts together (one batch: the C kernels) in both models, feeding both the reference's
-    greedy tokens: every step's logits close (the VNNI kernels round x to int16 blocks: ~1e-3 per step, more as the
+    greedy tokens: every step's logits close (the VNNI kernels round x to 16 bits per group: ~1e-3 per step, more as the
     K/V caches drift apart over 32 steps; the weights' own quantization moves logits by ~1), and the same greedy
     token wherever the reference has no near tie (tiny random models have ties of ~1e-4, which any kernel summing in
     another order may flip)."""

@@ -276,6 +276,23 @@ class GGUFCheckpoint:
 
     def __init__(self, g: GGUFFile, arch: str, cfg: Any) -> None:
         self.g, self.arch, self.cfg = g, arch, cfg
+        self.layout: Any = None             # layout_cache's file of our reshaped matrices (a SafetensorsFile)
+
+    def layout_name(self, name: str) -> str | None:
+        """The name our parameter has in the layout cache, or None if it is used as the file stores it (a float
+        tensor as is, a quantized matrix of one tensor whose rows need no reordering)."""
+        s = self.spec(name)
+        single = len(s.parts) == 1 and not s.parts[0][1]
+        if self.is_quantized(name):
+            return None if single else f"q:{'+'.join(p for p, _ in s.parts)}"       # fused or row-permuted blocks
+        return None if s.layout == "as_is" and single else f"{s.layout}:{'+'.join(p for p, _ in s.parts)}"
+
+    def _cached(self, name: str, dtype: torch.dtype | None) -> Tensor | None:
+        key = self.layout_name(name) if self.layout is not None else None
+        if key is None or key not in self.layout.entries:
+            return None
+        t = self.layout.tensor(key)
+        return t if dtype is None or t.dtype == dtype else None
 
     def spec(self, name: str) -> Spec:
         s = spec(name, self.arch, self.cfg)
@@ -311,7 +328,9 @@ class GGUFCheckpoint:
 
     def quantized_bytes(self, name: str) -> Tensor:
         """A quantized parameter's rows (un-permuted, parts concatenated) as flat bytes: a view of the file when it
-        is one tensor whose rows need no reordering."""
+        is one tensor whose rows need no reordering, or of the layout cache's copy."""
+        if (cached := self._cached(name, torch.uint8)) is not None:
+            return cached
         pieces = []
         for part, heads in self.spec(name).parts:
             t = torch.from_numpy(self.g.array(part))                                  # (out, row_bytes) uint8
@@ -351,6 +370,8 @@ class GGUFCheckpoint:
         A quantized parameter comes as its bytes (dtype does not apply)."""
         if self.is_quantized(name):
             return self.quantized_bytes(name).to(device)
+        if (cached := self._cached(name, dtype)) is not None:
+            return cached.to(device)                                      # (a view of the map on the CPU)
         t = self.rows(name)
         dtype, device = dtype or t.dtype, torch.device(device)
         if self.spec(name).layout != "as_is":
@@ -367,6 +388,8 @@ class GGUFCheckpoint:
         """Copy our parameter into `out` (the pager's buffers)."""
         if self.is_quantized(name):
             return out.copy_(self.quantized_bytes(name))
+        if (cached := self._cached(name, out.dtype)) is not None:
+            return out.copy_(cached)
         t = self.rows(name)
         return out.copy_(t.t() if self.spec(name).layout != "as_is" else t)
 
@@ -396,8 +419,8 @@ def _check_types(g: GGUFFile, supported: tuple[str, ...]) -> None:
 def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, *,
               progress: Callable[[float, str], None] | None = None, name: str | None = None) -> Any:
     """Load a GGUF file into a `Model` (LoadError, one line, for every user-facing failure)."""
+    from llmsh.runtime import layout_cache, quant
     from llmsh.runtime import model as model_mod
-    from llmsh.runtime import quant
 
     report = progress or (lambda frac, msg: None)
     started = time.perf_counter()
@@ -416,9 +439,20 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str |
     dev = model_mod._resolve_device(device)
     ckpt = GGUFCheckpoint(g, g.arch, cfg)
     dt = model_mod._resolve_dtype(dtype, ckpt.dtype(), dev)
+    if dev.type == "cpu":
+        ckpt.layout = layout_cache.open_cached(path, dt)       # our reshaped matrices from an earlier load
+    built: dict[str, Tensor] = {}
+
+    def keep(pname: str, t: Tensor) -> None:                 # built here, not cached yet: written after the load
+        lname = ckpt.layout_name(pname)
+        if dev.type == "cpu" and lname and (ckpt.layout is None or lname not in ckpt.layout.entries):
+            built[lname] = t
+
     with torch.device("meta"):
         module = family.Transformer(cfg)
     quantized = quant.quantize_module(module, ckpt)          # Linear -> QLinear where the file's matrix is quantized
+    for pname, data in quantized.items():                     # (fused q|k|v, gate|up blocks are copies too)
+        keep(pname, data)
     expected = module.state_dict()
     state: dict[str, Tensor] = {}
     by_key: dict[tuple, Tensor] = {}
@@ -433,9 +467,14 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str |
                             f"metadata implies {list(expected[pname].shape)}; the file is inconsistent")
         if key not in by_key:
             by_key[key] = ckpt.load_tensor(pname, dev, dt)
+            keep(pname, by_key[key])
         state[pname] = by_key[key]
         report(0.1 + 0.85 * (i + 1) / len(expected), f"loading {pname}")
     module.load_state_dict(state, assign=True, strict=True)
+    if built and ckpt.layout is None:
+        report(0.95, "caching the reshaped matrices for the next load")
+        layout_cache.write(path, dt, built)
+        ckpt.layout = layout_cache.open_cached(path, dt)    # pages re-read from it (the same values)
     module.setup(dev)
     module.eval().requires_grad_(False)
     tokenizer, tok_json = gguf_tokenizer.build(g.meta, g.cached_tokenizer)

@@ -25,7 +25,8 @@ MAX_ENTRIES = 1000                 # newest kept: a bound on the cache file howe
 _lock = threading.Lock()
 
 
-def _identity(path: str | os.PathLike) -> tuple[str, list[int]]:
+def identity(path: str | os.PathLike) -> tuple[str, list[int]]:
+    """(real path, [size, mtime_ns, inode, device]): while these hold, the file has not changed."""
     real = os.path.realpath(path)
     st = os.stat(real)
     return real, [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
@@ -45,14 +46,14 @@ def _read() -> dict[str, dict]:
 
 def lookup(path: str | os.PathLike, algo: str = "sha256") -> str | None:
     """The remembered digest of path if the file is unchanged since it was hashed, else None."""
-    real, ident = _identity(path)
+    real, ident = identity(path)
     entry = _read().get(f"{algo}:{real}")
     return entry["digest"] if isinstance(entry, dict) and entry.get("id") == ident else None
 
 
 def remember(path: str | os.PathLike, digest: str, algo: str = "sha256") -> None:
     """Store path's digest under its current identity (atomically; best effort: an unwritable cache is ignored)."""
-    real, ident = _identity(path)
+    real, ident = identity(path)
     with _lock:
         data = {k: v for k, v in _read().items() if os.path.exists(k.split(":", 1)[-1])}   # forget deleted files
         data[f"{algo}:{real}"] = {"id": ident, "digest": digest}

@@ -124,6 +124,10 @@ class Model:
             if n == 0 or start + n > cache.context:
                 raise ValueError(f"slot {s}: {n} prompt tokens after {start} do not fit the context of {cache.context}")
         cache.reserve(max(slots) + 1, max(start + n for start, n in zip(starts, lengths)))
+        if lengths == [1] * len(slots) and self.fast_decode is not None and len(slots) <= fast_decode.MAX_ROWS:
+            # one token each is a decode step: the C kernels stream the weights once (a bf16 1.1B model's first
+            # token after load: 0.2 s instead of 0.9 s through the modules' GEMV)
+            return self.decode_step(cache, slots, [t[0] for t in token_ids])
         if any(starts) and len(slots) > 1:  # continuing slots: one at a time, so padding never runs past a slot's end
             return torch.cat([self.prefill(cache, [s], [t]) for s, t in zip(slots, token_ids)])
         groups = length_groups(lengths)

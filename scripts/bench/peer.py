@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from llmsh.runtime import layout_cache  # noqa: E402
+
 SHAPES = {  # (vocab, dim, layers, heads, kv heads, ffn)
     "1.1b": (32000, 2048, 22, 32, 4, 5632),
     "110m": (32000, 768, 12, 12, 4, 2048),
@@ -247,6 +249,7 @@ def main() -> int:
                 keys += [f"decode_{kind}_t{t}={a['decode'] / b['decode']:.2f}",
                          f"prompt_{kind}_t{t}={a['prompt'] / b['prompt']:.2f}",
                          f"load_{kind}_t{t}={b['load'] / a['load']:.2f}"]
+            layout_cache.forget(path)                          # (llmsh's reshaped copy of a float file)
             path.unlink()
     print(" ".join(keys))
     return 0

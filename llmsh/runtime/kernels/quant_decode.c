@@ -6,8 +6,10 @@
  * stores them (the runtime maps them without conversion). A matrix may be several row segments of different types
  * (q|k|v fused where v is Q6_K and q, k are Q4_K, as Q4_K_M files have), described by lm_qseg.
  *
- * y[m, j] = sum_k x[m, k] W[j, k]: for each row j, each block is decoded once into floats (in L1) and multiplied
- * with all M rows of x; the per-row sums stay in vector registers until the row ends. Threads split the rows.
+ * y[m, j] = sum_k x[m, k] W[j, k]. With AVX512-VNNI (quant_vnni.c, chosen when the library is built for this CPU):
+ * x rounded once per call to 16-bit integers, byte dot products against the blocks' integer quants, the scales in
+ * float once per block (group). Elsewhere (AVX2, NEON, or AVX-512 without VNNI): each block is widened to floats in
+ * registers and multiplied with all M rows of x. Threads split the rows.
  * Prefill (many rows of x) instead decodes whole row ranges to float32 (lm_qdequant) for a GEMM in torch.
  * Block formats as ggml defines them (ggml-common.h); `gguf`'s Python `dequantize` is the reference in the tests.
  */

@@ -11,11 +11,15 @@
  *
  * Weights stay in GGUF's blocks; each kernel unpacks a block's quants to unsigned bytes in registers (Q8_0: + 128,
  * Q4_0 and Q4_K: the nibbles, Q6_K: the 6-bit values) and takes the offsets (-128, -8, Q4_K's mins, -32) through
- * the sums of q over 16 weights, computed once per call on the x side. Batch 1 runs four weight rows at once (four
- * independent chains in flight); up to 16 rows of x share each unpacked block. While a group of rows is read, the
- * next group (rows are contiguous) is prefetched at the same offset: one stream per row alone left the core waiting
- * on memory for half the time. Block layouts: ggml-common.h. */
+ * the sums of q over 16 weights, computed once per call on the x side. At batch 1 the 4-bit types run four weight
+ * rows at once (four independent chains in flight: alone they are compute-bound), Q8_0 and Q6_K one row at a time
+ * (bandwidth-bound: one sequential stream keeps the hardware prefetcher going, four interleaved ones did not, ~15%);
+ * up to 16 rows of x share each unpacked block. While rows are read, the next rows are prefetched: one row the
+ * next row at the same offset; four rows the next four, which are one contiguous run, front to back in step with
+ * these (as four strided streams it was ~40% slower for Q4_0; with no software prefetch at all, ~2x slower). Block
+ * layouts: ggml-common.h. */
 #define HAVE_VNNI 1
+
 
 typedef struct {
     int8_t *h, *l;                 /* (M, K + 128): the two planes, zero-padded (a last group of < 4 blocks) */
@@ -107,11 +111,15 @@ static inline __attribute__((always_inline)) void dot_q8q4(int type, const uint8
         long nq = nb - b < 4 ? nb - b : 4;
         __m512i lo[4], hi[4];
         __m512 ws[4];
+        if (R > 1)   /* the next R rows are one contiguous run: prefetched front to back, in step with these */
+            for (long c = 0; c < R * 4 * bb; c += 64) __builtin_prefetch(rows[0] + ahead + R * b * bb + c);
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = rows[r] + b * bb;
-            __builtin_prefetch(blk + ahead);
-            __builtin_prefetch(blk + ahead + 64);
-            __builtin_prefetch(blk + ahead + 4 * bb - 1);
+            if (R == 1) {
+                __builtin_prefetch(blk + ahead);
+                __builtin_prefetch(blk + ahead + 64);
+                __builtin_prefetch(blk + ahead + 4 * bb - 1);
+            }
             if (nq < 4) {
                 memset(tail[r], 0, sizeof tail[r]);
                 memcpy(tail[r], blk, nq * bb);
@@ -176,84 +184,120 @@ static inline __m512i spread4(__m512i v, int a) {
     return _mm512_permutexvar_epi16(_mm512_add_epi16(idx, _mm512_set1_epi16((short)a)), v);
 }
 
-/* Q4_K or Q6_K rows (K-quants: x in groups of 256, one per super-block) */
+/* One K-quant super-block of a row unpacked: 4 x 64 unsigned weights, their sub-block scales spread to the word
+ * lanes of vpmaddubsw's output, the scale d, and the offset term's per-lane factors and scale (Q4_K: the 8 mins
+ * against the sums of 32, times -dmin; Q6_K: the 16 scales against the sums of 16, times -32 d). */
+typedef struct {
+    __m512i w[4], sc[4], off;
+    float d, doff;
+} ksb;
+
+static inline __attribute__((always_inline)) void unpack_k(int type, const uint8_t *blk, ksb *k) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+    if (type == Q4_K) {
+        uint8_t s[16];
+        q4k_scales(blk + 4, s);
+        k->d = f16_to_f32(rd16(blk));
+        k->doff = -f16_to_f32(rd16(blk + 2));
+        __m512i s16 = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)s)));
+        const __m512i shift = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_setzero_si512(), _mm512_set1_epi16(4));
+        for (int j = 0; j < 4; j++) {        /* [32 bytes, 32 bytes >> 4]: sub-blocks 2j | 2j+1 */
+            __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j)));
+            k->w[j] = _mm512_and_si512(_mm512_srlv_epi16(v, shift), low4);
+            k->sc[j] = spread2(s16, 2 * j, 2 * j + 1);
+        }
+        k->off = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(s + 8)));      /* mins, lanes 0..7 */
+        return;
+    }
+    k->d = f16_to_f32(rd16(blk + 208));
+    k->doff = -32.0f * k->d;
+    __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+    __m512i s16 = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(s8));
+    const __m512i up = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(4), _mm512_set1_epi16(2));
+    const __m512i dn = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(0), _mm512_set1_epi16(2));
+    for (int n = 0; n < 2; n++) {
+        __m512i L = _mm512_loadu_si512((const void *)(blk + 64 * n));
+        __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * n)));
+        __m512i ha = _mm512_and_si512(_mm512_sllv_epi16(H, up), bits45);
+        __m512i hb = _mm512_and_si512(_mm512_srlv_epi16(H, dn), bits45);
+        k->w[2 * n] = _mm512_ternarylogic_epi32(L, low4, ha, 0xEA);                     /* (L & 15) | ha */
+        k->w[2 * n + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(L, 4), low4, hb, 0xEA);
+        k->sc[2 * n] = spread4(s16, 8 * n);
+        k->sc[2 * n + 1] = spread4(s16, 8 * n + 4);
+    }
+    k->off = _mm512_cvtepi8_epi32(s8);                                                   /* 16 scales */
+}
+
+/* The x side of super-block b: both planes' 4 x 64 bytes, the sums the offsets need (Q4_K: of 32, lanes 0..7;
+ * Q6_K: of 16) and the scale. */
+typedef struct {
+    __m512i h[4], l[4], sums;
+    float d;
+} kx;
+
+static inline __attribute__((always_inline)) void load_kx(int type, const xq8 *x, long m, long b, kx *o) {
+    const int8_t *h = x->h + m * x->ld + QK_K * b, *l = x->l + m * x->ld + QK_K * b;
+    for (int j = 0; j < 4; j++) {
+        o->h[j] = _mm512_loadu_si512((const void *)(h + 64 * j));
+        o->l[j] = _mm512_loadu_si512((const void *)(l + 64 * j));
+    }
+    __m512i sv = _mm512_loadu_si512((const void *)(x->s16 + m * (x->K / 16) + 16 * b));
+    if (type == Q4_K) {                                                        /* pairs of 16 -> sums of 32 */
+        sv = _mm512_add_epi32(sv, _mm512_srli_epi64(sv, 32));
+        sv = _mm512_maskz_permutexvar_epi32(0x00FF, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0), sv);
+    }
+    o->sums = sv;
+    o->d = x->d[m * (x->K / QK_K) + b];
+}
+
+/* acc[0..2] += this super-block's products: [0] the high plane (x 256 later), [1] the low plane, [2] offsets */
+static inline __attribute__((always_inline)) void dot_ksb(const ksb *k, const kx *xs, __m512 acc[3]) {
+    __m512i ah = _mm512_setzero_si512(), al = _mm512_setzero_si512();
+    for (int j = 0; j < 4; j++) {
+        ah = _mm512_dpwssd_epi32(ah, _mm512_maddubs_epi16(k->w[j], xs->h[j]), k->sc[j]);
+        al = _mm512_dpwssd_epi32(al, _mm512_maddubs_epi16(k->w[j], xs->l[j]), k->sc[j]);
+    }
+    __m512 dd = _mm512_set1_ps(k->d * xs->d);
+    acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ah), dd, acc[0]);
+    acc[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(al), dd, acc[1]);
+    acc[2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(xs->sums, k->off)),
+                             _mm512_set1_ps(k->doff * xs->d), acc[2]);
+}
+
+/* Q4_K or Q6_K rows (K-quants: x in groups of 256, one per super-block). With R rows (batch 1) x's side of a
+ * super-block is loaded once for all of them; with M rows of x each row's super-block is unpacked once. */
 static inline __attribute__((always_inline)) void dot_k(int type, const uint8_t *const *rows, int R, long K,
                                                       const xq8 *x, long M, float *y, long ldr) {
     const long bb = type == Q4_K ? 144 : 210, nb = K / QK_K;
     const long ahead = R * nb * bb;              /* the rows after these, same offset: R rows' bytes ahead */
-    __m512 acc[4][QMAX_ROWS];
+    __m512 acc[4][QMAX_ROWS][3];
     for (int r = 0; r < R; r++)
-        for (long m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+        for (long m = 0; m < M; m++) acc[r][m][0] = acc[r][m][1] = acc[r][m][2] = _mm512_setzero_ps();
     for (long b = 0; b < nb; b++) {
+        kx xs;
+        memset(&xs, 0, sizeof xs);                   /* (loaded below: once, or per row of x) */
+        if (M == 1) load_kx(type, x, 0, b, &xs);
+        if (R > 1)
+            for (long c = 0; c < R * bb; c += 64) __builtin_prefetch(rows[0] + ahead + R * b * bb + c);
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = rows[r] + b * bb;
-            for (long c = 0; c < bb; c += 64) __builtin_prefetch(blk + ahead + c);
-            __builtin_prefetch(blk + ahead + bb - 1);
-            __m512i w[4], sc[4], scv;
-            float d, dmin = 0.0f;
-            if (type == Q4_K) {
-                uint8_t s[16];
-                q4k_scales(blk + 4, s);
-                d = f16_to_f32(rd16(blk)), dmin = f16_to_f32(rd16(blk + 2));
-                __m512i s16 = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)s)));
-                for (int j = 0; j < 4; j++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
-                    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
-                    w[j] = _mm512_and_si512(z, low4);                         /* sub-blocks 2j | 2j+1 */
-                    sc[j] = spread2(s16, 2 * j, 2 * j + 1);
-                }
-                scv = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(s + 8)));   /* mins, lanes 0..7 */
-            } else {
-                d = f16_to_f32(rd16(blk + 208));
-                __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
-                __m512i s16 = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(s8));
-                for (int n = 0; n < 2; n++) {
-                    __m512i L = _mm512_loadu_si512((const void *)(blk + 64 * n));
-                    __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * n)));
-                    const __m512i up = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(4), _mm512_set1_epi16(2));
-                    const __m512i dn = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(0), _mm512_set1_epi16(2));
-                    __m512i ha = _mm512_and_si512(_mm512_sllv_epi16(H, up), bits45);
-                    __m512i hb = _mm512_and_si512(_mm512_srlv_epi16(H, dn), bits45);
-                    w[2 * n] = _mm512_ternarylogic_epi32(L, low4, ha, 0xEA);                     /* (L & 15) | ha */
-                    w[2 * n + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(L, 4), low4, hb, 0xEA);
-                    sc[2 * n] = spread4(s16, 8 * n);
-                    sc[2 * n + 1] = spread4(s16, 8 * n + 4);
-                }
-                scv = _mm512_cvtepi8_epi32(s8);                                  /* 16 scales */
+            if (R == 1) {
+                for (long c = 0; c < bb; c += 64) __builtin_prefetch(blk + ahead + c);
+                __builtin_prefetch(blk + ahead + bb - 1);
             }
+            ksb k;
+            unpack_k(type, blk, &k);
             for (long m = 0; m < M; m++) {
-                const int8_t *h = x->h + m * x->ld + QK_K * b, *l = x->l + m * x->ld + QK_K * b;
-                __m512i ah = _mm512_setzero_si512(), al = _mm512_setzero_si512();
-                for (int j = 0; j < 4; j++) {
-                    __m512i xh = _mm512_loadu_si512((const void *)(h + 64 * j));
-                    __m512i xl = _mm512_loadu_si512((const void *)(l + 64 * j));
-                    ah = _mm512_dpwssd_epi32(ah, _mm512_maddubs_epi16(w[j], xh), sc[j]);
-                    al = _mm512_dpwssd_epi32(al, _mm512_maddubs_epi16(w[j], xl), sc[j]);
-                }
-                const int32_t *s = x->s16 + m * (K / 16) + 16 * b;
-                float dx = x->d[m * nb + b];
-                __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ah), _mm512_set1_ps(256.0f * d * dx),
-                                           _mm512_mul_ps(_mm512_cvtepi32_ps(al), _mm512_set1_ps(d * dx)));
-                __m512i sv = _mm512_loadu_si512((const void *)s);                          /* 16 sums of 16 */
-                __m512 off;
-                if (type == Q4_K) {          /* - dmin * m_j * (sum over sub-block j of 32) */
-                    __m512i s32 = _mm512_add_epi32(sv, _mm512_srli_epi64(sv, 32));          /* even lanes: pairs */
-                    s32 = _mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 14, 12, 10, 8, 6, 4, 2, 0),
-                                                   s32);
-                    s32 = _mm512_maskz_mov_epi32(0x00FF, s32);
-                    off = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(s32, scv)),
-                                        _mm512_set1_ps(-dmin * dx));
-                } else {                     /* - 32 * sc_j * (sum over sub-block j of 16) */
-                    off = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(sv, scv)),
-                                        _mm512_set1_ps(-32.0f * d * dx));
-                }
-                acc[r][m] = _mm512_add_ps(acc[r][m], _mm512_add_ps(a, off));
+                if (M > 1) load_kx(type, x, m, b, &xs);
+                dot_ksb(&k, &xs, acc[r][m]);
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (long m = 0; m < M; m++) y[r * ldr + m] = _mm512_reduce_add_ps(acc[r][m]);
+        for (long m = 0; m < M; m++) {
+            __m512 t = _mm512_fmadd_ps(acc[r][m][0], _mm512_set1_ps(256.0f), _mm512_add_ps(acc[r][m][1], acc[r][m][2]));
+            y[r * ldr + m] = _mm512_reduce_add_ps(t);
+        }
 }
 
 static inline __attribute__((always_inline)) void dot_rows(int type, const uint8_t *const *rows, int R, long K,
@@ -266,15 +310,16 @@ static inline __attribute__((always_inline)) void dot_rows(int type, const uint8
 static inline __attribute__((always_inline)) void vnni_rows(int type, const uint8_t *w, long rb, long K, long j0,
                                                            long j1, const xq8 *x, long M, float *y, long ldy) {
     long j = j0;
-    if (M == 1)
-        for (; j + 4 <= j1; j += 4) {
+    if (M == 1 && (type == Q4_0 || type == Q4_K))  /* 4-bit: compute-bound alone; the wider types stream */
+        for (; j + 4 <= j1; j += 4) {                  /* faster one row at a time (the hardware prefetcher) */
             const uint8_t *rows[4] = {w + j * rb, w + (j + 1) * rb, w + (j + 2) * rb, w + (j + 3) * rb};
             dot_rows(type, rows, 4, K, x, 1, y + j, 1);
         }
     for (; j < j1; j++) {
         const uint8_t *rows[1] = {w + j * rb};
         float out[QMAX_ROWS];
-        dot_rows(type, rows, 1, K, x, M, out, M);
+        if (M == 1) dot_rows(type, rows, 1, K, x, 1, out, 1);       /* (a constant M: x's side in registers) */
+        else dot_rows(type, rows, 1, K, x, M, out, M);
         for (long m = 0; m < M; m++) y[m * ldy + j] = out[m];
     }
 }

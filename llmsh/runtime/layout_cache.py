@@ -1,0 +1,94 @@
+"""Float GGUF matrices in the runtime's layout, written to the cache once and memory-mapped on later loads.
+
+GGUF stores a matrix (out, in) and q, k, v (gate, up) as separate tensors, with Llama's q and k rows permuted for
+its RoPE; our modules take (in, out), q|k|v and gate|up fused, rows in Hugging Face's order. Building those takes a
+transpose or a concatenation of every float matrix: ~4 s for a bfloat16 model of 1.1 B parameters, where mapping
+the file takes milliseconds. So the first load of a float GGUF file writes the matrices it built into one
+safetensors file under the user cache directory (paths.cache_dir()/layout), and later loads of the unchanged file
+(same real path, size, mtime, inode and device: hash_cache.identity) map that file instead: zero-copy views from
+the page cache, as for a safetensors checkpoint. A changed file gets a new entry and the old one is removed, as are
+entries whose file is gone (each names its source in its metadata); an unwritable cache only costs the rebuild. Quantized matrices need none of this: they are used as the file has them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llmsh import paths
+from llmsh.runtime import hash_cache
+from llmsh.runtime.checkpoint import SafetensorsFile
+from llmsh.runtime.errors import LoadError
+
+log = logging.getLogger(__name__)
+VERSION = "1"          # bump when the layout of the runtime's parameters changes: older entries are then ignored
+
+
+def _prefix(path: Path) -> str:
+    return hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
+
+
+def _target(path: Path, dtype: torch.dtype) -> tuple[Path, str]:
+    _, ident = hash_cache.identity(path)
+    key = hashlib.sha256(f"{VERSION}:{ident}:{dtype}".encode()).hexdigest()[:16]
+    return paths.cache_dir() / "layout" / f"{_prefix(path)}-{key}.safetensors", _prefix(path)
+
+
+def _source(entry: Path) -> str | None:
+    """The GGUF file an entry was built from (its header's metadata), or None if unreadable."""
+    try:
+        with open(entry, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            meta = json.loads(f.read(min(n, 1 << 20))).get("__metadata__", {})
+        return meta.get("source") if isinstance(meta, dict) else None
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def forget(path: Path) -> None:
+    """Remove the cached matrices of the GGUF file at path (before deleting the file: entries are per file)."""
+    for old in (paths.cache_dir() / "layout").glob(f"{_prefix(path)}-*.safetensors"):
+        old.unlink(missing_ok=True)
+
+
+def open_cached(path: Path, dtype: torch.dtype) -> SafetensorsFile | None:
+    """The cached matrices of the GGUF file at path in dtype, or None (never built, or the file changed)."""
+    target, _ = _target(path, dtype)
+    try:
+        return SafetensorsFile(target) if target.exists() else None
+    except (OSError, LoadError) as e:                  # a damaged entry: rebuilt on this load
+        log.warning("ignoring the cached layout %s (%s)", target, e)
+        return None
+
+
+def write(path: Path, dtype: torch.dtype, tensors: dict[str, Tensor]) -> None:
+    """Store tensors (ours, built from the GGUF file at path) for later loads; atomically, best effort."""
+    if not tensors:
+        return
+    from safetensors.torch import save_file
+
+    target, prefix = _target(path, dtype)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                      metadata={"version": VERSION, "source": os.path.realpath(path)})
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        for old in target.parent.glob("*.safetensors"):       # the same file's earlier versions, deleted files'
+            if old != target and (old.name.startswith(prefix) or not os.path.exists(_source(old) or old)):
+                old.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not cache the layout of %s (%s): the next load rebuilds it", path.name, e)
