@@ -9,8 +9,9 @@ in either. With a page hook (the pager), layers run one call each, the hook firs
 
 Used for decode steps of up to MAX_ROWS sequences of a float32 or bfloat16 model on the CPU, when the kernels
 could be built (`kernels.library()`); the family modules stay the reference that tests compare against. Every
-family has a decoder: the Llama family (with Qwen3's q/k norms and Phi-4's partial RoPE) and GPT-2 through
-`lm_layers`, Gemma through `lm_gemma_layers`, mixtures of experts per layer half and per chosen expert (`_MoE`).
+family has a decoder: the dense ones (GPT-2, the Llama family with Qwen3's q/k norms and Phi-4's partial RoPE, Gemma
+2/3 with its switches in `Step.gemma` and the per-layer structs) through `lm_layers`, mixtures of experts per layer
+half and per chosen expert (`_MoE`).
 """
 
 from __future__ import annotations
@@ -67,8 +68,6 @@ def family_decoder(net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> Fast
 class FastDecoder:
     """One model's decode step: embed (torch indexing), lm_layers, final norm and head (C)."""
 
-    layers_fn = "lm_layers"          # the C function that runs whole layers of this family
-
     def __init__(self, net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
         # a family's Transformer and its Config: Any, as their attributes differ per family (and nn.Module's
         # __getattr__ would type each one Tensor | Module)
@@ -117,13 +116,12 @@ class FastDecoder:
         if hook:                                          # the pager: page in each layer right before it runs
             for i, block in enumerate(blocks):
                 hook(1 + i)
-                getattr(self.lib, self.layers_fn)(x_ptr, ctypes.byref(self.layer_args(block, i, cache)), 1,
-                                                  ctypes.byref(step))
+                self.lib.lm_layers(x_ptr, ctypes.byref(self.layer_args(block, i, cache)), 1, ctypes.byref(step))
             if self.cfg.tie_embeddings:
                 hook(0)                                   # the head reads the embedding page's matrix
             hook(len(blocks) + 1)
         else:
-            getattr(self.lib, self.layers_fn)(x_ptr, self.all_layer_args(cache), len(blocks), ctypes.byref(step))
+            self.lib.lm_layers(x_ptr, self.all_layer_args(cache), len(blocks), ctypes.byref(step))
 
     def finish(self, logits: Tensor) -> Tensor:
         """What the family does to the head's logits (Gemma 2: soft-capping); in place, returns them."""
@@ -242,9 +240,8 @@ class _GPT2(FastDecoder):
 
 
 class _Gemma(_Llama):
-    """Gemma 2 / 3: `lm_gemma_layers` (kernels/cpu_decode.c); the embedding scaled by sqrt(dim) as the modules do."""
-
-    layers_fn = "lm_gemma_layers"
+    """Gemma 2 / 3: `lm_layers` with Step.gemma set ((1 + w) norms, GeGLU) and each layer's post norms, soft cap
+    and RoPE tables in its Layer struct; the embedding scaled by sqrt(dim) as the modules do."""
 
     def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
         scale = torch.tensor(self.cfg.dim ** 0.5, dtype=self.dtype).item()   # rounded to the model dtype, as HF does
@@ -255,7 +252,7 @@ class _Gemma(_Llama):
         return Step(M=B, dim=c.dim, n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
                     hidden=c.intermediate_size, max_seq=max_seq, is_bf16=self.bf16, is_gpt2=0, exact_gelu=0,
                     eps=c.norm_eps, rope_cos=self.net.rope_cos.data_ptr(), rope_sin=self.net.rope_sin.data_ptr(),
-                    pos=pos.data_ptr(), slots=slots.data_ptr())
+                    pos=pos.data_ptr(), slots=slots.data_ptr(), gemma=1)
 
     def layer_args(self, block: gemma.Block, i: int, cache: KVCache) -> Layer:
         a, ff, net = block.attention, block.feed_forward, self.net
