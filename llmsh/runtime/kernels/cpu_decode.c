@@ -450,14 +450,18 @@ void lm_gelu(float *restrict x, long n, int exact) {
 
 /* ---- norms (one row of D per token; weight and bias in the model's dtype) ------------------------------------ */
 
+/* 1 / rms(x[0:D]), the scale of every RMSNorm here */
+static inline float inv_rms(const float *restrict x, long D, float eps) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (long i = 0; i < D; i++) ss += x[i] * x[i];
+    return 1.0f / sqrtf(ss / D + eps);
+}
+
 void lm_rmsnorm(const float *restrict x, long M, long D, const void *w, int is_bf16, float eps, float *restrict y) {
     for (long m = 0; m < M; m++) {
-        const float *xr = x + m * D;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (long i = 0; i < D; i++) ss += xr[i] * xr[i];
-        float inv = 1.0f / sqrtf(ss / D + eps);
-        for (long i = 0; i < D; i++) y[m * D + i] = xr[i] * inv * load(w, i, is_bf16);
+        float inv = inv_rms(x + m * D, D, eps);
+        for (long i = 0; i < D; i++) y[m * D + i] = x[m * D + i] * inv * load(w, i, is_bf16);
     }
 }
 
@@ -478,21 +482,27 @@ void lm_layernorm(const float *restrict x, long M, long D, const void *w, const 
 
 /* ---- attention ------------------------------------------------------------------------------------------------ */
 
+/* RoPE on the first `rot` dims of each head (tables (max_seq, rot)); the other hd - rot dims pass unchanged. */
+void lm_rope_partial(float *x, long M, long stride, long n_heads, long hd, long rot, const float *cos,
+                     const float *sin, const int64_t *pos) {
+    float tmp[512];
+    long half = rot / 2;
+    for (long m = 0; m < M; m++) {
+        const float *c = cos + pos[m] * rot, *s = sin + pos[m] * rot;
+        for (long h = 0; h < n_heads; h++) {
+            float *v = x + m * stride + h * hd;
+            memcpy(tmp, v, sizeof(float) * rot);
+            for (long d = 0; d < half; d++) v[d] = tmp[d] * c[d] + tmp[d + half] * s[d];
+            for (long d = half; d < rot; d++) v[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
+        }
+    }
+}
+
 /* RoPE in place on the first n_heads heads of each row of x (rows stride apart): x*cos + roll(x, hd/2)*sin, with
  * the runtime's signed-sin table (llama.rope_tables), rows of the (max_seq, hd) float32 tables picked by pos[m]. */
 void lm_rope(float *x, long M, long stride, long n_heads, long hd, const float *cos, const float *sin,
              const int64_t *pos) {
-    float tmp[512];
-    long half = hd / 2;
-    for (long m = 0; m < M; m++) {
-        const float *c = cos + pos[m] * hd, *s = sin + pos[m] * hd;
-        for (long h = 0; h < n_heads; h++) {
-            float *v = x + m * stride + h * hd;
-            memcpy(tmp, v, sizeof(float) * hd);
-            for (long d = 0; d < half; d++) v[d] = tmp[d] * c[d] + tmp[d + half] * s[d];
-            for (long d = half; d < hd; d++) v[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
-        }
-    }
+    lm_rope_partial(x, M, stride, n_heads, hd, hd, cos, sin, pos);
 }
 
 /* Lane i of the result = the sum of a[i]'s 16 lanes: a transpose-and-add tree, 15 adds and 30 shuffles for 16 sums
@@ -698,40 +708,17 @@ void lm_qk_norm(float *qkv, long M, long stride, long n_head, long n_kv, long hd
                 int is_bf16, float eps, int plus_one) {
     for (long m = 0; m < M; m++)
         for (long h = 0; h < n_head + n_kv; h++) {
-            float *v = qkv + m * stride + h * hd, ss = 0.0f;
+            float *v = qkv + m * stride + h * hd, inv = inv_rms(v, hd, eps);
             const void *w = h < n_head ? q_w : k_w;
-#pragma omp simd reduction(+ : ss)
-            for (long d = 0; d < hd; d++) ss += v[d] * v[d];
-            float inv = 1.0f / sqrtf(ss / hd + eps);
             for (long d = 0; d < hd; d++) v[d] = v[d] * inv * (load(w, d, is_bf16) + (plus_one ? 1.0f : 0.0f));
         }
-}
-
-/* RoPE on the first `rot` dims of each head (tables (max_seq, rot)); the other hd - rot dims pass unchanged. */
-void lm_rope_partial(float *x, long M, long stride, long n_heads, long hd, long rot, const float *cos,
-                     const float *sin, const int64_t *pos) {
-    float tmp[512];
-    long half = rot / 2;
-    for (long m = 0; m < M; m++) {
-        const float *c = cos + pos[m] * rot, *s = sin + pos[m] * rot;
-        for (long h = 0; h < n_heads; h++) {
-            float *v = x + m * stride + h * hd;
-            memcpy(tmp, v, sizeof(float) * rot);
-            for (long d = 0; d < half; d++) v[d] = tmp[d] * c[d] + tmp[d + half] * s[d];
-            for (long d = half; d < rot; d++) v[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
-        }
-    }
 }
 
 /* y = x / rms(x) * (1 + w) over M rows of D (Gemma's RMSNorm: it stores the gain as an offset from 1) */
 void lm_rmsnorm_plus_one(const float *x, long M, long D, const void *w, int is_bf16, float eps, float *y) {
     for (long m = 0; m < M; m++) {
-        const float *xr = x + m * D;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (long i = 0; i < D; i++) ss += xr[i] * xr[i];
-        float inv = 1.0f / sqrtf(ss / D + eps);
-        for (long i = 0; i < D; i++) y[m * D + i] = xr[i] * inv * (1.0f + load(w, i, is_bf16));
+        float inv = inv_rms(x + m * D, D, eps);
+        for (long i = 0; i < D; i++) y[m * D + i] = x[m * D + i] * inv * (1.0f + load(w, i, is_bf16));
     }
 }
 
@@ -739,12 +726,8 @@ void lm_rmsnorm_plus_one(const float *x, long M, long D, const void *w, int is_b
 static void add_normed(float *restrict x, const float *restrict y, long M, long D, const void *w, int is_bf16,
                        float eps) {
     for (long m = 0; m < M; m++) {
-        const float *yr = y + m * D;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (long i = 0; i < D; i++) ss += yr[i] * yr[i];
-        float inv = 1.0f / sqrtf(ss / D + eps);
-        for (long i = 0; i < D; i++) x[m * D + i] += yr[i] * inv * (1.0f + load(w, i, is_bf16));
+        float inv = inv_rms(y + m * D, D, eps);
+        for (long i = 0; i < D; i++) x[m * D + i] += y[m * D + i] * inv * (1.0f + load(w, i, is_bf16));
     }
 }
 
