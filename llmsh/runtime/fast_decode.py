@@ -185,12 +185,14 @@ class _Llama(FastDecoder):
         return self.net.layers
 
     def layer_args(self, block: Any, i: int, cache: KVCache) -> Layer:
-        """block: a llama.Block (Any: the Gemma and MoE subclasses pass their own family's Block)."""
+        """block: a llama.Block, or the Gemma or MoE family's (Any: their decoders add their own fields to this)."""
         a, ff = block.attention, block.feed_forward
+        w13, w2 = getattr(ff, "w13", None), getattr(ff, "w2", None)  # (none in a MoE layer: lm_expert runs those)
         return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight),
                      b_qkv=_ptr(a.wqkv.bias), w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias),
-                     norm2=_ptr(block.ffn_norm.weight), w_up=_ptr(ff.w13.weight), b_up=_ptr(ff.w13.bias),
-                     w_down=_ptr(ff.w2.weight), b_down=_ptr(ff.w2.bias), k_cache=cache.k[i].data_ptr(),
+                     norm2=_ptr(block.ffn_norm.weight), w_up=_ptr(None if w13 is None else w13.weight),
+                     b_up=_ptr(None if w13 is None else w13.bias), w_down=_ptr(None if w2 is None else w2.weight),
+                     b_down=_ptr(None if w2 is None else w2.bias), k_cache=cache.k[i].data_ptr(),
                      v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=self.cfg.head_dim ** -0.5,
                      q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
                      k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight))
@@ -254,18 +256,14 @@ class _Gemma(_Llama):
                     eps=c.norm_eps, rope_cos=self.net.rope_cos.data_ptr(), rope_sin=self.net.rope_sin.data_ptr(),
                     pos=pos.data_ptr(), slots=slots.data_ptr(), gemma=1)
 
-    def layer_args(self, block: gemma.Block, i: int, cache: KVCache) -> Layer:
-        a, ff, net = block.attention, block.feed_forward, self.net
-        local = a.window is not None
-        return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight), b_qkv=_ptr(a.wqkv.bias),
-                     w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias), norm2=_ptr(block.ffn_norm.weight),
-                     w_up=_ptr(ff.w13.weight), w_down=_ptr(ff.w2.weight), k_cache=cache.k[i].data_ptr(),
-                     v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=a.scale,
-                     q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
-                     k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight),
-                     post_norm1=_ptr(block.post_attention_norm.weight), post_norm2=_ptr(block.post_ffn_norm.weight),
-                     rope_cos=net.rope_local_cos.data_ptr() if local else None,
-                     rope_sin=net.rope_local_sin.data_ptr() if local else None, softcap=a.cap or 0.0)
+    def layer_args(self, block: Any, i: int, cache: KVCache) -> Layer:
+        """block: a gemma.Block: Llama's fields, and its query scale, post norms, soft cap and local RoPE tables."""
+        layer, a, net = super().layer_args(block, i, cache), block.attention, self.net
+        layer.attn_scale, layer.softcap = a.scale, a.cap or 0.0
+        layer.post_norm1, layer.post_norm2 = _ptr(block.post_attention_norm.weight), _ptr(block.post_ffn_norm.weight)
+        if a.window is not None:                                          # sliding-window layers: local RoPE base
+            layer.rope_cos, layer.rope_sin = net.rope_local_cos.data_ptr(), net.rope_local_sin.data_ptr()
+        return layer
 
     def final_norm(self, x: Tensor, out: Tensor) -> None:
         self.lib.lm_rmsnorm_plus_one(x.data_ptr(), x.shape[0], x.shape[1], _ptr(self.net.norm.weight), self.bf16,
@@ -322,15 +320,6 @@ class _MoE(_Llama):
         scratch, sel_t = torch.empty(n * (2 * D + 3 * F)), torch.tensor(sel, dtype=torch.int64)
         self.lib.lm_expert(h.data_ptr(), D, sel_t.data_ptr(), n, k, weights.data_ptr(), _ptr(ff.w13.weight),
                            _ptr(ff.w2.weight), F, self.bf16, x.data_ptr(), scratch.data_ptr(), step.n_threads)
-
-    def layer_args(self, block: moe.Block, i: int, cache: KVCache) -> Layer:
-        a = block.attention
-        return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight), b_qkv=_ptr(a.wqkv.bias),
-                     w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias), norm2=_ptr(block.ffn_norm.weight),
-                     k_cache=cache.k[i].data_ptr(), v_cache=cache.v[i].data_ptr(), window=a.window or 0,
-                     attn_scale=self.cfg.head_dim ** -0.5,
-                     q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
-                     k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight))
 
 
 FAMILY_TYPES: dict[type, type[FastDecoder]] = {llama.Transformer: _Llama, gpt2.Transformer: _GPT2,
