@@ -279,19 +279,11 @@ class Transformer(DecoderStack):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-_HF_RULES = [
-    (r"^tok_embeddings\.", "model.embed_tokens."),
-    (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
-    (r"^layers\.(\d+)\.attention\.([qk]_norm)\.", r"model.layers.\1.self_attn.\2."),
-    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
-    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+_HF_RULES = [   # Gemma's norms around attention and MLP; the rest as in Llama's checkpoints
     (r"^layers\.(\d+)\.post_attention_norm\.", r"model.layers.\1.post_attention_layernorm."),
     (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.pre_feedforward_layernorm."),
     (r"^layers\.(\d+)\.post_ffn_norm\.", r"model.layers.\1.post_feedforward_layernorm."),
-    (r"^norm\.", "model.norm."),
-    (r"^output\.", "lm_head."),
+    *llama.HF_RULES,
 ]
 
 

@@ -302,7 +302,7 @@ class Transformer(DecoderStack):
         return self.head(x, last, len(self.layers) + 1)
 
 
-_HF_RULES = [
+HF_RULES = [                   # (pattern, replacement) on our names; the first that matches
     (r"^tok_embeddings\.", "model.embed_tokens."),
     (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
     (r"^layers\.(\d+)\.attention\.([qk]_norm)\.", r"model.layers.\1.self_attn.\2."),
@@ -326,7 +326,7 @@ def hf_keys(name: str, cfg: LlamaConfig) -> list[str]:
     """Load hook: candidate Hugging Face keys for our parameter `name` (tied heads read the embedding)."""
     if name == "output.weight" and cfg.tie_embeddings:
         return ["model.embed_tokens.weight", "lm_head.weight"]
-    for pattern, repl in (_PHI3_RULES if cfg.fused_checkpoint else []) + _HF_RULES:
+    for pattern, repl in (_PHI3_RULES if cfg.fused_checkpoint else []) + HF_RULES:
         if re.match(pattern, name):
             return [re.sub(pattern, repl, name)]
     return [name]
