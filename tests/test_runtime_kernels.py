@@ -215,6 +215,21 @@ def test_fast_decode_in_bfloat16_is_closer_to_float32_than_the_modules(family, m
 
 
 @needs_kernels
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_moe_step_in_one_call_gives_the_floats_of_the_per_expert_calls(family, make_tiny_model):
+    """Without a page hook a MoE step is one C call (lm_moe_layers); with one (the pager), a call per chosen expert
+    after its hook. Both add the experts in the same order, so their logits are equal, not just close."""
+    model = load(make_tiny_model(family))
+    prompts = [list(range(3, 13)), list(range(20, 27)), [5] * 4]
+    fast = model.fast_decode
+    one_call, _ = _decode_both_ways(model, prompts, 6)
+    model.fast_decode = fast                                              # (_decode_both_ways leaves it None)
+    per_expert, modules = _decode_both_ways(model, prompts, 6, hook=lambda i: None)
+    assert torch.equal(one_call, per_expert)
+    torch.testing.assert_close(one_call, modules, atol=1e-4, rtol=0)
+
+
+@needs_kernels
 def test_fast_decode_calls_the_page_hook_like_the_modules(make_tiny_model):
     model = load(make_tiny_model("llama3"))                     # tied: the head pages the embedding back in
     calls: list[list[int]] = [[], []]

@@ -274,24 +274,70 @@ class _Gemma(_Llama):
         return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
 
 
+class MoELayer(ctypes.Structure):
+    """lm_moe: one layer's router and experts (gate NULL: a dense layer, which runs the Layer's w_up and w_down)."""
+
+    _fields_ = [("gate", ctypes.c_void_p), ("w13", ctypes.POINTER(ctypes.c_void_p)),
+                ("w2", ctypes.POINTER(ctypes.c_void_p))]
+
+
+class MoEStep(ctypes.Structure):
+    """lm_moe_step: the experts' shape and routing switches, the same in every layer."""
+
+    _fields_ = [(name, ctypes.c_long) for name in ("n_experts", "top_k", "expert_size")] + \
+        [(name, ctypes.c_int) for name in ("norm_topk", "round_bf16")]
+
+
 class _MoE(_Llama):
-    """Mixtral / Qwen3-MoE: per layer the attention half in C (`lm_attention_half`), the router (`lm_route`), then
-    `lm_expert` once per chosen expert, each right after its page hook. A step reads the attention weights, the
-    routers and only the chosen experts."""
+    """Mixtral / Qwen3-MoE. Without a page hook, a step is one C call for all layers (`lm_moe_layers`: attention
+    half, router, the chosen experts), as for the dense families. With one (the pager must page each chosen expert in
+    first), per layer the attention half in C (`lm_attention_half`), the router (`lm_route`), then `lm_expert` once
+    per chosen expert, each right after its page hook. A step reads the attention weights, the routers and only the
+    chosen experts."""
+
+    def __init__(self, net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
+        super().__init__(net, lib, dtype)
+        self._moe: tuple[ctypes.Array[MoELayer], list[Any]] | None = None
+
+    def weights_changed(self) -> None:
+        super().weights_changed()
+        self._moe = None
+
+    def moe_args(self) -> ctypes.Array[MoELayer]:
+        """Every layer's router and expert addresses, built once per weights (see all_layer_args)."""
+        if self._moe is None:
+            keep: list[Any] = []                                            # the address arrays C reads
+            layers = []
+            for block in self.net.layers:
+                ff = block.feed_forward
+                if not isinstance(ff, moe.SparseMoE):
+                    layers.append(MoELayer())
+                    continue
+                experts = [cast(llama.FeedForward, e) for e in ff.experts]
+                w13 = (ctypes.c_void_p * len(experts))(*(_ptr(e.w13.weight) for e in experts))
+                w2 = (ctypes.c_void_p * len(experts))(*(_ptr(e.w2.weight) for e in experts))
+                keep += [w13, w2]
+                layers.append(MoELayer(gate=_ptr(ff.gate.weight), w13=w13, w2=w2))
+            self._moe = ((MoELayer * len(layers))(*layers), keep)
+        return self._moe[0]
 
     def run_layers(self, x: Tensor, cache: KVCache, step: Step, hook: Any) -> None:
         net, cfg, lib = self.net, self.cfg, self.lib
+        if not hook:
+            shape = MoEStep(n_experts=cfg.n_experts, top_k=cfg.top_k, expert_size=cfg.expert_size,
+                            norm_topk=int(cfg.norm_topk), round_bf16=int(cfg.weights_in_model_dtype and self.bf16))
+            if lib.lm_moe_layers(_ptr(x), self.all_layer_args(cache), self.moe_args(), len(net.layers),
+                                 ctypes.byref(step), ctypes.byref(shape)):
+                raise MemoryError("lm_moe_layers: no memory for a decode step's scratch")
+            return
         B, D = x.shape
         h = torch.empty_like(x)
         chosen, weights = torch.empty(B * cfg.top_k, dtype=torch.int64), torch.empty(B * cfg.top_k)
         logits = torch.empty(B * cfg.n_experts)
         x_ptr, h_ptr = _ptr(x), h.data_ptr()
         for i, block in enumerate(net.layers):
-            if hook:
-                hook(net.block_page[i])
-                layer = self.layer_args(block, i, cache)
-            else:
-                layer = self.all_layer_args(cache)[i]
+            hook(net.block_page[i])
+            layer = self.layer_args(block, i, cache)
             lib.lm_attention_half(x_ptr, ctypes.byref(layer), ctypes.byref(step), h_ptr)
             ff = block.feed_forward
             if not isinstance(ff, moe.SparseMoE):                          # Qwen3-MoE's dense layers
@@ -304,14 +350,12 @@ class _MoE(_Llama):
             for s, j in enumerate(chosen.tolist()):                          # s: (row, choice) = divmod(s, top_k)
                 by_expert.setdefault(j, []).append(s)
             for j in sorted(by_expert):
-                if hook:
-                    hook(net.expert_pages[i][j])
+                hook(net.expert_pages[i][j])
                 expert_ff = cast(llama.FeedForward, ff.experts[j])          # (a ModuleList's items type as Module)
                 self.expert(h, x, by_expert[j], cfg.top_k, weights, expert_ff, step)
-        if hook:
-            if cfg.tie_embeddings:
-                hook(0)                                                     # the head reads the embedding's matrix
-            hook(net.block_page[-1] + len(net.expert_pages[-1]) + 1)
+        if cfg.tie_embeddings:
+            hook(0)                                                         # the head reads the embedding's matrix
+        hook(net.block_page[-1] + len(net.expert_pages[-1]) + 1)
 
     def expert(self, h: Tensor, x: Tensor, sel: list[int], k: int, weights: Tensor, ff: llama.FeedForward,
                step: Step) -> None:

@@ -55,8 +55,9 @@ SIGNATURES = {
     "lm_expert": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _I, _P, _P, _I],
     "lm_rope_partial": [_P, _L, _L, _L, _L, _L, _P, _P, _P],
     "lm_bf16_dot": [],
+    "lm_moe_layers": [_P, _P, _P, _L, _P, _P],
 }
-RESTYPES = {"lm_scratch_floats": _L, "lm_bf16_dot": _I}
+RESTYPES = {"lm_scratch_floats": _L, "lm_bf16_dot": _I, "lm_moe_layers": _I}
 
 
 class Layer(ctypes.Structure):

@@ -871,3 +871,58 @@ void lm_expert(const float *h, long D, const int64_t *sel, long n, long k, const
     for (long r = 0; r < n; r++)
         for (long i = 0; i < D; i++) x[sel[r] / k * D + i] += weights[sel[r]] * y[r * D + i];
 }
+
+/* One mixture-of-experts layer's MLP side: the router (gate (dim, n_experts)) and each expert's gate|up (dim, 2 F)
+ * and down (F, dim) matrices; gate NULL for a dense layer (Qwen3-MoE's mlp_only_layers: the lm_layer's w_up and
+ * w_down, hidden s->hidden). */
+typedef struct {
+    const void *gate;
+    const void *const *w13, *const *w2;    /* n_experts addresses each */
+} lm_moe;
+
+typedef struct {                           /* what every MoE layer of the step shares */
+    long n_experts, top_k, expert_size;
+    int norm_topk, round_bf16;             /* lm_route's norm and round_bf16 */
+} lm_moe_step;
+
+/* x (M, dim), in place, through n whole MoE layers without a page hook, one call a step as lm_layers: per layer
+ * lm_attention_half, lm_route, then each chosen expert in increasing order on the rows that chose it (the order
+ * the per-call path in fast_decode.py adds them in, so both give the same floats). Returns 0, or -1 (x untouched)
+ * if its scratch could not be allocated. */
+int lm_moe_layers(float *x, const lm_layer *layers, const lm_moe *moe, long n, const lm_step *s,
+                  const lm_moe_step *e) {
+    long M = s->M, D = s->dim, E = e->n_experts, k = e->top_k;
+    long F = e->expert_size > s->hidden ? e->expert_size : s->hidden;
+    size_t floats = (size_t)(M * D + M * E + M * k + M + M * (2 * D + 3 * F));
+    float *h = malloc(sizeof(float) * floats);
+    int64_t *chosen = malloc(sizeof(int64_t) * (size_t)(M * k + M));
+    if (!h || !chosen) {
+        free(h);
+        free(chosen);
+        return -1;
+    }
+    float *logits = h + M * D, *weights = logits + M * E, *ones = weights + M * k, *scratch = ones + M;
+    int64_t *sel = chosen + M * k;
+    for (long m = 0; m < M; m++) ones[m] = 1.0f;
+    for (long i = 0; i < n; i++) {
+        lm_attention_half(x, layers + i, s, h);
+        if (!moe[i].gate) {                                         /* a dense layer: every row, weight 1 */
+            for (long m = 0; m < M; m++) sel[m] = m;
+            lm_expert(h, D, sel, M, 1, ones, layers[i].w_up, layers[i].w_down, s->hidden, s->is_bf16, x, scratch,
+                      s->n_threads);
+            continue;
+        }
+        lm_route(h, M, D, moe[i].gate, E, k, e->norm_topk, e->round_bf16, s->is_bf16, chosen, weights, logits);
+        for (long j = 0; j < E; j++) {
+            long rows = 0;
+            for (long t = 0; t < M * k; t++)
+                if (chosen[t] == j) sel[rows++] = t;                /* (row, choice) = (t / k, t % k) */
+            if (rows)
+                lm_expert(h, D, sel, rows, k, weights, moe[i].w13[j], moe[i].w2[j], e->expert_size, s->is_bf16, x,
+                          scratch, s->n_threads);
+        }
+    }
+    free(h);
+    free(chosen);
+    return 0;
+}
