@@ -117,9 +117,11 @@ def test_rope_matches_the_modules_rope(lib):
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("hd", [16, 64, 40])                         # 40: not a whole number of vectors
-def test_attention_writes_the_cache_and_matches_sdpa(dtype, window, threads, hd, lib):
+@pytest.mark.parametrize("cap", [0.0, 2.0])                           # 2.0: Gemma 2's soft cap, small enough to bite
+def test_attention_writes_the_cache_and_matches_sdpa(dtype, window, threads, hd, cap, lib):
     """GQA (6 query heads on 2 kv heads), two rows at different positions in non-adjacent slots: 10 positions (part
-    of one block of 16) and 38 (two whole blocks and part of a third)."""
+    of one block of 16) and 38 (two whole blocks and part of a third); with a soft cap, cap * tanh(s / cap) of the
+    logits s before the softmax."""
     g = torch.Generator().manual_seed(window + hd)
     nh, nkv, S = 6, 2, 48
     kc = torch.randn(4, nkv, S, hd, generator=g).to(dtype)
@@ -128,8 +130,13 @@ def test_attention_writes_the_cache_and_matches_sdpa(dtype, window, threads, hd,
     slots, pos = torch.tensor([3, 1]), torch.tensor([9, 37])
     expected_k, expected_v = kc.clone(), vc.clone()
     out, scores = torch.empty(2, nh * hd), torch.empty(threads, S)
-    lib.lm_attention(qkv.data_ptr(), 2, nh, nkv, hd, kc.data_ptr(), vc.data_ptr(), _bf(dtype), S, slots.data_ptr(),
-                     pos.data_ptr(), window, 0.3, scores.data_ptr(), out.data_ptr(), threads)
+    if cap:
+        lib.lm_attention_softcap(qkv.data_ptr(), 2, nh, nkv, hd, kc.data_ptr(), vc.data_ptr(), _bf(dtype), S,
+                                 slots.data_ptr(), pos.data_ptr(), window, 0.3, cap, scores.data_ptr(), out.data_ptr(),
+                                 threads)
+    else:
+        lib.lm_attention(qkv.data_ptr(), 2, nh, nkv, hd, kc.data_ptr(), vc.data_ptr(), _bf(dtype), S,
+                         slots.data_ptr(), pos.data_ptr(), window, 0.3, scores.data_ptr(), out.data_ptr(), threads)
     for m, (slot, p) in enumerate(zip(slots.tolist(), pos.tolist())):
         q, k_new, v_new = qkv[m].split([nh * hd, nkv * hd, nkv * hd])
         expected_k[slot, :, p] = k_new.view(nkv, hd).to(dtype)                    # rounded like torch rounds
@@ -137,7 +144,11 @@ def test_attention_writes_the_cache_and_matches_sdpa(dtype, window, threads, hd,
         lo = max(0, p - window + 1) if window else 0
         k = expected_k[slot, :, lo:p + 1].float().repeat_interleave(nh // nkv, 0)
         v = expected_v[slot, :, lo:p + 1].float().repeat_interleave(nh // nkv, 0)
-        ref = F.scaled_dot_product_attention(q.view(nh, 1, hd), k, v, scale=0.3)
+        if cap:
+            logits = torch.tanh(q.view(nh, 1, hd) @ k.transpose(1, 2) * 0.3 / cap) * cap
+            ref = torch.softmax(logits, dim=-1) @ v
+        else:
+            ref = F.scaled_dot_product_attention(q.view(nh, 1, hd), k, v, scale=0.3)
         torch.testing.assert_close(out[m], ref.flatten(), atol=1e-5, rtol=1e-5)
     assert torch.equal(kc, expected_k) and torch.equal(vc, expected_v)
 
@@ -201,6 +212,21 @@ def test_fast_decode_in_bfloat16_is_closer_to_float32_than_the_modules(family, m
     fast, modules = _decode_both_ways(load(folder, dtype="bfloat16"), prompts, 6)
     fast_error, modules_error = (fast - expected).abs().max(), (modules - expected).abs().max()
     assert fast_error < modules_error and fast_error < 0.1 * expected.std()
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_moe_step_in_one_call_gives_the_floats_of_the_per_expert_calls(family, make_tiny_model):
+    """Without a page hook a MoE step is one C call (lm_moe_layers); with one (the pager), a call per chosen expert
+    after its hook. Both add the experts in the same order, so their logits are equal, not just close."""
+    model = load(make_tiny_model(family))
+    prompts = [list(range(3, 13)), list(range(20, 27)), [5] * 4]
+    fast = model.fast_decode
+    one_call, _ = _decode_both_ways(model, prompts, 6)
+    model.fast_decode = fast                                              # (_decode_both_ways leaves it None)
+    per_expert, modules = _decode_both_ways(model, prompts, 6, hook=lambda i: None)
+    assert torch.equal(one_call, per_expert)
+    torch.testing.assert_close(one_call, modules, atol=1e-4, rtol=0)
 
 
 @needs_kernels

@@ -9,8 +9,9 @@ in either. With a page hook (the pager), layers run one call each, the hook firs
 
 Used for decode steps of up to MAX_ROWS sequences of a float32 or bfloat16 model on the CPU, when the kernels
 could be built (`kernels.library()`); the family modules stay the reference that tests compare against. Every
-family has a decoder: the Llama family (with Qwen3's q/k norms and Phi-4's partial RoPE) and GPT-2 through
-`lm_layers`, Gemma through `lm_gemma_layers`, mixtures of experts per layer half and per chosen expert (`_MoE`).
+family has a decoder: the dense ones (GPT-2, the Llama family with Qwen3's q/k norms and Phi-4's partial RoPE, Gemma
+2/3 with its switches in `Step.gemma` and the per-layer structs) through `lm_layers`, mixtures of experts per layer
+half and per chosen expert (`_MoE`).
 """
 
 from __future__ import annotations
@@ -67,8 +68,6 @@ def family_decoder(net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> Fast
 class FastDecoder:
     """One model's decode step: embed (torch indexing), lm_layers, final norm and head (C)."""
 
-    layers_fn = "lm_layers"          # the C function that runs whole layers of this family
-
     def __init__(self, net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
         # a family's Transformer and its Config: Any, as their attributes differ per family (and nn.Module's
         # __getattr__ would type each one Tensor | Module)
@@ -117,13 +116,12 @@ class FastDecoder:
         if hook:                                          # the pager: page in each layer right before it runs
             for i, block in enumerate(blocks):
                 hook(1 + i)
-                getattr(self.lib, self.layers_fn)(x_ptr, ctypes.byref(self.layer_args(block, i, cache)), 1,
-                                                  ctypes.byref(step))
+                self.lib.lm_layers(x_ptr, ctypes.byref(self.layer_args(block, i, cache)), 1, ctypes.byref(step))
             if self.cfg.tie_embeddings:
                 hook(0)                                   # the head reads the embedding page's matrix
             hook(len(blocks) + 1)
         else:
-            getattr(self.lib, self.layers_fn)(x_ptr, self.all_layer_args(cache), len(blocks), ctypes.byref(step))
+            self.lib.lm_layers(x_ptr, self.all_layer_args(cache), len(blocks), ctypes.byref(step))
 
     def finish(self, logits: Tensor) -> Tensor:
         """What the family does to the head's logits (Gemma 2: soft-capping); in place, returns them."""
@@ -187,12 +185,14 @@ class _Llama(FastDecoder):
         return self.net.layers
 
     def layer_args(self, block: Any, i: int, cache: KVCache) -> Layer:
-        """block: a llama.Block (Any: the Gemma and MoE subclasses pass their own family's Block)."""
+        """block: a llama.Block, or the Gemma or MoE family's (Any: their decoders add their own fields to this)."""
         a, ff = block.attention, block.feed_forward
+        w13, w2 = getattr(ff, "w13", None), getattr(ff, "w2", None)  # (none in a MoE layer: lm_expert runs those)
         return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight),
                      b_qkv=_ptr(a.wqkv.bias), w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias),
-                     norm2=_ptr(block.ffn_norm.weight), w_up=_ptr(ff.w13.weight), b_up=_ptr(ff.w13.bias),
-                     w_down=_ptr(ff.w2.weight), b_down=_ptr(ff.w2.bias), k_cache=cache.k[i].data_ptr(),
+                     norm2=_ptr(block.ffn_norm.weight), w_up=_ptr(None if w13 is None else w13.weight),
+                     b_up=_ptr(None if w13 is None else w13.bias), w_down=_ptr(None if w2 is None else w2.weight),
+                     b_down=_ptr(None if w2 is None else w2.bias), k_cache=cache.k[i].data_ptr(),
                      v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=self.cfg.head_dim ** -0.5,
                      q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
                      k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight))
@@ -242,9 +242,8 @@ class _GPT2(FastDecoder):
 
 
 class _Gemma(_Llama):
-    """Gemma 2 / 3: `lm_gemma_layers` (kernels/cpu_decode.c); the embedding scaled by sqrt(dim) as the modules do."""
-
-    layers_fn = "lm_gemma_layers"
+    """Gemma 2 / 3: `lm_layers` with Step.gemma set ((1 + w) norms, GeGLU) and each layer's post norms, soft cap
+    and RoPE tables in its Layer struct; the embedding scaled by sqrt(dim) as the modules do."""
 
     def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
         scale = torch.tensor(self.cfg.dim ** 0.5, dtype=self.dtype).item()   # rounded to the model dtype, as HF does
@@ -255,20 +254,16 @@ class _Gemma(_Llama):
         return Step(M=B, dim=c.dim, n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
                     hidden=c.intermediate_size, max_seq=max_seq, is_bf16=self.bf16, is_gpt2=0, exact_gelu=0,
                     eps=c.norm_eps, rope_cos=self.net.rope_cos.data_ptr(), rope_sin=self.net.rope_sin.data_ptr(),
-                    pos=pos.data_ptr(), slots=slots.data_ptr())
+                    pos=pos.data_ptr(), slots=slots.data_ptr(), gemma=1)
 
-    def layer_args(self, block: gemma.Block, i: int, cache: KVCache) -> Layer:
-        a, ff, net = block.attention, block.feed_forward, self.net
-        local = a.window is not None
-        return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight), b_qkv=_ptr(a.wqkv.bias),
-                     w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias), norm2=_ptr(block.ffn_norm.weight),
-                     w_up=_ptr(ff.w13.weight), w_down=_ptr(ff.w2.weight), k_cache=cache.k[i].data_ptr(),
-                     v_cache=cache.v[i].data_ptr(), window=a.window or 0, attn_scale=a.scale,
-                     q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
-                     k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight),
-                     post_norm1=_ptr(block.post_attention_norm.weight), post_norm2=_ptr(block.post_ffn_norm.weight),
-                     rope_cos=net.rope_local_cos.data_ptr() if local else None,
-                     rope_sin=net.rope_local_sin.data_ptr() if local else None, softcap=a.cap or 0.0)
+    def layer_args(self, block: Any, i: int, cache: KVCache) -> Layer:
+        """block: a gemma.Block: Llama's fields, and its query scale, post norms, soft cap and local RoPE tables."""
+        layer, a, net = super().layer_args(block, i, cache), block.attention, self.net
+        layer.attn_scale, layer.softcap = a.scale, a.cap or 0.0
+        layer.post_norm1, layer.post_norm2 = _ptr(block.post_attention_norm.weight), _ptr(block.post_ffn_norm.weight)
+        if a.window is not None:                                          # sliding-window layers: local RoPE base
+            layer.rope_cos, layer.rope_sin = net.rope_local_cos.data_ptr(), net.rope_local_sin.data_ptr()
+        return layer
 
     def final_norm(self, x: Tensor, out: Tensor) -> None:
         self.lib.lm_rmsnorm_plus_one(x.data_ptr(), x.shape[0], x.shape[1], _ptr(self.net.norm.weight), self.bf16,
@@ -279,24 +274,70 @@ class _Gemma(_Llama):
         return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
 
 
+class MoELayer(ctypes.Structure):
+    """lm_moe: one layer's router and experts (gate NULL: a dense layer, which runs the Layer's w_up and w_down)."""
+
+    _fields_ = [("gate", ctypes.c_void_p), ("w13", ctypes.POINTER(ctypes.c_void_p)),
+                ("w2", ctypes.POINTER(ctypes.c_void_p))]
+
+
+class MoEStep(ctypes.Structure):
+    """lm_moe_step: the experts' shape and routing switches, the same in every layer."""
+
+    _fields_ = [(name, ctypes.c_long) for name in ("n_experts", "top_k", "expert_size")] + \
+        [(name, ctypes.c_int) for name in ("norm_topk", "round_bf16")]
+
+
 class _MoE(_Llama):
-    """Mixtral / Qwen3-MoE: per layer the attention half in C (`lm_attention_half`), the router (`lm_route`), then
-    `lm_expert` once per chosen expert, each right after its page hook. A step reads the attention weights, the
-    routers and only the chosen experts."""
+    """Mixtral / Qwen3-MoE. Without a page hook, a step is one C call for all layers (`lm_moe_layers`: attention
+    half, router, the chosen experts), as for the dense families. With one (the pager must page each chosen expert in
+    first), per layer the attention half in C (`lm_attention_half`), the router (`lm_route`), then `lm_expert` once
+    per chosen expert, each right after its page hook. A step reads the attention weights, the routers and only the
+    chosen experts."""
+
+    def __init__(self, net: nn.Module, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
+        super().__init__(net, lib, dtype)
+        self._moe: tuple[ctypes.Array[MoELayer], list[Any]] | None = None
+
+    def weights_changed(self) -> None:
+        super().weights_changed()
+        self._moe = None
+
+    def moe_args(self) -> ctypes.Array[MoELayer]:
+        """Every layer's router and expert addresses, built once per weights (see all_layer_args)."""
+        if self._moe is None:
+            keep: list[Any] = []                                            # the address arrays C reads
+            layers = []
+            for block in self.net.layers:
+                ff = block.feed_forward
+                if not isinstance(ff, moe.SparseMoE):
+                    layers.append(MoELayer())
+                    continue
+                experts = [cast(llama.FeedForward, e) for e in ff.experts]
+                w13 = (ctypes.c_void_p * len(experts))(*(_ptr(e.w13.weight) for e in experts))
+                w2 = (ctypes.c_void_p * len(experts))(*(_ptr(e.w2.weight) for e in experts))
+                keep += [w13, w2]
+                layers.append(MoELayer(gate=_ptr(ff.gate.weight), w13=w13, w2=w2))
+            self._moe = ((MoELayer * len(layers))(*layers), keep)
+        return self._moe[0]
 
     def run_layers(self, x: Tensor, cache: KVCache, step: Step, hook: Any) -> None:
         net, cfg, lib = self.net, self.cfg, self.lib
+        if not hook:
+            shape = MoEStep(n_experts=cfg.n_experts, top_k=cfg.top_k, expert_size=cfg.expert_size,
+                            norm_topk=int(cfg.norm_topk), round_bf16=int(cfg.weights_in_model_dtype and self.bf16))
+            if lib.lm_moe_layers(_ptr(x), self.all_layer_args(cache), self.moe_args(), len(net.layers),
+                                 ctypes.byref(step), ctypes.byref(shape)):
+                raise MemoryError("lm_moe_layers: no memory for a decode step's scratch")
+            return
         B, D = x.shape
         h = torch.empty_like(x)
         chosen, weights = torch.empty(B * cfg.top_k, dtype=torch.int64), torch.empty(B * cfg.top_k)
         logits = torch.empty(B * cfg.n_experts)
         x_ptr, h_ptr = _ptr(x), h.data_ptr()
         for i, block in enumerate(net.layers):
-            if hook:
-                hook(net.block_page[i])
-                layer = self.layer_args(block, i, cache)
-            else:
-                layer = self.all_layer_args(cache)[i]
+            hook(net.block_page[i])
+            layer = self.layer_args(block, i, cache)
             lib.lm_attention_half(x_ptr, ctypes.byref(layer), ctypes.byref(step), h_ptr)
             ff = block.feed_forward
             if not isinstance(ff, moe.SparseMoE):                          # Qwen3-MoE's dense layers
@@ -309,14 +350,12 @@ class _MoE(_Llama):
             for s, j in enumerate(chosen.tolist()):                          # s: (row, choice) = divmod(s, top_k)
                 by_expert.setdefault(j, []).append(s)
             for j in sorted(by_expert):
-                if hook:
-                    hook(net.expert_pages[i][j])
+                hook(net.expert_pages[i][j])
                 expert_ff = cast(llama.FeedForward, ff.experts[j])          # (a ModuleList's items type as Module)
                 self.expert(h, x, by_expert[j], cfg.top_k, weights, expert_ff, step)
-        if hook:
-            if cfg.tie_embeddings:
-                hook(0)                                                     # the head reads the embedding's matrix
-            hook(net.block_page[-1] + len(net.expert_pages[-1]) + 1)
+        if cfg.tie_embeddings:
+            hook(0)                                                         # the head reads the embedding's matrix
+        hook(net.block_page[-1] + len(net.expert_pages[-1]) + 1)
 
     def expert(self, h: Tensor, x: Tensor, sel: list[int], k: int, weights: Tensor, ff: llama.FeedForward,
                step: Step) -> None:
@@ -325,15 +364,6 @@ class _MoE(_Llama):
         scratch, sel_t = torch.empty(n * (2 * D + 3 * F)), torch.tensor(sel, dtype=torch.int64)
         self.lib.lm_expert(h.data_ptr(), D, sel_t.data_ptr(), n, k, weights.data_ptr(), _ptr(ff.w13.weight),
                            _ptr(ff.w2.weight), F, self.bf16, x.data_ptr(), scratch.data_ptr(), step.n_threads)
-
-    def layer_args(self, block: moe.Block, i: int, cache: KVCache) -> Layer:
-        a = block.attention
-        return Layer(norm1=_ptr(block.attention_norm.weight), w_qkv=_ptr(a.wqkv.weight), b_qkv=_ptr(a.wqkv.bias),
-                     w_o=_ptr(a.wo.weight), b_o=_ptr(a.wo.bias), norm2=_ptr(block.ffn_norm.weight),
-                     k_cache=cache.k[i].data_ptr(), v_cache=cache.v[i].data_ptr(), window=a.window or 0,
-                     attn_scale=self.cfg.head_dim ** -0.5,
-                     q_norm=_ptr(None if a.q_norm is None else a.q_norm.weight),
-                     k_norm=_ptr(None if a.k_norm is None else a.k_norm.weight))
 
 
 FAMILY_TYPES: dict[type, type[FastDecoder]] = {llama.Transformer: _Llama, gpt2.Transformer: _GPT2,

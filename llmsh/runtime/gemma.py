@@ -19,9 +19,8 @@ the load hooks below map them to the Hugging Face layout.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,8 @@ from torch import Tensor, nn
 from llmsh.runtime import llama
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
-from llmsh.runtime.layers import Linear, TiedEmbedding
+from llmsh.runtime.layers import Linear
+from llmsh.runtime.stack import DecoderStack
 
 MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")   # gemma3: the multimodal checkpoints (4B+), their text model
 # Gemma3TextConfig's defaults: the multimodal checkpoints' text_config lists only what differs from them
@@ -70,6 +70,19 @@ class GemmaConfig:
             raise LoadError(f"num_attention_heads {self.n_head} is not a multiple of num_key_value_heads {self.n_kv_head}")
         if not self.windows:
             self.windows = [None] * self.n_layer
+
+    # what llama.Attention reads, which Gemma's attention extends: biases on q|k|v and o alike, RoPE on whole heads
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.head_dim
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> GemmaConfig:
@@ -185,34 +198,21 @@ def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, step: Step, window: in
     return (probs @ v[:, :, None]).view(B, nh, T, hd)
 
 
-class Attention(nn.Module):
-    """Grouped-query attention: fused q|k|v projection, optional per-head q/k norms, RoPE, optional soft-cap."""
+class Attention(llama.Attention):
+    """Llama's grouped-query attention (fused q|k|v, q/k head norms, RoPE, the KV cache) with Gemma's query scale
+    (query_pre_attn_scalar^-1/2), (1 + w) head norms (Gemma 3) and soft-capped logits (Gemma 2)."""
 
     def __init__(self, cfg: GemmaConfig, layer: int) -> None:
-        super().__init__()
-        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.window, self.cap = cfg.windows[layer], cfg.attn_softcap
-        self.scale = cfg.query_pre_attn_scalar ** -0.5
-        self.wqkv = Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.attention_bias)
-        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=cfg.attention_bias)
+        super().__init__(cast(llama.LlamaConfig, cfg), layer)    # GemmaConfig has every field Attention reads
+        self.cap, self.scale = cfg.attn_softcap, cfg.query_pre_attn_scalar ** -0.5
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
-        B, T, _ = x.shape
-        nh, nqk = self.n_head, self.n_head + self.n_kv_head
-        qkv = self.wqkv(x).view(B, T, nqk + self.n_kv_head, self.head_dim)
-        qk = qkv[:, :, :nqk]
-        if self.q_norm is not None and self.k_norm is not None:             # (both or neither: cfg.qk_norm)
-            qk = torch.cat((self.q_norm(qk[:, :, :nh]), self.k_norm(qk[:, :, nh:])), dim=2)
-        qk = llama.apply_rope(qk, cos, sin)
-        q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)      # (B, nh, T, hd), (B, n_kv, T, hd)
-        k, v = step.update(self.layer, k, qkv[:, :, nqk:].transpose(1, 2))       # (B, n_kv, L, hd)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        """softmax(q k^T scale + mask) v, the logits soft-capped first where the model caps them."""
         if self.cap is None:
-            y = attend(q, k, v, step, self.window, scale=self.scale)
-        else:
-            y = softcapped_attention(q, k, v, step, self.window, self.scale, self.cap)
-        return self.wo(y.transpose(1, 2).reshape(B, T, nh * self.head_dim))
+            return attend(q, k, v, step, self.window, scale=self.scale)
+        return softcapped_attention(q, k, v, step, self.window, self.scale, self.cap)
 
 
 class FeedForward(nn.Module):
@@ -245,78 +245,45 @@ class Block(nn.Module):
         return h + self.post_ffn_norm(self.feed_forward(self.ffn_norm(h)))
 
 
-class Transformer(nn.Module):
+class Transformer(DecoderStack):
     """Scaled embedding, blocks, final norm, head and final soft-cap; `forward(idx, step)` -> logits."""
 
     def __init__(self, cfg: GemmaConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.tok_embeddings = TiedEmbedding(cfg.vocab_size, cfg.dim) if cfg.tie_embeddings else \
-            nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.page_hook: Callable[[int], None] | None = None
+        super().__init__(cfg, (Block(cfg, i) for i in range(cfg.n_layer)), RMSNorm(cfg.dim, cfg.norm_eps))
         for name in ("rope_cos", "rope_sin", "rope_local_cos", "rope_local_sin"):
             self.register_buffer(name, torch.empty(0), persistent=False)
 
     def setup(self, device: torch.device | str) -> None:
         """After weights are assigned: tie the head if configured and build both RoPE tables on device."""
         cfg = self.config
-        if cfg.tie_embeddings:
-            assert isinstance(self.tok_embeddings, TiedEmbedding)           # built so in __init__ when tied
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_head()
         cos, sin = rope_tables(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling, cfg.max_seq_len)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
         cos, sin = rope_tables(cfg.rope_local_theta, cfg.head_dim, None, cfg.max_seq_len)
         self.rope_local_cos, self.rope_local_sin = cos.to(device), sin.to(device)
 
-    def pages(self) -> list[tuple[str, list[str]]]:
-        """(page name, parameter names) in execution order: embed, block.0 …, head."""
-        head = ["norm.weight"] + ([] if self.config.tie_embeddings else ["output.weight"])
-        blocks = [(f"block.{i}", [f"layers.{i}.{n}" for n, _ in layer.named_parameters()])
-                  for i, layer in enumerate(self.layers)]
-        return [("embed", ["tok_embeddings.weight"]), *blocks, ("head", head)]
-
     def forward(self, idx: Tensor, step: Step, last: Tensor | None = None) -> Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab), or (B, vocab) at positions `last` (B,) if given."""
-        hook = self.page_hook
-        if hook:
-            hook(0)
-        x = self.tok_embeddings(idx)                                              # (B, T, dim)
+        x = self.embed(idx)                                                       # (B, T, dim)
         x = x * torch.tensor(self.config.dim ** 0.5, dtype=x.dtype)             # rounded to x's dtype, as HF does
         tables = {}
         for window in set(self.config.windows):
             cos, sin = (self.rope_cos, self.rope_sin) if window is None else (self.rope_local_cos, self.rope_local_sin)
             tables[window] = (cos[step.input_pos].to(x.dtype)[:, :, None], sin[step.input_pos].to(x.dtype)[:, :, None])
         for i, layer in enumerate(self.layers):
-            if hook:
-                hook(1 + i)
+            if self.page_hook:
+                self.page_hook(1 + i)
             x = layer(x, *tables[self.config.windows[i]], step)                  # cos, sin (B, T, 1, hd)
-        if last is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last]               # (B, dim)
-        if hook:
-            if self.config.tie_embeddings:
-                hook(0)  # the head reads the embedding page's matrix
-            hook(len(self.layers) + 1)
-        logits = self.output(self.norm(x))
+        logits = self.head(x, last, len(self.layers) + 1)
         cap = self.config.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-_HF_RULES = [
-    (r"^tok_embeddings\.", "model.embed_tokens."),
-    (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
-    (r"^layers\.(\d+)\.attention\.([qk]_norm)\.", r"model.layers.\1.self_attn.\2."),
-    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
-    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+_HF_RULES = [   # Gemma's norms around attention and MLP; the rest as in Llama's checkpoints
     (r"^layers\.(\d+)\.post_attention_norm\.", r"model.layers.\1.post_attention_layernorm."),
     (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.pre_feedforward_layernorm."),
     (r"^layers\.(\d+)\.post_ffn_norm\.", r"model.layers.\1.post_feedforward_layernorm."),
-    (r"^norm\.", "model.norm."),
-    (r"^output\.", "lm_head."),
+    *llama.HF_RULES,
 ]
 
 

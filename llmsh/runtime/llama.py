@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,8 @@ from torch import Tensor, nn
 
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
-from llmsh.runtime.layers import Linear, TiedEmbedding
+from llmsh.runtime.layers import Linear
+from llmsh.runtime.stack import DecoderStack
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope", "factors")  # factors: per-frequency divisors, as GGUF files store llama3
@@ -222,8 +222,8 @@ class Attention(nn.Module):
         self.wqkv = Linear(cfg.dim, (cfg.n_head + 2 * n_kv_head) * head_dim, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.n_head * head_dim, cfg.dim, bias=cfg.o_bias)
         self.rotary_dim = cfg.rotary_dim
-        self.q_norm = RMSNorm(head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm: nn.Module | None = RMSNorm(head_dim, cfg.norm_eps) if cfg.qk_norm else None   # (Gemma's: 1 + w)
+        self.k_norm: nn.Module | None = RMSNorm(head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
         B, T, _ = x.shape
@@ -239,8 +239,12 @@ class Attention(nn.Module):
             qk = torch.cat((apply_rope(qk[..., :r], cos, sin), qk[..., r:]), dim=-1)
         q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)      # (B, nh, T, hd), (B, n_kv, T, hd)
         k, v = step.update(self.layer, k, qkv[:, :, nqk:].transpose(1, 2))       # (B, n_kv, L, hd)
-        y = attend(q, k, v, step, self.window)                                     # (B, nh, T, hd)
+        y = self.attend(q, k, v, step)                                             # (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, nh * self.head_dim))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        """softmax(q k^T / sqrt(hd) + mask) v over the cache (Gemma's attention overrides this)."""
+        return attend(q, k, v, step, self.window)
 
 
 class FeedForward(nn.Module):
@@ -272,59 +276,33 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(DecoderStack):
     """Embedding, blocks, final norm and output head; `forward(idx, step)` -> logits."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        # tied: one (dim, vocab) matrix that is both the lookup table and the head's (in, out) weight
-        self.tok_embeddings = TiedEmbedding(cfg.vocab_size, cfg.dim) if cfg.tie_embeddings else \
-            nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.page_hook: Callable[[int], None] | None = None
+        super().__init__(cfg, (Block(cfg, i) for i in range(cfg.n_layer)), RMSNorm(cfg.dim, cfg.norm_eps))
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)    # signed: see rope_tables
 
     def setup(self, device: torch.device | str) -> None:
         """After weights are assigned: tie the head if configured and build the RoPE tables on device."""
-        if self.config.tie_embeddings:
-            assert isinstance(self.tok_embeddings, TiedEmbedding)           # built so in __init__ when tied
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_head()
         cos, sin = model_rope_tables(self.config)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
-    def pages(self) -> list[tuple[str, list[str]]]:
-        """(page name, parameter names) in execution order: embed, block.0 …, head."""
-        head = ["norm.weight"] + ([] if self.config.tie_embeddings else ["output.weight"])
-        blocks = [(f"block.{i}", [f"layers.{i}.{n}" for n, _ in layer.named_parameters()])
-                  for i, layer in enumerate(self.layers)]
-        return [("embed", ["tok_embeddings.weight"]), *blocks, ("head", head)]
-
     def forward(self, idx: Tensor, step: Step, last: Tensor | None = None) -> Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab), or (B, vocab) at positions `last` (B,) if given."""
-        hook = self.page_hook
-        if hook:
-            hook(0)
-        x = self.tok_embeddings(idx)                                              # (B, T, dim)
+        x = self.embed(idx)                                                       # (B, T, dim)
         cos = self.rope_cos[step.input_pos].to(x.dtype)[:, :, None]               # (B, T, 1, hd)
         sin = self.rope_sin[step.input_pos].to(x.dtype)[:, :, None]
         for i, layer in enumerate(self.layers):
-            if hook:
-                hook(1 + i)
+            if self.page_hook:
+                self.page_hook(1 + i)
             x = layer(x, cos, sin, step)
-        if last is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last]               # (B, dim)
-        if hook:
-            if self.config.tie_embeddings:
-                hook(0)  # the head reads the embedding page's matrix
-            hook(len(self.layers) + 1)
-        return self.output(self.norm(x))
+        return self.head(x, last, len(self.layers) + 1)
 
 
-_HF_RULES = [
+HF_RULES = [                   # (pattern, replacement) on our names; the first that matches
     (r"^tok_embeddings\.", "model.embed_tokens."),
     (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
     (r"^layers\.(\d+)\.attention\.([qk]_norm)\.", r"model.layers.\1.self_attn.\2."),
@@ -348,7 +326,7 @@ def hf_keys(name: str, cfg: LlamaConfig) -> list[str]:
     """Load hook: candidate Hugging Face keys for our parameter `name` (tied heads read the embedding)."""
     if name == "output.weight" and cfg.tie_embeddings:
         return ["model.embed_tokens.weight", "lm_head.weight"]
-    for pattern, repl in (_PHI3_RULES if cfg.fused_checkpoint else []) + _HF_RULES:
+    for pattern, repl in (_PHI3_RULES if cfg.fused_checkpoint else []) + HF_RULES:
         if re.match(pattern, name):
             return [re.sub(pattern, repl, name)]
     return [name]

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from llmsh.runtime import llama
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step
-from llmsh.runtime.layers import Linear, TiedEmbedding
+from llmsh.runtime.layers import Linear
+from llmsh.runtime.stack import DecoderStack
 
 MODEL_TYPES = ("mixtral", "qwen3_moe")
 
@@ -132,18 +133,11 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(DecoderStack):
     """Embedding, blocks, final norm and output head; `forward(idx, step)` -> logits."""
 
     def __init__(self, cfg: MoEConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.tok_embeddings = TiedEmbedding(cfg.vocab_size, cfg.dim) if cfg.tie_embeddings else \
-            nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm = llama.RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.page_hook: Callable[[int], None] | None = None
+        super().__init__(cfg, (Block(cfg, i) for i in range(cfg.n_layer)), llama.RMSNorm(cfg.dim, cfg.norm_eps))
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         # page indices (see pages()): block i's own page, and each of its experts' pages
@@ -158,9 +152,7 @@ class Transformer(nn.Module):
 
     def setup(self, device: torch.device | str) -> None:
         """After weights are assigned: tie the head if configured and build the RoPE tables on device."""
-        if self.config.tie_embeddings:
-            assert isinstance(self.tok_embeddings, TiedEmbedding)           # built so in __init__ when tied
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_head()
         cos, sin = llama.model_rope_tables(self.config)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
@@ -169,7 +161,6 @@ class Transformer(nn.Module):
         one page per expert ('block.i.expert.j'), then head. Experts run only when chosen, so their pages are
         visited out of this order: `on_demand_pages` names them for the pager (never prefetched in order, evicted
         least recently used first)."""
-        head = ["norm.weight"] + ([] if self.config.tie_embeddings else ["output.weight"])
         pages: list[tuple[str, list[str]]] = [("embed", ["tok_embeddings.weight"])]
         for i, layer in enumerate(self.layers):
             own = [f"layers.{i}.{n}" for n, _ in layer.named_parameters() if ".experts." not in f".{n}"]
@@ -177,14 +168,12 @@ class Transformer(nn.Module):
             for j, expert in enumerate(getattr(layer.feed_forward, "experts", [])):
                 pages.append((f"block.{i}.expert.{j}",
                               [f"layers.{i}.feed_forward.experts.{j}.{n}" for n, _ in expert.named_parameters()]))
-        return [*pages, ("head", head)]
+        return [*pages, ("head", self.head_params())]
 
     def forward(self, idx: Tensor, step: Step, last: Tensor | None = None) -> Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab), or (B, vocab) at positions `last` (B,) if given."""
         hook = self.page_hook
-        if hook:
-            hook(0)
-        x = self.tok_embeddings(idx)                                              # (B, T, dim)
+        x = self.embed(idx)                                                       # (B, T, dim)
         cos = self.rope_cos[step.input_pos].to(x.dtype)[:, :, None]               # (B, T, 1, hd)
         sin = self.rope_sin[step.input_pos].to(x.dtype)[:, :, None]
         for i, layer in enumerate(self.layers):
@@ -193,13 +182,7 @@ class Transformer(nn.Module):
                 hook(self.block_page[i])
                 on_expert = functools.partial(_page_expert, hook, self.expert_pages[i])
             x = layer(x, cos, sin, step, on_expert)
-        if last is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last]               # (B, dim)
-        if hook:
-            if self.config.tie_embeddings:
-                hook(0)  # the head reads the embedding page's matrix
-            hook(self.block_page[-1] + len(self.expert_pages[-1]) + 1)
-        return self.output(self.norm(x))
+        return self.head(x, last, self.block_page[-1] + len(self.expert_pages[-1]) + 1)
 
 
 _EXPERT_PARTS = {"mixtral": {"1": "w1", "2": "w2", "3": "w3"},

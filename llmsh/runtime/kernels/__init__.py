@@ -50,14 +50,14 @@ SIGNATURES = {
     "lm_qk_norm": [_P, _L, _L, _L, _L, _L, _P, _P, _I, _F, _I],
     "lm_rmsnorm_plus_one": [_P, _L, _L, _P, _I, _F, _P],
     "lm_attention_softcap": [_P, _L, _L, _L, _L, _P, _P, _I, _L, _P, _P, _L, _F, _F, _P, _P, _I],
-    "lm_gemma_layers": [_P, _P, _L, _P],
     "lm_attention_half": [_P, _P, _P, _P],
     "lm_route": [_P, _L, _L, _P, _L, _L, _I, _I, _I, _P, _P, _P],
     "lm_expert": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _I, _P, _P, _I],
     "lm_rope_partial": [_P, _L, _L, _L, _L, _L, _P, _P, _P],
     "lm_bf16_dot": [],
+    "lm_moe_layers": [_P, _P, _P, _L, _P, _P],
 }
-RESTYPES = {"lm_scratch_floats": _L, "lm_bf16_dot": _I}
+RESTYPES = {"lm_scratch_floats": _L, "lm_bf16_dot": _I, "lm_moe_layers": _I}
 
 
 class Layer(ctypes.Structure):
@@ -76,7 +76,8 @@ class Step(ctypes.Structure):
 
     _fields_ = [(name, _L) for name in ("M", "dim", "n_head", "n_kv", "head_dim", "hidden", "max_seq")] + \
         [(name, _I) for name in ("is_bf16", "is_gpt2", "exact_gelu", "n_threads")] + [("eps", _F)] + \
-        [(name, _P) for name in ("rope_cos", "rope_sin", "pos", "slots", "scratch")] + [("rotary_dim", _L)]
+        [(name, _P) for name in ("rope_cos", "rope_sin", "pos", "slots", "scratch")] + [("rotary_dim", _L)] + \
+        [("gemma", _I)]
 
 
 def compiler() -> str | None:

@@ -5,13 +5,16 @@
  * GEMV reaches ~0.7 of the copy bandwidth on CPUs without native bf16 (it widens through a slow generic path).
  * These kernels are C built for the machine it runs on (-O3 -march=native): GCC vector extensions for the matrix
  * products, loops the compiler vectorises for the rest, OpenMP threads where the compiler has it. Activations stay
- * float32; weights and the KV cache are float32 or bfloat16 as loaded, in the runtime's own layouts: weights
- * (in, out) row-major, KV cache (max_batch, n_kv_head, max_seq_len, head_dim).
+ * float32 (bf16 matrix products of several rows round their input to bf16 on CPUs with bf16 dot products, as
+ * torch does); weights and the KV cache are float32 or bfloat16 as loaded, in the runtime's own layouts: weights
+ * (in, out) row-major, KV cache (max_batch, n_kv_head, max_seq_len, head_dim). The instruction set is chosen when
+ * the file is compiled on the user's machine (-march=native): AVX512_BF16 dot products, AVX-512, AVX2 or NEON.
  *
  * Contents: one-row GEMV, several-row GEMM, lm_linear (threads over columns); exp, SiLU, GELU; RMSNorm, LayerNorm;
- * RoPE; attention with the KV-cache write; lm_layers, which runs whole Llama or GPT-2 layers in one call. At the
- * end, in functions of their own: the newer families' extras (q/k head norms, partial RoPE), lm_gemma_layers for
- * Gemma 2/3, and the two halves of a mixture-of-experts layer (lm_attention_half, lm_expert).
+ * RoPE; attention (soft-capped or not) with the KV-cache write; lm_layers, which runs whole layers of every dense
+ * family in one call (GPT-2, the Llama family with Qwen3's q/k norms and Phi-4's partial RoPE, Gemma 2/3 with its
+ * (1 + w) norms, post norms and GeGLU); and the pieces of a mixture-of-experts layer (lm_attention_half, lm_route,
+ * lm_expert).
  */
 #include <math.h>
 #ifdef _OPENMP
@@ -422,6 +425,9 @@ static inline float exp_approx(float x) {
     return p * scale.f;
 }
 
+/* tanh(z) = 1 - 2 / (e^2z + 1) through exp_approx, so that loops over it vectorise (libm's tanhf is a scalar call) */
+static inline float tanh_approx(float z) { return 1.0f - 2.0f / (exp_approx(2.0f * z) + 1.0f); }
+
 /* out[m, i] = silu(gate[m, i]) * up[m, i] for rows gu[m] = gate (F) | up (F) (the fused w13's output) */
 void lm_silu_mul(const float *restrict gu, long M, long F, float *restrict out) {
     for (long m = 0; m < M; m++) {
@@ -438,22 +444,24 @@ void lm_gelu(float *restrict x, long n, int exact) {
         return;
     }
     for (long i = 0; i < n; i++) {
-        float z = 0.7978845608f * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
-        float t = 1.0f - 2.0f / (exp_approx(2.0f * z) + 1.0f);     /* tanh(z) */
-        x[i] = 0.5f * x[i] * (1.0f + t);
+        x[i] = 0.5f * x[i] * (1.0f + tanh_approx(0.7978845608f * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
     }
 }
 
 /* ---- norms (one row of D per token; weight and bias in the model's dtype) ------------------------------------ */
 
+/* 1 / rms(x[0:D]), the scale of every RMSNorm here */
+static inline float inv_rms(const float *restrict x, long D, float eps) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (long i = 0; i < D; i++) ss += x[i] * x[i];
+    return 1.0f / sqrtf(ss / D + eps);
+}
+
 void lm_rmsnorm(const float *restrict x, long M, long D, const void *w, int is_bf16, float eps, float *restrict y) {
     for (long m = 0; m < M; m++) {
-        const float *xr = x + m * D;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (long i = 0; i < D; i++) ss += xr[i] * xr[i];
-        float inv = 1.0f / sqrtf(ss / D + eps);
-        for (long i = 0; i < D; i++) y[m * D + i] = xr[i] * inv * load(w, i, is_bf16);
+        float inv = inv_rms(x + m * D, D, eps);
+        for (long i = 0; i < D; i++) y[m * D + i] = x[m * D + i] * inv * load(w, i, is_bf16);
     }
 }
 
@@ -474,21 +482,27 @@ void lm_layernorm(const float *restrict x, long M, long D, const void *w, const 
 
 /* ---- attention ------------------------------------------------------------------------------------------------ */
 
+/* RoPE on the first `rot` dims of each head (tables (max_seq, rot)); the other hd - rot dims pass unchanged. */
+void lm_rope_partial(float *x, long M, long stride, long n_heads, long hd, long rot, const float *cos,
+                     const float *sin, const int64_t *pos) {
+    float tmp[512];
+    long half = rot / 2;
+    for (long m = 0; m < M; m++) {
+        const float *c = cos + pos[m] * rot, *s = sin + pos[m] * rot;
+        for (long h = 0; h < n_heads; h++) {
+            float *v = x + m * stride + h * hd;
+            memcpy(tmp, v, sizeof(float) * rot);
+            for (long d = 0; d < half; d++) v[d] = tmp[d] * c[d] + tmp[d + half] * s[d];
+            for (long d = half; d < rot; d++) v[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
+        }
+    }
+}
+
 /* RoPE in place on the first n_heads heads of each row of x (rows stride apart): x*cos + roll(x, hd/2)*sin, with
  * the runtime's signed-sin table (llama.rope_tables), rows of the (max_seq, hd) float32 tables picked by pos[m]. */
 void lm_rope(float *x, long M, long stride, long n_heads, long hd, const float *cos, const float *sin,
              const int64_t *pos) {
-    float tmp[512];
-    long half = hd / 2;
-    for (long m = 0; m < M; m++) {
-        const float *c = cos + pos[m] * hd, *s = sin + pos[m] * hd;
-        for (long h = 0; h < n_heads; h++) {
-            float *v = x + m * stride + h * hd;
-            memcpy(tmp, v, sizeof(float) * hd);
-            for (long d = 0; d < half; d++) v[d] = tmp[d] * c[d] + tmp[d + half] * s[d];
-            for (long d = half; d < hd; d++) v[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
-        }
-    }
+    lm_rope_partial(x, M, stride, n_heads, hd, hd, cos, sin, pos);
 }
 
 /* Lane i of the result = the sum of a[i]'s 16 lanes: a transpose-and-add tree, 15 adds and 30 shuffles for 16 sums
@@ -528,11 +542,16 @@ static inline float softmax_in_place(float *restrict s, long n) {
  * the compiler unrolls. Per-position horizontal sums and o's loads and stores had made this ~40 ns per position and
  * head at position 143 in bf16 (0.47 ms of a 22 ms Llama-110M bf16 step at position 80, growing with the context);
  * now 10-17 ns (float32: 23 -> 8 ns). Other head sizes take plain loops. */
+/* Gemma 2's attention-logit soft cap, in place: s = cap * tanh(s / cap) */
+static inline void softcap_in_place(float *restrict s, long n, float cap) {
+    for (long j = 0; j < n; j++) s[j] = cap * tanh_approx(s[j] / cap);
+}
+
 #define MAX_VEC_HD 256
 #define DEFINE_ATTEND_HEAD(name, T, vload, cvt)                                                               \
     static inline __attribute__((always_inline)) void name##_vec(                                            \
         const float *restrict q, const T *restrict K, const T *restrict V, long lo, long p, long nc,           \
-        float scale, float *restrict scores, float *restrict o) {                                             \
+        float scale, float cap, float *restrict scores, float *restrict o) {                                  \
         long hd = nc * VL;                                                                                    \
         vf qv[MAX_VEC_HD / VL], acc[MAX_VEC_HD / VL];                                                         \
         for (long c = 0; c < nc; c++) qv[c] = vload_f32(q + c * VL) * scale;                                  \
@@ -548,6 +567,7 @@ static inline float softmax_in_place(float *restrict s, long n) {
             vf s = sum_lanes16(part);                                                                         \
             memcpy(scores + j0, &s, sizeof(float) * nj);                                                      \
         }                                                                                                     \
+        if (cap > 0) softcap_in_place(scores + lo, p + 1 - lo, cap);                                          \
         float inv = softmax_in_place(scores + lo, p + 1 - lo);                                                \
         for (long c = 0; c < nc; c++) acc[c] = (vf){0};                                                       \
         for (long j = lo; j <= p; j++) {                                                                      \
@@ -557,15 +577,15 @@ static inline float softmax_in_place(float *restrict s, long n) {
         for (long c = 0; c < nc; c++) *(vf *)(o + c * VL) = acc[c];                                           \
     }                                                                                                         \
     static void name(const float *restrict q, const T *restrict K, const T *restrict V, long lo, long p,       \
-                     long hd, float scale, float *restrict scores, float *restrict o) {                        \
+                     long hd, float scale, float cap, float *restrict scores, float *restrict o) {             \
         if (hd % VL == 0 && hd <= MAX_VEC_HD) {                                                               \
             long nc = hd / VL;                                                                                \
             if (nc == 4)                                                                                      \
-                name##_vec(q, K, V, lo, p, 4, scale, scores, o);                                              \
+                name##_vec(q, K, V, lo, p, 4, scale, cap, scores, o);                                         \
             else if (nc == 8)                                                                                 \
-                name##_vec(q, K, V, lo, p, 8, scale, scores, o);                                              \
+                name##_vec(q, K, V, lo, p, 8, scale, cap, scores, o);                                         \
             else                                                                                              \
-                name##_vec(q, K, V, lo, p, nc, scale, scores, o);                                             \
+                name##_vec(q, K, V, lo, p, nc, scale, cap, scores, o);                                        \
             return;                                                                                           \
         }                                                                                                     \
         for (long j = lo; j <= p; j++) {                                                                      \
@@ -573,6 +593,7 @@ static inline float softmax_in_place(float *restrict s, long n) {
             _Pragma("omp simd reduction(+ : s)") for (long d = 0; d < hd; d++) s += q[d] * cvt(K[j * hd + d]); \
             scores[j] = s * scale;                                                                            \
         }                                                                                                     \
+        if (cap > 0) softcap_in_place(scores + lo, p + 1 - lo, cap);                                          \
         float inv = softmax_in_place(scores + lo, p + 1 - lo);                                                \
         memset(o, 0, sizeof(float) * hd);                                                                     \
         for (long j = lo; j <= p; j++) {                                                                      \
@@ -588,9 +609,9 @@ DEFINE_ATTEND_HEAD(attend_head_bf16, bf16, vload_bf16, bf16_to_f32)
  * over cache positions lo..pos[m] (lo > 0 under a sliding window: j > pos - window) of its kv group. qkv rows are
  * q heads | k heads | v heads, (n_head + 2 n_kv) * hd floats; out rows n_head * hd; scores: n_threads x max_seq
  * floats. Threads share out the (row, head) pairs. */
-void lm_attention(const float *qkv, long M, long n_head, long n_kv, long hd, void *k_cache, void *v_cache,
-                  int is_bf16, long max_seq, const int64_t *slots, const int64_t *pos, long window, float scale,
-                  float *restrict scores, float *restrict out, int n_threads) {
+static void attention(const float *qkv, long M, long n_head, long n_kv, long hd, void *k_cache, void *v_cache,
+                      int is_bf16, long max_seq, const int64_t *slots, const int64_t *pos, long window, float scale,
+                      float cap, float *restrict scores, float *restrict out, int n_threads) {
     long stride = (n_head + 2 * n_kv) * hd, rep = n_head / n_kv;
     for (long m = 0; m < M; m++) {                         /* this step's keys and values first: all heads read them */
         const float *k_new = qkv + m * stride + n_head * hd, *v_new = k_new + n_kv * hd;
@@ -623,12 +644,27 @@ void lm_attention(const float *qkv, long M, long n_head, long n_kv, long hd, voi
             float *o = out + m * n_head * hd + h * hd;
             if (is_bf16)
                 attend_head_bf16(q, (const bf16 *)k_cache + base, (const bf16 *)v_cache + base, lo, p, hd, scale,
-                                 my_scores, o);
+                                 cap, my_scores, o);
             else
                 attend_head_f32(q, (const float *)k_cache + base, (const float *)v_cache + base, lo, p, hd, scale,
-                                my_scores, o);
+                                cap, my_scores, o);
         }
     }
+}
+
+void lm_attention(const float *qkv, long M, long n_head, long n_kv, long hd, void *k_cache, void *v_cache,
+                  int is_bf16, long max_seq, const int64_t *slots, const int64_t *pos, long window, float scale,
+                  float *restrict scores, float *restrict out, int n_threads) {
+    attention(qkv, M, n_head, n_kv, hd, k_cache, v_cache, is_bf16, max_seq, slots, pos, window, scale, 0.0f, scores,
+              out, n_threads);
+}
+
+/* lm_attention with Gemma 2's soft-capped logits: cap * tanh(scale q.k / cap), then softmax and the sum of V */
+void lm_attention_softcap(const float *qkv, long M, long n_head, long n_kv, long hd, void *k_cache, void *v_cache,
+                          int is_bf16, long max_seq, const int64_t *slots, const int64_t *pos, long window,
+                          float scale, float cap, float *restrict scores, float *restrict out, int n_threads) {
+    attention(qkv, M, n_head, n_kv, hd, k_cache, v_cache, is_bf16, max_seq, slots, pos, window, scale, cap, scores,
+              out, n_threads);
 }
 
 /* ---- whole layers ---------------------------------------------------------------------------------------------
@@ -649,13 +685,14 @@ typedef struct {                           /* one layer's parameters (model dtyp
 
 typedef struct {                           /* what every layer of the step shares */
     long M, dim, n_head, n_kv, head_dim, hidden, max_seq;
-    int is_bf16, is_gpt2, exact_gelu;      /* gpt2: LayerNorm, no RoPE, gelu MLP; else RMSNorm, RoPE, SwiGLU */
+    int is_bf16, is_gpt2, exact_gelu;      /* gpt2: LayerNorm, no RoPE, gelu MLP; else RMSNorm, RoPE, gated MLP */
     int n_threads;
     float eps;
     const float *rope_cos, *rope_sin;
     const int64_t *pos, *slots;
     float *scratch;                        /* lm_scratch_floats() floats */
     long rotary_dim;                       /* RoPE on the first rotary_dim of each head (Phi-4); 0: all of it */
+    int gemma;                             /* Gemma: RMSNorm gains (1 + w), GeGLU (tanh GELU) instead of SwiGLU */
 } lm_step;
 
 long lm_scratch_floats(long M, long dim, long n_head, long n_kv, long head_dim, long hidden, long max_seq,
@@ -671,210 +708,118 @@ void lm_qk_norm(float *qkv, long M, long stride, long n_head, long n_kv, long hd
                 int is_bf16, float eps, int plus_one) {
     for (long m = 0; m < M; m++)
         for (long h = 0; h < n_head + n_kv; h++) {
-            float *v = qkv + m * stride + h * hd, ss = 0.0f;
+            float *v = qkv + m * stride + h * hd, inv = inv_rms(v, hd, eps);
             const void *w = h < n_head ? q_w : k_w;
-#pragma omp simd reduction(+ : ss)
-            for (long d = 0; d < hd; d++) ss += v[d] * v[d];
-            float inv = 1.0f / sqrtf(ss / hd + eps);
             for (long d = 0; d < hd; d++) v[d] = v[d] * inv * (load(w, d, is_bf16) + (plus_one ? 1.0f : 0.0f));
         }
 }
 
-/* RoPE on the first `rot` dims of each head (tables (max_seq, rot)); the other hd - rot dims pass unchanged. */
-void lm_rope_partial(float *x, long M, long stride, long n_heads, long hd, long rot, const float *cos,
-                     const float *sin, const int64_t *pos) {
-    float tmp[512];
-    long half = rot / 2;
+/* y = x / rms(x) * (1 + w) over M rows of D (Gemma's RMSNorm: it stores the gain as an offset from 1) */
+void lm_rmsnorm_plus_one(const float *x, long M, long D, const void *w, int is_bf16, float eps, float *y) {
     for (long m = 0; m < M; m++) {
-        const float *c = cos + pos[m] * rot, *s = sin + pos[m] * rot;
-        for (long h = 0; h < n_heads; h++) {
-            float *v = x + m * stride + h * hd;
-            memcpy(tmp, v, sizeof(float) * rot);
-            for (long d = 0; d < half; d++) v[d] = tmp[d] * c[d] + tmp[d + half] * s[d];
-            for (long d = half; d < rot; d++) v[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
-        }
+        float inv = inv_rms(x + m * D, D, eps);
+        for (long i = 0; i < D; i++) y[m * D + i] = x[m * D + i] * inv * (1.0f + load(w, i, is_bf16));
     }
 }
 
-static void rope_heads(const lm_step *s, float *qkv, long stride, long n_heads) {
-    if (s->rotary_dim > 0 && s->rotary_dim < s->head_dim)
-        lm_rope_partial(qkv, s->M, stride, n_heads, s->head_dim, s->rotary_dim, s->rope_cos, s->rope_sin, s->pos);
-    else
-        lm_rope(qkv, s->M, stride, n_heads, s->head_dim, s->rope_cos, s->rope_sin, s->pos);
+/* x += y / rms(y) * (1 + w), row by row (Gemma's norm of a half's output before the residual add) */
+static void add_normed(float *restrict x, const float *restrict y, long M, long D, const void *w, int is_bf16,
+                       float eps) {
+    for (long m = 0; m < M; m++) {
+        float inv = inv_rms(y + m * D, D, eps);
+        for (long i = 0; i < D; i++) x[m * D + i] += y[m * D + i] * inv * (1.0f + load(w, i, is_bf16));
+    }
+}
+
+/* out = gelu_tanh(gate) * up over M rows of gate | up (2F floats each): Gemma's GeGLU */
+static void gelu_mul(const float *restrict gu, long M, long F, float *restrict out) {
+    for (long m = 0; m < M; m++) {
+        const float *g = gu + m * 2 * F, *u = g + F;
+        float *o = out + m * F;
+        for (long i = 0; i < F; i++)
+            o[i] = 0.5f * g[i] * (1.0f + tanh_approx(0.7978845608f * (g[i] + 0.044715f * g[i] * g[i] * g[i]))) * u[i];
+    }
 }
 
 static void norm(const lm_step *s, const float *x, const void *w, const void *b, float *y) {
     if (s->is_gpt2)
         lm_layernorm(x, s->M, s->dim, w, b, s->is_bf16, s->eps, y);
+    else if (s->gemma)
+        lm_rmsnorm_plus_one(x, s->M, s->dim, w, s->is_bf16, s->eps, y);
     else
         lm_rmsnorm(x, s->M, s->dim, w, s->is_bf16, s->eps, y);
 }
 
-/* x (M, dim) float32, updated in place: x += attention(norm1(x)); x += mlp(norm2(x)) for each of the n layers */
+/* RoPE on the q and k heads: the layer's own tables (Gemma 3's local layers) or the step's, partial (Phi-4) or not */
+static void rope_heads(const lm_step *s, const lm_layer *l, float *qkv, long stride, long n_heads) {
+    const float *cos = l->rope_cos ? l->rope_cos : s->rope_cos, *sin = l->rope_sin ? l->rope_sin : s->rope_sin;
+    if (s->rotary_dim > 0 && s->rotary_dim < s->head_dim)
+        lm_rope_partial(qkv, s->M, stride, n_heads, s->head_dim, s->rotary_dim, cos, sin, s->pos);
+    else
+        lm_rope(qkv, s->M, stride, n_heads, s->head_dim, cos, sin, s->pos);
+}
+
+/* y = w2 applied to src (M rows of `in` floats), added to x: straight in (x += w2 src), or through the layer's post
+ * norm first (Gemma: x += norm(w2 src), h as the product's scratch) */
+static void project_add(const lm_step *s, const float *src, long in, const void *w, const void *b, const void *post,
+                        float *x, float *h) {
+    if (post) {
+        lm_linear(src, s->M, in, w, s->dim, b, s->is_bf16, 0, h, s->n_threads);
+        add_normed(x, h, s->M, s->dim, post, s->is_bf16, s->eps);
+    } else {
+        lm_linear(src, s->M, in, w, s->dim, b, s->is_bf16, 1, x, s->n_threads);
+    }
+}
+
+/* Scratch (lm_scratch_floats) as h (M, dim) | qkv | attention out | gate|up (M, 2 hidden) | act (M, hidden) | scores */
+typedef struct { float *h, *qkv, *att, *up, *act, *scores; } scratch_parts;
+static scratch_parts parts_of(const lm_step *s) {
+    scratch_parts p;
+    long M = s->M, hd = s->head_dim;
+    p.h = s->scratch;
+    p.qkv = p.h + M * s->dim;
+    p.att = p.qkv + M * (s->n_head + 2 * s->n_kv) * hd;
+    p.up = p.att + M * s->n_head * hd;
+    p.act = p.up + M * 2 * s->hidden;
+    p.scores = p.act + M * s->hidden;
+    return p;
+}
+
+/* x += attention(norm1(x)) (Gemma: post-normed): q/k head norms (Qwen3, Gemma 3), RoPE, soft-capped logits (Gemma 2) */
+static void attention_half(float *x, const lm_layer *l, const lm_step *s) {
+    long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, qkv_width = (nh + 2 * nkv) * hd;
+    scratch_parts p = parts_of(s);
+    norm(s, x, l->norm1, l->norm1_bias, p.h);
+    lm_linear(p.h, M, D, l->w_qkv, qkv_width, l->b_qkv, s->is_bf16, 0, p.qkv, s->n_threads);
+    if (l->q_norm) lm_qk_norm(p.qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, s->is_bf16, s->eps, s->gemma);
+    if (!s->is_gpt2) rope_heads(s, l, p.qkv, qkv_width, nh + nkv);
+    attention(p.qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, s->is_bf16, s->max_seq, s->slots, s->pos, l->window,
+              l->attn_scale, l->softcap, p.scores, p.att, s->n_threads);
+    project_add(s, p.att, nh * hd, l->w_o, l->b_o, l->post_norm1, x, p.h);
+}
+
+/* x += mlp(norm2(x)) (Gemma: post-normed): GPT-2's gelu MLP, SwiGLU, or Gemma's GeGLU */
+static void mlp_half(float *x, const lm_layer *l, const lm_step *s) {
+    long M = s->M, D = s->dim, F = s->hidden;
+    scratch_parts p = parts_of(s);
+    norm(s, x, l->norm2, l->norm2_bias, p.h);
+    if (s->is_gpt2) {
+        lm_linear(p.h, M, D, l->w_up, F, l->b_up, s->is_bf16, 0, p.act, s->n_threads);
+        lm_gelu(p.act, M * F, s->exact_gelu);
+    } else {
+        lm_linear(p.h, M, D, l->w_up, 2 * F, l->b_up, s->is_bf16, 0, p.up, s->n_threads);
+        (s->gemma ? gelu_mul : lm_silu_mul)(p.up, M, F, p.act);
+    }
+    project_add(s, p.act, F, l->w_down, l->b_down, l->post_norm2, x, p.h);
+}
+
+/* x (M, dim) float32, updated in place: x += attention(norm1(x)); x += mlp(norm2(x)) for each of the n layers of any
+ * dense family: GPT-2, the Llama family (Qwen3's q/k norms, Phi-4's partial RoPE), Gemma 2/3 (s->gemma, the post
+ * norms and soft caps in each layer's struct) */
 void lm_layers(float *x, const lm_layer *layers, long n, const lm_step *s) {
-    long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, F = s->hidden;
-    long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16, nt = s->n_threads;
-    float *h = s->scratch, *qkv = h + M * D, *att = qkv + M * qkv_width, *up = att + M * nh * hd;
-    float *act = up + M * 2 * F, *scores = act + M * F;
     for (long i = 0; i < n; i++) {
-        const lm_layer *l = layers + i;
-        norm(s, x, l->norm1, l->norm1_bias, h);
-        lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv, nt);
-        if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 0);
-        if (!s->is_gpt2) rope_heads(s, qkv, qkv_width, nh + nkv);
-        lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
-                     l->attn_scale, scores, att, nt);
-        lm_linear(att, M, nh * hd, l->w_o, D, l->b_o, bf, 1, x, nt);
-        norm(s, x, l->norm2, l->norm2_bias, h);
-        if (s->is_gpt2) {
-            lm_linear(h, M, D, l->w_up, F, l->b_up, bf, 0, act, nt);
-            lm_gelu(act, M * F, s->exact_gelu);
-        } else {
-            lm_linear(h, M, D, l->w_up, 2 * F, l->b_up, bf, 0, up, nt);
-            lm_silu_mul(up, M, F, act);
-        }
-        lm_linear(act, M, F, l->w_down, D, l->b_down, bf, 1, x, nt);
-    }
-}
-
-/* ---- Gemma 2 / Gemma 3 layers ------------------------------------------------------------------------------------
- * Their own loop rather than switches in lm_layers: every norm has gain (1 + w), the attention and MLP outputs are
- * normed again before the residual add, the MLP is GeGLU, Gemma 2 soft-caps attention logits and Gemma 3 has q/k
- * norms and per-layer RoPE tables. The matrix products, RoPE and (uncapped) attention are the kernels above. */
-
-/* y = x / rms(x) * (1 + w) over M rows of D; y may be x */
-static void rmsnorm_plus_one(const float *x, long M, long D, const void *w, int is_bf16, float eps, float *y) {
-    for (long m = 0; m < M; m++) {
-        const float *xr = x + m * D;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (long i = 0; i < D; i++) ss += xr[i] * xr[i];
-        float inv = 1.0f / sqrtf(ss / D + eps);
-        for (long i = 0; i < D; i++) y[m * D + i] = xr[i] * inv * (1.0f + load(w, i, is_bf16));
-    }
-}
-
-void lm_rmsnorm_plus_one(const float *x, long M, long D, const void *w, int is_bf16, float eps, float *y) {
-    rmsnorm_plus_one(x, M, D, w, is_bf16, eps, y);
-}
-
-/* out = gelu_tanh(gate) * up over M rows of gate | up (2F floats each) */
-static void gelu_mul(const float *restrict gu, long M, long F, float *restrict out) {
-    for (long m = 0; m < M; m++) {
-        const float *g = gu + m * 2 * F, *u = g + F;
-        float *o = out + m * F;
-        for (long i = 0; i < F; i++) {
-            float z = 0.7978845608f * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
-            float t = 1.0f - 2.0f / (exp_approx(2.0f * z) + 1.0f);     /* tanh(z) */
-            o[i] = 0.5f * g[i] * (1.0f + t) * u[i];
-        }
-    }
-}
-
-/* lm_attention with soft-capped logits: cap * tanh(scale q.k / cap), then softmax and the weighted sum of V. Plain
- * loops (vectorised by the compiler): at decode contexts attention is a few percent of a step. */
-void lm_attention_softcap(const float *qkv, long M, long n_head, long n_kv, long hd, void *k_cache, void *v_cache,
-                          int is_bf16, long max_seq, const int64_t *slots, const int64_t *pos, long window,
-                          float scale, float cap, float *restrict scores, float *restrict out, int n_threads) {
-    long stride = (n_head + 2 * n_kv) * hd, rep = n_head / n_kv;
-    for (long m = 0; m < M; m++) {
-        const float *k_new = qkv + m * stride + n_head * hd, *v_new = k_new + n_kv * hd;
-        for (long g = 0; g < n_kv; g++) {
-            long at = ((slots[m] * n_kv + g) * max_seq + pos[m]) * hd;
-            for (long d = 0; d < hd; d++) {
-                if (is_bf16) {
-                    ((bf16 *)k_cache)[at + d] = f32_to_bf16(k_new[g * hd + d]);
-                    ((bf16 *)v_cache)[at + d] = f32_to_bf16(v_new[g * hd + d]);
-                } else {
-                    ((float *)k_cache)[at + d] = k_new[g * hd + d];
-                    ((float *)v_cache)[at + d] = v_new[g * hd + d];
-                }
-            }
-        }
-    }
-    int parts = n_threads < M * n_head ? n_threads : (int)(M * n_head);
-#pragma omp parallel num_threads(parts) if (parts > 1)
-    {
-        float *sc = scores;
-#ifdef _OPENMP
-        sc += omp_get_thread_num() * max_seq;
-#endif
-#pragma omp for schedule(static)
-        for (long mh = 0; mh < M * n_head; mh++) {
-            long m = mh / n_head, h = mh % n_head, p = pos[m];
-            long lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-            long base = (slots[m] * n_kv + h / rep) * max_seq * hd;
-            const float *q = qkv + m * stride + h * hd;
-            float *o = out + m * n_head * hd + h * hd;
-            for (long j = lo; j <= p; j++) {
-                float dot = 0.0f;
-                if (is_bf16) {
-                    const bf16 *k = (const bf16 *)k_cache + base + j * hd;
-#pragma omp simd reduction(+ : dot)
-                    for (long d = 0; d < hd; d++) dot += q[d] * bf16_to_f32(k[d]);
-                } else {
-                    const float *k = (const float *)k_cache + base + j * hd;
-#pragma omp simd reduction(+ : dot)
-                    for (long d = 0; d < hd; d++) dot += q[d] * k[d];
-                }
-                sc[j] = cap * tanhf(dot * scale / cap);
-            }
-            float inv = softmax_in_place(sc + lo, p + 1 - lo);
-            memset(o, 0, sizeof(float) * hd);
-            for (long j = lo; j <= p; j++) {
-                float wj = sc[j] * inv;
-                if (is_bf16) {
-                    const bf16 *v = (const bf16 *)v_cache + base + j * hd;
-                    for (long d = 0; d < hd; d++) o[d] += wj * bf16_to_f32(v[d]);
-                } else {
-                    const float *v = (const float *)v_cache + base + j * hd;
-                    for (long d = 0; d < hd; d++) o[d] += wj * v[d];
-                }
-            }
-        }
-    }
-}
-
-/* x += y / rms(y) * (1 + w), row by row (Gemma's post-norm before the residual add) */
-static void add_normed(float *restrict x, const float *restrict y, long M, long D, const void *w, int is_bf16,
-                       float eps) {
-    for (long m = 0; m < M; m++) {
-        const float *yr = y + m * D;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (long i = 0; i < D; i++) ss += yr[i] * yr[i];
-        float inv = 1.0f / sqrtf(ss / D + eps);
-        for (long i = 0; i < D; i++) x[m * D + i] += yr[i] * inv * (1.0f + load(w, i, is_bf16));
-    }
-}
-
-/* x (M, dim) float32, in place: x += post1(attention(norm1(x))); x += post2(geglu(norm2(x))) for each of n layers.
- * Scratch as lm_layers (lm_scratch_floats); h holds each half's output before its post-norm. */
-void lm_gemma_layers(float *x, const lm_layer *layers, long n, const lm_step *s) {
-    long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, F = s->hidden;
-    long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16, nt = s->n_threads;
-    float *h = s->scratch, *qkv = h + M * D, *att = qkv + M * qkv_width, *up = att + M * nh * hd;
-    float *act = up + M * 2 * F, *scores = act + M * F;
-    for (long i = 0; i < n; i++) {
-        const lm_layer *l = layers + i;
-        rmsnorm_plus_one(x, M, D, l->norm1, bf, s->eps, h);
-        lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv, nt);
-        if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 1);
-        lm_rope(qkv, M, qkv_width, nh + nkv, hd, l->rope_cos ? l->rope_cos : s->rope_cos,
-                l->rope_sin ? l->rope_sin : s->rope_sin, s->pos);
-        if (l->softcap > 0)
-            lm_attention_softcap(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos,
-                                 l->window, l->attn_scale, l->softcap, scores, att, nt);
-        else
-            lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
-                         l->attn_scale, scores, att, nt);
-        lm_linear(att, M, nh * hd, l->w_o, D, l->b_o, bf, 0, h, nt);
-        add_normed(x, h, M, D, l->post_norm1, bf, s->eps);
-        rmsnorm_plus_one(x, M, D, l->norm2, bf, s->eps, h);
-        lm_linear(h, M, D, l->w_up, 2 * F, l->b_up, bf, 0, up, nt);
-        gelu_mul(up, M, F, act);
-        lm_linear(act, M, F, l->w_down, D, l->b_down, bf, 0, h, nt);
-        add_normed(x, h, M, D, l->post_norm2, bf, s->eps);
+        attention_half(x, layers + i, s);
+        mlp_half(x, layers + i, s);
     }
 }
 
@@ -884,17 +829,7 @@ void lm_gemma_layers(float *x, const lm_layer *layers, long n, const lm_step *s)
 
 /* x += attention(norm1(x)) as in lm_layers, then h = norm2(x): the MLP's input, which the router reads too */
 void lm_attention_half(float *x, const lm_layer *l, const lm_step *s, float *h_out) {
-    long M = s->M, D = s->dim, nh = s->n_head, nkv = s->n_kv, hd = s->head_dim, F = s->hidden;
-    long qkv_width = (nh + 2 * nkv) * hd, bf = s->is_bf16, nt = s->n_threads;
-    float *h = s->scratch, *qkv = h + M * D, *att = qkv + M * qkv_width, *up = att + M * nh * hd;
-    float *act = up + M * 2 * F, *scores = act + M * F;
-    norm(s, x, l->norm1, l->norm1_bias, h);
-    lm_linear(h, M, D, l->w_qkv, qkv_width, l->b_qkv, bf, 0, qkv, nt);
-    if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 0);
-    rope_heads(s, qkv, qkv_width, nh + nkv);
-    lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
-                 l->attn_scale, scores, att, nt);
-    lm_linear(att, M, nh * hd, l->w_o, D, l->b_o, bf, 1, x, nt);
+    attention_half(x, l, s);
     norm(s, x, l->norm2, l->norm2_bias, h_out);
 }
 
@@ -935,4 +870,59 @@ void lm_expert(const float *h, long D, const int64_t *sel, long n, long k, const
     lm_linear(act, n, F, w2, D, NULL, is_bf16, 0, y, n_threads);
     for (long r = 0; r < n; r++)
         for (long i = 0; i < D; i++) x[sel[r] / k * D + i] += weights[sel[r]] * y[r * D + i];
+}
+
+/* One mixture-of-experts layer's MLP side: the router (gate (dim, n_experts)) and each expert's gate|up (dim, 2 F)
+ * and down (F, dim) matrices; gate NULL for a dense layer (Qwen3-MoE's mlp_only_layers: the lm_layer's w_up and
+ * w_down, hidden s->hidden). */
+typedef struct {
+    const void *gate;
+    const void *const *w13, *const *w2;    /* n_experts addresses each */
+} lm_moe;
+
+typedef struct {                           /* what every MoE layer of the step shares */
+    long n_experts, top_k, expert_size;
+    int norm_topk, round_bf16;             /* lm_route's norm and round_bf16 */
+} lm_moe_step;
+
+/* x (M, dim), in place, through n whole MoE layers without a page hook, one call a step as lm_layers: per layer
+ * lm_attention_half, lm_route, then each chosen expert in increasing order on the rows that chose it (the order
+ * the per-call path in fast_decode.py adds them in, so both give the same floats). Returns 0, or -1 (x untouched)
+ * if its scratch could not be allocated. */
+int lm_moe_layers(float *x, const lm_layer *layers, const lm_moe *moe, long n, const lm_step *s,
+                  const lm_moe_step *e) {
+    long M = s->M, D = s->dim, E = e->n_experts, k = e->top_k;
+    long F = e->expert_size > s->hidden ? e->expert_size : s->hidden;
+    size_t floats = (size_t)(M * D + M * E + M * k + M + M * (2 * D + 3 * F));
+    float *h = malloc(sizeof(float) * floats);
+    int64_t *chosen = malloc(sizeof(int64_t) * (size_t)(M * k + M));
+    if (!h || !chosen) {
+        free(h);
+        free(chosen);
+        return -1;
+    }
+    float *logits = h + M * D, *weights = logits + M * E, *ones = weights + M * k, *scratch = ones + M;
+    int64_t *sel = chosen + M * k;
+    for (long m = 0; m < M; m++) ones[m] = 1.0f;
+    for (long i = 0; i < n; i++) {
+        lm_attention_half(x, layers + i, s, h);
+        if (!moe[i].gate) {                                         /* a dense layer: every row, weight 1 */
+            for (long m = 0; m < M; m++) sel[m] = m;
+            lm_expert(h, D, sel, M, 1, ones, layers[i].w_up, layers[i].w_down, s->hidden, s->is_bf16, x, scratch,
+                      s->n_threads);
+            continue;
+        }
+        lm_route(h, M, D, moe[i].gate, E, k, e->norm_topk, e->round_bf16, s->is_bf16, chosen, weights, logits);
+        for (long j = 0; j < E; j++) {
+            long rows = 0;
+            for (long t = 0; t < M * k; t++)
+                if (chosen[t] == j) sel[rows++] = t;                /* (row, choice) = (t / k, t % k) */
+            if (rows)
+                lm_expert(h, D, sel, rows, k, weights, moe[i].w13[j], moe[i].w2[j], e->expert_size, s->is_bf16, x,
+                          scratch, s->n_threads);
+        }
+    }
+    free(h);
+    free(chosen);
+    return 0;
 }
