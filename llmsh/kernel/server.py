@@ -7,6 +7,10 @@ The heartbeat echoes from its own thread. A client that disconnects mid-command 
 socket's monitor (libzmq here has no ROUTER_NOTIFY): each message carries the file descriptor it arrived on
 (ZMQ_SRCFD) and a DISCONNECTED event names that descriptor, so the commands that client started are cancelled.
 
+This module owns the sockets, the loop and the kernel's state, and routes each verified message: what a request
+means is in `llmsh.kernel.handlers`, the running commands in `llmsh.kernel.running`, socket set-up in
+`llmsh.kernel.sockets`.
+
 Models never run here: the front's services (`kernel.services`, `llmsh.kernel.front.Services`: the process table, the
 journal, the engine link, jobs) are built once at start; the engine process they spawn on demand runs the models.
 """
@@ -15,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fnmatch
-import json
 import logging
 import os
 import signal
@@ -24,7 +26,6 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,41 +34,24 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from llmsh import __version__
+from llmsh.kernel import handlers
 from llmsh.kernel.counters import Counters
+from llmsh.kernel.handlers import one_line
 from llmsh.kernel.heartbeat import Heartbeat
+from llmsh.kernel.running import Running
+from llmsh.kernel.sockets import bind_sockets, connection_info
 from llmsh.paths import log_file, runtime_dir
-from llmsh.protocol.connection import (
-    PORT_NAMES,
-    SIGNATURE_SCHEME,
-    curve_keypair,
-    is_loopback,
-    new_key,
-    read_connection_file,
-    url,
-    uses_curve,
-    write_connection_file,
-)
-from llmsh.protocol.limits import DEFAULT_MAX_MESSAGE, bad_complete_request, too_big
+from llmsh.protocol.connection import PORT_NAMES, uses_curve, write_connection_file
+from llmsh.protocol.limits import DEFAULT_MAX_MESSAGE, too_big
 from llmsh.protocol.session import Rejected, Verifier, make_session
-from llmsh.protocol.transport import choose_transport, remove_ipc_files
+from llmsh.protocol.transport import remove_ipc_files
 
 if TYPE_CHECKING:
     from llmsh.kernel.front import Services
 
 log = logging.getLogger("llmsh.kernel")
 
-PROTOCOL_VERSION = "5.3"
-LANGUAGE_INFO = {
-    "name": "llmsh",
-    "version": __version__,
-    "mimetype": "text/x-llmsh",
-    "file_extension": ".llmsh",
-    "pygments_lexer": "bash",
-    "codemirror_mode": "shell",
-}
-BANNER = f"llmsh {__version__}: an operating-system shell for language models. Type 'help' for the commands."
 ROUTERS = ("shell", "control", "stdin")
-MAX_FRAME_BYTES = 64 << 20  # no request needs more; a bigger frame is an attack or a bug
 
 
 def default_args(**overrides: Any) -> argparse.Namespace:
@@ -78,18 +62,6 @@ def default_args(**overrides: Any) -> argparse.Namespace:
     )
     values.update(overrides)
     return argparse.Namespace(**values)
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())[:500]
-
-
-def _jsonable(data: Any) -> Any:
-    try:
-        json.dumps(data)
-        return data
-    except (TypeError, ValueError):
-        return json.loads(json.dumps(data, default=str))
 
 
 class Executor(Protocol):
@@ -104,45 +76,6 @@ class Executor(Protocol):
     def is_complete(self, code: str) -> tuple[str, str]: ...
 
     def help_text(self, word: str) -> str | None: ...
-
-
-@dataclass
-class _Foreground:
-    """A running execute_request: its executor task and who asked for it."""
-
-    task: asyncio.Future
-    session: str
-    fd: int
-    msg_id: str
-    cause: str | None = None  # set when we cancel it on purpose ("interrupt", "disconnect")
-
-
-class _Output:
-    """Contract B's `Output` for one execute_request: stream → iopub `stream`, result → `execute_result`,
-    display → `display_data`."""
-
-    __slots__ = ("_kernel", "_parent", "_count", "_silent")
-
-    def __init__(self, kernel: Kernel, parent: dict[str, Any], count: int, silent: bool) -> None:
-        self._kernel, self._parent, self._count, self._silent = kernel, parent, count, silent
-
-    def stream(self, name: str, text: str) -> None:
-        """Send `text` as an iopub `stream` message named stdout or stderr."""
-        if text and not self._silent:
-            self._kernel.publish("stream", {"name": "stderr" if name == "stderr" else "stdout", "text": text}, self._parent)
-
-    def result(self, data: Any, text: str) -> None:
-        """Send an `execute_result` with text/plain and application/json."""
-        if self._silent:
-            return
-        bundle = {"text/plain": text, "application/json": _jsonable(data)}
-        content = {"data": bundle, "metadata": {}, "execution_count": self._count}
-        self._kernel.publish("execute_result", content, self._parent)
-
-    def display(self, bundle: dict[str, Any]) -> None:
-        """Send a `display_data` (e.g. load progress, which the shell draws as a bar and Jupyter shows as text)."""
-        if not self._silent:
-            self._kernel.publish("display_data", {"data": bundle, "metadata": {}, "transient": {}}, self._parent)
 
 
 class Kernel:
@@ -167,8 +100,7 @@ class Kernel:
         self.execution_count = 0
         self.restart_requested = False
         self._tasks: set[asyncio.Task] = set()
-        self._foreground: dict[str, _Foreground] = {}
-        self._executed_sessions: set[str] = set()
+        self.running = Running(self.counters)  # the commands running for clients
         self._client_fds: dict[str, int] = {}  # client session → fd of its shell connection
         self._given_executor = executor
         self._executor: Executor | None = None
@@ -188,10 +120,10 @@ class Kernel:
         if self.loop is None:
             return
         if threading.get_ident() == self._loop_thread:
-            self._publish_now(msg_type, content, parent)
+            self.publish_now(msg_type, content, parent)
             return
         try:
-            self.loop.call_soon_threadsafe(self._publish_now, msg_type, content, parent)
+            self.loop.call_soon_threadsafe(self.publish_now, msg_type, content, parent)
         except RuntimeError:  # the loop is closed: the kernel has shut down, nobody is listening
             pass
 
@@ -202,6 +134,24 @@ class Kernel:
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
+
+    @property
+    def executor(self) -> Executor | None:
+        """The shell language this kernel runs (None when it failed to load)."""
+        return self._executor
+
+    def record_execution(self, code: str, store_history: bool) -> int:
+        """Count an execute_request (and keep its code in the history) when it is stored; its execution count."""
+        if store_history:
+            self.execution_count += 1
+            if code.strip():
+                self.history.append(code)
+        return self.execution_count
+
+    def take_notice(self) -> str:
+        """The notice for the first client, once: later clients get ''."""
+        notice, self.notice = self.notice, ""
+        return notice
 
     def request_shutdown(self, restart: bool = False) -> None:
         """Ask the kernel to exit cleanly (thread-safe)."""
@@ -225,7 +175,7 @@ class Kernel:
             "ports": {name[:-5]: ci.get(name) for name in PORT_NAMES},
             "curve": uses_curve(ci),
             "counters": self.counters.snapshot(),
-            "running": len(self._foreground),
+            "running": len(self.running),
             "execution_count": self.execution_count,
             "torch_loaded": "torch" in sys.modules,
             "executor": self._executor is not None,
@@ -253,7 +203,7 @@ class Kernel:
             if self._owns_file or any(not self.connection_info.get(p) for p in PORT_NAMES):
                 write_connection_file(self.connection_file, self.connection_info)
                 self._owns_file = True
-            self._publish_now("status", {"execution_state": "starting"}, None)
+            self.publish_now("status", {"execution_state": "starting"}, None)
             for channel in ROUTERS:
                 self.spawn(self._serve_router(channel), name=f"serve {channel}")
             self.spawn(self._watch_disconnects(), name="watch disconnects")
@@ -263,48 +213,14 @@ class Kernel:
             await self._cleanup()
 
     def _bind(self) -> None:
-        info: dict[str, Any] = {}
-        if self.connection_file.exists():
-            info = read_connection_file(self.connection_file)
-        else:
-            self._owns_file = True
-            transport, ip = choose_transport(getattr(self.args, "ip", None), self.connection_file)
-            info = {
-                "ip": ip,
-                "transport": transport,
-                "key": new_key(),
-                "signature_scheme": SIGNATURE_SCHEME,
-                "kernel_name": "llmsh",
-            }
-        if self._owns_file or not info.get("kernel_name"):
-            info["kernel_name"] = "llmsh"
+        info, owns = connection_info(self.connection_file, getattr(self.args, "ip", None))
+        self._owns_file = self._owns_file or owns
         ip, transport = info["ip"], info.get("transport", "tcp")
-        if not uses_curve(info) and not is_loopback(ip) and transport == "tcp":
-            info["curve_publickey"], info["curve_secretkey"] = curve_keypair()
         secret = info["curve_secretkey"].encode("ascii") if uses_curve(info) else None
         self.session = make_session(info.get("key", ""), username="llmsh-kernel")
         self.verifier = Verifier(self.session)
         self._ctx = zmq.asyncio.Context()
-        kinds = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER, "iopub": zmq.PUB}
-        for channel, kind in kinds.items():
-            sock = self._sockets[channel] = self._ctx.socket(kind)
-            sock.linger = 1000
-            if kind == zmq.ROUTER:  # ZMTP pings: a peer that vanished without closing TCP still gets disconnected
-                sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
-                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 20000)
-                sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # libzmq drops the peer rather than buffer more
-            if secret:
-                sock.curve_server = True
-                sock.curve_secretkey = secret
-            port = int(info.get(f"{channel}_port") or 0)
-            if transport == "ipc":
-                port = port or _free_ipc_port(ip)
-                sock.bind(f"ipc://{ip}-{port}")
-            elif port:
-                sock.bind(url({**info, f"{channel}_port": port}, channel))
-            else:
-                port = sock.bind_to_random_port(f"tcp://[{ip}]" if ":" in ip else f"tcp://{ip}")
-            info[f"{channel}_port"] = port
+        bind_sockets(self._ctx, info, secret, into=self._sockets)
         self._monitor = self._sockets["shell"].get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._heartbeat = Heartbeat(ip, int(info.get("hb_port") or 0), transport, secret)
         info["hb_port"] = self._heartbeat.port
@@ -335,9 +251,8 @@ class Kernel:
 
     def _on_sigint(self) -> None:
         """SIGINT interrupts every foreground command (Jupyter's signal-style interrupt); idle at a terminal, it stops."""
-        if self._foreground:
-            for fg in list(self._foreground.values()):
-                self._cancel(fg, "interrupt")
+        if len(self.running):
+            self.running.interrupt_all()
         elif sys.stdin is not None and sys.stdin.isatty():
             self.request_shutdown()
 
@@ -414,8 +329,7 @@ class Kernel:
                 self.services.journal.event("stop", f"kernel stopped cleanly (pid {self.pid})")
                 self.services.journal.set_meta(clean=True)
                 self.services.journal.close()
-        for fg in list(self._foreground.values()):
-            fg.task.cancel()
+        self.running.cancel_all()
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
         for t in tasks:
             t.cancel()
@@ -433,7 +347,8 @@ class Kernel:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
     # ----------------------------------------------------------------- sending
-    def _send(self, channel: str, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None, ident: list[bytes] | bytes | None) -> None:
+    def send(self, channel: str, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None, ident: list[bytes] | bytes | None) -> None:
+        """Sign and send one message on `channel` (from the loop's thread only), counting it."""
         sock = self._sockets.get(channel)
         if sock is None or sock.closed:
             return
@@ -443,11 +358,13 @@ class Kernel:
         client = parent["header"].get("session", "") if parent else ""
         self.counters.record("out", channel, msg_type, sum(len(f) for f in frames), client)
 
-    def _publish_now(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None) -> None:
-        self._send("iopub", msg_type, content, parent, msg_type.encode())
+    def publish_now(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None) -> None:
+        """Send on iopub from the loop's thread (other threads use `publish`)."""
+        self.send("iopub", msg_type, content, parent, msg_type.encode())
 
-    def _status(self, state: str, parent: dict[str, Any]) -> None:
-        self._publish_now("status", {"execution_state": state}, parent)
+    def publish_status(self, state: str, parent: dict[str, Any]) -> None:
+        """Publish the kernel's busy/idle status for the request `parent`."""
+        self.publish_now("status", {"execution_state": state}, parent)
 
     # ----------------------------------------------------------------- receiving
     async def _serve_router(self, channel: str) -> None:
@@ -497,101 +414,38 @@ class Kernel:
             return
         if msg_type == "execute_request" and channel == "shell":
             self._drain_monitor()  # apply pending disconnects first: a new client may reuse a closed fd number
-            self._executed_sessions.add(session)
-            self.spawn(self._execute(channel, idents, msg, fd), name=f"execute {header['msg_id']}")
+            self.running.executed(session)
+            self.spawn(handlers.execute(self, channel, idents, msg, fd), name=f"execute {header['msg_id']}")
             return
         if msg_type == "complete_request":
-            self.spawn(self._complete_async(channel, idents, msg), name=f"complete {header['msg_id']}")
+            self.spawn(handlers.complete(self, channel, idents, msg), name=f"complete {header['msg_id']}")
             return
-        handler = self._handlers.get(msg_type)
+        handler = handlers.QUICK.get(msg_type)
         if handler is None:
             log.warning("unknown message type %s on %s", msg_type, channel)
             if msg_type.endswith("_request"):
                 content = {"status": "error", "ename": "UnknownMessageType", "evalue": f"llmsh does not handle {msg_type}", "traceback": []}
-                self._send(channel, msg_type[: -len("_request")] + "_reply", content, msg, idents)
+                self.send(channel, msg_type[: -len("_request")] + "_reply", content, msg, idents)
             return
-        self._status("busy", msg)
+        self.publish_status("busy", msg)
         try:
             content = handler(self, msg)
         except Exception as e:
             log.exception("%s handler failed", msg_type)
-            content = {"status": "error", "ename": type(e).__name__, "evalue": _one_line(e), "traceback": []}
-        self._send(channel, msg_type[: -len("_request")] + "_reply", content, msg, idents)
-        self._status("idle", msg)
+            content = {"status": "error", "ename": type(e).__name__, "evalue": one_line(e), "traceback": []}
+        self.send(channel, msg_type[: -len("_request")] + "_reply", content, msg, idents)
+        self.publish_status("idle", msg)
         if msg_type == "shutdown_request":
             self.request_shutdown(bool(msg["content"].get("restart", False)))
 
     def _refuse(self, channel: str, idents: list[bytes], msg: dict[str, Any], line: str) -> None:
         """Answer a request with an error reply of one line, without running it (busy/idle so clients stop waiting)."""
-        self._status("busy", msg)
+        self.publish_status("busy", msg)
         content = {"status": "error", "ename": "MessageTooLarge", "evalue": line, "traceback": [line], "llmsh_exit_code": 1}
         if msg["header"]["msg_type"] == "execute_request":
             content["execution_count"] = self.execution_count
-        self._send(channel, msg["header"]["msg_type"][: -len("_request")] + "_reply", content, msg, idents)
-        self._status("idle", msg)
-
-    # ----------------------------------------------------------------- execute
-    async def _execute(self, channel: str, idents: list[bytes], msg: dict[str, Any], fd: int) -> None:
-        """Run one execute_request to completion: busy, execute_input, output, reply, idle."""
-        content, header = msg["content"], msg["header"]
-        code = content.get("code", "")
-        code = code if isinstance(code, str) else ""
-        silent = bool(content.get("silent", False))
-        store_history = bool(content.get("store_history", not silent))
-        session = header.get("session", "")
-        self._status("busy", msg)
-        if store_history:
-            self.execution_count += 1
-        count = self.execution_count
-        if not silent:
-            self._publish_now("execute_input", {"code": code, "execution_count": count}, msg)
-        if store_history and code.strip():
-            self.history.append(code)
-        status, exit_code, ename, evalue = "ok", 0, "", ""
-        if self.notice and not silent:  # e.g. "kernel restarted after a crash …", told once, to the first client
-            self._publish_now("stream", {"name": "stderr", "text": f"llmsh: {self.notice}\n"}, msg)
-            self.notice = ""
-        if self._executor is None:
-            status, exit_code, ename, evalue = "error", 1, "KernelError", "llmsh: the command executor failed to load; see the kernel log"
-        else:
-            kwargs: dict[str, Any] = {"client": session, "out": _Output(self, msg, count, silent)}
-            cwd = content.get("llmsh_cwd") or msg["metadata"].get("cwd")
-            if isinstance(cwd, str) and cwd:
-                kwargs["cwd"] = cwd
-            inner = asyncio.ensure_future(self._executor.execute(self, code, **kwargs))
-            fg = _Foreground(inner, session, fd, header["msg_id"])
-            self._foreground[fg.msg_id] = fg
-            try:
-                result = await inner
-                status = getattr(result, "status", "ok")
-                exit_code = int(getattr(result, "exit_code", 0 if status == "ok" else 1))
-                ename, evalue = getattr(result, "ename", ""), getattr(result, "evalue", "")
-            except asyncio.CancelledError:
-                if fg.cause is None:  # the kernel itself is shutting down
-                    raise
-            except Exception as e:
-                log.exception("command crashed: %r", code)
-                status, exit_code, ename, evalue = "error", 1, type(e).__name__, f"llmsh: internal error: {_one_line(e)}"
-            finally:
-                self._foreground.pop(fg.msg_id, None)
-            if fg.cause is not None:
-                status, exit_code, ename, evalue = "error", 130, "KeyboardInterrupt", "interrupted"
-        reply: dict[str, Any] = {"status": status, "execution_count": count, "llmsh_exit_code": exit_code}
-        if status == "ok":
-            reply.update(user_expressions={}, payload=[])
-        else:
-            reply.update(ename=ename or "Error", evalue=evalue, traceback=[evalue] if evalue else [])
-            if not silent:
-                self._publish_now("error", {"ename": reply["ename"], "evalue": evalue, "traceback": reply["traceback"]}, msg)
-        self._send(channel, "execute_reply", reply, msg, idents)
-        self._status("idle", msg)
-
-    def _cancel(self, fg: _Foreground, cause: str) -> None:
-        if fg.cause is None and not fg.task.done():
-            fg.cause = cause
-            fg.task.cancel()
-            self.counters.cancel(cause)
-            log.info("cancelled %s (%s)", fg.msg_id, cause)
+        self.send(channel, msg["header"]["msg_type"][: -len("_request")] + "_reply", content, msg, idents)
+        self.publish_status("idle", msg)
 
     # ----------------------------------------------------------------- client disconnects
     async def _watch_disconnects(self) -> None:
@@ -617,137 +471,10 @@ class Kernel:
         event = parse_monitor_message(frames)
         if event["event"] == zmq.EVENT_DISCONNECTED:
             fd = int(event["value"])
-            for fg in list(self._foreground.values()):
-                if fg.fd == fd:
-                    self._cancel(fg, "disconnect")
+            self.running.disconnected(fd)
             for session in [s for s, f in self._client_fds.items() if f == fd]:
                 del self._client_fds[session]
                 self.clients.pop(session, None)  # `clients` lists who is connected; counters keep how many were seen
-
-    # ----------------------------------------------------------------- request handlers (sync)
-    def _kernel_info(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "protocol_version": PROTOCOL_VERSION,
-            "implementation": "llmsh",
-            "implementation_version": __version__,
-            "language_info": LANGUAGE_INFO,
-            "banner": BANNER,
-            "help_links": [],
-            "debugger": False,
-            "llmsh": self.info(),
-        }
-
-    async def _complete_async(self, channel: str, idents: list[bytes], msg: dict[str, Any]) -> None:
-        """complete_request off the loop: completers list folders (paths, model dirs), which may be slow or hang."""
-        self._status("busy", msg)
-        try:
-            content = await asyncio.to_thread(self._complete, msg)
-        except Exception as e:
-            log.exception("complete_request failed")
-            content = {"status": "error", "ename": type(e).__name__, "evalue": _one_line(e), "traceback": []}
-        self._send(channel, "complete_reply", content, msg, idents)
-        self._status("idle", msg)
-
-    def _complete(self, msg: dict[str, Any]) -> dict[str, Any]:
-        problem = bad_complete_request(msg["content"])
-        if problem is not None:  # an error reply, never silence: the client is waiting for one
-            return {"status": "error", "ename": "BadRequest", "evalue": problem, "traceback": [problem]}
-        code = msg["content"]["code"]
-        pos = msg["content"].get("cursor_pos", len(code))
-        matches: list[str]
-        if self._executor is None:
-            matches, start, end = [], pos, pos
-        else:
-            kwargs: dict[str, Any] = {"client": msg["header"].get("session", "")}
-            cwd = msg["content"].get("llmsh_cwd") or msg["metadata"].get("cwd")
-            if isinstance(cwd, str) and cwd:
-                kwargs["cwd"] = cwd
-            try:
-                matches, start, end = self._executor.complete(self, code, pos, **kwargs)
-            except TypeError:  # an executor without the client=/cwd= keywords
-                matches, start, end = self._executor.complete(self, code, pos)
-        return {"status": "ok", "matches": list(matches), "cursor_start": start, "cursor_end": end, "metadata": {}}
-
-    def _is_complete(self, msg: dict[str, Any]) -> dict[str, Any]:
-        if self._executor is None:
-            return {"status": "unknown"}
-        status, indent = self._executor.is_complete(str(msg["content"].get("code", "")))
-        return {"status": status, "indent": indent} if status == "incomplete" else {"status": status}
-
-    def _interrupt(self, msg: dict[str, Any]) -> dict[str, Any]:
-        session = msg["content"].get("llmsh_session") or msg["header"].get("session", "")
-        targets = [fg for fg in self._foreground.values() if fg.session == session]
-        if not targets and session not in self._executed_sessions:
-            # A session that never executed anything (jupyter_client's KernelManager.interrupt_kernel uses its own)
-            # means "interrupt the kernel": stop every foreground command, as SIGINT would.
-            targets = list(self._foreground.values())
-        for fg in targets:
-            self._cancel(fg, "interrupt")
-        return {"status": "ok"}
-
-    def _shutdown(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"status": "ok", "restart": bool(msg["content"].get("restart", False))}
-
-    def _history(self, msg: dict[str, Any]) -> dict[str, Any]:
-        c = msg["content"]
-        entries = [(1, i + 1, code) for i, code in enumerate(self.history)]
-        kind = c.get("hist_access_type", "tail")
-        if kind == "tail":
-            n = int(c.get("n") or 10)
-            entries = entries[-n:] if n > 0 else []
-        elif kind == "range":
-            start = int(c.get("start") or 0)
-            stop = c.get("stop")
-            entries = [e for e in entries if e[1] >= start and (stop is None or e[1] < int(stop))]
-        elif kind == "search":
-            pattern = str(c.get("pattern") or "*")
-            entries = [e for e in entries if fnmatch.fnmatchcase(e[2], pattern)]
-            if c.get("unique"):
-                seen: set[str] = set()
-                entries = [e for e in reversed(entries) if not (e[2] in seen or seen.add(e[2]))][::-1]  # type: ignore[func-returns-value]
-            n = c.get("n")
-            if n:
-                entries = entries[-int(n) :]
-        if c.get("output"):
-            return {"status": "ok", "history": [(s, n, (code, None)) for s, n, code in entries]}
-        return {"status": "ok", "history": entries}
-
-    def _inspect(self, msg: dict[str, Any]) -> dict[str, Any]:
-        code = str(msg["content"].get("code", ""))
-        pos = msg["content"].get("cursor_pos")
-        pos = len(code) if not isinstance(pos, int) else max(0, min(pos, len(code)))
-        start = pos
-        while start > 0 and not code[start - 1].isspace() and code[start - 1] not in ";|&":
-            start -= 1
-        end = pos
-        while end < len(code) and not code[end].isspace() and code[end] not in ";|&":
-            end += 1
-        word = code[start:end]
-        text = self._executor.help_text(word) if self._executor is not None else None
-        if text is None:
-            return {"status": "ok", "found": False, "data": {}, "metadata": {}}
-        return {"status": "ok", "found": True, "data": {"text/plain": text}, "metadata": {}}
-
-    def _comm_info(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"status": "ok", "comms": {}}
-
-    _handlers: dict[str, Callable[[Kernel, dict[str, Any]], dict[str, Any]]] = {
-        "kernel_info_request": _kernel_info,
-        "is_complete_request": _is_complete,
-        "interrupt_request": _interrupt,
-        "shutdown_request": _shutdown,
-        "history_request": _history,
-        "inspect_request": _inspect,
-        "comm_info_request": _comm_info,
-    }
-
-
-def _free_ipc_port(ip: str) -> int:
-    port = 1
-    while os.path.exists(f"{ip}-{port}"):
-        port += 1
-    return port
 
 
 def run(args: argparse.Namespace, connection_file: str | Path, executor: Executor | None = None) -> Kernel:
