@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from llmsh.engine.paging.policy import age_factor
 
 if TYPE_CHECKING:
-    from llmsh.engine.paging.core import Entry, Pager, Proc
+    from llmsh.engine.paging.core import Pager
+    from llmsh.engine.paging.table import Entry, Proc
 
 log = logging.getLogger("llmsh.pager")
 
@@ -32,6 +33,11 @@ class Prefetcher:
         self._stop = False
         self.skipped = 0  # prefetches given up for lack of room
         self.current = "idle"  # what the thread is doing, for `threads`
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The prefetch thread, once started (for `threads`)."""
+        return self._thread
 
     def after(self, proc: "Proc", index: int) -> None:
         """The engine is about to compute page `index`: queue the next pages that are not resident."""
@@ -103,7 +109,7 @@ class Prefetcher:
             raise
         with cond:
             if e.state == LOADING and not proc.detached:
-                pager._count_in(e, prefetched=True)
+                pager.count_page_in(e, prefetched=True)
                 e.staged = tensors
                 e.state = STAGED
             cond.notify_all()
