@@ -350,3 +350,12 @@ def test_an_unwritable_cache_directory_means_torch_only(monkeypatch, tmp_path, c
     with caplog.at_level(logging.WARNING, logger="llmsh.runtime.kernels"):
         assert rebuilt_library() is None
     assert "could not build" in caplog.text
+
+
+@pytest.mark.skipif(kernels.compiler() is None, reason="needs a C compiler")
+@pytest.mark.parametrize("source", ["cpu_decode.c", "quant_decode.c"])
+def test_every_kernel_library_compiles(source: str, tmp_path) -> None:
+    """A kernel source that stops compiling (a changed helper's signature) must fail here: at run time it only logs a
+    line and decodes through torch ops, which every other test would still pass."""
+    path = kernels.build(kernels.compiler(), tmp_path, kernels.FLAGS, kernels.SOURCE.with_name(source))
+    assert ctypes.CDLL(str(path))

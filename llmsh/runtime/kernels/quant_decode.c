@@ -399,7 +399,7 @@ void lm_qlayers(float *x, const lm_layer *layers, const lm_qlayer *q, long n, co
         norm(s, x, l->norm1, l->norm1_bias, h);
         lm_qlinear(h, M, D, ql->qkv.w, ql->qkv.segs, ql->qkv.n_seg, qkv_width, l->b_qkv, bf, 0, qkv, nt);
         if (l->q_norm) lm_qk_norm(qkv, M, qkv_width, nh, nkv, hd, l->q_norm, l->k_norm, bf, s->eps, 0);   /* Qwen3 */
-        if (!s->is_gpt2) rope_heads(s, qkv, qkv_width, nh + nkv);                       /* (Phi: partial) */
+        if (!s->is_gpt2) rope_heads(s, l, qkv, qkv_width, nh + nkv);                    /* (Phi: partial) */
         lm_attention(qkv, M, nh, nkv, hd, l->k_cache, l->v_cache, bf, s->max_seq, s->slots, s->pos, l->window,
                      l->attn_scale, scores, att, nt);
         lm_qlinear(att, M, nh * hd, ql->o.w, ql->o.segs, ql->o.n_seg, D, l->b_o, bf, 1, x, nt);
