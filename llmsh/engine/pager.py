@@ -121,7 +121,7 @@ class PagerService:
         def blocked() -> None:
             # every request of this process waits for KV room held by higher-priority work: charge it a little virtual
             # runtime so the fair scheduler moves on to the others instead of picking it again at once
-            from llmsh.engine.scheduler import BLOCKED_CHARGE_S, charge
+            from llmsh.engine.runqueue import BLOCKED_CHARGE_S, charge
 
             proc.vruntime += charge(BLOCKED_CHARGE_S, proc.nice)
 

@@ -23,7 +23,8 @@ from llmsh.engine.loader import Loader
 from llmsh.engine.pager import PagerError, PagerService
 from llmsh.engine.paging.core import Pager
 from llmsh.engine.process import ExitHow, Process, ProcessTable, ProcState, StateError
-from llmsh.engine.scheduler import COALESCE_S, BusyError, Request, Scheduler
+from llmsh.engine.runqueue import COALESCE_S
+from llmsh.engine.scheduler import BusyError, Request, Scheduler
 from llmsh.procinfo import thread_rows
 
 log = logging.getLogger("llmsh.engine")
