@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from llmsh.commands import processes
+from llmsh.commands import generation, processes
 from llmsh.commands.registry import REGISTRY, UsageError
 
 
@@ -40,14 +40,14 @@ def test_chat_prompt_matches_transformers(tiny_llama: Path) -> None:
 def test_options_may_follow_the_prompt() -> None:
     cmd = REGISTRY.get("run")
     args = cmd.parse(["3", "tell", "me", "--max-tokens", "5", "--stop", "x"])
-    assert processes._intermixed("run", args) == ("3", "tell me")
+    assert generation.intermixed("run", args) == ("3", "tell me")
     assert args.max_tokens == 5 and args.stop == ["x"]
     args = cmd.parse(["3", "--", "-x", "y"])
-    assert processes._intermixed("run", args) == ("3", "-x y")
+    assert generation.intermixed("run", args) == ("3", "-x y")
     with pytest.raises(UsageError, match="which process"):
-        processes._intermixed("run", cmd.parse([]))
+        generation.intermixed("run", cmd.parse([]))
     with pytest.raises(UsageError) as err:  # a bad option after the prompt: the usage names what run takes
-        processes._intermixed("run", cmd.parse(["3", "hi", "--seed", "x"]))
+        generation.intermixed("run", cmd.parse(["3", "hi", "--seed", "x"]))
     assert "PID|NAME PROMPT" in str(err.value) and "words" not in str(err.value)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from llmsh.commands.parser import simple_argv
 
-# `chat` options that take a value (llmsh/commands/processes.py: --system and SAMPLING_ARGS); the rest are flags
+# `chat` options that take a value (llmsh/commands/generation.py: --system and SAMPLING_ARGS); the rest are flags
 VALUE_OPTIONS = {"--system", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--stop", "--repetition-penalty"}
 # options that only make sense once (when the chat opens), not on every turn
 ONCE_OPTIONS = {"--system", "--reset", "--show"}

@@ -12,6 +12,7 @@ FAMILIES: list[str] = [
     "llmsh.commands.core",
     "llmsh.commands.nodes",
     "llmsh.commands.processes",
+    "llmsh.commands.generation",
     "llmsh.commands.memory",
     "llmsh.commands.dmesg",
     "llmsh.commands.mapreduce",

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmsh.commands.processes import SAMPLING_ARGS, _sampling
+from llmsh.commands.generation import SAMPLING_ARGS, sampling
 from llmsh.commands.registry import CommandError, Context, UsageError, arg, command
 from llmsh.kernel.errors import KernelError
 from llmsh.kernel.jobs import CURRENT_JOB
@@ -136,7 +136,7 @@ async def map_cmd(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError(f"--in-flight {args.in_flight} --replicas {args.replicas}: give numbers ≥ 1")
     entry = ctx.kernel.services.procs.resolve(args.target)
     replicas = await _replicas(ctx, entry, args.replicas)
-    params = _sampling(args)
+    params = sampling(args)
     text = await _read(ctx, args.input)
     output = await _check_writable(ctx, args.output)
     jsonl = args.input.endswith((".jsonl", ".json")) and not args.split
@@ -198,7 +198,7 @@ async def reduce_cmd(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError("--template must contain {texts}")
     procs = ctx.kernel.services.procs
     entry = procs.resolve(args.target)
-    params = _sampling(args)
+    params = sampling(args)
     max_tokens = int(params.get("max_tokens") or 256)
     params["max_tokens"] = max_tokens
     raw = await _read(ctx, args.input)
