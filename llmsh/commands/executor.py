@@ -6,8 +6,8 @@ pipeline's status is the statement's, `&&`/`||` short-circuit on it, 0 ok, 1 err
 interrupted. A failing command's one-line message goes to stderr as soon as the next command starts; the last
 failure of the line becomes the reply's `evalue` instead, so the client shows every error exactly once.
 
-Pipes: each stage of `a | b` runs as its own task; what `a` writes with `ctx.write` is put on an asyncio queue that
-`b` reads as `ctx.stdin`, piece by piece; when `b` has finished, `a`'s next write stops it (sh's SIGPIPE). A stage's
+Pipes (the plumbing is `llmsh.commands.streams`): each stage of `a | b` runs as its own task; what `a` writes
+with `ctx.write` is put on an asyncio queue that `b` reads as `ctx.stdin`, piece by piece; when `b` has finished, `a`'s next write stops it (sh's SIGPIPE). A stage's
 `> FILE` replaces its stdout: the text goes to the client, which opens and writes the file (the kernel does no file I/O
 for redirects). Background jobs (`cmd &`) run as tasks tracked in `kernel.services.jobs` (see
 jobs.py) and keep writing through the Output of the request that started them. `exit N` stops the rest of the line
@@ -22,37 +22,25 @@ import json
 import logging
 import os
 import shlex
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from llmsh.commands import load_all
 from llmsh.commands.core import ExitRequested
 from llmsh.commands.parser import AndOr, ParseError, Pipeline, SimpleCommand, Statement, is_complete, parse, tokenize
 from llmsh.commands.registry import REGISTRY, Command, CommandError, HelpRequested, UsageError
+from llmsh.commands.streams import BrokenPipe, ClientSink, Output, Pipe, PipeReader, PipeSink, RedirectSink, Sink
 from llmsh.kernel.errors import KernelError
-from llmsh.protocol.redirect import CLOSE, OPEN, WRITE, redirect_bundle
 
-__all__ = ["ExecResult", "Output", "ShellContext", "PipeReader", "BrokenPipe", "execute", "complete", "is_complete"]
+__all__ = ["ExecResult", "Output", "ShellContext", "execute", "complete", "is_complete"]
 
 log = logging.getLogger("llmsh.commands")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 127, 130
 PROGRESS_MIME = "application/vnd.llmsh.progress+json"  # drawn as a bar by llmsh/client/render.py
 PARSE_IN_THREAD = 64 << 10  # lines at least this long are parsed off the kernel's event loop
-
-
-class Output(Protocol):
-    """Where a request's output goes; implemented by the kernel per execute_request. Must stay usable after
-    `execute` returns, because background jobs keep writing through it."""
-
-    def stream(self, name: str, text: str) -> None:
-        """name "stdout"/"stderr" → iopub `stream`."""
-
-    def result(self, data: Any, text: str) -> None:
-        """→ iopub `execute_result` with text/plain and application/json."""
 
 
 @dataclass
@@ -74,121 +62,6 @@ class _Failure:
     message: str
 
 
-# ---- where a stage's output goes -------------------------------------------------------------------------------
-
-
-class _Sink:
-    """The stdout of one pipeline stage: the client, the next stage's stdin, or a file."""
-
-    def write(self, text: str) -> None:
-        raise NotImplementedError
-
-    def result(self, data: Any, text: str) -> None:
-        if text:
-            self.write(text if text.endswith("\n") else text + "\n")
-
-    def close(self) -> None:
-        """Called once when the stage ends (also on error and cancellation)."""
-
-
-class _ClientSink(_Sink):
-    def __init__(self, out: Output) -> None:
-        self.out = out
-
-    def write(self, text: str) -> None:
-        if text:
-            self.out.stream("stdout", text)
-
-    def result(self, data: Any, text: str) -> None:
-        self.out.result(data, text)
-
-
-class _Pipe:
-    """The connection between two stages: a queue of text pieces (None ends it) and whether the reader has left."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
-        self.reader_gone = False
-
-
-class BrokenPipe(CommandError):
-    """Raised by `ctx.write` when the next stage of the pipe has finished: the writer stops quietly (sh's SIGPIPE)."""
-
-    def __init__(self) -> None:
-        super().__init__("broken pipe", status=141, ename="BrokenPipe")
-
-
-class _PipeSink(_Sink):
-    def __init__(self, pipe: _Pipe) -> None:
-        self.pipe = pipe
-
-    def write(self, text: str) -> None:
-        if self.pipe.reader_gone:
-            raise BrokenPipe()
-        if text:
-            self.pipe.queue.put_nowait(text)
-
-    def result(self, data: Any, text: str) -> None:
-        if not self.pipe.reader_gone:  # a structured result at the very end is not worth an error
-            super().result(data, text)
-
-    def close(self) -> None:
-        self.pipe.queue.put_nowait(None)  # end of stream for the reader
-
-
-class _RedirectSink(_Sink):
-    """`> FILE`: the text goes to the client, which writes the file in its own directory (llmsh/protocol/redirect.py);
-    the kernel opens no file, so a FIFO without a reader or a slow disk never stalls its loop."""
-
-    def __init__(self, out: Output, path: str, append: bool) -> None:
-        display = getattr(out, "display", None)
-        if display is None:
-            raise CommandError("output redirection needs a client that writes files (the llmsh shell)")
-        self.display = display
-        self.path, self.append = path, append
-        self.rid = uuid.uuid4().hex
-        self._send(OPEN)
-
-    def _send(self, op: str, text: str = "") -> None:
-        self.display(redirect_bundle(self.rid, self.path, self.append, op, text))
-
-    def write(self, text: str) -> None:
-        if text:
-            self._send(WRITE, text)
-
-    def close(self) -> None:
-        self._send(CLOSE)
-
-
-class PipeReader:
-    """`ctx.stdin` of a pipe's right-hand stage: an async iterator of text pieces, ending when the left stage ends."""
-
-    def __init__(self, pipe: _Pipe) -> None:
-        self._pipe = pipe
-        self._done = False
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
-        if self._done:
-            raise StopAsyncIteration
-        item = await self._pipe.queue.get()
-        if item is None:
-            self._done = True
-            raise StopAsyncIteration
-        return item
-
-    async def read(self) -> str:
-        """All remaining text, once the left stage has finished."""
-        return "".join([piece async for piece in self])
-
-    def close(self) -> None:
-        """The reading stage ended: the writer's next `ctx.write` raises BrokenPipe."""
-        self._done = True
-        self._pipe.reader_gone = True
-
-
 # ---- the context a handler sees ----------------------------------------------------------------------------------
 
 
@@ -201,7 +74,7 @@ class ShellContext:
         client: str,
         out: Output,
         *,
-        sink: _Sink | None = None,
+        sink: Sink | None = None,
         stdin: AsyncIterator[str] | None = None,
         cwd: str | None = None,
         command: Command | None = None,
@@ -216,7 +89,7 @@ class ShellContext:
         self.command = command
         self._json = json_output
         self._args = args  # the parsed arguments: a handler may still add `--json` that followed a prompt
-        self._sink = sink or _ClientSink(out)
+        self._sink = sink or ClientSink(out)
 
     @property
     def json(self) -> bool:
@@ -310,7 +183,7 @@ class _Runner:
         """The client's text as the stdin of the first command that runs (once), as if piped in."""
         if self.stdin_text is None:
             return None
-        pipe = _Pipe()
+        pipe = Pipe()
         pipe.queue.put_nowait(self.stdin_text)
         pipe.queue.put_nowait(None)
         self.stdin_text = None
@@ -323,11 +196,11 @@ class _Runner:
             failure_code, failure = await self.command(pipe.commands[0], None, first_stdin)
             self.pending = failure
             return failure_code
-        pipes = [_Pipe() for _ in pipe.commands[:-1]]
+        pipes = [Pipe() for _ in pipe.commands[:-1]]
         tasks = []
         for i, cmd in enumerate(pipe.commands):
             stdin = PipeReader(pipes[i - 1]) if i > 0 else first_stdin
-            sink = _PipeSink(pipes[i]) if i < len(pipes) else None
+            sink = PipeSink(pipes[i]) if i < len(pipes) else None
             tasks.append(asyncio.ensure_future(self.command(cmd, sink, stdin)))
         try:
             results = await asyncio.gather(*tasks)
@@ -343,19 +216,19 @@ class _Runner:
         return code
 
     async def command(
-        self, cmd: SimpleCommand, sink: _Sink | None, stdin: AsyncIterator[str] | None
+        self, cmd: SimpleCommand, sink: Sink | None, stdin: AsyncIterator[str] | None
     ) -> tuple[int, _Failure | None]:
         """Run one simple command; returns its exit code and, if it failed, the failure.
 
         Raises only CancelledError, and ExitRequested for a foreground `exit` (not in a pipe or job)."""
         sink_is_client = sink is None
         if sink is None:
-            sink = _ClientSink(self.out)
+            sink = ClientSink(self.out)
         name = cmd.name
         try:
             if cmd.redirect is not None:
                 sink.close()  # a redirect replaces the pipe: the next stage sees end of input
-                sink = _RedirectSink(self.out, cmd.redirect.path, cmd.redirect.append)
+                sink = RedirectSink(self.out, cmd.redirect.path, cmd.redirect.append)
             entry = REGISTRY.get(name)
             if entry is None:
                 err = REGISTRY.not_found(name)
