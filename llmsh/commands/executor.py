@@ -6,13 +6,14 @@ pipeline's status is the statement's, `&&`/`||` short-circuit on it, 0 ok, 1 err
 interrupted. A failing command's one-line message goes to stderr as soon as the next command starts; the last
 failure of the line becomes the reply's `evalue` instead, so the client shows every error exactly once.
 
-Pipes (the plumbing is `llmsh.commands.streams`): each stage of `a | b` runs as its own task; what `a` writes
-with `ctx.write` is put on an asyncio queue that `b` reads as `ctx.stdin`, piece by piece; when `b` has finished, `a`'s next write stops it (sh's SIGPIPE). A stage's
-`> FILE` replaces its stdout: the text goes to the client, which opens and writes the file (the kernel does no file I/O
-for redirects). Background jobs (`cmd &`) run as tasks tracked in `kernel.services.jobs` (see
-jobs.py) and keep writing through the Output of the request that started them. `exit N` stops the rest of the line
-(reply ename "Exit", so the client leaves with N). Relative paths (`ctx.path`) resolve against the client's
-working directory, which the shell sends in the execute_request's metadata as `cwd` (`> FILE` is opened by the client).
+Pipes (the plumbing is `llmsh.commands.streams`): each stage of `a | b` runs as its own task; what `a` writes with
+`ctx.write` is put on an asyncio queue that `b` reads as `ctx.stdin`, piece by piece; when `b` has finished, `a`'s
+next write stops it (sh's SIGPIPE). A stage's `> FILE` replaces its stdout: the text goes to the client, which opens
+and writes the file (the kernel does no file I/O for redirects). Background jobs (`cmd &`) run as tasks tracked in
+`kernel.services.jobs` (see jobs.py) and keep writing through the Output of the request that started them. `exit N`
+stops the rest of the line (reply ename "Exit", so the client leaves with N). Relative paths (`ctx.path`) resolve
+against the client's working directory, which the shell sends in the execute_request's metadata as `cwd` (`> FILE` is
+opened by the client).
 """
 
 from __future__ import annotations
