@@ -118,16 +118,16 @@ def test_bad_files_fail_with_one_line(tmp_path: Path, make_gguf) -> None:
 
 
 def test_second_open_uses_the_index_not_the_parser(make_gguf, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmsh.runtime import gguf_loader
+    from llmsh.runtime import gguf_file
 
     path = make_gguf("smollm")
     first = load(str(path))                                   # (earlier tests may have indexed it already)
-    assert gguf_loader.GGUFFile(path).cached_tokenizer is not None
+    assert gguf_file.GGUFFile(path).cached_tokenizer is not None
 
     def no_parsing():
         raise AssertionError("parsed the unchanged file again")
 
-    monkeypatch.setattr(gguf_loader, "_plain_reader", no_parsing)
+    monkeypatch.setattr(gguf_file, "_plain_reader", no_parsing)
     again = load(str(path))
     ids = list(range(3, 30))
     torch.testing.assert_close(again.forward(ids), first.forward(ids), atol=0, rtol=0)

@@ -1,0 +1,156 @@
+"""Reading a GGUF file (llama.cpp's format): its metadata by key and its tensors by name, as views of the file mapped
+copy-on-write, with an index in the user cache so that opening an unchanged file again skips gguf's parser.
+
+Kept apart from `llmsh.runtime.gguf_loader`, which turns what is read here into a model (config, weight layout,
+tokenizer); this module knows the file format and the index cache, not the model families.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llmsh.runtime.errors import LoadError
+
+
+class TensorInfo(NamedTuple):
+    """What gguf's ReaderTensor says of one tensor (name, type, ggml dims, bytes, absolute offset) and its data."""
+
+    name: str
+    tensor_type: Any              # gguf.GGMLQuantizationType
+    shape: np.ndarray             # ggml order: the row length (input dimension) first
+    n_bytes: int
+    data_offset: int
+    data: np.ndarray              # float types (out, in); others bytes (out, row_bytes)
+
+
+def _plain_reader() -> type:
+    """gguf's GGUFReader over a plain ndarray view of its memmap. np.memmap runs Python code for every slice the
+    reader takes (~2 per vocabulary string): a 32k-token vocabulary parsed in 2.1 s, 0.75 s this way."""
+    from gguf import GGUFReader
+
+    class PlainReader(GGUFReader):
+        @property  # type: ignore[override]  # a property over gguf's attribute, same value
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return PlainReader
+
+
+INDEX_VERSION = 1
+
+
+class GGUFFile:
+    """One GGUF file: metadata by key and tensors by name, their data views of the file mapped copy-on-write.
+
+    The first open parses the file with gguf's reader and keeps what it found (metadata values, tensor names, types,
+    shapes and offsets) in an index in the user cache dir, keyed by the file's (path, size, mtime, inode): a second
+    open of the unchanged file maps it and takes the index, without parsing a vocabulary of 100k strings again.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.cached_tokenizer: str | None = None
+        index = _read_index(self.path)
+        if index is not None:
+            self.fields: dict[str, Any] = index["meta"]
+            self.cached_tokenizer = index.get("tokenizer")
+            self._data = np.memmap(self.path, mode="c").view(np.ndarray)
+            self.tensors = {i[0]: self._tensor(*i) for i in index["tensors"]}
+            return
+        try:
+            reader = _plain_reader()(self.path, "c")          # copy-on-write map: writable views, never written back
+            self.fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        except Exception as e:  # the reader raises ValueError, struct errors, IndexError… on a bad file
+            raise LoadError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'truncated'}); re-download it") from None
+        self._data = reader.data
+        self.tensors = {t.name: TensorInfo(t.name, t.tensor_type, t.shape, int(t.n_bytes), int(t.data_offset), t.data)
+                        for t in reader.tensors}
+
+    def _tensor(self, name: str, type_id: int, dims: list[int], n_bytes: int, offset: int) -> TensorInfo:
+        from gguf import GGMLQuantizationType, quant_shape_to_byte_shape
+
+        kind = GGMLQuantizationType(type_id)
+        np_dims = tuple(reversed(dims))
+        dtype = {"F32": np.float32, "F16": np.float16}.get(kind.name)
+        if dtype is None:
+            view = self._data[offset:offset + n_bytes].reshape(quant_shape_to_byte_shape(np_dims, kind))
+        else:
+            view = self._data[offset:offset + n_bytes].view(dtype).reshape(np_dims)
+        return TensorInfo(name, kind, np.array(dims, dtype=np.uint64), n_bytes, offset, view)
+
+    def save_index(self, tokenizer_json: str | None) -> None:
+        """Remember this file's metadata, tensor table and tokenizer (see the class docstring); best effort."""
+        tensors = [[t.name, int(t.tensor_type), [int(d) for d in t.shape.tolist()], t.n_bytes, t.data_offset]
+                   for t in self.tensors.values()]
+        _write_index(self.path, {"meta": self.fields, "tensors": tensors, "tokenizer": tokenizer_json})
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        """The value of metadata `key` (a str, number, bool or list), or default."""
+        return self.fields.get(key, default)
+
+    @property
+    def arch(self) -> str:
+        return str(self.meta("general.architecture", ""))
+
+    def type_name(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor `name` as stored: float arrays (out, in), block-quantized ones as bytes (out, row_bytes)."""
+        return self.tensors[name].data
+
+    def float_tensor(self, name: str) -> Tensor:
+        """A float tensor as a zero-copy torch view (F32, F16, BF16)."""
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        if kind == "BF16":  # the reader gives BF16 as bytes (out, 2 * in)
+            return torch.from_numpy(t.data).view(torch.bfloat16)
+        if kind in ("F32", "F16"):
+            return torch.from_numpy(t.data)
+        raise LoadError(f"tensor {name} in {self.path.name} is {kind}; llmsh expects a float type there")
+
+
+def _index_path(path: Path) -> tuple[Path, list[int]]:
+    import hashlib
+
+    from llmsh import paths
+
+    st = path.stat()
+    ident = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+    key = hashlib.sha256(f"{INDEX_VERSION}:{path.resolve()}:{ident}".encode()).hexdigest()[:32]
+    return paths.cache_dir() / "gguf" / f"{key}.json", ident
+
+
+def _read_index(path: Path) -> dict[str, Any] | None:
+    try:
+        where, ident = _index_path(path)
+        data = json.loads(where.read_text())
+        return data if data.get("id") == ident else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_index(path: Path, index: dict[str, Any]) -> None:
+    import os
+    import tempfile
+
+    try:
+        where, ident = _index_path(path)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=where.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({**index, "id": ident}, f)
+        os.replace(tmp, where)
+    except (OSError, TypeError, ValueError):
+        pass
