@@ -59,6 +59,11 @@ class Pager:
         if prefetch:
             self.prefetcher = Prefetcher(self)
 
+    @property
+    def cond(self) -> threading.Condition:
+        """The table's lock (the prefetch thread reserves and stages pages under it, as the hot path does)."""
+        return self._cond
+
     # ---- budgets -------------------------------------------------------------------------------------------
     @property
     def used(self) -> dict[str, int]:
@@ -226,7 +231,7 @@ class Pager:
         if e.state == STAGED:
             self._install(e)
         elif e.state == OUT:
-            self._reserve(e, requester=requester)
+            self.reserve(e, requester=requester)
             e.state = LOADING
             self._page_in_sync(e)
         self.ledger.stalled(proc, time.perf_counter() - t0)
@@ -239,7 +244,7 @@ class Pager:
             tensors = self.read_page(e)
         except BaseException as exc:
             self._cond.acquire()
-            self._cancel_load(e)
+            self.cancel_load(e)
             if is_oom(exc):
                 recover_oom(proc.device)
                 raise PageInError(
@@ -283,7 +288,7 @@ class Pager:
         e.state = IN
         self._check(e.proc.device)
 
-    def _cancel_load(self, e: Entry) -> None:
+    def cancel_load(self, e: Entry) -> None:
         """A read failed or was abandoned: give its reservation back (lock held)."""
         e.buffers = None
         if e.state == LOADING:
@@ -311,7 +316,7 @@ class Pager:
             self.evictor.forget(pid)
             self._cond.notify_all()
 
-    def _reserve(self, e: Entry, requester: tuple[int, int] | None, limit: float | None = None) -> bool:
+    def reserve(self, e: Entry, requester: tuple[int, int] | None, limit: float | None = None) -> bool:
         """Count e's bytes as used on its device, evicting first; raises PagerError (or returns False with a limit)."""
         device = e.proc.device
         deadline = None
@@ -379,7 +384,7 @@ class Pager:
                     continue
                 self.tick += 1
                 e.last_used = self.tick
-                self._reserve(e, requester=None)
+                self.reserve(e, requester=None)
                 e.state = LOADING
                 self._page_in_sync(e)
 

@@ -92,12 +92,12 @@ class Prefetcher:
         from llmsh.engine.paging.states import LOADING, OUT, STAGED
 
         pager, proc = self.pager, e.proc
-        cond = pager._cond
+        cond = pager.cond
         with cond:
             if e.state != OUT or proc.detached:
                 return
             distance = (e.index - current) % len(proc.entries)
-            if not pager._reserve(e, requester=(proc.pid, current), limit=distance * age_factor(proc.nice)):
+            if not pager.reserve(e, requester=(proc.pid, current), limit=distance * age_factor(proc.nice)):
                 self.skipped += 1
                 return
             e.state = LOADING
@@ -105,7 +105,7 @@ class Prefetcher:
             tensors = pager.read_page(e)
         except BaseException:
             with cond:
-                pager._cancel_load(e)
+                pager.cancel_load(e)
             raise
         with cond:
             if e.state == LOADING and not proc.detached:
