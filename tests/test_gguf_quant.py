@@ -39,6 +39,29 @@ def test_blocks_decode_as_gguf_reference(qtype: T) -> None:
         torch.testing.assert_close(lin(x), x @ torch.from_numpy(ref).t(), atol=3e-3, rtol=3e-4)
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_long_prompts_take_the_bf16_gemm_only_where_the_cpu_has_it(native_bf16: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """From BF16_PREFILL_MIN_ROWS rows the GEMM runs in bf16 on CPUs with native bf16 (x and the decoded weights
+    rounded to bf16: ~2^-9 relative per term), in float32 elsewhere (exact to float32's own rounding)."""
+    monkeypatch.setattr(quant, "cpu_has_native_bf16", lambda: native_bf16)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((300, 512)).astype(np.float32)
+    for qtype in TYPES:
+        q = quant.quantize(w, qtype)
+        ref = torch.from_numpy(gguf.quants.dequantize(q, qtype))
+        lin = quant.QLinear(512, 300, [(qtype.name, 300)], bias=False)
+        lin.weight.data = torch.from_numpy(q).reshape(-1)
+        x = torch.randn(quant.BF16_PREFILL_MIN_ROWS, 512)
+        got, want = lin(x), x @ ref.t()
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        if native_bf16:
+            rel = ((got - want).norm() / want.norm()).item()     # ~0.3%: each of 512 terms off by ~2^-9 at random
+            assert 1e-4 < rel < 1e-2, rel                            # (and above float32's error: bf16 did run)
+        else:
+            torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0])
 @pytest.mark.parametrize("k", [96, 160, 224, 288])
 def test_rows_of_any_block_count(qtype: T, k: int) -> None:

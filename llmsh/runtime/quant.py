@@ -4,8 +4,11 @@ A quantized matrix is kept exactly as GGUF stores it: (out, in) rows of blocks, 
 integers (ggml's formats). `QLinear` holds those bytes as one flat uint8 parameter, so paging moves quantized pages,
 plus the row segments and their types (a fused q|k|v may mix Q4_K and Q6_K). Its products run in the C kernels
 (kernels/quant_decode.c): up to 16 rows of activations decode each block once inside the dot products; more rows
-(prefill) decode row ranges to float32 and run torch's GEMM on them. Without a C compiler the `gguf` package's own
-numpy `dequantize` does the decoding (slow, same numbers).
+(prefill) decode row ranges to float32 and run torch's GEMM on them. Long prompts (BF16_PREFILL_MIN_ROWS rows and
+more) on CPUs with native bf16 run that GEMM in bfloat16 instead: ~2.2x the float32 GEMM's throughput (215 against
+95 GFLOP/s on one Zen 4 core), and rounding x and the decoded weights to bf16 (2^-9 relative) adds far less error than
+the 4- or 8-bit quantization itself (llama.cpp rounds x to 8 bits per 32 for the same GEMM). Without a C compiler the
+`gguf` package's own numpy `dequantize` does the decoding (slow, same numbers).
 
 `quantize` writes Q4_K and Q6_K (the `gguf` package only reads those; its `quantize` covers Q8_0 and Q4_0), for
 `load PATH --quant` and tests: a plain min/max fit per sub-block, not llama.cpp's search for the best scales.
@@ -22,12 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from llmsh.runtime.errors import LoadError
+from llmsh.runtime.layers import cpu_has_native_bf16
 
 QUANT_TYPES: tuple[str, ...] = ("Q8_0", "Q4_0", "Q4_K", "Q6_K")
 TYPE_IDS = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}          # ggml's type ids (quant_decode.c uses them)
 BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_K": (256, 144), "Q6_K": (256, 210)}   # weights, bytes per block
 MAX_ROWS = 16                                # the kernels' batch limit (QMAX_ROWS)
 DEQUANT_CHUNK = 4 << 20                      # bytes of float32 rows decoded at a time for a prefill GEMM
+BF16_PREFILL_MIN_ROWS = 64                   # from here a prefill GEMM runs in bf16 where the CPU has it natively
 
 
 class QSeg(ctypes.Structure):
@@ -85,15 +90,24 @@ class QLinear(nn.Module):
             y = torch.empty(M, N)
             lib.lm_qlinear(x2.data_ptr(), M, self.in_features, self.weight.data_ptr(), self.segs, len(self.segs), N,
                            None, 0, 0, y.data_ptr(), torch.get_num_threads())
+        elif M >= BF16_PREFILL_MIN_ROWS and cpu_has_native_bf16():
+            xb = x2.to(torch.bfloat16)
+            y = torch.empty(M, N, dtype=torch.bfloat16)
+            for r0, r1 in self._chunks():
+                torch.mm(xb, self.dequantize(r0, r1).to(torch.bfloat16).t(), out=y[:, r0:r1])
+            y = y.float()
         else:
             y = torch.empty(M, N)
-            rows = max(16, DEQUANT_CHUNK // (4 * self.in_features))
-            for r0 in range(0, N, rows):
-                r1 = min(N, r0 + rows)
+            for r0, r1 in self._chunks():
                 torch.mm(x2, self.dequantize(r0, r1).t(), out=y[:, r0:r1])
         if self.bias is not None:
             y += self.bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], N)
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        """Row ranges of about DEQUANT_CHUNK bytes of float32: decoded one at a time, they stay in cache."""
+        rows = max(16, DEQUANT_CHUNK // (4 * self.in_features))
+        return [(r0, min(self.out_features, r0 + rows)) for r0 in range(0, self.out_features, rows)]
 
     def dequantize(self, r0: int = 0, r1: int | None = None) -> Tensor:
         """Rows [r0, r1) of W as float32 (r1 - r0, in_features)."""
