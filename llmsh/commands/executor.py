@@ -311,7 +311,7 @@ async def execute(kernel: Any, code: str, *, client: str, out: Output, cwd: str 
 
 def _client_metadata(out: Output, key: str, kind: type) -> Any:
     """A field of the execute_request's metadata (the request the Output answers: its `parent`), if of `kind`."""
-    parent = getattr(out, "parent", None) or getattr(out, "_parent", None)
+    parent = getattr(out, "parent", None)
     meta = parent.get("metadata") if isinstance(parent, dict) else None
     value = meta.get(key) if isinstance(meta, dict) else None
     return value if isinstance(value, kind) else None

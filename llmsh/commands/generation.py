@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import time
 from typing import Any
 
@@ -37,13 +38,10 @@ SAMPLING_ARGS = (
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty", "ignore_eos")
 
 
-def intermixed(name: str, args: argparse.Namespace) -> tuple[str, str]:
-    """Options may follow the prompt (`run 3 hello --seed 1`): re-parse the remainder; returns (target, prompt).
-
-    argparse cannot mix a PID positional, a free-form prompt and options in one pass, so the spec takes everything
-    after the first positional as `words` and this second pass (`parse_intermixed_args`) sorts it out; `--` ends the
-    options, for prompts that start with '-'.
-    """
+@functools.cache
+def _intermixed_parser(name: str) -> argparse.ArgumentParser:
+    """The second-pass parser of `name`: its options (defaults suppressed, so only given ones are set) and `words`.
+    Built once per command: the registry does not change after import."""
     from llmsh.commands.registry import REGISTRY, ArgumentParser
 
     entry = REGISTRY.require(name)
@@ -54,7 +52,17 @@ def intermixed(name: str, args: argparse.Namespace) -> tuple[str, str]:
     if entry.structured:
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     p.add_argument("words", nargs="*", metavar="PID|NAME PROMPT")  # shown in the usage of a bad option
-    ns = p.parse_intermixed_args(args.words)
+    return p
+
+
+def intermixed(name: str, args: argparse.Namespace) -> tuple[str, str]:
+    """Options may follow the prompt (`run 3 hello --seed 1`): re-parse the remainder; returns (target, prompt).
+
+    argparse cannot mix a PID positional, a free-form prompt and options in one pass, so the spec takes everything
+    after the first positional as `words` and this second pass (`parse_intermixed_args`) sorts it out; `--` ends the
+    options, for prompts that start with '-'.
+    """
+    ns = _intermixed_parser(name).parse_intermixed_args(args.words)
     for key, value in vars(ns).items():
         if key == "stop":
             value = [*(args.stop or []), *value]

@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from llmsh.commands.processes import complete_procs
 from llmsh.commands.registry import CommandError, Context, arg, command
 from llmsh.fmt import human_bytes, table
 from llmsh.kernel.table import Entry
@@ -22,10 +23,8 @@ def _entry(ctx: Context, ref: str) -> Entry:
 
 
 def _complete_procs(ctx: Context, words: Sequence[str], prefix: str) -> list[str]:
-    if words:
-        return []
-    table = ctx.kernel.services.table
-    return [str(e.pid) for e in table] + [e.name for e in table]
+    """Every PID and name for the first argument (the process); nothing after it (keepalive's DURATION)."""
+    return [] if words else complete_procs(ctx, words, prefix)
 
 
 def _pct(x: float | None) -> str:

@@ -51,15 +51,16 @@ class Output:
     """Contract B's `Output` for one execute_request: stream → iopub `stream`, result → `execute_result`,
     display → `display_data`."""
 
-    __slots__ = ("_kernel", "_parent", "_count", "_silent")
+    __slots__ = ("_kernel", "parent", "_count", "_silent")
 
     def __init__(self, kernel: Kernel, parent: dict[str, Any], count: int, silent: bool) -> None:
-        self._kernel, self._parent, self._count, self._silent = kernel, parent, count, silent
+        self._kernel, self._count, self._silent = kernel, count, silent
+        self.parent = parent  # the request answered: the executor reads its metadata (the client's cwd)
 
     def stream(self, name: str, text: str) -> None:
         """Send `text` as an iopub `stream` message named stdout or stderr."""
         if text and not self._silent:
-            self._kernel.publish("stream", {"name": "stderr" if name == "stderr" else "stdout", "text": text}, self._parent)
+            self._kernel.publish("stream", {"name": "stderr" if name == "stderr" else "stdout", "text": text}, self.parent)
 
     def result(self, data: Any, text: str) -> None:
         """Send an `execute_result` with text/plain and application/json."""
@@ -67,12 +68,12 @@ class Output:
             return
         bundle = {"text/plain": text, "application/json": _jsonable(data)}
         content = {"data": bundle, "metadata": {}, "execution_count": self._count}
-        self._kernel.publish("execute_result", content, self._parent)
+        self._kernel.publish("execute_result", content, self.parent)
 
     def display(self, bundle: dict[str, Any]) -> None:
         """Send a `display_data` (e.g. load progress, which the shell draws as a bar and Jupyter shows as text)."""
         if not self._silent:
-            self._kernel.publish("display_data", {"data": bundle, "metadata": {}, "transient": {}}, self._parent)
+            self._kernel.publish("display_data", {"data": bundle, "metadata": {}, "transient": {}}, self.parent)
 
 
 # ----------------------------------------------------------------- execute and complete (tasks of their own)

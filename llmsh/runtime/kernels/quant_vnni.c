@@ -160,15 +160,16 @@ static inline __attribute__((always_inline)) void dot_q8q4(int type, const uint8
         for (long m = 0; m < M; m++) y[r * ldr + m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-/* Q4_K's 8 six-bit scales (bytes 0..7) and mins (8..15) from its 12 packed bytes (get_scale_min_k4's packing) */
-static inline void q4k_scales(const uint8_t *p, uint8_t out[16]) {
-    uint32_t u0, u1, u2, s[4];
+/* Q4_K's 8 six-bit scales (bytes 0..7) and mins (8..15) from its 12 packed bytes (get_scale_min_k4's packing).
+ * Built in a register: four 4-byte stores read back as one 16-byte load cannot be store-forwarded (a stall each
+ * super-block). */
+static inline __m128i q4k_scales(const uint8_t *p) {
+    uint32_t u0, u1, u2;
     memcpy(&u0, p, 4), memcpy(&u1, p + 4, 4), memcpy(&u2, p + 8, 4);
-    s[0] = u0 & 0x3f3f3f3fu;                                             /* sc 0..3 */
-    s[1] = (u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4);          /* sc 4..7 */
-    s[2] = u1 & 0x3f3f3f3fu;                                             /* m 0..3 */
-    s[3] = ((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4);   /* m 4..7 */
-    memcpy(out, s, 16);
+    return _mm_setr_epi32((int)(u0 & 0x3f3f3f3fu),                                       /* sc 0..3 */
+                          (int)((u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)),  /* sc 4..7 */
+                          (int)(u1 & 0x3f3f3f3fu),                                       /* m 0..3 */
+                          (int)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)));   /* m 4..7 */
 }
 
 /* word lanes [v[a] x 16 | v[b] x 16] of the 16-bit words v */
@@ -195,18 +196,17 @@ typedef struct {
 static inline __attribute__((always_inline)) void unpack_k(int type, const uint8_t *blk, ksb *k) {
     const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
     if (type == Q4_K) {
-        uint8_t s[16];
-        q4k_scales(blk + 4, s);
+        __m128i s = q4k_scales(blk + 4);
         k->d = f16_to_f32(rd16(blk));
         k->doff = -f16_to_f32(rd16(blk + 2));
-        __m512i s16 = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)s)));
+        __m512i s16 = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(s));
         const __m512i shift = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_setzero_si512(), _mm512_set1_epi16(4));
         for (int j = 0; j < 4; j++) {        /* [32 bytes, 32 bytes >> 4]: sub-blocks 2j | 2j+1 */
             __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j)));
             k->w[j] = _mm512_and_si512(_mm512_srlv_epi16(v, shift), low4);
             k->sc[j] = spread2(s16, 2 * j, 2 * j + 1);
         }
-        k->off = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(s + 8)));      /* mins, lanes 0..7 */
+        k->off = _mm512_cvtepu8_epi32(_mm_srli_si128(s, 8));                          /* mins, lanes 0..7 */
         return;
     }
     k->d = f16_to_f32(rd16(blk + 208));
@@ -250,18 +250,25 @@ static inline __attribute__((always_inline)) void load_kx(int type, const xq8 *x
     o->d = x->d[m * (x->K / QK_K) + b];
 }
 
-/* acc[0..2] += this super-block's products: [0] the high plane (x 256 later), [1] the low plane, [2] offsets */
-static inline __attribute__((always_inline)) void dot_ksb(const ksb *k, const kx *xs, __m512 acc[3]) {
+/* acc += this super-block's products: [0] the planes, [1] the offsets, [2] Q6_K's low plane. Q4_K joins the planes
+ * as integers, 256 h + l (a lane's plane sum is at most 4 x 2 x 63 x 2 x 15 x 128 ~ 1.9e6, so 256 h + l < 2^31): one
+ * convert and one multiply-add instead of two. Q6_K's 6-bit weights and signed 8-bit scales (~1.6e7) would overflow,
+ * so its planes stay apart in floats. */
+static inline __attribute__((always_inline)) void dot_ksb(int type, const ksb *k, const kx *xs, __m512 acc[3]) {
     __m512i ah = _mm512_setzero_si512(), al = _mm512_setzero_si512();
     for (int j = 0; j < 4; j++) {
         ah = _mm512_dpwssd_epi32(ah, _mm512_maddubs_epi16(k->w[j], xs->h[j]), k->sc[j]);
         al = _mm512_dpwssd_epi32(al, _mm512_maddubs_epi16(k->w[j], xs->l[j]), k->sc[j]);
     }
     __m512 dd = _mm512_set1_ps(k->d * xs->d);
-    acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ah), dd, acc[0]);
-    acc[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(al), dd, acc[1]);
-    acc[2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(xs->sums, k->off)),
-                             _mm512_set1_ps(k->doff * xs->d), acc[2]);
+    if (type == Q4_K) {
+        acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ah, 8), al)), dd, acc[0]);
+    } else {
+        acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ah), dd, acc[0]);                  /* (x 256 at the end) */
+        acc[2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(al), dd, acc[2]);
+    }
+    acc[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(xs->sums, k->off)),
+                             _mm512_set1_ps(k->doff * xs->d), acc[1]);
 }
 
 /* Q4_K or Q6_K rows (K-quants: x in groups of 256, one per super-block). With R rows (batch 1) x's side of a
@@ -289,14 +296,14 @@ static inline __attribute__((always_inline)) void dot_k(int type, const uint8_t 
             unpack_k(type, blk, &k);
             for (long m = 0; m < M; m++) {
                 if (M > 1) load_kx(type, x, m, b, &xs);
-                dot_ksb(&k, &xs, acc[r][m]);
+                dot_ksb(type, &k, &xs, acc[r][m]);
             }
         }
     }
     for (int r = 0; r < R; r++)
         for (long m = 0; m < M; m++) {
-            __m512 t = _mm512_fmadd_ps(acc[r][m][0], _mm512_set1_ps(256.0f), _mm512_add_ps(acc[r][m][1], acc[r][m][2]));
-            y[r * ldr + m] = _mm512_reduce_add_ps(t);
+            __m512 planes = type == Q4_K ? acc[r][m][0] : _mm512_fmadd_ps(acc[r][m][0], _mm512_set1_ps(256.0f), acc[r][m][2]);
+            y[r * ldr + m] = _mm512_reduce_add_ps(_mm512_add_ps(planes, acc[r][m][1]));
         }
 }
 
