@@ -5,7 +5,8 @@ GGUF (BF16, Q8_0, Q4_0, Q4_K_M: Q4_K with Q6_K attn_v/ffn_down/output, as llama.
 the gguf package. For each type and thread count both engines are timed alternately (best of --repeats):
   decode: batch-1 steps after a 16-token prompt, greedy argmax outside the timing (llama.cpp: `eval([token])`,
           llmsh: `Model.decode_step`), tokens/s; and the fraction of the memory-bandwidth limit this reaches
-          (weight bytes read per token / copy bandwidth, read + write bytes as STREAM counts);
+          (weight bytes read per token / read bandwidth: the same threads summing a buffer of the file's size,
+          capped at 1 GiB; a decode step only reads weights, so this is its physical limit, not a copy's read + write);
   prompt: 512 prompt tokens through the model (llama.cpp `eval` with n_batch=512, llmsh `Model.prefill`), tokens/s;
   load:   from a warm page cache to the first token's logits (llama.cpp `Llama(...)` + one eval, llmsh `load` + one
           prefill), seconds, and the file bytes / load time against the memcpy bandwidth of a buffer that size.
@@ -117,6 +118,21 @@ def copy_bandwidth(nbytes: int, repeats: int = 3) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
     return 2 * nbytes / best
+
+
+def read_bandwidth(nbytes: int, threads: int, repeats: int = 3) -> float:
+    """Bytes/s `threads` threads read summing a float32 buffer of nbytes (best of repeats): a weight stream's limit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    buf = torch.ones(nbytes // 4)
+    buf.sum()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    return 4 * (nbytes // 4) / best
 
 
 def warm(path: Path) -> None:
@@ -239,9 +255,9 @@ def main() -> int:
                         del eng
                         gc.collect()
                 a, b = res["llmsh"], res["llama.cpp"]
-                limit = bw / 2 / a["read"]                         # tok/s if every weight byte streams once
+                limit = read_bandwidth(min(size, 1 << 30), t) / a["read"]     # tok/s if every weight byte streams once
                 print(f"{kind:7s} t={t}: decode llmsh {a['decode']:6.2f} tok/s, llama.cpp {b['decode']:6.2f} "
-                      f"({a['decode'] / b['decode']:.2f}x; of the bandwidth limit {limit:.1f} tok/s: llmsh "
+                      f"({a['decode'] / b['decode']:.2f}x; of the read-bandwidth limit {limit:.1f} tok/s: llmsh "
                       f"{a['decode'] / limit:.2f}, llama.cpp {b['decode'] / limit:.2f}) | prompt {pp}: "
                       f"{a['prompt']:6.1f} vs {b['prompt']:6.1f} tok/s ({a['prompt'] / b['prompt']:.2f}x) | load "
                       f"{a['load']:.2f} s vs {b['load']:.2f} s (llmsh {size / a['load'] / (bw / 2):.2f} of memcpy)",
