@@ -17,6 +17,7 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -276,7 +277,8 @@ def _copy_out(file: SafetensorsFile, key: str, src: torch.Tensor, transposed: bo
     if src.dim() == 0 or src.numel() == 0:
         return out.copy_(src)
     if not transposed and out.dtype == src.dtype and out.device.type == "cpu" and out.is_contiguous():
-        file.read_raw(key, memoryview(out.view(torch.uint8).reshape(-1).numpy()).cast("B"))   # no conversion: pread
+        raw: Any = out.view(torch.uint8).reshape(-1).numpy()              # (a numpy array exposes the buffer)
+        file.read_raw(key, memoryview(raw).cast("B"))                     # no conversion: pread
         return out
     row_bytes = src[0].numel() * src.element_size()
     rows = max(1, COPY_CHUNK // max(row_bytes, 1))
