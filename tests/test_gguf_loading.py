@@ -205,3 +205,26 @@ def test_layout_entries_of_deleted_files_are_removed(make_tiny_model, tmp_path: 
     a.unlink()
     load(str(b))                                          # writing b's entry drops a's, whose file is gone
     assert not a_entry & entries() and len(entries() - before) == 1
+
+
+def test_a_quantized_embedding_is_decoded_once_then_mapped(make_tiny_model, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float parameter the file stores quantized (the token embedding of a Q8_0 file) is decoded on the first
+    load only: later loads map the cached decode (decoding it was half of a 1.1B Q4_0 file's load)."""
+    from llmsh.runtime import quant
+
+    path = convert(make_tiny_model("llama"), tmp_path / "q.gguf", T.Q8_0)
+    ids = list(range(3, 30))
+    first = load(str(path))
+    assert first.checkpoint.stored_type("tok_embeddings.weight") == "Q8_0"
+    key = first.checkpoint.layout_name("tok_embeddings.weight")
+    assert key is not None
+    want = first.forward(ids)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded the embedding again instead of mapping the cached one")
+
+    monkeypatch.setattr(quant, "dequantize", no_decoding)
+    again = load(str(path))
+    torch.testing.assert_close(again.forward(ids), want, atol=0, rtol=0)
+    assert again.module.tok_embeddings.weight.data_ptr() == again.checkpoint.layout.tensor(key).data_ptr()
