@@ -165,6 +165,31 @@ def test_page_in_reuses_the_buffers_of_an_evicted_page_of_the_same_layout(pager:
     assert pager.proc(1).resident_bytes + pager.proc(2).resident_bytes == 12 * KB
 
 
+def test_a_switch_refills_the_big_page_from_the_big_page_however_far_down_the_order(pager: Pager) -> None:
+    """GPT-2's shape: a big embedding page that the tied head touches again last, and many small blocks. Switching
+    models, the embedding comes in first: it must refill the other model's embedding, not free five of its blocks
+    first (they come in again as fresh allocations, ~4x slower to fill than a refill) and then take it anyway."""
+    pager.set_budget("cpu", 30 * KB)
+    a, b = TensorSource([10 * KB] + [2 * KB] * 10, seed=41), TensorSource([10 * KB] + [2 * KB] * 10, seed=42)
+    x = torch.ones(8)
+    ref = {id(a): a.forward(x), id(b): b.forward(x)}
+    pager.attach(1, a)
+    pager.attach(2, b)
+
+    def request(src: TensorSource) -> None:
+        assert torch.equal(src.forward(x), ref[id(src)])
+        assert src.hook is not None
+        src.hook(0)                                       # the tied head reads the embedding's matrix again
+
+    for _ in range(2):
+        request(a), request(b)
+    reads = a.reads + b.reads
+    for _ in range(3):
+        request(a), request(b)
+    assert a.reads + b.reads == reads                     # every page-in since refilled an evicted page's buffers
+    assert pager.used["cpu"] <= 30 * KB
+
+
 def test_priority_eviction_order(pager: Pager) -> None:
     pager.set_budget("cpu", 12 * KB)
     hi, lo, mid = TensorSource([2 * KB] * 2, seed=4), TensorSource([2 * KB] * 2, seed=5), TensorSource([2 * KB] * 2, seed=6)

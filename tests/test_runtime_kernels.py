@@ -359,3 +359,16 @@ def test_every_kernel_library_compiles(source: str, tmp_path) -> None:
     line and decodes through torch ops, which every other test would still pass."""
     path = kernels.build(kernels.compiler(), tmp_path, kernels.FLAGS, kernels.SOURCE.with_name(source))
     assert ctypes.CDLL(str(path))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (16, 16), (37, 70), (130, 17), (64, 200)])
+def test_transpose_matches_torch(dtype, rows, cols, lib):
+    """lm_transpose (loading and paging in (out, in) checkpoint matrices): whole 16 x 16 blocks and the edges, into
+    a slice of a wider matrix (a fused q|k|v part), bit for bit."""
+    src = torch.randn(rows, cols + 3).to(dtype)[:, :cols]                   # rows cols + 3 apart
+    out = torch.zeros(cols, rows + 5, dtype=dtype)
+    assert lib.lm_transpose(src.data_ptr(), rows, cols, src.stride(0), out[:, 2:].data_ptr(), out.stride(0),
+                            src.element_size()) == 0
+    assert torch.equal(out[:, 2:2 + rows], src.t()) and not out[:, :2].any() and not out[:, 2 + rows:].any()
+    assert lib.lm_transpose(src.data_ptr(), rows, cols, src.stride(0), out.data_ptr(), out.stride(0), 8) == -1
