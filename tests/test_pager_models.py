@@ -246,3 +246,37 @@ def test_a_renice_racing_the_end_of_a_load_does_not_fail_it(make_tiny_model: Cal
     assert proc.state.value == "ready", proc.reason
     assert proc.pid in pager.procs
     pager.close()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_step_with_every_page_resident_runs_in_one_call(family: str, make_tiny_model: Callable[..., Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the pager, a decode step whose pages are all resident holds them all at once and runs as without a
+    pager (no hook and C call per layer); a step missing a page goes layer by layer, paging in as it goes. Both give
+    the all-resident tokens."""
+    m = _load(make_tiny_model(family))
+    if m.fast_decode is None:
+        pytest.skip("no C kernels here (no compiler)")
+    ref = m.generate(PROMPTS, **GREEDY)
+    pager = Pager({"cpu": 4 * m.weight_bytes()}, prefetch=False)
+    try:
+        pager.attach(1, ModelSource(m))
+        per_page: list[int] = []
+        held: list[bool] = []
+        real_ensure, real_hold_all = pager.ensure, pager.hold_all
+        monkeypatch.setattr(pager, "ensure", lambda pid, i: per_page.append(i) or real_ensure(pid, i))
+        monkeypatch.setattr(pager, "hold_all", lambda pid: held.append(real_hold_all(pid)) or held[-1])
+        assert m.generate(PROMPTS, **GREEDY) == ref
+        steps = len(held)
+        assert steps >= GREEDY["max_tokens"] - 1 and all(held)              # every decode step in one call
+        # only the prefills went page by page (a tied head touches the embedding twice); 15 decode steps page by
+        # page would have added 15 passes
+        assert len(per_page) <= len(PROMPTS) * (len(m.pages()) + 1)
+        assert pager.proc(1).stats.misses == 0
+        pager.page_out(1)                                 # every page out: the prefill pages in layer by layer
+        per_page.clear()
+        held.clear()
+        assert m.generate(PROMPTS, **GREEDY) == ref
+        assert pager.proc(1).stats.misses > 0 and len(per_page) >= len(m.pages()) and all(held)
+    finally:
+        pager.close()

@@ -45,6 +45,13 @@ def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr()
 
 
+def holds_every_page(hook: Any) -> bool:
+    """Whether a page hook (the pager's) has every page of the model resident and held for this step (then the
+    step may run in one call instead of a hook and a call per layer); False without a hook or where it cannot."""
+    hold_all = getattr(hook, "hold_all", None)
+    return bool(hold_all is not None and hold_all())
+
+
 def for_model(model: Any) -> FastDecoder | None:
     """A decoder for model, or None where the kernels do not apply (device, dtype, family, no compiler)."""
     net, cfg = model.module, model.config
@@ -96,6 +103,8 @@ class FastDecoder:
         scratch = torch.empty(self.lib.lm_scratch_floats(B, step.dim, step.n_head, step.n_kv, step.head_dim,
                                                           step.hidden, step.max_seq, threads))
         step.scratch = scratch.data_ptr()
+        if holds_every_page(hook):
+            hook = None                   # every page resident and held for this step: one call, as without a pager
         if hook:
             hook(0)
         x = self.embed(torch.tensor(tokens), pos_t)

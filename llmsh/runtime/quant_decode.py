@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from llmsh.runtime import gpt2, llama, quant
+from llmsh.runtime.fast_decode import holds_every_page
 from llmsh.runtime.kernels import MAX_HEAD_DIM, Layer
 from llmsh.runtime.kv_cache import KVCache
 
@@ -109,6 +110,8 @@ class QuantDecoder:
         scratch = torch.empty(self.lib.lm_scratch_floats(B, step.dim, step.n_head, step.n_kv, step.head_dim,
                                                           step.hidden, step.max_seq, threads))
         step.scratch = scratch.data_ptr()
+        if holds_every_page(hook):
+            hook = None                   # every page resident and held for this step: one call, as without a pager
         if hook:
             hook(0)
         x = fam.embed(torch.tensor(tokens), pos_t)

@@ -18,7 +18,6 @@ swaps done under the lock.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -151,7 +150,7 @@ class Pager:
                 return_freed_memory_to_os()
             self._check(device)
         if hook:
-            source.set_hook(functools.partial(self.ensure, pid))
+            source.set_hook(PageHook(self, pid))
         if locked:
             self.mlock(pid)
         return proc
@@ -195,6 +194,25 @@ class Pager:
             self.proc(pid).keep_alive = seconds
 
     # ---- the hot path --------------------------------------------------------------------------------------
+    def hold_all(self, pid: int) -> bool:
+        """If every page of `pid` is resident, hold them all for this thread's step (as `ensure` holds one page) and
+        return True, so that the model may run the whole step in one call; else do nothing and return False."""
+        proc = self.procs.get(pid)
+        if proc is None:
+            return False
+        with self._cond:
+            if any(e.state != IN for e in proc.entries):
+                return False
+            self.evictor.use(threading.get_ident(), {(pid, e.index) for e in proc.entries})
+            self._cond.notify_all()  # the pages this thread held before may be evicted now
+            proc.last_active = time.monotonic()
+            proc.released_idle = False
+            for e in proc.entries:
+                self.tick += 1
+                e.last_used = self.tick
+                self.ledger.hit(proc)
+        return True
+
     def ensure(self, pid: int, index: int) -> None:
         """Make page `index` of `pid` resident before its modules run (called from the model's page hook)."""
         proc = self.procs.get(pid)
@@ -492,3 +510,19 @@ class Pager:
         """Stop the prefetch thread."""
         if self.prefetcher is not None:
             self.prefetcher.stop()
+
+
+class PageHook:
+    """What a model calls before running a page (`hook(index)`: page it in and hold it), and, where it can run a
+    whole step at once, before the step (`hook.hold_all()`: True if every page is resident and now held). A batch-1
+    step of GPT-2 paged layer by layer cost ~1.5-3 ms more than one call over all layers (a Python hook and a C call
+    per layer), 10-20 % of the step."""
+
+    def __init__(self, pager: Pager, pid: int) -> None:
+        self.pager, self.pid = pager, pid
+
+    def __call__(self, index: int) -> None:
+        self.pager.ensure(self.pid, index)
+
+    def hold_all(self) -> bool:
+        return self.pager.hold_all(self.pid)
