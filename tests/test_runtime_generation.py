@@ -150,3 +150,23 @@ def test_prefill_of_mixed_lengths_equals_one_prompt_at_a_time(gpt2):
     assert [together.length(s) for s in slots] == [len(p) for p in prompts]
     steps = [gpt2.decode_step(c, list(range(5)), [7] * 5) for c in (together, alone)]
     torch.testing.assert_close(steps[0], steps[1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_request_waits_while_the_batch_is_full(gpt2):
+    """More requests than slots: the extra one waits (no error) and starts when a slot frees, with the same tokens
+    as alone."""
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    alone = Sequence(gpt2, gpt2.tokenizer.encode("two"), params)
+    solo = BatchGenerator(gpt2, max_batch=1, max_seq_len=32)
+    solo.add(alone)
+    while solo.has_work:
+        solo.step()
+    gen = BatchGenerator(gpt2, max_batch=1, max_seq_len=32)
+    first, second = (Sequence(gpt2, gpt2.tokenizer.encode(t), params) for t in ("one", "two"))
+    gen.add(first)
+    gen.step()
+    gen.add(second)                                       # the only slot is taken
+    while gen.has_work:
+        gen.step()
+    assert first.finished == second.finished == "length"
+    assert second.token_ids == alone.token_ids

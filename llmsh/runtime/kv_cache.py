@@ -87,7 +87,7 @@ class KVCache:
         """Rows the buffers need once `joining` more slots are taken (the lowest free ones, as `alloc` takes)."""
         used = self.used_slots()
         rows = used[-1] + 1 if used else 0
-        if joining:
+        if joining and self._free:                     # (a full cache: the joiners wait, nothing grows)
             rows = max(rows, sorted(self._free)[min(joining, len(self._free)) - 1] + 1)
         return rows
 
