@@ -7,6 +7,7 @@ materialised when it runs, so a paging bug shows up as a failed forward or a wro
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -318,6 +319,40 @@ def test_prefetch_overlaps_and_keeps_output() -> None:
             assert torch.equal(b.forward(x), ref_b)
         assert pager.totals.prefetched > 0
         assert max(u for _, u, _ in seen) <= 10 * KB
+    finally:
+        pager.close()
+
+
+def test_prefetch_reads_ahead_while_the_engine_reads_the_first_page() -> None:
+    """A model coming back from disk: while the engine thread reads the page it needs now, the prefetch thread is
+    already reading the next ones (it was queued before the engine's read, not after)."""
+    pager = Pager({"cpu": 12 * KB}, prefetch=True)
+    try:
+        a, b = TensorSource([3 * KB] * 4, seed=21), TensorSource([3 * KB] * 4, seed=22)
+        x = torch.ones(8)
+        ref_a = a.forward(x)
+        pager.attach(1, a)
+        pager.attach(2, b)
+        b.forward(x)                                      # a is paged out
+        in_flight, most = 0, 0
+        guard = threading.Lock()
+        real_read = a.read
+
+        def read(index, device, **kw):
+            nonlocal in_flight, most
+            with guard:
+                in_flight += 1
+                most = max(most, in_flight)
+            try:
+                time.sleep(0.05)                          # a read long enough for the other thread to start one
+                return real_read(index, device, **kw)
+            finally:
+                with guard:
+                    in_flight -= 1
+
+        a.read = read  # type: ignore[method-assign]
+        assert torch.equal(a.forward(x), ref_a)
+        assert most >= 2
     finally:
         pager.close()
 

@@ -1,4 +1,4 @@
-"""The prefetch thread: while the engine computes page i of a model, read page i+1 (…i+depth) in.
+"""The prefetch thread: while the engine reads or computes page i of a model, read pages i+1 … i+depth in.
 
 On CPU the thread reads the mmap'd safetensors into fresh tensors (the copy runs without the GIL, so it overlaps
 the matmuls); on CUDA it copies from pinned host memory on a side stream and records an event the compute stream
