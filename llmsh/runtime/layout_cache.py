@@ -7,7 +7,8 @@ the file takes milliseconds. So the first load of a float GGUF file writes the m
 safetensors file under the user cache directory (paths.cache_dir()/layout), and later loads of the unchanged file
 (same real path, size, mtime, inode and device: hash_cache.identity) map that file instead: zero-copy views from
 the page cache, as for a safetensors checkpoint. A changed file gets a new entry and the old one is removed, as are
-entries whose file is gone (each names its source in its metadata); an unwritable cache only costs the rebuild. Quantized matrices need none of this: they are used as the file has them; a float parameter stored quantized (an
+entries whose file is gone (each names its source in its metadata); an unwritable cache only costs the rebuild.
+Quantized matrices need none of this: they are used as the file has them; a float parameter stored quantized (an
 embedding) is decoded once and cached like the rest.
 """
 

@@ -30,7 +30,7 @@ from llmsh.engine.paging.eviction import Evictor
 from llmsh.engine.paging.kv import KVManager
 from llmsh.engine.paging.memory import is_oom, recover_oom, return_freed_memory_to_os
 from llmsh.engine.paging.prefetch import Prefetcher
-from llmsh.engine.paging.sources import PageSource
+from llmsh.engine.paging.sources import PageHook, PageSource
 from llmsh.engine.paging.states import IN, LOADING, OUT, STAGED, PageInError, PagerError  # noqa: F401 (re-exported)
 from llmsh.engine.paging.table import HOST, Entry, Proc, Stats
 from llmsh.engine.paging.transfer import DeviceCopies
@@ -210,10 +210,7 @@ class Pager:
         with self._cond:
             if any(e.state != IN for e in proc.entries):
                 return False
-            self.evictor.use(threading.get_ident(), {(pid, e.index) for e in proc.entries})
-            self._cond.notify_all()  # the pages this thread held before may be evicted now
-            proc.last_active = time.monotonic()
-            proc.released_idle = False
+            self._hold(proc, {(pid, e.index) for e in proc.entries})
             for e in proc.entries:
                 self.tick += 1
                 e.last_used = self.tick
@@ -229,14 +226,18 @@ class Pager:
         if self.prefetcher is not None:  # first: the next pages are read while this thread reads this one
             self.prefetcher.after(proc, index)
         with self._cond:
-            # pages in use by this step (this page and what it reads) are protected until this thread moves on
-            self.evictor.use(threading.get_ident(), {(pid, d) for d in e.deps} | {(pid, index)})
-            self._cond.notify_all()  # the page this thread computed before may be evicted now
-            proc.last_active = time.monotonic()
-            proc.released_idle = False
+            self._hold(proc, {(pid, d) for d in e.deps} | {(pid, index)})    # this page and what it reads
             for d in e.deps:
                 self._ensure_locked(proc.entries[d], (pid, index))
             self._ensure_locked(e, (pid, index))
+
+    def _hold(self, proc: Proc, keys: set[tuple[int, int]]) -> None:
+        """The pages this thread's step uses now (lock held): protected until it moves on; the ones it held before
+        may be evicted again."""
+        self.evictor.use(threading.get_ident(), keys)
+        self._cond.notify_all()
+        proc.last_active = time.monotonic()
+        proc.released_idle = False
 
     def _ensure_locked(self, e: Entry, requester: tuple[int, int]) -> None:
         proc = e.proc
@@ -518,18 +519,3 @@ class Pager:
         if self.prefetcher is not None:
             self.prefetcher.stop()
 
-
-class PageHook:
-    """What a model calls before running a page (`hook(index)`: page it in and hold it), and, where it can run a
-    whole step at once, before the step (`hook.hold_all()`: True if every page is resident and now held). A batch-1
-    step of GPT-2 paged layer by layer cost ~1.5-3 ms more than one call over all layers (a Python hook and a C call
-    per layer), 10-20 % of the step."""
-
-    def __init__(self, pager: Pager, pid: int) -> None:
-        self.pager, self.pid = pager, pid
-
-    def __call__(self, index: int) -> None:
-        self.pager.ensure(self.pid, index)
-
-    def hold_all(self) -> bool:
-        return self.pager.hold_all(self.pid)

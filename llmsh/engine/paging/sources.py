@@ -1,4 +1,5 @@
-"""Where pages come from and go to: the `PageSource` protocol and its adapter for runtime models.
+"""Where pages come from and go to: the `PageSource` protocol, its adapter for runtime models, and the `PageHook`
+that models call into the pager with.
 
 The pager never touches a model's modules itself; it asks a source to read a page's tensors from their home
 (the mmap'd safetensors), to install tensors as the page's parameters, and to release them. The runtime model
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
+
+    from llmsh.engine.paging.core import Pager
 
 
 @dataclass(frozen=True)
@@ -125,3 +128,19 @@ class ModelSource:
 
     def set_hook(self, fn: Callable[[int], None] | None) -> None:
         self.model.set_page_hook(fn)
+
+
+class PageHook:
+    """What a model calls before running a page (`hook(index)`: page it in and hold it), and, where it can run a
+    whole step at once, before the step (`hook.hold_all()`: True if every page is resident and now held). A batch-1
+    step of GPT-2 paged layer by layer cost ~1.5-3 ms more than one call over all layers (a Python hook and a C call
+    per layer), 10-20 % of the step."""
+
+    def __init__(self, pager: "Pager", pid: int) -> None:
+        self.pager, self.pid = pager, pid
+
+    def __call__(self, index: int) -> None:
+        self.pager.ensure(self.pid, index)
+
+    def hold_all(self) -> bool:
+        return self.pager.hold_all(self.pid)
