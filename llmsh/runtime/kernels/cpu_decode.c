@@ -112,74 +112,81 @@ static void reorder(float *y, long M, long ncols, long ldy, int how) {
 }
 
 /* ---- y (M, N) [+]= x (M, K) @ W (K, N) + bias ------------------------------------------------------------------
- * One row (batch-1 decode) is memory-bound: the aim is to stream the weights at the copy bandwidth. PANEL weight
- * rows are read together, each sequentially (measured on a 1-core AVX-512 VM: 8 rows 0.88, 16 rows 0.92, 32 rows
- * 0.6 of the copy bandwidth; bf16 takes 8 or 16 by the row's length, gemv_bf16); y is loaded and stored once per panel, and two accumulators keep two FMA chains in
- * flight. bf16 rows also prefetch 256 bytes ahead, and near a row's end the start of the next panel's rows (which
- * the hardware prefetcher cannot guess: they are PANEL rows away): the hardware prefetcher alone left narrow (768-1280
- * column) bf16 matrices at ~0.7 of the copy bandwidth; prefetching within rows only raised them to ~0.8, and
- * running on into the next panel to 0.94-1.0 (Llama-110M's 768x768 and 2048x768 in a decode step). It gained nothing
- * for float32 (PREFETCH 0). The prefetch past the last panel reads beyond the matrix, harmless for a prefetch. */
-#define PANEL 16
+ * One row (batch-1 decode) is memory-bound: the aim is to stream the weights at the memory bandwidth. A panel of
+ * PANEL weight rows is read together, 64 bytes of each row a step; y is loaded and stored once per panel, and two
+ * accumulators keep two FMA chains in flight. What decides the speed is the prefetch: while a panel runs, each load
+ * is paired with a software prefetch of the next panel's lines in address order (its rows x this slice's columns,
+ * one line per line consumed, so the next panel is in L2 when it starts). The hardware prefetcher alone, or software
+ * prefetches a fixed distance along each row, left the narrow matrices cold at each panel's start: their rows are
+ * 2 KB, a panel's 16 of them are 16 short streams. Measured on Qwen3-0.6B's shapes (28 layers of bf16 weights
+ * streamed from memory, one thread, a 2-core Zen 4 VM whose memcpy moves ~22 GB/s counting read + write): the
+ * narrow o and down projections (1024 columns) from 15-17 to 24-25 GB/s, the wide ones (4096-6144) from 21-24 to
+ * 25-26, float32 from 21.6 to 24 GB/s; 8-row panels beat 4 and 16 in both dtypes, and prefetching into L1 instead
+ * of L2, or the next panel's rows column by column instead of in address order, were no faster than before. */
+#define PANEL 8
 
-#define DEFINE_GEMV(name, T, vload, cvt, PREFETCH)                                                            \
-    static void name(const float *restrict x, long K, const T *restrict w, long ld, long N,                   \
-                     float *restrict y) {                                                                     \
-        for (long i0 = 0; i0 < K; i0 += PANEL) {                                                              \
-            const T *W = w + i0 * ld;                                                                         \
-            if (K - i0 < PANEL) {                                                                             \
-                for (long r = 0; r < K - i0; r++)                                                             \
-                    for (long j = 0; j < N; j++) y[j] += x[i0 + r] * cvt(W[r * ld + j]);                       \
-                break;                                                                                        \
-            }                                                                                                 \
-            vf xb[PANEL];                                                                                     \
-            for (int r = 0; r < PANEL; r++) xb[r] = x[i0 + r] - (vf){0};      /* broadcast: x - 0 is x */     \
-            long j = 0;                                                                                       \
-            for (; j + VL <= N; j += VL) {                                                                    \
-                vf a0 = *(const vf *)(y + j), a1 = {0};                                                       \
-                /* PREFETCH columns ahead; past the row's end, the same rows of the next panel */             \
-                const T *ahead = j + PREFETCH < N ? W + j + PREFETCH : W + PANEL * ld + (j + PREFETCH - N);      \
-                for (int r = 0; r < PANEL; r += 2) {                                                          \
-                    if (PREFETCH) __builtin_prefetch(ahead + r * ld);                                          \
-                    if (PREFETCH) __builtin_prefetch(ahead + (r + 1) * ld);                                    \
-                    a0 += xb[r] * vload(W + r * ld + j);                                                       \
-                    a1 += xb[r + 1] * vload(W + (r + 1) * ld + j);                                             \
-                }                                                                                             \
-                *(vf *)(y + j) = a0 + a1;                                                                     \
-            }                                                                                                 \
-            for (; j < N; j++)                                                                                \
-                for (int r = 0; r < PANEL; r++) y[j] += x[i0 + r] * cvt(W[r * ld + j]);                       \
-        }                                                                                                     \
+/* The next panel's lines, in address order: `next` its first row, `lpr` lines per row of this slice */
+typedef struct { const char *next; long ld_bytes, lpr, row, col; } ahead;
+
+static inline ahead ahead_of(const void *next, long ld_bytes, long row_bytes) {
+    return (ahead){(const char *)next, ld_bytes, (row_bytes + 63) / 64, 0, 0};
+}
+
+static inline void prefetch_next(ahead *a) {            /* one line further; past the matrix's end it is harmless */
+    __builtin_prefetch(a->next + a->row * a->ld_bytes + a->col * 64, 0, 2);
+    if (++a->col == a->lpr) {
+        a->col = 0;
+        a->row++;
     }
+}
 
-DEFINE_GEMV(gemv_f32, float, vload_f32, F32, 0)
+/* y[0:N] += x[0:rows] @ W[0:rows, 0:N] (float32 weights, rows <= 2 * PANEL) */
+static inline __attribute__((always_inline)) void gemv_f32_panel(const float *restrict x, const float *restrict W,
+                                                                   long ld, long N, long rows, float *restrict y) {
+    vf xb[2 * PANEL];
+    for (long r = 0; r < rows; r++) xb[r] = x[r] - (vf){0};               /* broadcast: x - 0 is x */
+    ahead a = ahead_of(W + rows * ld, ld * 4, N * 4);
+    long j = 0;
+    for (; j + VL <= N; j += VL) {
+        vf a0 = vload_f32(y + j), a1 = {0};
+        for (long r = 0; r < rows; r += 2) {
+            prefetch_next(&a);
+            a0 += xb[r] * vload_f32(W + r * ld + j);
+            if (r + 1 < rows) {
+                prefetch_next(&a);
+                a1 += xb[r + 1] * vload_f32(W + (r + 1) * ld + j);
+            }
+        }
+        *(vf *)(y + j) = a0 + a1;
+    }
+    for (; j < N; j++)
+        for (long r = 0; r < rows; r++) y[j] += x[r] * W[r * ld + j];
+}
 
-/* The one-row product over bf16 weights: as above (a panel of rows, two accumulator chains, prefetch into the
- * next panel), 32 columns (a cache line of each row) a step, in pairs. Qwen3-0.6B-shaped matrices, one thread, a
- * 2-core Zen 4 VM, the model's own (mmap'd) weights: 16 columns a step widened with vpmovzxwd read ~20 GB/s from
- * the wide matrices (4096-6144 columns) where in pairs they read ~22-23 at 8 rows a panel (~20.5 at 16); the narrow
- * ones (1024-1152 columns: 2 KB rows) read faster at 16 rows (16-18.5 GB/s against 14.5-16.5 at 8), and at 2048
- * columns 8 rows were faster again. Row-sequential orders (1-8 rows over all columns), 4-row panels and longer
- * prefetch distances (256-1024 bytes, or whole rows ahead) were all slower. */
-#ifndef PREFETCH_BF16
-#define PREFETCH_BF16 128
-#endif
+static void gemv_f32(const float *restrict x, long K, const float *restrict w, long ld, long N, float *restrict y) {
+    long i0 = 0;
+    for (; i0 + PANEL <= K; i0 += PANEL) gemv_f32_panel(x + i0, w + i0 * ld, ld, N, PANEL, y);
+    if (i0 < K) gemv_f32_panel(x + i0, w + i0 * ld, ld, N, K - i0, y);
+}
+
+/* The one-row product over bf16 weights: as above, 32 columns (a cache line of each row) a step, read in pairs: 32
+ * bf16 loaded as 16 32-bit lanes widen with one integer op per 16 weights (even_bf16, odd_bf16) where vpmovzxwd
+ * took two, so the sums come out even | odd and y is kept in that order while the product runs (reorder). */
 static inline __attribute__((always_inline)) void gemv_bf16_panel(const float *restrict x, const bf16 *restrict W,
                                                                     long ld, long N, long full, long rows,
                                                                     float *restrict y) {
-    vf xb[16];
+    vf xb[2 * PANEL];
     for (long r = 0; r < rows; r++) xb[r] = x[r] - (vf){0};               /* broadcast: x - 0 is x */
+    ahead a = ahead_of(W + rows * ld, ld * 2, N * 2);
     for (long j = 0; j < full; j += 2 * VL) {
         vf e0 = vload_f32(y + j), o0 = vload_f32(y + j + VL), e1 = {0}, o1 = {0};
-        /* PREFETCH_BF16 columns ahead; past the row's end, the same rows of the next panel */
-        const bf16 *ahead = j + PREFETCH_BF16 < N ? W + j + PREFETCH_BF16 : W + rows * ld + (j + PREFETCH_BF16 - N);
         for (long r = 0; r < rows; r += 2) {
-            __builtin_prefetch(ahead + r * ld);
+            prefetch_next(&a);
             vu u = *(const vu_any *)(W + r * ld + j);
             e0 += xb[r] * even_bf16(u);
             o0 += xb[r] * odd_bf16(u);
             if (r + 1 < rows) {
-                __builtin_prefetch(ahead + (r + 1) * ld);
+                prefetch_next(&a);
                 vu v = *(const vu_any *)(W + (r + 1) * ld + j);
                 e1 += xb[r + 1] * even_bf16(v);
                 o1 += xb[r + 1] * odd_bf16(v);
@@ -195,10 +202,7 @@ static inline __attribute__((always_inline)) void gemv_bf16_panel(const float *r
 static void gemv_bf16(const float *restrict x, long K, const bf16 *restrict w, long ld, long N, float *restrict y) {
     long full = N - N % (2 * VL), i0 = 0;
     reorder(y, 1, full, N, TO_PAIRS);
-    if (N < 2048)                                                          /* rows of this slice under 4 KB */
-        for (; i0 + 16 <= K; i0 += 16) gemv_bf16_panel(x + i0, w + i0 * ld, ld, N, full, 16, y);
-    else
-        for (; i0 + 8 <= K; i0 += 8) gemv_bf16_panel(x + i0, w + i0 * ld, ld, N, full, 8, y);
+    for (; i0 + PANEL <= K; i0 += PANEL) gemv_bf16_panel(x + i0, w + i0 * ld, ld, N, full, PANEL, y);
     if (i0 < K) gemv_bf16_panel(x + i0, w + i0 * ld, ld, N, full, K - i0, y);
     reorder(y, 1, full, N, FROM_PAIRS);
 }
@@ -290,7 +294,8 @@ DEFINE_GEMM(gemm_bf16, bf16, LOADW_BF16_PAIRS, bf16_to_f32, 1)      /* y in pair
  * float32); one row (gemv_bf16) is memory-bound and keeps x in float32. Pairs run along K: x is packed once per
  * call as (x[k], x[k+1]) pairs (xp), and rows k, k+1 of W are interleaved in registers (vpunpck{l,h}wd), which puts
  * each 32 columns in DOT order; y stays in that order while the product runs. The tiles are gemm's (MR x NR
- * vectors of y in registers over KC rows of W). Measured XXX. */
+ * vectors of y in registers over KC rows of W). Gemma 2-shaped linears at 16 rows: 255 ms with the pairs GEMM, 136 ms
+ * with these, oneDNN's bf16 matmul 156 ms in the same run. */
 #include <immintrin.h>
 #define HAVE_BF16_DOT 1
 #define DEFINE_MICRO_DOT(name, ROWS)                                                                         \
@@ -981,15 +986,17 @@ static inline void block_2(const uint16_t *src, long ld_src, uint16_t *dst, long
     for (int j = 0; j < 16; j++)
         _mm256_storeu_si256((__m256i *)(dst + j * ld_dst), _mm512_cvtepi32_epi16(_mm512_castps_si512(r[j])));
 }
-#define BLOCK(size, src, lds, dst, ldd) (size == 2 ? block_2(src, lds, dst, ldd) : block_4(src, lds, dst, ldd))
+#define BLOCK_2 block_2
+#define BLOCK_4 block_4
 #define HAVE_BLOCK 1
 #else
 #define HAVE_BLOCK 0
-#define BLOCK(size, src, lds, dst, ldd) ((void)0)
+#define BLOCK_2(src, lds, dst, ldd) ((void)0)
+#define BLOCK_4(src, lds, dst, ldd) ((void)0)
 #endif
 
 #define TILE 64                                            /* 16 x 16 blocks in 64 x 64 tiles: both sides in L1 */
-#define DEFINE_TRANSPOSE(name, T, SIZE)                                                                        \
+#define DEFINE_TRANSPOSE(name, T, BLOCK)                                                                        \
     static void name(const T *restrict src, long rows, long cols, long ld_src, T *restrict dst, long ld_dst) { \
         for (long i0 = 0; i0 < rows; i0 += TILE)                                                               \
             for (long j0 = 0; j0 < cols; j0 += TILE) {                                                         \
@@ -997,13 +1004,13 @@ static inline void block_2(const uint16_t *src, long ld_src, uint16_t *dst, long
                 long bi = HAVE_BLOCK ? i0 + (i1 - i0) / 16 * 16 : i0, bj = HAVE_BLOCK ? j0 + (j1 - j0) / 16 * 16 : j0; \
                 for (long i = i0; i < bi; i += 16)                                                             \
                     for (long j = j0; j < bj; j += 16)                                                         \
-                        BLOCK(SIZE, src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);               \
+                        BLOCK(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);                     \
                 for (long j = j0; j < j1; j++)                                 /* the edges */                 \
                     for (long i = (j < bj ? bi : i0); i < i1; i++) dst[j * ld_dst + i] = src[i * ld_src + j];  \
             }                                                                                                  \
     }
-DEFINE_TRANSPOSE(transpose_2, uint16_t, 2)
-DEFINE_TRANSPOSE(transpose_4, uint32_t, 4)
+DEFINE_TRANSPOSE(transpose_2, uint16_t, BLOCK_2)
+DEFINE_TRANSPOSE(transpose_4, uint32_t, BLOCK_4)
 
 /* 0 on success, -1 for an element size other than 2 or 4 */
 int lm_transpose(const void *src, long rows, long cols, long ld_src, void *dst, long ld_dst, int size) {
