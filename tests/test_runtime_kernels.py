@@ -59,7 +59,8 @@ def _bf(dtype: torch.dtype) -> int:
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,N", [(1, 64, 96), (1, 37, 4099), (2, 130, 33), (3, 16, 1), (4, 200, 700), (7, 45, 130),
-                                   (16, 70, 8200), (1, 45, 160), (5, 33, 130), (12, 131, 300)])
+                                   (16, 70, 8200), (1, 45, 160), (5, 33, 130), (12, 131, 300),
+                                   (1, 300, 1000), (1, 1003, 37)])  # (one row, K split between threads)
 def test_linear_matches_torch(dtype, M, K, N, threads, lib):
     g = torch.Generator().manual_seed(M * K + N)
     x, w, b = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g).to(dtype), torch.randn(N, generator=g)
