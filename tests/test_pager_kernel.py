@@ -96,17 +96,21 @@ def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., 
     c = _ok(k, f"load {big} --name c2")["data"]["pid"]  # now a gives way (the failed c stays listed until reaped)
     assert _state(k, c) == "ready"
 
-    # KV budget (kv=80KiB): a's request alone needs ~80 KiB, b's ~40 KiB; caches grow by blocks of 64 positions
+    # KV budget (kv=80KiB): a's model's request alone needs ~80 KiB, b's ~40 KiB; caches grow by blocks of 64 positions
     # while the budget allows (a takes 64 KiB at once, b 32 KiB). Run together, b (nice 10) either waits for room
     # (a started first) or is preempted — swapped to host — when a outgrows what b leaves; either way both
     # answers are the greedy texts, and nothing is cut short
     long = "Once upon a time there was a little model that could generate text"
     want = [load(f).generate([long], max_tokens=48, temperature=0, ignore_eos=True)[0] for f in folders]
     opts = f"--max-tokens 48 --temperature 0 --ignore-eos '{long}'"
-    # both queued while stopped, then continued together: the two requests overlap whatever the machine's speed
-    # (one execute: `> FILE` is written by the client of the command that started the job)
-    _ok(k, f"kill -STOP a b; run a {opts} > {tmp_path}/a.txt & run b {opts} > {tmp_path}/b.txt & "
-           "sleep 2; kill -CONT a b; wait", timeout=120)
+    # Two fresh processes (x as a, y as b), both queued while stopped, then continued together: CFS wakes both at
+    # the run queue's minimum vruntime, so y's first step comes right after x's, while x's request is still running,
+    # whatever the machine's speed. (With a and b, b's vruntime — charged at nice 10 by the runs above — was ahead
+    # of a's by more than a's whole request, so CFS ran a's request to its end before b's first step.)
+    # One execute: `> FILE` is written by the client of the command that started the job.
+    _ok(k, f"load {folders[0]} --name x; load {folders[1]} --name y --nice 10")
+    _ok(k, f"kill -STOP x y; run x {opts} > {tmp_path}/a.txt & run y {opts} > {tmp_path}/b.txt & "
+           "sleep 2; kill -CONT x y; wait", timeout=120)
     assert (tmp_path / "a.txt").read_text().rstrip("\n") == want[0]
     assert (tmp_path / "b.txt").read_text().rstrip("\n") == want[1]
     kv = _ok(k, "mem --json")["data"]["kv"]

@@ -292,6 +292,7 @@ async def kill_cmd(ctx: Context, args: argparse.Namespace) -> int:
     errors: list[str] = []
     rows: list[dict[str, Any]] = []
     waited: list[Entry] = []
+    procs: list[Entry] = []
     for ref in args.targets:
         if ref.startswith("%"):
             jobs = services.jobs
@@ -311,11 +312,19 @@ async def kill_cmd(ctx: Context, args: argparse.Namespace) -> int:
             rows.append({"job": job.id, "signal": sig, "delivered": jobs.cancel(job)})
             continue
         try:
-            proc = services.procs.resolve(ref)
-            state = await services.procs.signal(proc, sig, grace=args.grace)
+            procs.append(services.procs.resolve(ref))
         except KernelError as e:
             errors.append(str(e))
+    # the processes get the signal together, as kill(1) delivers it to each PID at once: one engine round trip
+    # for all of them rather than one each (`kill -CONT a b` resumes both within the same moment)
+    states = await asyncio.gather(*(services.procs.signal(p, sig, grace=args.grace) for p in procs),
+                                  return_exceptions=True)
+    for proc, state in zip(procs, states):
+        if isinstance(state, KernelError):
+            errors.append(str(state))
             continue
+        if isinstance(state, BaseException):
+            raise state
         rows.append({"pid": proc.pid, "name": proc.name, "signal": sig, "state": state})
         waited.append(proc)
     if args.wait and sig in ("TERM", "KILL"):
