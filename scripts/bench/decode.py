@@ -76,6 +76,13 @@ What the profiles (torch.profiler, cProfile) showed and what moved the numbers:
   - Gemma 2/3 run the one shared layer loop (lm_layers with Step.gemma), the soft cap vectorised in the shared
     attention (libm's tanhf per score before); a MoE step without a pager is one C call (lm_moe_layers) instead of
     ~3 Python-driven calls per layer, the same floats as the per-expert calls the pager needs.
+- batch-1 GEMV prefetch (issue 18, same VM): with 16-row panels and prefetches a fixed distance along each row, the
+  narrow matrices (1024 columns: 2 KB rows) read at 15-17 GB/s, the wide ones 21-24. Pairing each load with a
+  prefetch of the next 8-row panel's lines in address order reads both at 24-26 GB/s (float32 21.6 -> 24): Qwen3
+  bf16 batch-1 went from 0.80 to 0.96 of the limit in the same hour. At 2 threads one row now splits K between
+  threads (each a contiguous run of rows) instead of the columns: ~29-31 -> ~32-33 GB/s on 1.1B-Llama shapes.
+  The copy bandwidth this VM measures swings between ~19 and ~28 GB/s from one minute to the next, so one run's
+  fraction of the limit moves by as much (Qwen3 bf16 0.75-0.96 over three runs at the same ~22 tok/s).
 - what is left at batch 1: prefill (16 tokens through torch's GEMMs, ~3-4% of the bf16 runs) and the sampling and
   detokenising around each step (~0.3 ms a token).
 """
