@@ -11,7 +11,8 @@ the gguf package. For each type and thread count both engines are timed alternat
   load:   from a warm page cache to the first token's logits (llama.cpp `Llama(...)` + one eval, llmsh `load` + one
           prefill), seconds, and the file bytes / load time against the memcpy bandwidth of a buffer that size. The
           first llmsh load of each file, which writes its layout cache once (a quantized embedding decoded, matrices
-          reshaped), is printed apart and not in the ratio: the timed loads are the ones a user makes every day.
+          reshaped) and may compile the C kernels for this CPU (~5 s, once per machine and source version), is
+          printed apart and not in the ratio: the timed loads are the ones a user makes every day.
 Ratios are llmsh / llama.cpp (load: llama.cpp time / llmsh time, so > 1 means llmsh is faster everywhere).
 
 llama-cpp-python is not a dependency: install it with
@@ -245,8 +246,8 @@ def main() -> int:
             first_s, eng = timed_load(Llmsh, path, threads[0])   # once per file: llmsh's layout cache is built
             del eng
             gc.collect()
-            print(f"{kind:7s} llmsh's first load of the file (decodes a quantized embedding or reshapes matrices "
-                  f"once, into its layout cache): {first_s:.2f} s", flush=True)
+            print(f"{kind:7s} llmsh's first load of the file (once: writes its layout cache, and compiles the C "
+                  f"kernels if this machine has not yet): {first_s:.2f} s", flush=True)
             for t in threads:
                 torch.set_num_threads(t)
                 warm(path)
