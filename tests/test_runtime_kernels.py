@@ -363,7 +363,7 @@ def test_every_kernel_library_compiles(source: str, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16])
-@pytest.mark.parametrize("rows,cols", [(1, 1), (16, 16), (37, 70), (130, 17), (64, 200)])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (16, 16), (37, 70), (130, 17), (64, 200), (2500, 70), (1030, 33)])  # (bands of 1024)
 def test_transpose_matches_torch(dtype, rows, cols, lib):
     """lm_transpose (loading and paging in (out, in) checkpoint matrices): whole 16 x 16 blocks and the edges, into
     a slice of a wider matrix (a fused q|k|v part), bit for bit."""
