@@ -96,7 +96,7 @@ def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., 
     c = _ok(k, f"load {big} --name c2")["data"]["pid"]  # now a gives way (the failed c stays listed until reaped)
     assert _state(k, c) == "ready"
 
-    # KV budget (kv=80KiB): a's model's request alone needs ~80 KiB, b's ~40 KiB; caches grow by blocks of 64 positions
+    # KV budget (kv=80KiB): a's request alone needs ~80 KiB, b's ~40 KiB; caches grow by blocks of 64 positions
     # while the budget allows (a takes 64 KiB at once, b 32 KiB). Run together, b (nice 10) either waits for room
     # (a started first) or is preempted — swapped to host — when a outgrows what b leaves; either way both
     # answers are the greedy texts, and nothing is cut short

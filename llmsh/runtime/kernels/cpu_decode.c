@@ -140,10 +140,10 @@ static inline void prefetch_next(ahead *a) {            /* one line further; pas
     }
 }
 
-/* y[0:N] += x[0:rows] @ W[0:rows, 0:N] (float32 weights, rows <= 2 * PANEL) */
+/* y[0:N] += x[0:rows] @ W[0:rows, 0:N] (float32 weights, rows <= PANEL) */
 static inline __attribute__((always_inline)) void gemv_f32_panel(const float *restrict x, const float *restrict W,
                                                                    long ld, long N, long rows, float *restrict y) {
-    vf xb[2 * PANEL];
+    vf xb[PANEL];
     for (long r = 0; r < rows; r++) xb[r] = x[r] - (vf){0};               /* broadcast: x - 0 is x */
     ahead a = ahead_of(W + rows * ld, ld * 4, N * 4);
     long j = 0;
@@ -175,7 +175,7 @@ static void gemv_f32(const float *restrict x, long K, const float *restrict w, l
 static inline __attribute__((always_inline)) void gemv_bf16_panel(const float *restrict x, const bf16 *restrict W,
                                                                     long ld, long N, long full, long rows,
                                                                     float *restrict y) {
-    vf xb[2 * PANEL];
+    vf xb[PANEL];
     for (long r = 0; r < rows; r++) xb[r] = x[r] - (vf){0};               /* broadcast: x - 0 is x */
     ahead a = ahead_of(W + rows * ld, ld * 2, N * 2);
     for (long j = 0; j < full; j += 2 * VL) {
@@ -421,15 +421,15 @@ void lm_linear(const float *x, long M, long K, const void *w, long N, const void
     if (!accumulate) memset(y, 0, (size_t)(M * N) * sizeof(float));
     long strip = NR * VL, strips = (N + strip - 1) / strip;
     long parts = n_threads < strips ? n_threads : strips;
-    if (M == 1 && n_threads > 1 && K >= 4 * PANEL * n_threads && gemv_split_rows(x, K, w, N, is_bf16, y, n_threads))
-        parts = 0;                                             /* done */
     uint32_t *xp = NULL;
 #ifdef __AVX512BF16__
     if (M > 1 && is_bf16) xp = bf16_pairs(x, M, K);           /* (NULL if out of memory: gemm_bf16 then) */
 #endif
-    if (parts == 1) {
+    if (M == 1 && n_threads > 1 && K >= 4 * PANEL * n_threads && gemv_split_rows(x, K, w, N, is_bf16, y, n_threads)) {
+        /* one row, K split between the threads: done */
+    } else if (parts <= 1) {
         linear_columns(x, xp, M, K, w, N, is_bf16, y, 0, N);
-    } else if (parts > 1) {
+    } else {
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
         for (long p = 0; p < parts; p++) {
             long j0 = strips * p / parts * strip, j1 = strips * (p + 1) / parts * strip;
