@@ -44,13 +44,17 @@ def test_bench_runs_and_prints_its_summary(script: str, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_peer_bench_runs_or_skips_in_one_line(tmp_path: Path) -> None:
-    """peer.py needs llama-cpp-python (not a dependency): without it, one line and exit 0; with it, the ratios."""
+    """peer.py needs llama-cpp-python (not a dependency): without it, one line and exit 0; with it, the ratios (or
+    one line per file that llama.cpp itself crashes on: its AMX path on some CPUs)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, str(BENCH / "peer.py"), "--quick", "--types", "q8_0", "--repeats", "1",
                         "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
     last = r.stdout.strip().splitlines()[-1]
     if last.startswith("peer: skipped"):
+        return
+    if "skipped: llama.cpp fails on this file" in r.stdout:
+        assert "decode_q8_0_t1=" not in r.stdout, last        # no ratios from a type that was not timed
         return
     keys = dict(kv.split("=", 1) for kv in last.split())
     assert {"decode_q8_0_t1", "prompt_q8_0_t1", "load_q8_0_t1"} <= set(keys), last

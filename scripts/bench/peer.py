@@ -18,6 +18,12 @@ Ratios are llmsh / llama.cpp (load: llama.cpp time / llmsh time, so > 1 means ll
 llama-cpp-python is not a dependency: install it with
   CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python
 (it compiles llama.cpp from source for this CPU). Without it the script prints one line and exits 0.
+On CPUs with AMX (Sapphire Rapids and later) llama.cpp 0.3.36 built that way segfaults in its AMX matrix product on
+the first eval of a Q8_0 file (ggml-org/llama.cpp#20824; seen here on an AMX Xeon). Each file is first tried in a
+child process; a file llama.cpp crashes on is reported in one line and skipped. Build without its AMX path (it
+then runs its AVX512-VNNI kernels, which keep its runtime repacking):
+  CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8" \
+      pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python
 Last line: key=value ratios per type (decode_<type>_t<threads>, prompt_…, load_…).
 Usage: python scripts/bench/peer.py [--quick] [--threads 1,2] [--types bf16,q8_0,q4_0,q4_k_m] [--f32]
 """
@@ -29,6 +35,8 @@ import gc
 import math
 import os
 import platform
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -204,6 +212,19 @@ class Llmsh:
         return len(ids) / (time.perf_counter() - t0)
 
 
+def llama_cpp_crash(path: Path, threads: int) -> str | None:
+    """Load the file and eval a few tokens in llama.cpp in a child process: None if that works, else how it died
+    (a crash there would otherwise take this whole run with it)."""
+    code = (f"import llama_cpp; m = llama_cpp.Llama({str(path)!r}, n_ctx=64, n_threads={threads}, "
+            f"n_threads_batch={threads}, verbose=False); m.eval([1, 2, 3]); m.eval([4])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return f"killed by {signal.Signals(-done.returncode).name}"
+    return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+
+
 def timed_load(cls: type, path: Path, threads: int) -> tuple[float, object]:
     gc.collect()
     t0 = time.perf_counter()
@@ -242,6 +263,12 @@ def main() -> int:
             path = write_gguf(Path(tmp) / f"peer-{kind}.gguf", shape, kind)
             size = path.stat().st_size
             bw = copy_bandwidth(min(size, 1 << 30))
+            crash = llama_cpp_crash(path, threads[0])
+            if crash:
+                print(f"{kind:7s} skipped: llama.cpp fails on this file ({crash}); on an AMX CPU, rebuild it without "
+                      "its AMX path (see this script's docstring)", flush=True)
+                path.unlink()
+                continue
             warm(path)
             first_s, eng = timed_load(Llmsh, path, threads[0])   # once per file: llmsh's layout cache is built
             del eng
