@@ -79,6 +79,30 @@ def test_linear_matches_torch(dtype, M, K, N, threads, lib):
     torch.testing.assert_close(y, residual + x_used @ w.float(), atol=1e-4 * math.sqrt(K), rtol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("M,K,N", [(2, 64, 64), (5, 33, 130), (16, 300, 1000), (16, 768, 2304), (3, 31, 8200)])
+def test_amx_tiles_give_the_dot_products_sums(M, K, N):
+    """On CPUs with AMX, several bf16 rows run on tiles (gemm_bf16_amx): the same bf16-rounded x and float sums as
+    the vdpbf16ps GEMM, in another order. Off, then on again, in one process."""
+    if not native.lm_amx(1):
+        pytest.skip("needs AMX (and a kernel that grants its tile state)")
+    g = torch.Generator().manual_seed(M + K + N)
+    x, w = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g).bfloat16()
+    residual = torch.randn(M, N, generator=g)
+    out = []
+    try:
+        for amx in (0, 1):
+            native.lm_amx(amx)
+            y = residual.clone()
+            native.lm_linear(x.data_ptr(), M, K, w.data_ptr(), N, None, 1, 1, y.data_ptr(), 2)
+            out.append(y)
+    finally:
+        native.lm_amx(1)
+    torch.testing.assert_close(out[1], out[0], atol=2e-6 * math.sqrt(K), rtol=1e-5)
+    torch.testing.assert_close(out[1], residual + x.bfloat16().float() @ w.float(), atol=1e-4 * math.sqrt(K),
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_norms_match_torch(dtype, lib):
     g = torch.Generator().manual_seed(0)

@@ -55,10 +55,11 @@ SIGNATURES = {
     "lm_expert": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _I, _P, _P, _I],
     "lm_rope_partial": [_P, _L, _L, _L, _L, _L, _P, _P, _P],
     "lm_bf16_dot": [],
+    "lm_amx": [_I],
     "lm_moe_layers": [_P, _P, _P, _L, _P, _P],
     "lm_transpose": [_P, _L, _L, _L, _P, _L, _I],
 }
-RESTYPES = {"lm_scratch_floats": _L, "lm_bf16_dot": _I, "lm_moe_layers": _I, "lm_transpose": _I}
+RESTYPES = {"lm_scratch_floats": _L, "lm_bf16_dot": _I, "lm_amx": _I, "lm_moe_layers": _I, "lm_transpose": _I}
 
 
 class Layer(ctypes.Structure):

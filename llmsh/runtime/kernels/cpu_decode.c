@@ -360,13 +360,16 @@ static void gemm_bf16_dot(const uint32_t *xp, long ldx, long M, long K, const bf
     reorder(y, M, full, ldy, FROM_DOT);
 }
 
-/* x (M, K) as bf16 pairs (M, (K + 1) / 2), the odd K's last pair padded with 0 */
+/* pairs a row of bf16_pairs holds: (K + 1) / 2 rounded up to 16 (one AMX tile row), the rest zeros */
+static long pairs_ld(long K) { return ((K + 1) / 2 + 15) & ~15L; }
+
+/* x (M, K) as bf16 pairs (M, pairs_ld(K)), zero-padded (an odd K's last pair too) */
 static uint32_t *bf16_pairs(const float *x, long M, long K) {
-    long ldx = (K + 1) / 2;
-    uint32_t *xp = malloc(sizeof(uint32_t) * (size_t)(M * ldx));
+    long ldx = pairs_ld(K);
+    uint32_t *xp = calloc((size_t)(M * ldx), sizeof(uint32_t));
     if (!xp) return NULL;
     for (long m = 0; m < M; m++)
-        for (long i = 0; i < ldx; i++) {
+        for (long i = 0; i < (K + 1) / 2; i++) {
             uint32_t lo = f32_to_bf16(x[m * K + 2 * i]), hi = 2 * i + 1 < K ? f32_to_bf16(x[m * K + 2 * i + 1]) : 0;
             xp[m * ldx + i] = lo | hi << 16;
         }
@@ -374,6 +377,102 @@ static uint32_t *bf16_pairs(const float *x, long M, long K) {
 }
 #else
 #define HAVE_BF16_DOT 0
+#endif
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__) && defined(__linux__)
+/* ---- several rows over bf16 weights on AMX tiles (Sapphire Rapids and later) ------------------------------------
+ * One tdpbf16ps multiplies a tile of up to 16 rows x 32 bf16 of x by 32 x 16 bf16 of W into 16 x 16 float sums:
+ * 8192 multiply-adds in ~16 cycles, where vdpbf16ps does 32 a cycle. At 16 rows the vdpbf16ps GEMM above is
+ * compute-bound (~36 GFLOP/s here, GPT-2 bf16 batch 16 at 0.65x transformers, whose oneDNN matmuls use AMX); with
+ * tiles the weights' memory stream is the bound again. Same numerics as gemm_bf16_dot: x rounded to bf16, float
+ * sums. W's tiles want rows k, k+1 interleaved (VNNI pairs): the pass below builds them for 128 rows x 512
+ * columns of W at a time in a 128 KB per-thread buffer (L2), with the same unpack as the dot GEMM, so y is in its
+ * DOT order here too, and four 16-column accumulator tiles cover 64 columns. Linux lends a process the 8 KB tile
+ * state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM); where that fails the dot GEMM runs. */
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+#define AMX_KC 128                          /* rows of W a pass: four B tiles' heights */
+#define AMX_NC 512                          /* columns of W a pass: eight 64-column strips */
+
+typedef struct __attribute__((packed)) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+static int amx_state = -1;                  /* -1: not asked yet, 0: off or refused, 1: on */
+
+/* Whether the AMX GEMM runs: want -1 asks, 0 turns it off, 1 on (if the kernel grants the tiles). */
+int lm_amx(int want) {
+    if (want == 0) amx_state = 0;
+    else if (want == 1 || amx_state < 0) amx_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                                             18 /* XFEATURE_XTILEDATA */) == 0;
+    return amx_state;
+}
+
+static __thread uint8_t *amx_buffer;        /* AMX_KC / 2 x AMX_NC pairs: the B tiles of one pass, per thread */
+
+/* y (M <= 16 rows, ldy apart) += x @ w over N columns (a multiple of 64), x as bf16_pairs (ldx); 0 (y untouched)
+ * if the thread's buffer cannot be allocated */
+static int gemm_bf16_amx(const uint32_t *xp, long ldx, long M, long K, const bf16 *w, long ld, long N, float *y,
+                         long ldy) {
+    if (!amx_buffer && !(amx_buffer = aligned_alloc(64, AMX_KC * AMX_NC * sizeof(bf16)))) return 0;
+    reorder(y, M, N, ldy, TO_DOT);
+    amx_config cfg = {.palette = 1};
+    for (int t = 0; t < 6; t++) {           /* 0: x, 1: W, 2-5: y */
+        cfg.rows[t] = (uint8_t)(t == 1 ? 16 : M);
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    for (long t0 = 0; t0 < N; t0 += AMX_NC) {
+        long nc = N - t0 < AMX_NC ? N - t0 : AMX_NC;
+        for (long k0 = 0; k0 < K; k0 += AMX_KC) {
+            long kc = K - k0 < AMX_KC ? K - k0 : AMX_KC, groups = (kc + 31) / 32;
+            /* tile (strip s, K group g, part c) at ((s * 4 + g) * 4 + c) KB: row r = rows k0 + 32 g + 2 r, + 1 */
+            for (long r2 = 0; r2 < groups * 16; r2++) {
+                long k = k0 + 2 * r2;
+                const bf16 *wa = w + k * ld + t0, *wb = wa + ld;
+                for (long q = 0; q < nc / 32; q++) {
+                    __m512i a = k < K ? _mm512_loadu_si512(wa + 32 * q) : _mm512_setzero_si512();
+                    __m512i b = k + 1 < K ? _mm512_loadu_si512(wb + 32 * q) : _mm512_setzero_si512();
+                    uint8_t *tile = amx_buffer + (((q / 2) * 4 + r2 / 16) * 4 + 2 * (q % 2)) * 1024 + (r2 % 16) * 64;
+                    _mm512_store_si512(tile, _mm512_unpacklo_epi16(a, b));
+                    _mm512_store_si512(tile + 1024, _mm512_unpackhi_epi16(a, b));
+                }
+            }
+            for (long s = 0; s < nc / 64; s++) {
+                float *ys = y + t0 + 64 * s;
+                _tile_loadd(2, ys, ldy * 4);
+                _tile_loadd(3, ys + 16, ldy * 4);
+                _tile_loadd(4, ys + 32, ldy * 4);
+                _tile_loadd(5, ys + 48, ldy * 4);
+                for (long g = 0; g < groups; g++) {
+                    const uint8_t *tiles = amx_buffer + (s * 4 + g) * 4 * 1024;
+                    _tile_loadd(0, xp + (k0 + 32 * g) / 2, ldx * 4);
+                    _tile_loadd(1, tiles, 64);
+                    _tile_dpbf16ps(2, 0, 1);
+                    _tile_loadd(1, tiles + 1024, 64);
+                    _tile_dpbf16ps(3, 0, 1);
+                    _tile_loadd(1, tiles + 2048, 64);
+                    _tile_dpbf16ps(4, 0, 1);
+                    _tile_loadd(1, tiles + 3072, 64);
+                    _tile_dpbf16ps(5, 0, 1);
+                }
+                _tile_stored(2, ys, ldy * 4);
+                _tile_stored(3, ys + 16, ldy * 4);
+                _tile_stored(4, ys + 32, ldy * 4);
+                _tile_stored(5, ys + 48, ldy * 4);
+            }
+        }
+    }
+    _tile_release();
+    reorder(y, M, N, ldy, FROM_DOT);
+    return 1;
+}
+#else
+#define HAVE_AMX 0
+int lm_amx(int want) { (void)want; return 0; }
 #endif
 
 /* 1 if bf16 products of several rows round x to bf16 (bf16 dot products, see gemm_bf16_dot); Python's tests ask */
@@ -385,9 +484,17 @@ static void linear_columns(const float *x, const uint32_t *xp, long M, long K, c
         gemv_bf16(x, K, (const bf16 *)w + j0, N, j1 - j0, y + j0);
     else if (M == 1)
         gemv_f32(x, K, (const float *)w + j0, N, j1 - j0, y + j0);
+#if HAVE_AMX
+    else if (is_bf16 && xp && M <= 16 && amx_state == 1 && j1 - j0 >= 64 &&          /* whole 64-column strips */
+             gemm_bf16_amx(xp, pairs_ld(K), M, K, (const bf16 *)w + j0, N, (j1 - j0) & ~63L, y + j0, N)) {
+        long full = (j1 - j0) & ~63L;
+        if (full < j1 - j0)
+            gemm_bf16_dot(xp, pairs_ld(K), M, K, (const bf16 *)w + j0 + full, N, j1 - j0 - full, y + j0 + full, N);
+    }
+#endif
 #ifdef __AVX512BF16__
     else if (is_bf16 && xp)
-        gemm_bf16_dot(xp, (K + 1) / 2, M, K, (const bf16 *)w + j0, N, j1 - j0, y + j0, N);
+        gemm_bf16_dot(xp, pairs_ld(K), M, K, (const bf16 *)w + j0, N, j1 - j0, y + j0, N);
 #endif
     else if (is_bf16)
         gemm_bf16(x, M, K, (const bf16 *)w + j0, N, j1 - j0, y + j0, N);
@@ -424,6 +531,9 @@ void lm_linear(const float *x, long M, long K, const void *w, long N, const void
     uint32_t *xp = NULL;
 #ifdef __AVX512BF16__
     if (M > 1 && is_bf16) xp = bf16_pairs(x, M, K);           /* (NULL if out of memory: gemm_bf16 then) */
+#endif
+#if HAVE_AMX
+    if (xp && amx_state < 0) lm_amx(-1);                       /* asked once, before any thread needs it */
 #endif
     if (M == 1 && n_threads > 1 && K >= 4 * PANEL * n_threads && gemv_split_rows(x, K, w, N, is_bf16, y, n_threads)) {
         /* one row, K split between the threads: done */
