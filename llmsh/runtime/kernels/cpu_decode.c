@@ -1152,10 +1152,28 @@ static inline void block_2(const uint16_t *src, long ld_src, uint16_t *dst, long
 DEFINE_TRANSPOSE(transpose_2, uint16_t, BLOCK_2)
 DEFINE_TRANSPOSE(transpose_4, uint32_t, BLOCK_4)
 
+/* Staged: STAGE source rows at a time are transposed into an aligned (cols, STAGE) buffer (L2), and each of its
+ * rows is then copied to its place with memcpy. Written directly, a destination whose rows are not 64-byte aligned
+ * (GPT-2's vocabulary of 50257: most rows) makes most 64-byte stores split across two lines: on a Sapphire Rapids
+ * Xeon that took GPT-2's embedding to ~170 ms (~70 ms with aligned rows); staged, ~58 ms, about the copy speed
+ * of its 150 MiB. */
+#define STAGE 128
+
 /* 0 on success, -1 for an element size other than 2 or 4 */
 int lm_transpose(const void *src, long rows, long cols, long ld_src, void *dst, long ld_dst, int size) {
-    if (size == 2) transpose_2(src, rows, cols, ld_src, dst, ld_dst);
-    else if (size == 4) transpose_4(src, rows, cols, ld_src, dst, ld_dst);
-    else return -1;
+    if (size != 2 && size != 4) return -1;
+    char *stage = rows > STAGE ? aligned_alloc(64, (size_t)(cols * STAGE * size)) : NULL;
+    for (long b0 = 0; b0 < rows; b0 += stage ? STAGE : rows) {
+        long n = stage && rows - b0 > STAGE ? STAGE : rows - b0;
+        const char *from = (const char *)src + b0 * ld_src * size;
+        char *to = stage ? stage : (char *)dst;
+        long ld_to = stage ? STAGE : ld_dst;
+        if (size == 2) transpose_2((const uint16_t *)from, n, cols, ld_src, (uint16_t *)to, ld_to);
+        else transpose_4((const uint32_t *)from, n, cols, ld_src, (uint32_t *)to, ld_to);
+        if (stage)
+            for (long j = 0; j < cols; j++)
+                memcpy((char *)dst + (j * ld_dst + b0) * size, stage + j * STAGE * size, (size_t)(n * size));
+    }
+    free(stage);
     return 0;
 }
