@@ -324,7 +324,7 @@ DEFINE_MICRO_DOT(gemm_dot_2, 2)
 DEFINE_MICRO_DOT(gemm_dot_3, 3)
 DEFINE_MICRO_DOT(gemm_dot_4, 4)
 
-/* y (M, N, rows ldy apart) += x @ w as gemm_bf16, x given as its bf16 pairs xp (M rows of ldx = (K + 1) / 2) */
+/* y (M, N, rows ldy apart) += x @ w as gemm_bf16, x given as its bf16 pairs xp (M rows ldx = pairs_ld(K) apart) */
 static void gemm_bf16_dot(const uint32_t *xp, long ldx, long M, long K, const bf16 *w, long ld, long N, float *y,
                           long ldy) {
     long strip = NR * VL, full = N - N % strip;
@@ -386,9 +386,9 @@ static uint32_t *bf16_pairs(const float *x, long M, long K) {
  * compute-bound (~36 GFLOP/s here, GPT-2 bf16 batch 16 at 0.65x transformers, whose oneDNN matmuls use AMX); with
  * tiles the weights' memory stream is the bound again. Same numerics as gemm_bf16_dot: x rounded to bf16, float
  * sums. W's tiles want rows k, k+1 interleaved (VNNI pairs): the pass below builds them for 128 rows x 512
- * columns of W at a time in a 128 KB per-thread buffer (L2), with the same unpack as the dot GEMM, so y is in its
- * DOT order here too, and four 16-column accumulator tiles cover 64 columns. Linux lends a process the 8 KB tile
- * state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM); where that fails the dot GEMM runs. */
+ * columns of W at a time in a 128 KB buffer (L2; one per call and thread), with the same unpack as the dot GEMM,
+ * so y is in its DOT order here too, and four 16-column accumulator tiles cover 64 columns. Linux lends the 8 KB
+ * tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM); where that fails the dot GEMM runs. */
 #include <sys/syscall.h>
 #include <unistd.h>
 #define HAVE_AMX 1
@@ -401,24 +401,27 @@ typedef struct __attribute__((packed)) {
     uint8_t rows[16];
 } amx_config;
 
-static int amx_state = -1;                  /* -1: not asked yet, 0: off or refused, 1: on */
+static int amx_state = -1;                  /* -1: not asked yet, 0: off or refused, 1: on (atomic: ctypes calls
+                                               may come from several Python threads at once) */
 
 /* Whether the AMX GEMM runs: want -1 asks, 0 turns it off, 1 on (if the kernel grants the tiles). */
 int lm_amx(int want) {
-    if (want == 0) amx_state = 0;
-    else if (want == 1 || amx_state < 0) amx_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                                             18 /* XFEATURE_XTILEDATA */) == 0;
-    return amx_state;
+    if (want == 0) __atomic_store_n(&amx_state, 0, __ATOMIC_RELAXED);
+    else if (want == 1 || __atomic_load_n(&amx_state, __ATOMIC_RELAXED) < 0)
+        __atomic_store_n(&amx_state, syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                             18 /* XFEATURE_XTILEDATA */) == 0, __ATOMIC_RELAXED);
+    return __atomic_load_n(&amx_state, __ATOMIC_RELAXED);
 }
 
-static __thread uint8_t *amx_buffer;        /* AMX_KC / 2 x AMX_NC pairs: the B tiles of one pass, per thread */
 
 /* y (M <= 16 rows, ldy apart) += x @ w over N columns (a multiple of 64), x as bf16_pairs (ldx); 0 (y untouched)
  * if the thread's buffer cannot be allocated */
 static int gemm_bf16_amx(const uint32_t *xp, long ldx, long M, long K, const bf16 *w, long ld, long N, float *y,
                          long ldy) {
-    if (!amx_buffer && !(amx_buffer = aligned_alloc(64, AMX_KC * AMX_NC * sizeof(bf16)))) return 0;
+    uint8_t *amx_buffer = aligned_alloc(64, AMX_KC * AMX_NC * sizeof(bf16));   /* the B tiles of one pass */
+    if (!amx_buffer) return 0;
     reorder(y, M, N, ldy, TO_DOT);
+    __asm__ volatile("" ::: "memory");      /* GCC's _tile_loadd does not say it reads memory: y, then W's tiles */
     amx_config cfg = {.palette = 1};
     for (int t = 0; t < 6; t++) {           /* 0: x, 1: W, 2-5: y */
         cfg.rows[t] = (uint8_t)(t == 1 ? 16 : M);
@@ -432,15 +435,15 @@ static int gemm_bf16_amx(const uint32_t *xp, long ldx, long M, long K, const bf1
             /* tile (strip s, K group g, part c) at ((s * 4 + g) * 4 + c) KB: row r = rows k0 + 32 g + 2 r, + 1 */
             for (long r2 = 0; r2 < groups * 16; r2++) {
                 long k = k0 + 2 * r2;
-                const bf16 *wa = w + k * ld + t0, *wb = wa + ld;
                 for (long q = 0; q < nc / 32; q++) {
-                    __m512i a = k < K ? _mm512_loadu_si512(wa + 32 * q) : _mm512_setzero_si512();
-                    __m512i b = k + 1 < K ? _mm512_loadu_si512(wb + 32 * q) : _mm512_setzero_si512();
+                    __m512i a = k < K ? _mm512_loadu_si512(w + k * ld + t0 + 32 * q) : _mm512_setzero_si512();
+                    __m512i b = k + 1 < K ? _mm512_loadu_si512(w + (k + 1) * ld + t0 + 32 * q) : _mm512_setzero_si512();
                     uint8_t *tile = amx_buffer + (((q / 2) * 4 + r2 / 16) * 4 + 2 * (q % 2)) * 1024 + (r2 % 16) * 64;
                     _mm512_store_si512(tile, _mm512_unpacklo_epi16(a, b));
                     _mm512_store_si512(tile + 1024, _mm512_unpackhi_epi16(a, b));
                 }
             }
+            __asm__ volatile("" ::: "memory");
             for (long s = 0; s < nc / 64; s++) {
                 float *ys = y + t0 + 64 * s;
                 _tile_loadd(2, ys, ldy * 4);
@@ -467,6 +470,7 @@ static int gemm_bf16_amx(const uint32_t *xp, long ldx, long M, long K, const bf1
         }
     }
     _tile_release();
+    free(amx_buffer);
     reorder(y, M, N, ldy, FROM_DOT);
     return 1;
 }
@@ -485,7 +489,7 @@ static void linear_columns(const float *x, const uint32_t *xp, long M, long K, c
     else if (M == 1)
         gemv_f32(x, K, (const float *)w + j0, N, j1 - j0, y + j0);
 #if HAVE_AMX
-    else if (is_bf16 && xp && M <= 16 && amx_state == 1 && j1 - j0 >= 64 &&          /* whole 64-column strips */
+    else if (is_bf16 && xp && M <= 16 && __atomic_load_n(&amx_state, __ATOMIC_RELAXED) == 1 && j1 - j0 >= 64 &&
              gemm_bf16_amx(xp, pairs_ld(K), M, K, (const bf16 *)w + j0, N, (j1 - j0) & ~63L, y + j0, N)) {
         long full = (j1 - j0) & ~63L;
         if (full < j1 - j0)
@@ -533,7 +537,7 @@ void lm_linear(const float *x, long M, long K, const void *w, long N, const void
     if (M > 1 && is_bf16) xp = bf16_pairs(x, M, K);           /* (NULL if out of memory: gemm_bf16 then) */
 #endif
 #if HAVE_AMX
-    if (xp && amx_state < 0) lm_amx(-1);                       /* asked once, before any thread needs it */
+    if (xp && __atomic_load_n(&amx_state, __ATOMIC_RELAXED) < 0) lm_amx(-1);    /* once, before the threads */
 #endif
     if (M == 1 && n_threads > 1 && K >= 4 * PANEL * n_threads && gemv_split_rows(x, K, w, N, is_bf16, y, n_threads)) {
         /* one row, K split between the threads: done */
@@ -1174,7 +1178,7 @@ static void copy_out(char *dst, const char *src, long n) {
 /* 0 on success, -1 for an element size other than 2 or 4 */
 int lm_transpose(const void *src, long rows, long cols, long ld_src, void *dst, long ld_dst, int size) {
     if (size != 2 && size != 4) return -1;
-    char *stage = rows > STAGE ? aligned_alloc(64, (size_t)(cols * STAGE * size)) : NULL;
+    char *stage = rows > STAGE && cols <= 16384 ? aligned_alloc(64, (size_t)(cols * STAGE * size)) : NULL;
     for (long b0 = 0; b0 < rows; b0 += stage ? STAGE : rows) {
         long n = stage && rows - b0 > STAGE ? STAGE : rows - b0;
         const char *from = (const char *)src + b0 * ld_src * size;
