@@ -414,12 +414,15 @@ int lm_amx(int want) {
 }
 
 
-/* y (M <= 16 rows, ldy apart) += x @ w over N columns (a multiple of 64), x as bf16_pairs (ldx); 0 (y untouched)
- * if the thread's buffer cannot be allocated */
+/* y (M <= 16 rows, ldy apart) += x @ w over N columns, x as bf16_pairs (ldx): whole 64-column strips on tiles, the
+ * columns past them through gemm_bf16_dot; 0 (y untouched) if the tiles' buffer cannot be allocated */
 static int gemm_bf16_amx(const uint32_t *xp, long ldx, long M, long K, const bf16 *w, long ld, long N, float *y,
                          long ldy) {
     uint8_t *amx_buffer = aligned_alloc(64, AMX_KC * AMX_NC * sizeof(bf16));   /* the B tiles of one pass */
     if (!amx_buffer) return 0;
+    long full = N & ~63L;
+    if (full < N) gemm_bf16_dot(xp, ldx, M, K, w + full, ld, N - full, y + full, ldy);
+    N = full;
     reorder(y, M, N, ldy, TO_DOT);
     __asm__ volatile("" ::: "memory");      /* GCC's _tile_loadd does not say it reads memory: y, then W's tiles */
     amx_config cfg = {.palette = 1};
@@ -490,10 +493,8 @@ static void linear_columns(const float *x, const uint32_t *xp, long M, long K, c
         gemv_f32(x, K, (const float *)w + j0, N, j1 - j0, y + j0);
 #if HAVE_AMX
     else if (is_bf16 && xp && M <= 16 && __atomic_load_n(&amx_state, __ATOMIC_RELAXED) == 1 && j1 - j0 >= 64 &&
-             gemm_bf16_amx(xp, pairs_ld(K), M, K, (const bf16 *)w + j0, N, (j1 - j0) & ~63L, y + j0, N)) {
-        long full = (j1 - j0) & ~63L;
-        if (full < j1 - j0)
-            gemm_bf16_dot(xp, pairs_ld(K), M, K, (const bf16 *)w + j0 + full, N, j1 - j0 - full, y + j0 + full, N);
+             gemm_bf16_amx(xp, pairs_ld(K), M, K, (const bf16 *)w + j0, N, j1 - j0, y + j0, N)) {
+        /* done on tiles */
     }
 #endif
 #ifdef __AVX512BF16__
@@ -1157,7 +1158,7 @@ DEFINE_TRANSPOSE(transpose_2, uint16_t, BLOCK_2)
 DEFINE_TRANSPOSE(transpose_4, uint32_t, BLOCK_4)
 
 /* Staged: STAGE source rows at a time are transposed into an aligned (cols, STAGE) buffer (L2), and each of its
- * rows is then copied to its place with memcpy. Written directly, a destination whose rows are not 64-byte aligned
+ * rows is then copied to its place (copy_out). Written directly, a destination whose rows are not 64-byte aligned
  * (GPT-2's vocabulary of 50257: most rows) makes most 64-byte stores split across two lines: on a Sapphire Rapids
  * Xeon that took GPT-2's embedding to ~170 ms (~70 ms with aligned rows); staged, ~35 ms. */
 #define STAGE 128
