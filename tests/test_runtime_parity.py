@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmsh.runtime import load
+from llmsh.runtime import fast_decode, load
 from llmsh.runtime.generation import BatchGenerator, Sequence
 from llmsh.runtime.sampling import SamplingParams
 
@@ -69,15 +69,19 @@ def test_greedy_continuous_batch_matches_transformers(pair):
         assert s.token_ids == want, family
 
 
-def test_different_positions_share_one_decode_step(pair):
-    """Three slots at three different positions in one decode step give each slot's own single-sequence logits."""
+@pytest.mark.parametrize("rows", [3, fast_decode.MAX_ROWS + 4])
+def test_different_positions_share_one_decode_step(pair, rows):
+    """Slots at different positions, unordered and non-contiguous, in one decode step give each slot its own single-
+    sequence logits: through the C kernels (few rows) and through the torch path (more rows than they take), which
+    reorders the rows by slot so the attention reads runs of the cache in place."""
     _, model, _ = pair
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (4, 9, 2)]
-    nxt = [5, 6, 7]
-    batch_cache = model.new_cache(4, 32)
-    taken = [batch_cache.alloc() for _ in range(4)]
-    slots = [taken[0], taken[3], taken[2]]                            # non-contiguous, unordered: gathered rows
+    prompts = [torch.randint(0, model.config.vocab_size, (2 + (7 * i) % 11,), generator=g).tolist() for i in range(rows)]
+    nxt = [5 + i for i in range(rows)]
+    batch_cache = model.new_cache(rows + 1, 32)
+    taken = [batch_cache.alloc() for _ in range(rows + 1)]
+    slots = taken[::-1][:rows]                                        # unordered, slot 0 left out: gathered rows
+    slots[0], slots[-1] = slots[-1], slots[0]
     model.prefill(batch_cache, slots, prompts)
     batched = model.decode_step(batch_cache, slots, nxt)
     for i, p in enumerate(prompts):
