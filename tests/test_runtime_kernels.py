@@ -178,6 +178,39 @@ def test_attention_writes_the_cache_and_matches_sdpa(dtype, window, threads, hd,
     assert torch.equal(kc, expected_k) and torch.equal(vc, expected_v)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,cap", [(None, None), (5, None), (None, 2.0), (5, 2.0)])
+def test_a_decode_steps_attention_in_c_matches_torchs(dtype, window, cap):
+    """The modules' decode step on the CPU (more rows than fast_decode takes) attends through lm_attend: three rows
+    at different positions in unordered slots, GQA (6 query heads on 2 kv heads), a sliding window, Gemma 2's soft
+    cap: the same as torch's attention over the same cache (SDPA, or gemma's soft-capped attention)."""
+    from dataclasses import replace
+
+    from llmsh.runtime.gemma import softcapped_attention
+    from llmsh.runtime.kv_cache import KVCache, Step, attend
+
+    g = torch.Generator().manual_seed(7)
+    nh, nkv, hd = 6, 2, 40
+    cache = KVCache(1, 5, nkv, 48, hd, dtype, "cpu")
+    for buf in cache.k + cache.v:
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    pos = torch.tensor([[9], [37], [20]])
+    step = Step.build(pos, cache, [4, 1, 2])
+    assert step.in_c
+    q = torch.randn(3, nh, 1, hd, generator=g).to(dtype)
+    k_new, v_new = (torch.randn(3, nkv, 1, hd, generator=g).to(dtype) for _ in range(2))
+    got = attend(q, *step.update(0, k_new, v_new), step, window, scale=0.3, cap=cap)
+    plain = replace(step, in_c=False)
+    k, v = plain.update(0, k_new, v_new)                             # (the same writes again), the rows gathered
+    if cap is None:
+        want = attend(q, k, v, plain, window, scale=0.3)
+    else:
+        want = softcapped_attention(q, k, v, plain, window, 0.3, cap)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
 FAMILIES = ["gpt2", "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "phi4", "gemma2", "gemma3", "mixtral", "qwen3_moe"]
 
 

@@ -210,8 +210,8 @@ class Attention(llama.Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         """softmax(q k^T scale + mask) v, the logits soft-capped first where the model caps them."""
-        if self.cap is None:
-            return attend(q, k, v, step, self.window, scale=self.scale)
+        if self.cap is None or step.in_c:                         # (the C kernels cap the logits themselves)
+            return attend(q, k, v, step, self.window, scale=self.scale, cap=self.cap)
         return softcapped_attention(q, k, v, step, self.window, self.scale, self.cap)
 
 

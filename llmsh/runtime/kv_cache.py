@@ -17,12 +17,15 @@ index it as `slot * stride + position`; `max_batch` and `max_seq_len` are the bu
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from llmsh.runtime import kernels
 
 BLOCK = 64  # positions: a growing cache's capacity is a multiple of this (or the whole context)
 
@@ -192,7 +195,9 @@ class Step:
     slots: Tensor | slice | None = None    # rows of the cache: a slice when contiguous (a view, no gather)
     length: int = 0                        # L: attend over cache positions 0..L-1
     uniform_start: int | None = None       # every row starts at this position (write with a slice, maybe no mask)
+    in_c: bool = False                     # decode attention by the C kernels (see attend): update returns whole layers
     _masks: dict = field(default_factory=dict)
+    _c_rows: tuple[Tensor, Tensor] | None = None   # (slots, positions) as int64 arrays for C, made once per step
 
     @classmethod
     def build(cls, input_pos: Tensor, cache: KVCache | None = None, slots: list[int] | None = None) -> Step:
@@ -207,10 +212,11 @@ class Step:
         rows: Tensor | slice = slice(lo, lo + B) if slots == list(range(lo, lo + B)) else \
             torch.tensor(slots, device=input_pos.device)
         length = int(input_pos[:, -1].max()) + 1
-        return cls(input_pos, cache, rows, length, uniform)
+        return cls(input_pos, cache, rows, length, uniform, in_c=T == 1 and _c_attends(cache))
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's k, v (B, n_kv, T, hd) into the cache; return the attended keys/values (B, n_kv, L, hd)."""
+        """Write this step's k, v (B, n_kv, T, hd) into the cache; return the attended keys/values (B, n_kv, L, hd),
+        or, where the C kernels attend (`in_c`), the layer's whole cache buffers, which they index by slot."""
         if self.cache is None:
             return k, v
         kc, vc = self.cache.k[layer], self.cache.v[layer]
@@ -219,14 +225,25 @@ class Step:
             s = self.uniform_start
             kc[self.slots, :, s:s + T] = k
             vc[self.slots, :, s:s + T] = v
+            if self.in_c:
+                return kc, vc
             return kc[self.slots, :, :self.length], vc[self.slots, :, :self.length]
         rows = self._row_index(k.device)[:, None]                       # (B, 1)
         kc[rows, :, self.input_pos] = k.transpose(1, 2)                  # indexed view is (B, T, n_kv, hd)
         vc[rows, :, self.input_pos] = v.transpose(1, 2)
         rows = rows[:, 0]
+        if self.in_c:
+            return kc, vc
         if isinstance(self.slots, slice):
             return kc[self.slots, :, :self.length], vc[self.slots, :, :self.length]
         return kc[rows, :, :self.length], vc[rows, :, :self.length]
+
+    def c_rows(self) -> tuple[Tensor, Tensor]:
+        """Each row's slot and position as contiguous int64 tensors (what the C attention reads)."""
+        if self._c_rows is None:
+            slots = self._row_index(self.input_pos.device).to(torch.int64).contiguous()
+            self._c_rows = slots, self.input_pos[:, -1].to(torch.int64).contiguous()
+        return self._c_rows
 
     def _row_index(self, device: torch.device) -> Tensor:
         if isinstance(self.slots, slice):
@@ -254,12 +271,25 @@ class Step:
         return self._masks[window]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, window: int | None = None, scale: float | None = None) -> Tensor:
+def _c_attends(cache: KVCache) -> bool:
+    """Whether the C kernels can attend over this cache: CPU buffers of float32 or bfloat16, laid out as they index."""
+    if torch.device(cache.device).type != "cpu" or cache.dtype not in (torch.float32, torch.bfloat16) or kernels.library() is None:
+        return False
+    return all(t.is_contiguous() for t in cache.k[:1] + cache.v[:1])
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, window: int | None = None, scale: float | None = None,
+           cap: float | None = None) -> Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with grouped-query heads; q (B, nh, T, hd), k/v (B, n_kv, L, hd).
 
     Decoding (T == 1) folds each group's query heads into the query axis, (B, n_kv, n_rep, hd), so every query row
     reads its group's keys without copying K/V n_rep times (repeat_interleave cost 4-9x the attention itself).
+    Where the step decodes on the CPU (`step.in_c`), the C kernels attend instead, reading k/v (then the layer's
+    whole cache buffers) at each row's slot in place, up to its position; only they take `cap` (Gemma 2's soft cap).
     """
+    if step.in_c:
+        return _attend_in_c(q, k, v, step, window, scale, cap)
+    assert cap is None, "soft-capped logits outside the C kernels: gemma.softcapped_attention"
     mask, causal = step.mask(window)
     B, nh, T, hd = q.shape
     n_rep = nh // k.shape[1]
@@ -270,3 +300,23 @@ def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, window: int | None = Non
         k = k.repeat_interleave(n_rep, dim=1)   # (B, nh, L, hd)
         v = v.repeat_interleave(n_rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def _attend_in_c(q: Tensor, kc: Tensor, vc: Tensor, step: Step, window: int | None, scale: float | None,
+                 cap: float | None) -> Tensor:
+    """attend's decode step through lm_attend: kc/vc are whole (rows, n_kv, capacity, hd) cache buffers. torch's
+    CPU attention for one query token per row cost 3-6x this (64 rows of GPT-2 124M: 8.8 against 1.5 ms a layer
+    in bfloat16), more than a large batch's matrix products."""
+    lib = kernels.library()
+    assert lib is not None, "in_c is set only where the kernels load"
+    B, nh, _, hd = q.shape
+    slots, pos = step.c_rows()
+    qf = q.reshape(B, nh * hd).to(torch.float32).contiguous()
+    out = torch.empty(B, nh * hd)
+    n_threads = torch.get_num_threads()
+    scores = torch.empty(n_threads * kc.shape[2])
+    lib.lm_attend(qf.data_ptr(), B, nh, kc.shape[1], hd, kc.data_ptr(), vc.data_ptr(), int(kc.dtype == torch.bfloat16),
+                  kc.shape[2], slots.data_ptr(), pos.data_ptr(), window or 0,
+                  ctypes.c_float(hd ** -0.5 if scale is None else scale), ctypes.c_float(cap or 0.0),
+                  scores.data_ptr(), out.data_ptr(), n_threads)
+    return out.view(B, nh, 1, hd).to(q.dtype)

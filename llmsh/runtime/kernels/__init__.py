@@ -51,6 +51,7 @@ SIGNATURES = {
     "lm_rmsnorm_plus_one": [_P, _L, _L, _P, _I, _F, _P],
     "lm_attention_softcap": [_P, _L, _L, _L, _L, _P, _P, _I, _L, _P, _P, _L, _F, _F, _P, _P, _I],
     "lm_attention_half": [_P, _P, _P, _P],
+    "lm_attend": [_P, _L, _L, _L, _L, _P, _P, _I, _L, _P, _P, _L, _F, _F, _P, _P, _I],
     "lm_route": [_P, _L, _L, _P, _L, _L, _I, _I, _I, _P, _P, _P],
     "lm_expert": [_P, _L, _P, _L, _L, _P, _P, _P, _L, _I, _P, _P, _I],
     "lm_rope_partial": [_P, _L, _L, _L, _L, _L, _P, _P, _P],
