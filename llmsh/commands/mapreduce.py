@@ -98,7 +98,7 @@ MAP_ARGS = (
     arg("--name", metavar="JOB", help="the job's name (default: derived from the command, so the same command resumes)"),
     arg("--resume", metavar="JOB", help="go on with job JOB where it stopped (its output is rewritten from the journal)"),
     arg("--in-flight", type=int, default=DEFAULT_IN_FLIGHT, metavar="N",
-        help="requests in flight at once per replica (default 16)"),
+        help=f"requests in flight at once per replica (default {DEFAULT_IN_FLIGHT})"),
     arg("--replicas", type=int, default=1, metavar="N",
         help="spread the lines over N processes of the model (NAME-r2… are loaded as needed, same nice)"),
 )

@@ -26,7 +26,9 @@ from llmsh.protocol.names import usable_name
 from llmsh.runtime.errors import CheckpointChanged  # torch-free
 
 LOADER_WORKERS = 2
-DEFAULT_MAX_BATCH = 16  # requests decoded together per process; more queue (bounded) until a slot frees
+# requests decoded together per process; more queue (bounded) until a slot frees. Wider batches pay on the CPU too
+# since their attention runs in C: GPT-2 124M bfloat16 on 2 cores, 64 rows 787 tok/s against 491 at 16
+DEFAULT_MAX_BATCH = 64
 
 _torch_configured = False
 

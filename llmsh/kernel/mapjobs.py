@@ -26,8 +26,8 @@ from llmsh.kernel.errors import KernelError
 from llmsh.kernel.journal import Journal
 from llmsh.kernel.table import Entry
 
-DEFAULT_IN_FLIGHT = 16
-LINE_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")  # a JSON line may set its own  # the engine's default batch (max_batch): more would only queue
+DEFAULT_IN_FLIGHT = 64  # the engine's default batch (max_batch): fewer leave rows idle, more would only queue
+LINE_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")  # a JSON line may set its own
 
 
 class MapError(KernelError):

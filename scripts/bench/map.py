@@ -10,7 +10,9 @@ grouped by output length as well as sorted by input length, so that no batch run
 Last line: ratio_static=<static s / map s> ratio_seq=<sequential s / map s>  (goals: ≥ 1.5 and ≥ 5), and
 prefill_share (of map's time spent on the prompts alone) and ratio_seq_bound (sequential s / prefill-alone s: the
 most any batching can gain where prefill is compute-bound).
-Usage: python scripts/bench/map.py [--quick] [--prompts 512] [--shape small|124m]
+--dtype bfloat16 runs all three (llmsh's load, transformers, the prefill floor) in bfloat16 on the same weights, as
+a bfloat16 checkpoint would load (float32 by default, as GPT-2's own checkpoints are stored).
+Usage: python scripts/bench/map.py [--quick] [--prompts 512] [--shape small|124m] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -54,14 +56,14 @@ def _execute(kc, code: str) -> dict:
     return reply
 
 
-def _prefill_floor(folder: Path, work: list[tuple[str, int]], sample: int) -> float:
+def _prefill_floor(folder: Path, work: list[tuple[str, int]], sample: int, dtype: str) -> float:
     """Seconds to prefill every prompt once, one at a time, in llmsh's runtime (scaled from an evenly spread sample).
 
     Both `map` and the sequential loop must do this work, so t_seq / this is the most any batching could gain over
     the loop: on a CPU, where prefill is bound by the FMA rate, it bounds ratio_seq from above."""
     from llmsh.runtime import load
 
-    model = load(folder)
+    model = load(folder, dtype=dtype)
     picked = work[:: max(1, len(work) // sample)]
     cache = model.new_cache(1, 1024)
     slot = cache.alloc()
@@ -80,6 +82,7 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=512)
     p.add_argument("--shape", choices=sorted(SHAPES), default="124m")
     p.add_argument("--seq-sample", type=int, default=16, help="prompts timed through `llmsh -c run` (then scaled)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args()
     if args.quick:
         args.prompts, args.shape, args.seq_sample = min(args.prompts, 64), "small", 4
@@ -96,7 +99,7 @@ def main() -> int:
     proc, cf = start_kernel(home)
     kc = client(cf)
     try:
-        _execute(kc, f"load {folder} --name bench; run bench --max-tokens 2 --temperature 0 hi")
+        _execute(kc, f"load {folder} --name bench --dtype {args.dtype}; run bench --max-tokens 2 --temperature 0 hi")
         src = home / "in.jsonl"
         src.write_text("".join(json.dumps({"id": i, "prompt": q, "max_tokens": n}) + "\n" for i, (q, n) in enumerate(work)))
         t0 = time.perf_counter()
@@ -123,7 +126,7 @@ def main() -> int:
             proc.kill()
 
     transformers.utils.logging.set_verbosity_error()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     pad = hf.config.eos_token_id
 
     def static() -> float:
@@ -146,11 +149,11 @@ def main() -> int:
     t.join()
     t_static = box[0]
     print(f"transformers static batches of 16 (sorted by length): {t_static:.2f} s", file=sys.stderr)
-    t_floor = _prefill_floor(folder, work, args.seq_sample * 4)
+    t_floor = _prefill_floor(folder, work, args.seq_sample * 4, args.dtype)
     print(f"prefill alone (every prompt through the model once, no decoding): {t_floor:.2f} s (scaled from a sample)",
           file=sys.stderr)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; model {args.shape}; "
-          f"{args.prompts} prompts")
+          f"{args.prompts} prompts; {args.dtype}")
     print(f"ratio_static={t_static / t_map:.2f} ratio_seq={t_seq / t_map:.2f} map_s={t_map:.2f} "
           f"prefill_share={t_floor / t_map:.2f} ratio_seq_bound={t_seq / t_floor:.2f}")
     return 0
