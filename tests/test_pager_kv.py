@@ -121,3 +121,34 @@ def test_page_in_out_of_memory_fails_the_steps_requests_only(make_tiny_model: Ca
     good = Sequence(m, m.tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=8, temperature=0))
     g.add(good)
     assert "".join(_run([(g, [good])]).values()) == ref and good.finished
+
+
+def test_spare_cache_capacity_goes_back_before_anything_waits_or_is_preempted(make_tiny_model: Callable[..., Path],
+                                                                               monkeypatch: Any) -> None:
+    """A cache keeps capacity it no longer needs (up to half of it, so a batch that lost a few sequences need not
+    shrink and grow back at the next joins); when another request needs that room under the budget, the capacity is
+    given back first: nothing running is swapped out and the new request is not held back."""
+    from llmsh.runtime import kv_cache, load
+    from llmsh.runtime.generation import BatchGenerator, Sequence
+    from llmsh.runtime.sampling import SamplingParams
+
+    monkeypatch.setattr(kv_cache, "BLOCK", 8)
+    m = load(make_tiny_model("gpt2"))
+    pager = Pager({"cpu": 1 << 30}, prefetch=False)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    a = pager.kv.guard(BatchGenerator(m, 4, 128), pid=1, device="cpu", nice=lambda: 0)
+    b = pager.kv.guard(BatchGenerator(m, 4, 128), pid=2, device="cpu", nice=lambda: 0)
+    running = Sequence(m, m.tokenizer.encode(PROMPTS[0]), params)
+    a.add(running)
+    a.step()
+    a.batch.cache.reserve(4, 64)                         # room for three more rows, kept: spare capacity
+    spare = a.used()
+    newcomer = Sequence(m, m.tokenizer.encode(PROMPTS[1]), params)
+    b.add(newcomer)
+    pager.set_budget("kv:cpu", spare)                    # b's room exists only if a gives its spare rows back
+    b.step()
+    assert newcomer.slot is not None and newcomer.token_ids            # admitted and prefilled at once
+    assert a.preemptions == 0 and running.slot is not None and not b.held
+    assert a.used() < spare and pager.kv.used("cpu") <= spare
+    texts = _run([(a, [running]), (b, [newcomer])])
+    assert running.finished == newcomer.finished == "length" and texts

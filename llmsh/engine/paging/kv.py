@@ -6,7 +6,8 @@ Each process's `BatchGenerator` (llmsh/runtime/generation.py) is wrapped by a `K
 steps like the batch itself. A cache holds what it has allocated (runtime/kv_cache.py: it grows with its sequences
 and shrinks when they leave), and that is what counts against the budget and what `mem` shows. Before a step the
 guard computes the least the cache must grow for it (a row per joining sequence, room for one more token of the
-longest running one and the longest joining prompt); if the device's KV bytes would exceed the budget it preempts
+longest running one and the longest joining prompt); if the device's KV bytes would exceed the budget, the device's
+caches first give back the capacity their sequences do not use (a cache keeps some between joins), then it preempts
 victims across all guarded batches of the device — highest nice first, newest request first among equals (vLLM's
 LIFO) — by copying their cache rows to host and freeing their slots; joining requests of the stepping batch are
 simply held back (they wait). Then it grows the cache, by as much as the budget leaves room for. Swapped requests
@@ -284,6 +285,9 @@ class KVGuard:
         self.held.clear()
 
     def _make_room(self) -> None:
+        if not self._fits():  # the caches' spare capacity (kept between joins) goes back before anything is preempted
+            for g in self.manager.guards.get(self.device, []):
+                g.batch.cache.fit(slack=1.0)
         while not self._fits():
             victims = self._victims()
             if not victims:
