@@ -193,3 +193,21 @@ def test_replicas_share_the_lines_and_keep_the_order(make_kernel: Callable[..., 
     assert out.read_text() == one.read_text()  # greedy: the same text whichever replica ran a line
     rows = {row["name"]: row for row in _ok(k, "ps --json")["data"]}
     assert {"g-r2", "g-r3"} <= set(rows) and all(rows[n]["tokens"] > 0 for n in ("g", "g-r2", "g-r3"))
+
+
+def test_lines_the_engine_refuses_as_busy_go_again(make_kernel: Callable[..., Any], tiny_gpt2: Path,
+                                                    tmp_path: Path) -> None:
+    """More lines in flight than the process's batch and queue take (1 + 64): the refused ones wait for one of the
+    job's requests to end and go again; none fails, none is generated twice."""
+    from llmsh.engine.scheduler import DEFAULT_MAX_QUEUE
+
+    k = make_kernel()
+    _ok(k, f"load {tiny_gpt2} --name g --max-batch 1")
+    n = DEFAULT_MAX_QUEUE + 16
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _prompts(src, n)
+    r = _ok(k, f"map g --input {src} --output {out} --max-tokens 2 {GREEDY} --in-flight {n} --json")
+    assert r["data"]["done"] == n and r["data"]["errors"] == 0, r["data"]
+    assert r["data"]["requests"] == n  # refused requests generated nothing and are not counted
+    assert [rec["id"] for rec in _records(out)] == [f"p{i}" for i in range(n)]
+    assert all(rec["tokens"] == 2 for rec in _records(out))

@@ -66,3 +66,37 @@ def test_native_bf16_cpus_keep_torchs_gemm(monkeypatch):
     monkeypatch.setattr(layers, "cpu_has_native_bf16", lambda: False)
     assert layers._use_blocked(torch.empty(16, 8, dtype=torch.bfloat16), w)
     assert not layers._use_blocked(torch.empty(16, 8), w.float())
+
+
+def test_padded_rows_round_up_by_at_most_an_eighth_to_few_sizes() -> None:
+    padded_rows = layers.padded_rows
+    assert [padded_rows(m) for m in (17, 31, 32, 136, 144, 145, 300, 1000)] == [32, 32, 32, 144, 144, 160, 320, 1024]
+    sizes = {padded_rows(m) for m in range(128, 4097)}
+    assert all(padded_rows(m) - m <= m / 8 for m in range(128, 4097)) and len(sizes) <= 8 * 5 + 1  # 8 an octave
+
+
+def test_a_padded_product_equals_the_product_of_its_rows() -> None:
+    padded_rows, _padded_matmul = layers.padded_rows, layers._padded_matmul
+    torch.manual_seed(0)
+    w = torch.randn(64, 96, dtype=torch.bfloat16)
+    for m in (17, 40, 137):
+        x = torch.randn(m, 64, dtype=torch.bfloat16)
+        y = _padded_matmul(x, w)
+        assert y.shape == (m, 96) and torch.equal(y, torch.mm(torch.cat([x, x.new_zeros(padded_rows(m) - m, 64)]), w)[:m])
+        torch.testing.assert_close(y.float(), x.float() @ w.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_linear_pads_bf16_rows_where_bf16_is_native(monkeypatch):
+    monkeypatch.setattr(layers, "cpu_has_native_bf16", lambda: True)
+    calls = []
+    real = layers._padded_matmul
+    monkeypatch.setattr(layers, "_padded_matmul", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    lin = Linear(64, 32).to(torch.bfloat16)
+    torch.nn.init.normal_(lin.weight)
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16)                    # 21 rows: padded to 32
+    y = lin(x)
+    assert calls == [21] and y.shape == (3, 7, 32)
+    torch.testing.assert_close(y, torch.matmul(x, lin.weight) + lin.bias, atol=0.05, rtol=0.01)
+    lin(torch.randn(2, 64, dtype=torch.bfloat16))                      # a few rows keep their shape
+    lin.float()(torch.randn(40, 64))                                   # float32 (MKL) keeps its shape too
+    assert calls == [21]

@@ -19,6 +19,8 @@ from typing import Any
 
 import ray
 
+from llmsh.engine.threads import SPIN_COUNT
+
 log = logging.getLogger("llmsh.cluster.actor")
 
 
@@ -28,9 +30,10 @@ class EngineActor:
 
     def __init__(self, url: str, node: str, budget: str | None, curve: dict[str, str], heartbeat_s: float,
                  threads: int) -> None:
-        # Before torch is imported by the engine: idle OpenMP workers sleep (see llmsh.engine.__main__), and the
+        # Before torch is imported by the engine: idle OpenMP workers spin briefly (see llmsh.engine.threads), and the
         # engine uses the CPUs Ray says this node has (Ray sets OMP_NUM_THREADS=1 for actors without CPUs).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if "OMP_WAIT_POLICY" not in os.environ:
+            os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
         if threads > 0:
             os.environ.setdefault("LLMSH_TORCH_THREADS", str(threads))
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(name)s: %(message)s")

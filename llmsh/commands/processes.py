@@ -77,7 +77,7 @@ LOAD_ARGS = (
     arg("--device", default="cpu", help="device to run on: cpu, cuda, cuda:1 … (default cpu)"),
     arg("--dtype", help="weights dtype: float32, bfloat16, float16 (default: the checkpoint's)"),
     arg("--nice", type=_nice_value, default=0, metavar="N", help="priority -20 (most) .. 19 (least), default 0"),
-    arg("--max-batch", type=int, metavar="N", help="requests decoded together (KV cache slots), default 16"),
+    arg("--max-batch", type=int, metavar="N", help="requests decoded together (KV cache slots), default 64"),
     arg("--ctx", type=int, metavar="TOKENS", help="the context: KV cache positions per request, prompt and output together (default: the model's own, "
         "from its config; may only lower it, like Ollama's num_ctx)"),
     arg("--quant", choices=("q8_0", "q4_0", "q4_k"), help="quantize a Hugging Face checkpoint's matrices at load "

@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from llmsh.engine.threads import SPIN_COUNT
 from llmsh.protocol import engine as wire
 
 log = logging.getLogger("llmsh.engine")
@@ -160,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
-    # Before torch (and its OpenMP runtime) is imported: idle OpenMP workers sleep instead of spinning. A spinning
-    # team steals the cores that the front and other programs need; on a 2-core machine with one other busy process a
-    # 124M-parameter decode step measured 6x slower with the default policy. The user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch (and its OpenMP runtime) is imported: idle OpenMP workers spin only briefly, and each engine
+    # thread gives cores back while other programs need them (threads.py). The user's own OpenMP setting wins.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
     _die_with_parent(args.parent)
     from llmsh.engine.paging.budget import BudgetError, parse_budget
 

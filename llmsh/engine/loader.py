@@ -21,6 +21,7 @@ from typing import Any
 
 from llmsh.engine.process import Process, ProcessTable, ProcState
 from llmsh.engine.scheduler import Scheduler
+from llmsh.engine.threads import release_openmp_workers, wanted_threads
 from llmsh.models import default_name, find_models, hf_cache_dir, model_dirs, resolve_model  # noqa: F401
 from llmsh.protocol.names import usable_name
 from llmsh.runtime.errors import CheckpointChanged  # torch-free
@@ -42,12 +43,13 @@ def configure_torch_threads() -> int:
     sockets and disk and release the GIL, so they need no reserved core. The inter-op pool is left alone: nothing here
     uses it (no `torch.jit.fork`), and calling `set_num_interop_threads` from the main thread was measured (torch 2.13,
     Linux) to leave every *other* Python thread - our engine threads - with a single intra-op thread.
-    `LLMSH_TORCH_THREADS` overrides the count (e.g. to share a machine).
+    `LLMSH_TORCH_THREADS` overrides the count (e.g. to share a machine). Each device's engine thread sets its own
+    count again and lowers it while other programs keep cores busy (threads.py).
     """
     global _torch_configured
     import torch
 
-    n = int(os.environ.get("LLMSH_TORCH_THREADS", "0") or 0) or len(os.sched_getaffinity(0))
+    n = wanted_threads()
     if not _torch_configured:
         torch.set_num_threads(n)
         _torch_configured = True
@@ -196,6 +198,7 @@ class Loader:
             return self._load_inner(proc, path, device, dtype, sizes, quant)
         finally:
             self.tasks.pop(me, None)
+            release_openmp_workers()  # idle workers kept here would make the engine thread's team sleep (threads.py)
 
     def _load_inner(
         self, proc: Process, path: str, device: str, dtype: str | None, sizes: tuple[int, int | None],

@@ -15,6 +15,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from llmsh.engine.process import ExitHow, Process, cfs_weight
+from llmsh.engine.threads import ThreadGovernor
 
 if TYPE_CHECKING:
     from llmsh.engine.scheduler import Request, Scheduler
@@ -55,6 +56,8 @@ class Engine:
         self.current = "idle"  # what the thread is doing, for `threads`
         self.progressed = True  # did the last step produce anything (else the thread backs off instead of spinning)
         self._closing = False
+        # the engine thread's intra-op threads: the cores others leave free; one where the device computes
+        self.governor = ThreadGovernor(None if device == "cpu" else 1)
         self.thread: threading.Thread | None = None
         if threaded:
             self.thread = threading.Thread(target=self._run, name=f"llmsh-engine-{device}", daemon=True)
@@ -238,6 +241,7 @@ class Engine:
                     return
             try:
                 self.progressed = True
+                self.governor.adjust()
                 self.tick()
                 if not self.progressed:
                     with self.cond:

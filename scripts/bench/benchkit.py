@@ -23,7 +23,8 @@ def isolate() -> Path:
         os.environ[var] = str(home / var)
     os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the engine sets for itself: references on the same footing
+    if "OMP_WAIT_POLICY" not in os.environ:  # what the engine sets for itself: references on the same footing
+        os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # llmsh.engine.threads.SPIN_COUNT
     sys.path.insert(0, str(REPO))
     return home
 

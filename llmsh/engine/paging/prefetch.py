@@ -73,8 +73,12 @@ class Prefetcher:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        from llmsh.engine.threads import release_openmp_workers
+
         while True:
             with self._wake:
+                if not self._queue:  # idle workers kept here would make the engine thread's team sleep
+                    release_openmp_workers()
                 while not self._queue and not self._stop:
                     self._wake.wait()
                 if self._stop:
