@@ -126,19 +126,15 @@ def test_prefill_rejects_bad_input(gpt2):
         cache.alloc(), cache.alloc()
 
 
-def test_length_groups_bound_the_padding():
-    from llmsh.runtime.model import length_groups
+def test_packs_keep_the_order_and_bound_the_tokens():
+    from llmsh.runtime.model import packs
 
     lengths = [16, 256, 250, 20, 18, 100, 17]
-    groups = length_groups(lengths)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each prompt exactly once
-    for g in groups:
-        width = max(lengths[i] for i in g)
-        assert width * len(g) <= 1.15 * sum(lengths[i] for i in g)
-    assert len(groups) < len(lengths)  # similar lengths still share a call
-    assert length_groups([5, 5, 5]) == [[0, 1, 2]]
-    assert all(len(g) * 300 <= 1000 for g in length_groups([300] * 10, max_rows=1000))
-
+    assert packs(lengths) == [list(range(len(lengths)))]            # one prefill for all of them
+    got = packs(lengths, max_tokens=300)
+    assert [i for p in got for i in p] == list(range(len(lengths)))  # each prompt once, in order
+    assert all(sum(lengths[i] for i in p) <= 300 for p in got) and got[0] == [0, 1]
+    assert packs([500, 10], max_tokens=300) == [[0], [1]]            # a longer prompt goes alone
 
 def test_prefill_of_mixed_lengths_equals_one_prompt_at_a_time(gpt2):
     prompts = [list(range(1, 1 + n)) for n in (3, 40, 5, 38, 4)]
@@ -170,3 +166,20 @@ def test_a_request_waits_while_the_batch_is_full(gpt2):
         gen.step()
     assert first.finished == second.finished == "length"
     assert second.token_ids == alone.token_ids
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "gemma2", "gemma3", "mixtral", "phi3"])
+def test_packed_prompts_prefill_as_each_alone(make_tiny_model, family):
+    """Fresh prompts of different lengths prefilled in one packed row: GQA, sliding windows shorter than a prompt,
+    Gemma's soft caps and a mixture of experts give each prompt's logits and cache as when it runs alone."""
+    from llmsh.runtime import load
+
+    model = load(make_tiny_model(family))
+    prompts = [list(range(3, 3 + n)) for n in (30, 5, 17, 2)]
+    together, alone = model.new_cache(4, 64), model.new_cache(4, 64)
+    slots = [together.alloc() for _ in prompts]
+    got = model.prefill(together, slots, prompts)
+    want = torch.cat([model.prefill(alone, [alone.alloc()], [p]) for p in prompts])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    steps = [model.decode_step(c, list(range(4)), [7] * 4) for c in (together, alone)]
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-4, rtol=1e-4)

@@ -130,15 +130,11 @@ class Model:
             return self.decode_step(cache, slots, [t[0] for t in token_ids])
         if any(starts) and len(slots) > 1:  # continuing slots: one at a time, so padding never runs past a slot's end
             return torch.cat([self.prefill(cache, [s], [t]) for s, t in zip(slots, token_ids)])
-        groups = length_groups(lengths)
-        if len(groups) == 1:
+        if len(slots) == 1:
             return self._prefill(cache, slots, token_ids, starts[0])
-        rows: list[Tensor] = [torch.empty(0)] * len(slots)
-        for group in groups:
-            logits = self._prefill(cache, [slots[i] for i in group], [token_ids[i] for i in group], 0)
-            for row, i in enumerate(group):
-                rows[i] = logits[row]
-        return torch.stack(rows)
+        return torch.cat([self._prefill_packed(cache, [slots[i] for i in pack], [token_ids[i] for i in pack])
+                          if len(pack) > 1 else self._prefill(cache, [slots[pack[0]]], [token_ids[pack[0]]], 0)
+                          for pack in packs(lengths)])
 
     def _prefill(self, cache: KVCache, slots: list[int], token_ids: list[list[int]], start: int) -> Tensor:
         T = max(len(t) for t in token_ids)
@@ -151,6 +147,17 @@ class Model:
         logits = self.module(idx.to(self.device), step, last=last)
         for s, t in zip(slots, token_ids):
             cache.lengths[s] = start + len(t)
+        return logits.float()
+
+    def _prefill_packed(self, cache: KVCache, slots: list[int], token_ids: list[list[int]]) -> Tensor:
+        """Fresh prompts as one row (Step.packed); float32 logits of each prompt's last token, in order."""
+        lengths = [len(t) for t in token_ids]
+        idx = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long, device=self.device)[None]
+        step = Step.packed(cache, slots, lengths, self.device)
+        last = torch.tensor([b - 1 for _, b in step.segments or []], device=self.device)
+        logits = self.module(idx, step, last=last)                      # (prompts, vocab): row 0 at each end
+        for s, n in zip(slots, lengths):
+            cache.lengths[s] = n
         return logits.float()
 
     @torch.inference_mode()
@@ -292,24 +299,19 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def length_groups(lengths: list[int], waste: float = 0.15, max_rows: int = 4096) -> list[list[int]]:
-    """Indices of prompts grouped for padded prefill calls: similar lengths together, so that padding adds at most
-    `waste` of a group's real tokens, and no group holds more than `max_rows` padded positions.
-
-    One call for prompts of 16 and 256 tokens computes 2 x 256 positions for 272 real ones; `map` joins many prompts
-    of mixed lengths at once, where that padding cost more than the batching saved (measured on GPT-2 124M with
-    16-256-token prompts: 8.9 s batched as one call against 5.8 s one prompt at a time)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    groups: list[list[int]] = []
-    for i in order:
-        g = groups[-1] if groups else None
-        if g is not None:
-            width, real = lengths[g[0]], sum(lengths[j] for j in g) + lengths[i]  # g[0] is its longest
-            if width * (len(g) + 1) <= (1 + waste) * real and width * (len(g) + 1) <= max_rows:
-                g.append(i)
-                continue
-        groups.append([i])
-    return groups
+def packs(lengths: list[int], max_tokens: int = 4096) -> list[list[int]]:
+    """Indices of prompts in order, cut into packs of at most `max_tokens` tokens (a longer prompt alone): one packed
+    prefill each, so that its activations stay bounded."""
+    out: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if out and total + n <= max_tokens:
+            out[-1].append(i)
+            total += n
+        else:
+            out.append([i])
+            total = n
+    return out
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, stored: torch.dtype, device: torch.device) -> torch.dtype:
