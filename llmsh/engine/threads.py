@@ -115,7 +115,10 @@ class ThreadGovernor:
         if not self.threads:  # OpenMP's count is per thread: the engine thread's own, not the loader's
             self.apply(self.max_threads)
             self.threads = self.max_threads
-        now, busy = self.clock(), self.machine()
+        now = self.clock()
+        if self._last is not None and now - self._last[0] < self.interval:
+            return self.threads  # /proc is read once an interval, not every step
+        busy = self.machine()
         if busy is None:
             return self.threads
         own = self.own()
@@ -123,8 +126,6 @@ class ThreadGovernor:
             self._last = (now, busy, own)
             return self.threads
         then, busy0, own0 = self._last
-        if now - then < self.interval:
-            return self.threads
         self._last = (now, busy, own)
         self.others = max(0.0, ((busy - busy0) - (own - own0)) / (now - then))
         want = min(self.max_threads, max(1, round(self.cpus - self.others)))
