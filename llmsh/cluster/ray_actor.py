@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from llmsh.engine.threads import SPIN_COUNT
+from llmsh.engine.threads import set_openmp_spin
 
 log = logging.getLogger("llmsh.cluster.actor")
 
@@ -32,8 +32,7 @@ class EngineActor:
                  threads: int) -> None:
         # Before torch is imported by the engine: idle OpenMP workers spin briefly (see llmsh.engine.threads), and the
         # engine uses the CPUs Ray says this node has (Ray sets OMP_NUM_THREADS=1 for actors without CPUs).
-        if "OMP_WAIT_POLICY" not in os.environ:
-            os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+        set_openmp_spin()
         if threads > 0:
             os.environ.setdefault("LLMSH_TORCH_THREADS", str(threads))
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(name)s: %(message)s")

@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from llmsh.engine.threads import SPIN_COUNT
+from llmsh.engine.threads import set_openmp_spin
 from llmsh.protocol import engine as wire
 
 log = logging.getLogger("llmsh.engine")
@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     # Before torch (and its OpenMP runtime) is imported: idle OpenMP workers spin only briefly, and each engine
     # thread gives cores back while other programs need them (threads.py). The user's own OpenMP setting wins.
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+    set_openmp_spin()
     _die_with_parent(args.parent)
     from llmsh.engine.paging.budget import BudgetError, parse_budget
 

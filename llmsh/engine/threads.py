@@ -31,6 +31,12 @@ log = logging.getLogger("llmsh.threads")
 SPIN_COUNT = "30000"  # libgomp's GOMP_SPINCOUNT: ~as fast as its default (300000) when idle, 10x shorter a spin when not
 
 
+def set_openmp_spin() -> None:
+    """Before torch loads OpenMP: idle workers spin `SPIN_COUNT` (libgomp), unless the user chose a wait policy."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+
+
 def wanted_threads() -> int:
     """Intra-op threads when nothing else runs: `LLMSH_TORCH_THREADS`, else every core this process may run on
     (`sched_getaffinity`, not `cpu_count()`, which overcounts in containers and cgroups)."""

@@ -18,6 +18,7 @@ index it as `slot * stride + position`; `max_batch` and `max_seq_len` are the bu
 from __future__ import annotations
 
 import ctypes
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -230,7 +231,7 @@ class Step:
         matrix product as short as its prompt. One row makes every product as long as all the prompts together
         (GPT-2's 768 x 3072 bf16 product on an AMX Xeon: 986 GFLOP/s at 136 rows, 1705 at 512), while attention
         stays within each prompt (`attend` runs one causal attention per segment)."""
-        ends = torch.tensor(lengths).cumsum(0).tolist()
+        ends = list(itertools.accumulate(lengths))
         segments = [(end - n, end) for n, end in zip(lengths, ends)]
         pos = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
         return cls(pos, cache, torch.tensor(slots, device=device), ends[-1], None, segments=segments)
@@ -324,9 +325,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, window: int | None = Non
     if step.in_c:
         return _attend_in_c(q, k, v, step, window, scale, cap)
     assert cap is None, "soft-capped logits outside the C kernels: gemma.softcapped_attention"
-    if step.segments is not None and len(step.segments) > 1:
-        return torch.cat([_attend_alone(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], window, scale)
-                          for a, b in step.segments], dim=2)
+    if step.segments is not None and len(step.segments) > 1:  # each packed prompt alone, as a fresh cache-less step
+        return torch.cat([attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], Step.build(step.input_pos[:, a:b]), window,
+                                 scale) for a, b in step.segments], dim=2)
     mask, causal = step.mask(window)
     B, nh, T, hd = q.shape
     n_rep = nh // k.shape[1]
@@ -337,19 +338,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, window: int | None = Non
         k = k.repeat_interleave(n_rep, dim=1)   # (B, nh, L, hd)
         v = v.repeat_interleave(n_rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-
-
-def _attend_alone(q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float | None) -> Tensor:
-    """One fresh prompt's causal attention over its own keys (q, k, v: (1, heads, T, hd)), sliding window or not."""
-    T, n_rep = q.shape[2], q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    if window is None or T <= window:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    i = torch.arange(T, device=q.device)
-    mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _attend_in_c(q: Tensor, kc: Tensor, vc: Tensor, step: Step, window: int | None, scale: float | None,

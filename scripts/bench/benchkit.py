@@ -23,9 +23,10 @@ def isolate() -> Path:
         os.environ[var] = str(home / var)
     os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    if "OMP_WAIT_POLICY" not in os.environ:  # what the engine sets for itself: references on the same footing
-        os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # llmsh.engine.threads.SPIN_COUNT
     sys.path.insert(0, str(REPO))
+    from llmsh.engine.threads import set_openmp_spin
+
+    set_openmp_spin()  # what the engine sets for itself: references on the same footing
     return home
 
 
