@@ -761,7 +761,8 @@ DEFINE_ATTEND_HEAD(attend_head_bf16, bf16, vload_bf16, bf16_to_f32)
 
 /* Each row m's query heads (q rows q_stride floats apart, heads hd apart) attend over cache positions lo..pos[m]
  * (lo > 0 under a sliding window: j > pos - window) of its kv group in slot slots[m]; out rows n_head * hd; scores:
- * n_threads x max_seq floats. Threads share out the (row, head) pairs. */
+ * n_threads x max_seq floats. Threads take the (row, head) pairs a few at a time as they free (OpenMP dynamic): the
+ * rows of a batch are at different positions, so equal counts of pairs are unequal work. */
 static void attend_rows(const float *q_rows, long q_stride, long M, long n_head, long n_kv, long hd,
                         const void *k_cache, const void *v_cache, int is_bf16, long max_seq, const int64_t *slots,
                         const int64_t *pos, long window, float scale, float cap, float *restrict scores,
@@ -774,7 +775,7 @@ static void attend_rows(const float *q_rows, long q_stride, long M, long n_head,
 #ifdef _OPENMP
         my_scores += omp_get_thread_num() * max_seq;                  /* scores holds n_threads rows */
 #endif
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
         for (long mh = 0; mh < M * n_head; mh++) {
             long m = mh / n_head, h = mh % n_head, p = pos[m];
             long lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
