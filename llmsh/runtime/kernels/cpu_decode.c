@@ -714,7 +714,8 @@ static inline void softcap_in_place(float *restrict s, long n, float cap) {
                 if (jj < nj)                                                                                  \
                     for (long c = 0; c < nc; c++) {                                                           \
                         s += qv[c] * vload(K + (j0 + jj) * hd + c * VL);                                      \
-                        __builtin_prefetch(V + (j0 + jj) * hd + c * VL);                                      \
+                        if (c * VL * sizeof(T) % 64 == 0) /* once a cache line (bf16: a line is two vectors) */ \
+                            __builtin_prefetch(V + (j0 + jj) * hd + c * VL);                                  \
                     }                                                                                         \
                 part[jj] = s;                                                                                 \
             }                                                                                                 \
