@@ -9,6 +9,7 @@ import pytest
 from jupyter_client.session import DELIM
 
 from llmsh.kernel.counters import Counters
+from llmsh.kernel.engines import MALLOC_TUNABLES, glibc_tunables
 from llmsh.kernel.lifecycle import kernelspec
 from llmsh.protocol.connection import (
     ConnectionFileError,
@@ -80,3 +81,10 @@ def test_loopback_detection():
 def test_kernelspec_argv():
     spec = kernelspec()
     assert spec["argv"][:3] == [sys.executable, "-m", "llmsh"] and spec["argv"][-1] == "{connection_file}"
+
+
+def test_engine_malloc_tunables_keep_the_users_own():
+    assert glibc_tunables("") == ":".join(f"{k}={v}" for k, v in MALLOC_TUNABLES.items())
+    merged = glibc_tunables("glibc.malloc.arena_max=4:glibc.cpu.hwcaps=-AVX2")
+    assert merged.split(":")[:2] == ["glibc.malloc.arena_max=4", "glibc.cpu.hwcaps=-AVX2"]
+    assert merged.count("arena_max") == 1 and "glibc.malloc.mmap_threshold=" in merged

@@ -33,7 +33,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from llmsh.cluster import ClusterError
-from llmsh.kernel.engines import EngineDied, EngineLink
+from llmsh.kernel.engines import EngineDied, EngineLink, glibc_tunables
 from llmsh.kernel.errors import KernelError
 from llmsh.kernel.nodes import Nodes
 
@@ -171,7 +171,7 @@ class RayCluster:
         return EngineActor.options(  # type: ignore[attr-defined]
             scheduling_strategy=NodeAffinitySchedulingStrategy(link.node_id, soft=False),
             num_gpus=link.gpus,  # the node's GPUs are the engine's (an actor without GPUs gets CUDA_VISIBLE_DEVICES="")
-            runtime_env={"env_vars": {"PYTHONPATH": path}},
+            runtime_env={"env_vars": {"PYTHONPATH": path, "GLIBC_TUNABLES": glibc_tunables()}},
         ).remote(link.url, link.node, link.budget, curve, HEARTBEAT_S, link.cpus)
 
     def kill(self, actor: Any) -> None:

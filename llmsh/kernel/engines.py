@@ -30,6 +30,28 @@ from llmsh.protocol import engine as wire
 log = logging.getLogger("llmsh.kernel.engines")
 HELLO_TIMEOUT = 60.0  # an engine imports numpy/zmq before it says hello; a loaded machine can be slow
 
+# glibc malloc settings for engine processes (glibc's documented tunables; other C libraries ignore the variable).
+# By default every tensor over ~32 MiB is a fresh mmap, and each of its pages faults and is zeroed when first written:
+# a GPT-2 124M float32 prefill of 3,900 tokens makes ~200 MB of such tensors a layer, ~10% of its time. Raising the
+# mmap threshold keeps large blocks in the heap, where a freed one is reused with no fault, and one arena makes that
+# hold for the model's thread too (a thread's own arena maps large blocks whatever the threshold). The heap keeps up
+# to the trim threshold of freed memory. (In one run: 256 prompts through `map` in float32, 62.3 -> 58.0 s.) jemalloc or
+# tcmalloc would do the same but are not installed by pip.
+MALLOC_TUNABLES = {"glibc.malloc.arena_max": "1", "glibc.malloc.mmap_threshold": str(256 << 20),
+                   "glibc.malloc.trim_threshold": str(256 << 20)}
+
+
+def glibc_tunables(current: str = "") -> str:
+    """A GLIBC_TUNABLES value: `current` (the user's) plus each of MALLOC_TUNABLES that it does not set."""
+    mine = [kv for kv in current.split(":") if kv]
+    named = {kv.split("=", 1)[0] for kv in mine}
+    return ":".join(mine + [f"{k}={v}" for k, v in MALLOC_TUNABLES.items() if k not in named])
+
+
+def engine_environment() -> dict[str, str]:
+    """The environment an engine process starts with: ours, with glibc_tunables."""
+    return {**os.environ, "GLIBC_TUNABLES": glibc_tunables(os.environ.get("GLIBC_TUNABLES", ""))}
+
 
 class EngineDied(KernelError):
     """The engine process exited while a request was in flight; the message names the cause."""
@@ -145,7 +167,7 @@ class EngineLink:
         logf = await asyncio.to_thread(_open_log, self.log_path)  # the engine's stderr goes to the kernel's log
         try:
             self.proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                             stdout=logf, stderr=logf)
+                                                             stdout=logf, stderr=logf, env=engine_environment())
         finally:
             logf.close()  # the child has its own descriptor
         self.generation += 1

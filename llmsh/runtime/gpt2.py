@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmsh.runtime.errors import LoadError
@@ -105,7 +104,8 @@ class MLP(nn.Module):
         self.c_proj = Linear(inner, cfg.n_embd)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        # in place: the product is ours, and a second (tokens, 4C) tensor costs page faults and a pass of memory
+        return self.c_proj(torch.ops.aten.gelu_(self.c_fc(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
@@ -119,8 +119,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, step: Step) -> Tensor:
-        h = x + self.attn(self.ln_1(x), step)
-        return h + self.mlp(self.ln_2(h))
+        h = self.attn(self.ln_1(x), step).add_(x)      # residuals added into the fresh outputs: no new tensors
+        return self.mlp(self.ln_2(h)).add_(h)
 
 
 class Transformer(nn.Module):
