@@ -103,15 +103,18 @@ def test_page_in_out_of_memory_fails_the_steps_requests_only(make_tiny_model: Ca
     failed: list = []
     g = pager.kv.guard(BatchGenerator(m, 2, 128), pid=1, device="cpu", nice=lambda: 0,
                        on_error=lambda seqs, line: failed.append((seqs, line)), after_step=lambda: pager.step_done(1))
-    real, calls = m.checkpoint.read_into, {"n": 0}
+    calls = {"n": 0}
 
-    def flaky(name, out):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise torch.OutOfMemoryError("out of memory: tried to allocate 1 MiB")
-        return real(name, out)
+    def flaky(real):  # the first page read fails, whether it copies its tensors or maps them in place
+        def read(*args):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise torch.OutOfMemoryError("out of memory: tried to allocate 1 MiB")
+            return real(*args)
+        return read
 
-    monkeypatch.setattr(m.checkpoint, "read_into", flaky)
+    monkeypatch.setattr(m.checkpoint, "read_into", flaky(m.checkpoint.read_into))
+    monkeypatch.setattr(m.checkpoint, "populate", flaky(m.checkpoint.populate))
     params = SamplingParams(max_tokens=8, temperature=0)
     bad = Sequence(m, m.tokenizer.encode(PROMPTS[0]), params)
     g.add(bad)

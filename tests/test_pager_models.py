@@ -141,6 +141,29 @@ def test_oom_during_page_in_fails_the_request_and_the_pager_recovers(three_model
         pager.close()
 
 
+def test_pages_stored_as_used_come_back_as_views_of_the_file(make_tiny_model: Callable[..., Path]) -> None:
+    """Two GPT-2s of one shape in a budget of one: a block's float32 matrices page in as views of the mmap'd file
+    (no copy), the transposed token embedding as a copy into the other model's evicted buffers; both models keep
+    their own weights (a view handed on as a buffer would have been overwritten with the other model's)."""
+    folders = [make_tiny_model("gpt2", seed=s, n_embd=128, n_layer=2, n_head=4) for s in (1, 2)]
+    models = [_load(f) for f in folders]
+    refs = [m.generate(PROMPTS, **SHORT) for m in models]
+    pager = Pager({"cpu": max(m.weight_bytes() for m in models)}, prefetch=False)
+    try:
+        for pid, m in enumerate(models, 1):
+            pager.attach(pid, ModelSource(m))
+        for _ in range(3):
+            for m, ref in zip(models, refs):
+                assert m.generate(PROMPTS, **SHORT) == ref
+        m = models[1]
+        w = m.module.get_parameter("h.0.mlp.c_fc.weight")
+        assert w.data_ptr() == m.checkpoint.view("h.0.mlp.c_fc.weight").data_ptr()     # the file's pages
+        assert m.checkpoint.view("wte.weight") is None                                  # stored transposed: copied
+        assert pager.totals.recycled > 0                                                 # into evicted buffers
+    finally:
+        pager.close()
+
+
 # ---- RSS ----------------------------------------------------------------------------------------------------------
 def _rss_anon() -> int:
     """Anonymous resident bytes of this process (Linux): memory the pager's page copies live in."""
@@ -150,19 +173,32 @@ def _rss_anon() -> int:
     raise OSError("no RssAnon")
 
 
+def _rss_of_files(paths: set[str]) -> int:
+    """Resident bytes of this process's mappings of `paths` (/proc/self/smaps): pages used as views of the files."""
+    total, counting = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):   # a mapping's header line
+            counting = len(head) == 6 and head[5] in paths
+        elif counting and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 def test_process_rss_confirms_the_budget(make_tiny_model: Callable[..., Path]) -> None:
-    """Why RssAnon and deltas: the models are loaded as zero-copy views of their mmap'd files, which count in RssFile
-    (page cache the OS may drop) — the pager's page copies are anonymous memory. The baseline is taken after an
-    all-resident warm-up run, so torch's allocator, the KV caches and the activations are already in it; what grows
-    after it is the pages. Margin: one model's KV cache + activations + allocator slack (4 MiB), far below the
-    difference the assertion must catch — pages that were not really freed would add up to all three models (~40 MiB
-    here, against a ~16 MiB budget)."""
+    """What the models hold in memory, measured by the OS: the resident part of their mmap'd files (pages used as
+    views: GPT-2's float32 blocks) plus the growth of anonymous memory (pages copied out: the transposed token
+    embedding). The anonymous baseline is taken after an all-resident warm-up run, so torch's allocator, the KV caches
+    and the activations are already in it. Margin: one model's KV cache + activations + allocator slack (4 MiB), far
+    below the difference the assertion must catch — pages that were not really freed or unmapped would add up to all
+    three models (~40 MiB here, against a ~16 MiB budget)."""
     # three widths: pages of different models have different layouts, so a switch cannot just refill the evicted
     # model's buffers — it frees them and allocates, which is what a leak would show up in
     models = [_load(make_tiny_model("gpt2", seed=11, n_embd=n, n_layer=4, n_head=4)) for n in (192, 256, 320)]
     refs = [m.generate(PROMPTS, **SHORT) for m in models]
+    files = {str(p.resolve()) for m in models for p in m.checkpoint.paths()}
     total = sum(m.weight_bytes() for m in models)
     budget = int(total / 2.5)
     page = max(p.nbytes for m in models for p in m.pages())
@@ -170,22 +206,25 @@ def test_process_rss_confirms_the_budget(make_tiny_model: Callable[..., Path]) -
     try:
         gc.collect()
         base = _rss_anon()
-        peak = [0]
+        peak, mapped_peak = [0], [0]
 
         def hook(device: str, used: int, b: int) -> None:
             assert used <= b
-            peak[0] = max(peak[0], _rss_anon() - base)
+            mapped = _rss_of_files(files)
+            mapped_peak[0] = max(mapped_peak[0], mapped)
+            peak[0] = max(peak[0], _rss_anon() - base + mapped)
 
-        pager.check_hooks.append(hook)
         for pid, m in enumerate(models, 1):
             pager.attach(pid, ModelSource(m))
+        pager.check_hooks.append(hook)  # from here on: before, the models not attached yet are wholly resident
         for _ in range(2):
             for m, ref in zip(models, refs):
                 assert m.generate(PROMPTS, **SHORT) == ref
-        assert pager.totals.bytes_in > total  # more than all three models went through the pager's copies
+        assert pager.totals.bytes_in > total  # more than all three models went through the pager
         margin = 4 * 2**20 + 2 * page  # slack + pages freed by the engine thread but not yet unmapped when sampled
-        assert peak[0] <= budget + margin, f"RssAnon grew {peak[0] / 2**20:.1f} MiB; budget {budget / 2**20:.1f} MiB"
+        assert peak[0] <= budget + margin, f"weights held {peak[0] / 2**20:.1f} MiB; budget {budget / 2**20:.1f} MiB"
         assert peak[0] >= budget // 4  # the measurement sees the pages at all
+        assert mapped_peak[0] >= budget // 4  # and the pages used in place are among them
     finally:
         pager.close()
 

@@ -11,6 +11,7 @@ the header says) so that a truncated download fails with one line naming the fil
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -102,6 +103,26 @@ class SafetensorsFile:
             what = "size" if now[0] != self.stamp[0] else "modification time" if now[1] != self.stamp[1] else "inode"
             raise CheckpointChanged(f"{self.path.name} in {self.path.parent} changed {CheckpointChanged.MARK} "
                                     f"({what} differs); kill the process and load the model again")
+
+    def populate(self, name: str) -> None:
+        """Map tensor `name`'s pages from the page cache now (one madvise), so that the thread that computes with a
+        view of it takes no page faults: MADV_POPULATE_READ (Linux 5.14), else a WILLNEED hint for the read-ahead."""
+        if self._map is None:
+            return
+        start, end = self.entries[name]["data_offsets"]
+        first = (self.data_start + start) // mmap.PAGESIZE * mmap.PAGESIZE
+        length = self.data_start + end - first
+        if length <= 0:
+            return
+        try:
+            self._map.madvise(getattr(mmap, "MADV_POPULATE_READ", 22), first, length)   # 22: Linux's value
+        except OSError as e:
+            if e.errno == errno.ENOMEM:
+                raise MemoryError(f"out of memory mapping {name} of {self.path.name}") from None
+            if e.errno != errno.EINVAL:
+                raise      # EFAULT, EIO: the file shrank or cannot be read
+            if hasattr(mmap, "MADV_WILLNEED"):                                            # an older kernel
+                self._map.madvise(mmap.MADV_WILLNEED, first, length)
 
     def drop_pages(self, name: str, lo: int = 0, hi: int | None = None) -> None:
         """Tell the kernel we are done with bytes [lo, hi) of tensor `name` (after copying them): they leave our RSS."""
@@ -233,12 +254,31 @@ class Checkpoint:
                     dtype: torch.dtype | None = None) -> torch.Tensor:
         """Our parameter `param_name` read from the mmap'd file: a zero-copy view when device/dtype match the file
         (and it is neither transposed nor fused), else one copy written chunk by chunk (`read_into`)."""
-        parts = self.parts(param_name)
-        first = self._source((parts or [param_name])[0])[2]
-        dtype, device = dtype or first.dtype, torch.device(device)
-        if not parts and not self.transposed(param_name) and dtype == first.dtype and device.type == "cpu":
-            return first  # zero copy: the parameter is the file's pages
+        device = torch.device(device)
+        view = self.view(param_name, dtype) if device.type == "cpu" else None
+        if view is not None:
+            return view  # zero copy: the parameter is the file's pages
+        dtype = dtype or self._source((self.parts(param_name) or [param_name])[0])[2].dtype
         return self.read_into(param_name, torch.empty(self.shape(param_name), dtype=dtype, device=device))
+
+    def view(self, param_name: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """Our parameter as a view of the mapped file if the file stores it as we use it (in `dtype`, neither
+        transposed nor fused from parts), else None: it needs a copy (`read_into`)."""
+        if self.parts(param_name) or self.transposed(param_name):
+            return None
+        t = self._source(param_name)[2]
+        return t if dtype is None or dtype == t.dtype else None
+
+    def populate(self, param_name: str) -> None:
+        """Fault in the file pages of a parameter used as a `view`, after checking the file is the one loaded."""
+        file, key, _ = self._source(param_name)
+        file.check_unchanged()
+        file.populate(key)
+
+    def drop(self, param_name: str) -> None:
+        """The view of a parameter is no longer used: its file pages leave our RSS (they stay in the page cache)."""
+        file, key, _ = self._source(param_name)
+        file.drop_pages(key)
 
     def read_into(self, param_name: str, out: torch.Tensor) -> torch.Tensor:
         """Copy our parameter into `out` (its shape; any dtype, device or pinned buffer) in one chunked pass that

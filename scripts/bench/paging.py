@@ -111,17 +111,27 @@ def main() -> int:
     ap.add_argument("--no-prefetch", action="store_true", help="disable the prefetch thread")
     ap.add_argument("--dir", help="where to write the checkpoints (default: a temporary dir)")
     args = ap.parse_args()
-    requests = args.requests or (2 if args.quick else 6)
-    n_new = args.tokens or (16 if args.quick else 32)
+    args.requests = args.requests or (2 if args.quick else 6)
+    args.tokens = args.tokens or (16 if args.quick else 32)
     args.reps = args.reps or (1 if args.quick else 2)
 
     from llmsh.engine.loader import configure_torch_threads
+
+    configure_torch_threads()
+    if args.dir:
+        return run(args, Path(args.dir))
+    with tempfile.TemporaryDirectory(prefix="llmsh-bench-paging-") as tmp:   # ~1 GB of checkpoints: removed after
+        return run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, root: Path) -> int:
+    """The benchmark with its checkpoints in root (made there unless they exist)."""
     from llmsh.engine.paging.core import Pager
     from llmsh.engine.paging.sources import ModelSource
     from llmsh.runtime import load
 
-    threads = configure_torch_threads()
-    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="llmsh-bench-paging-"))
+    requests, n_new = args.requests, args.tokens
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
     folders = [p if (p / "model.safetensors").exists() else make_checkpoint(p, seed)
                for seed, p in enumerate([root / "gpt2-a", root / "gpt2-b"])]
