@@ -134,7 +134,9 @@ class ModelSource:
     def release(self, index: int) -> None:
         self.model.release_page(index)
         drop = getattr(self.model.checkpoint, "drop", None)
-        for name in self._pages[index].param_names if drop is not None else []:
+        if drop is None:
+            return
+        for name in self._pages[index].param_names:
             if self._view(name) is not None:
                 drop(name)   # the views' file pages leave our RSS; the page cache keeps them for the next read
 
