@@ -172,6 +172,8 @@ class Pager:
             for e in proc.entries:
                 if e.state != OUT:
                     self.ledger.credit(proc.device, e.nbytes)
+                if e.state == STAGED:
+                    proc.discard(e.index)
                 if e.host is not None:
                     self.ledger.credit(HOST, e.nbytes)
                 e.state, e.staged, e.host, e.tensors, e.buffers = OUT, None, None, None, None
@@ -280,6 +282,7 @@ class Pager:
             raise PageInError(f"could not read page {e.name} of {proc.name}: {exc}") from exc
         self._cond.acquire()
         if e.state != LOADING or proc.detached:
+            proc.discard(e.index)
             return
         self.ledger.paged_in(e)
         e.staged = tensors

@@ -64,6 +64,8 @@ class Evictor:
         if proc.device == device:
             if e.state == IN:
                 proc.source.release(e.index)
+            elif e.state == STAGED:
+                proc.discard(e.index)
             kept, e.tensors = (e.tensors if keep else None), None
             e.staged = None
             e.ready_event = None

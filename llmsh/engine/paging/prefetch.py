@@ -116,4 +116,6 @@ class Prefetcher:
                 pager.count_page_in(e, prefetched=True)
                 e.staged = tensors
                 e.state = STAGED
+            else:
+                proc.discard(e.index)
             cond.notify_all()

@@ -49,6 +49,8 @@ class PageSource(Protocol):
     def release(self, index: int) -> None:
         """Drop the page's parameters so their memory is freed."""
 
+    # optional: discard(index), called when tensors `read` for a page are dropped without being installed
+
     def is_resident(self, index: int) -> bool:
         """Whether the page's parameters are materialised now."""
 
@@ -133,12 +135,17 @@ class ModelSource:
 
     def release(self, index: int) -> None:
         self.model.release_page(index)
+        self.discard(index)
+
+    def discard(self, index: int) -> None:
+        """Tensors `read` for this page are dropped (released, or never installed): the file pages of its views
+        leave our RSS (the page cache keeps them for the next read); copies are freed with their last reference."""
         drop = getattr(self.model.checkpoint, "drop", None)
         if drop is None:
             return
         for name in self._pages[index].param_names:
             if self._view(name) is not None:
-                drop(name)   # the views' file pages leave our RSS; the page cache keeps them for the next read
+                drop(name)
 
     def is_resident(self, index: int) -> bool:
         probe = getattr(self.model, "page_resident", None)

@@ -96,6 +96,13 @@ class Proc:
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries)
 
+    def discard(self, index: int) -> None:
+        """Tensors read for page `index` are dropped without being installed: tell the source, if it cares (its
+        views of a mapped file leave the RSS)."""
+        discard = getattr(self.source, "discard", None)
+        if discard is not None:
+            discard(index)
+
     @property
     def resident_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries if e.state in (IN, STAGED))
