@@ -30,7 +30,7 @@ from llmsh.runtime import llama
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
 from llmsh.runtime.layers import Linear
-from llmsh.runtime.stack import DecoderStack
+from llmsh.runtime.stack import DecoderStack, Rows
 
 MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")   # gemma3: the multimodal checkpoints (4B+), their text model
 # Gemma3TextConfig's defaults: the multimodal checkpoints' text_config lists only what differs from them
@@ -240,8 +240,10 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.post_ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
-        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, step))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step, keep: Rows | None = None) -> Tensor:
+        """With `keep` (see DecoderStack.keep_rows): (B, T, dim) -> (len(keep[1]), dim)."""
+        a = self.attention(self.attention_norm(x), cos, sin, step, keep)
+        h = (x[keep] if keep is not None else x) + self.post_attention_norm(a)
         return h + self.post_ffn_norm(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -273,8 +275,8 @@ class Transformer(DecoderStack):
         for i, layer in enumerate(self.layers):
             if self.page_hook:
                 self.page_hook(1 + i)
-            x = layer(x, *tables[self.config.windows[i]], step)                  # cos, sin (B, T, 1, hd)
-        logits = self.head(x, last, len(self.layers) + 1)
+            x = layer(x, *tables[self.config.windows[i]], step, self.keep_rows(x, last, i))  # cos, sin (B, T, 1, hd)
+        logits = self.head(x, len(self.layers) + 1)
         cap = self.config.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
 from llmsh.runtime.layers import Linear
-from llmsh.runtime.stack import DecoderStack
+from llmsh.runtime.stack import DecoderStack, Rows
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope", "factors")  # factors: per-frequency divisors, as GGUF files store llama3
@@ -225,7 +225,8 @@ class Attention(nn.Module):
         self.q_norm: nn.Module | None = RMSNorm(head_dim, cfg.norm_eps) if cfg.qk_norm else None   # (Gemma's: 1 + w)
         self.k_norm: nn.Module | None = RMSNorm(head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step, keep: Rows | None = None) -> Tensor:
+        """(B, T, dim) -> (B, T, dim); with `keep` (row, position index tensors), only the output at those tokens."""
         B, T, _ = x.shape
         nh, nqk = self.n_head, self.n_head + self.n_kv_head
         qkv = self.wqkv(x).view(B, T, nqk + self.n_kv_head, self.head_dim)
@@ -239,8 +240,9 @@ class Attention(nn.Module):
             qk = torch.cat((apply_rope(qk[..., :r], cos, sin), qk[..., r:]), dim=-1)
         q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)      # (B, nh, T, hd), (B, n_kv, T, hd)
         k, v = step.update(self.layer, k, qkv[:, :, nqk:].transpose(1, 2))       # (B, n_kv, L, hd)
-        y = self.attend(q, k, v, step)                                             # (B, nh, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, nh * self.head_dim))
+        y = self.attend(q, k, v, step).transpose(1, 2)                             # (B, T, nh, hd)
+        return self.wo(y[keep].reshape(-1, nh * self.head_dim) if keep is not None else
+                       y.reshape(B, T, nh * self.head_dim))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         """softmax(q k^T / sqrt(hd) + mask) v over the cache (Gemma's attention overrides this)."""
@@ -271,8 +273,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, step)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step, keep: Rows | None = None) -> Tensor:
+        """With `keep` (see DecoderStack.keep_rows): (B, T, dim) -> (len(keep[1]), dim)."""
+        h = (x[keep] if keep is not None else x) + self.attention(self.attention_norm(x), cos, sin, step, keep)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -291,15 +294,15 @@ class Transformer(DecoderStack):
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, idx: Tensor, step: Step, last: Tensor | None = None) -> Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab), or (B, vocab) at positions `last` (B,) if given."""
+        """idx (B, T) token ids -> logits (B, T, vocab), or (len(last), vocab) at positions `last` if given."""
         x = self.embed(idx)                                                       # (B, T, dim)
         cos = self.rope_cos[step.input_pos].to(x.dtype)[:, :, None]               # (B, T, 1, hd)
         sin = self.rope_sin[step.input_pos].to(x.dtype)[:, :, None]
         for i, layer in enumerate(self.layers):
             if self.page_hook:
                 self.page_hook(1 + i)
-            x = layer(x, cos, sin, step)
-        return self.head(x, last, len(self.layers) + 1)
+            x = layer(x, cos, sin, step, self.keep_rows(x, last, i))
+        return self.head(x, len(self.layers) + 1)
 
 
 HF_RULES = [                   # (pattern, replacement) on our names; the first that matches

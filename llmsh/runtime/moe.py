@@ -31,7 +31,7 @@ from llmsh.runtime import llama
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step
 from llmsh.runtime.layers import Linear
-from llmsh.runtime.stack import DecoderStack
+from llmsh.runtime.stack import DecoderStack, Rows
 
 MODEL_TYPES = ("mixtral", "qwen3_moe")
 
@@ -101,9 +101,8 @@ class SparseMoE(nn.Module):
         return (weights.to(x.dtype) if self.round_weights else weights), chosen
 
     def forward(self, x: Tensor, on_expert: Callable[[int], None] | None = None) -> Tensor:
-        """x (B, T, dim); on_expert(j) is called right before expert j runs (the pager's hook)."""
-        B, T, D = x.shape
-        xs = x.reshape(B * T, D)
+        """x (…, dim); on_expert(j) is called right before expert j runs (the pager's hook)."""
+        xs = x.reshape(-1, x.shape[-1])
         weights, chosen = self.route(xs)
         out = torch.zeros_like(xs)
         for j in torch.unique(chosen).tolist():                                   # only the chosen experts' weights
@@ -112,7 +111,7 @@ class SparseMoE(nn.Module):
                 on_expert(j)
             y = self.experts[j](xs[token]) * weights[token, k, None]
             out.index_add_(0, token, y.to(out.dtype))
-        return out.view(B, T, D)
+        return out.view(x.shape)
 
 
 class Block(nn.Module):
@@ -126,8 +125,9 @@ class Block(nn.Module):
         self.feed_forward = llama.FeedForward(cfg) if layer in cfg.dense_layers else SparseMoE(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step,
-                on_expert: Callable[[int], None] | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, step)
+                on_expert: Callable[[int], None] | None = None, keep: Rows | None = None) -> Tensor:
+        """With `keep` (see DecoderStack.keep_rows): (B, T, dim) -> (len(keep[1]), dim)."""
+        h = (x[keep] if keep is not None else x) + self.attention(self.attention_norm(x), cos, sin, step, keep)
         if isinstance(self.feed_forward, SparseMoE):
             return h + self.feed_forward(self.ffn_norm(h), on_expert)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -181,8 +181,8 @@ class Transformer(DecoderStack):
             if hook:
                 hook(self.block_page[i])
                 on_expert = functools.partial(_page_expert, hook, self.expert_pages[i])
-            x = layer(x, cos, sin, step, on_expert)
-        return self.head(x, last, self.block_page[-1] + len(self.expert_pages[-1]) + 1)
+            x = layer(x, cos, sin, step, on_expert, self.keep_rows(x, last, i))
+        return self.head(x, self.block_page[-1] + len(self.expert_pages[-1]) + 1)
 
 
 _EXPERT_PARTS = {"mixtral": {"1": "w1", "2": "w2", "3": "w3"},

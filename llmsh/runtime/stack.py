@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from llmsh.runtime.layers import Linear, TiedEmbedding
 
+Rows = tuple[Tensor, Tensor]  # (row, position) index tensors: the tokens whose outputs a forward returns
+
 
 class DecoderStack(nn.Module):
     """Embedding, blocks, final norm and output head, with the page hook called before each page's modules run."""
@@ -57,10 +59,17 @@ class DecoderStack(nn.Module):
             self.page_hook(0)
         return self.tok_embeddings(idx)
 
-    def head(self, x: Tensor, last: Tensor | None, head_page: int) -> Tensor:
-        """Logits of x (B, T, dim), or of its rows at positions `last` (B,) if given, the head's pages paged in first."""
-        if last is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last]               # (B, dim)
+    def keep_rows(self, x: Tensor, last: Tensor | None, layer: int) -> Rows | None:
+        """The tokens block `layer` computes past its attention: all (None) but in the last block of a forward that
+        wants only the outputs at positions `last` (a prefill's last tokens), which then returns those alone. Every
+        token's keys and values are cached in every layer all the same; the last block's output projection and MLP
+        skip the rest (~1/n_layer of a prefill's work)."""
+        if last is None or layer != len(self.layers) - 1:
+            return None
+        return torch.arange(x.shape[0], device=x.device), last
+
+    def head(self, x: Tensor, head_page: int) -> Tensor:
+        """Logits of x (…, dim), the head's pages paged in first."""
         if self.page_hook:
             if self.config.tie_embeddings:
                 self.page_hook(0)                                                 # the head reads the embedding's matrix
