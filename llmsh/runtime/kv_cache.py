@@ -11,14 +11,22 @@ to the highest slot taken, positions in blocks of BLOCK (by half its size at a t
 sequence is copied a logarithmic number of times). `fit()` gives memory back when sequences leave. Preallocating
 every slot at the whole context instead cost 16 x 2048 positions per process (1.2 GB for a small model) whatever the
 requests needed, outside any budget. The layout stays one rectangular buffer per layer because the C decode kernels
-index it as `slot * stride + position`; `max_batch` and `max_seq_len` are the buffers' current rows and positions
-(what C may index), `n_slots` and `context` the limits.
+index it as `slot * stride + position`; `max_batch` and `max_seq_len` are the rows and positions the cache holds now
+(what C may index), `n_slots` and `context` the limits, `stride` the positions between one (row, head) and the next.
+
+On Linux CPUs the growth costs no copy: the buffers are mapped once at their whole size (n_slots x context), memory
+the OS commits only where it is written, and growing just raises the bounds; shrinking gives the pages outside them
+back (MADV_DONTNEED, after which they read as zeros again). Growing by copying had cost a `map` job of 256 prompts
+through GPT-2 124M in float32 14 resizes, 8.4 s in-process (GPT-2 124M float32, 64 rows from 320 to 512 positions:
+grow 0.57 s, shrink 0.45 s; mapped: 0.00 and 0.09 s), and the copy's peak of old and new buffers.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import mmap
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +37,7 @@ from torch import Tensor
 from llmsh.runtime import kernels
 
 BLOCK = 64  # positions: a growing cache's capacity is a multiple of this (or the whole context)
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)   # Linux's value: address space only, no commit charge
 
 
 def _round_up(n: int, block: int) -> int:
@@ -47,10 +56,11 @@ class KVCache:
         self.on_resize: list[Callable[[], None]] = []   # the buffers moved (e.g. the C decoder's cached addresses)
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
+        self._maps: list[mmap.mmap] = []   # with mapped buffers (see the module docstring): one per k, v tensor
         self.max_batch = self.max_seq_len = 0
-        if grow:
+        if grow and not self._map_whole():
             self._resize(0, 0)
-        else:
+        elif not grow:
             self._resize(max_batch, max_seq_len)
         self.lengths = [0] * max_batch
         self._free = list(range(max_batch))
@@ -108,6 +118,11 @@ class KVCache:
         self.free(src)
 
     # ---- memory --------------------------------------------------------------------------------------------------
+    @property
+    def stride(self) -> int:
+        """Positions between the starts of consecutive (row, head) runs of the buffers (what C indexes them by)."""
+        return self.k[0].shape[2] if self.k else 0
+
     @property
     def nbytes(self) -> int:
         """Bytes held by all key and value buffers."""
@@ -171,9 +186,49 @@ class KVCache:
             self._resize(rows, cap)
 
     @torch.inference_mode(False)
+    def _map_whole(self) -> bool:
+        """Map every buffer at its whole size, committed only where written (CPU, Linux); False where it cannot."""
+        if torch.device(self.device).type != "cpu" or not sys.platform.startswith("linux"):
+            return False
+        n_layer, n_kv, hd = self._shape
+        shape = (self.n_slots, n_kv, self.context, hd)
+        nbytes = self.n_slots * n_kv * self.context * hd * self.dtype.itemsize
+        try:
+            maps = [mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+                    for _ in range(2 * n_layer)]
+        except (OSError, ValueError):  # (strict overcommit, a tiny address space): grow by copying instead
+            return False
+        self._maps = maps
+        tensors = [torch.frombuffer(m, dtype=self.dtype).view(shape) for m in maps]
+        self.k, self.v = tensors[:n_layer], tensors[n_layer:]
+        return True
+
+    def _give_back(self, rows: int, cap: int) -> None:
+        """Mapped buffers: hand the OS back the pages outside the new bounds (rows, cap) and inside the old ones.
+        They read as zeros after; a page only partly outside keeps its stale values, finite like any the mask hides."""
+        old_rows, old_cap = self.max_batch, self.max_seq_len
+        n_kv, hd = self._shape[1], self._shape[2]
+        run = self.context * hd * self.dtype.itemsize                  # bytes of one (row, head) run of positions
+        ranges = [(rows * n_kv * run, old_rows * n_kv * run)] if old_rows > rows else []
+        if old_cap > cap:
+            per = hd * self.dtype.itemsize
+            ranges += [(r * run + cap * per, r * run + old_cap * per) for r in range(min(rows, old_rows) * n_kv)]
+        page = mmap.PAGESIZE
+        ranges = [(-(-a // page) * page, b // page * page) for a, b in ranges]
+        ranges = [(a, b - a) for a, b in ranges if b > a]
+        for m in self._maps:
+            for at, n in ranges:
+                m.madvise(mmap.MADV_DONTNEED, at, n)
+
+    @torch.inference_mode(False)
     def _resize(self, rows: int, cap: int) -> None:
-        """New buffers of (rows, cap), keeping what fits of the old and zero elsewhere; one layer at a time, so the
+        """New bounds (rows, cap): mapped buffers only give back what they no longer hold (see `_give_back`);
+        others are new buffers of (rows, cap), keeping what fits of the old and zero elsewhere; one layer at a time, so the
         peak is the cache plus one layer's buffer. (Only what is not copied is zeroed: one pass over the bytes.)"""
+        if self._maps:
+            self._give_back(rows, cap)
+            self.max_batch, self.max_seq_len = rows, cap
+            return
         n_layer, n_kv, hd = self._shape
         keep_r, keep_c = min(rows, self.max_batch), min(cap, self.max_seq_len)
         for bufs in (self.k, self.v):

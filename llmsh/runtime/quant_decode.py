@@ -105,7 +105,7 @@ class QuantDecoder:
         if not all(0 <= p < context for p in pos):
             raise ValueError(f"positions must be below the context of {context}")
         slots_t, pos_t = torch.tensor(slots), torch.tensor(pos)          # alive until return: C reads them
-        step = fam.step_args(B, cache.max_seq_len, slots_t, pos_t)
+        step = fam.step_args(B, cache.stride, slots_t, pos_t)
         step.n_threads = threads = torch.get_num_threads()
         scratch = torch.empty(self.lib.lm_scratch_floats(B, step.dim, step.n_head, step.n_kv, step.head_dim,
                                                           step.hidden, step.max_seq, threads))
