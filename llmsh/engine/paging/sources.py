@@ -65,6 +65,8 @@ class ModelSource:
         self.model = model
         self.device = str(model.device)
         self._pages = list(model.pages())
+        # which of each page's tensors the checkpoint gives as views of its file (fixed by the file and the dtype)
+        self._views = [[self._view(n) is not None for n in p.param_names] for p in self._pages]
         self._layouts = [self._layout_now(i) for i in range(len(self._pages))]
 
     def page_infos(self) -> list[PageInfo]:
@@ -85,8 +87,8 @@ class ModelSource:
 
         checkpoint = self.model.checkpoint
         result = {}
-        for i, name in enumerate(self._pages[index].param_names):
-            view = None if pin else self._view(name)
+        for i, (name, is_view) in enumerate(zip(self._pages[index].param_names, self._views[index])):
+            view = self._view(name) if is_view and not pin else None
             if view is not None:
                 checkpoint.populate(name)
                 result[name] = view
@@ -108,8 +110,7 @@ class ModelSource:
         return self._layouts[index]
 
     def _layout_now(self, index: int) -> tuple | None:
-        names = self._pages[index].param_names
-        views = [self._view(n) is not None for n in names]
+        names, views = self._pages[index].param_names, self._views[index]
         if any(self.model.module.get_parameter(n).is_meta for n in names) or all(views):
             return None
         return tuple((tuple(self.model.checkpoint.shape(n)), str(self._dtype(n)), v) for n, v in zip(names, views))
@@ -143,8 +144,8 @@ class ModelSource:
         drop = getattr(self.model.checkpoint, "drop", None)
         if drop is None:
             return
-        for name in self._pages[index].param_names:
-            if self._view(name) is not None:
+        for name, is_view in zip(self._pages[index].param_names, self._views[index]):
+            if is_view:
                 drop(name)
 
     def is_resident(self, index: int) -> bool:
