@@ -23,6 +23,16 @@ from llmsh.runtime.layers import Linear, TiedEmbedding
 Rows = tuple[Tensor, Tensor]  # (row, position) index tensors: the tokens whose outputs a forward returns
 
 
+def keep_rows(x: Tensor, last: Tensor | None, layer: int, n_layer: int) -> Rows | None:
+    """The tokens block `layer` of `n_layer` computes past its attention: all (None) but in the last block of a
+    forward that wants only the outputs at positions `last` (a prefill's last tokens), which then returns those
+    alone. Every token's keys and values are cached in every layer all the same; the last block's output projection
+    and MLP skip the rest (~1/n_layer of a prefill's work)."""
+    if last is None or layer != n_layer - 1:
+        return None
+    return torch.arange(x.shape[0], device=x.device), last
+
+
 class DecoderStack(nn.Module):
     """Embedding, blocks, final norm and output head, with the page hook called before each page's modules run."""
 
@@ -60,13 +70,8 @@ class DecoderStack(nn.Module):
         return self.tok_embeddings(idx)
 
     def keep_rows(self, x: Tensor, last: Tensor | None, layer: int) -> Rows | None:
-        """The tokens block `layer` computes past its attention: all (None) but in the last block of a forward that
-        wants only the outputs at positions `last` (a prefill's last tokens), which then returns those alone. Every
-        token's keys and values are cached in every layer all the same; the last block's output projection and MLP
-        skip the rest (~1/n_layer of a prefill's work)."""
-        if last is None or layer != len(self.layers) - 1:
-            return None
-        return torch.arange(x.shape[0], device=x.device), last
+        """`keep_rows` for block `layer` of this stack."""
+        return keep_rows(x, last, layer, len(self.layers))
 
     def head(self, x: Tensor, head_page: int) -> Tensor:
         """Logits of x (…, dim), the head's pages paged in first."""
