@@ -134,6 +134,52 @@ def test_second_open_uses_the_index_not_the_parser(make_gguf, monkeypatch: pytes
     assert again.tokenizer.encode(TEXTS[1]) == first.tokenizer.encode(TEXTS[1])
 
 
+def test_an_indexed_load_reads_neither_the_vocabulary_nor_the_parser(make_gguf, monkeypatch) -> None:
+    """The long lists (vocabulary, scores, merges) wait beside the index: a load with a cached tokenizer needs none
+    of them, and the vocabulary size comes from the index."""
+    from llmsh.runtime import gguf_file
+
+    path = make_gguf("smollm")
+    first = load(str(path))
+    g = gguf_file.GGUFFile(path)
+    assert g.indexed and g.length("tokenizer.ggml.tokens") == first.hf_config["vocab_size"]
+    assert "tokenizer.ggml.tokens" not in g.fields                     # not read yet
+    gguf_file._beside(path, gguf_file.LISTS).unlink()
+
+    def no_parsing():
+        raise AssertionError("parsed the unchanged file again")
+
+    monkeypatch.setattr(gguf_file, "_plain_reader", no_parsing)
+    again = load(str(path))
+    assert again.tokenizer.encode(TEXTS[1]) == first.tokenizer.encode(TEXTS[1])
+    assert again.tokenizer.special_tokens == first.tokenizer.special_tokens
+    assert again.hf_config == first.hf_config
+
+
+@pytest.mark.parametrize("damaged", ["tokenizer", "lists", "both"])
+def test_damaged_files_beside_the_index_are_rebuilt(damaged: str, make_gguf) -> None:
+    """A cached tokenizer or list file that is cut or garbled costs a rebuild from the GGUF file, never a failed
+    load or different ids; the rebuilt files are written back."""
+    from llmsh.runtime import gguf_file
+
+    path = make_gguf("llama")
+    first = load(str(path))
+    saved = gguf_file.GGUFFile(path).cached_tokenizer
+    assert saved
+    if damaged in ("tokenizer", "both"):
+        gguf_file._beside(path, gguf_file.TOKENIZER).write_text(saved[: len(saved) // 2])
+    if damaged in ("lists", "both"):
+        gguf_file._beside(path, gguf_file.LISTS).write_text("[1, 2")
+    again = load(str(path))
+    for text in TEXTS:
+        assert again.tokenizer.encode(text) == first.tokenizer.encode(text)
+    assert again.tokenizer.special_tokens == first.tokenizer.special_tokens
+    assert again.tokenizer.eos_token_ids == first.tokenizer.eos_token_ids
+    if damaged != "lists":                                            # (a cached tokenizer never reads the lists)
+        assert gguf_file.GGUFFile(path).cached_tokenizer == saved
+        assert gguf_file.GGUFFile(path).meta("tokenizer.ggml.tokens")[:3] == ["<unk>", "<s>", "</s>"]
+
+
 @pytest.mark.parametrize("qtype", [T.F32, T.BF16])
 def test_float_matrices_are_reshaped_once_then_mapped(qtype: T, make_tiny_model, tmp_path: Path, monkeypatch) -> None:
     """A float GGUF file's transposed and fused matrices are cached on the first load; the next load maps them (no

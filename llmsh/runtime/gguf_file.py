@@ -46,7 +46,9 @@ def _plain_reader() -> type:
     return PlainReader
 
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+LONG_LIST = 256                    # metadata lists longer than this are kept beside the index (see save_index)
+LISTS, TOKENIZER = "lists.json", "tokenizer.json"      # the files beside an index
 
 
 class GGUFFile:
@@ -60,22 +62,30 @@ class GGUFFile:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.cached_tokenizer: str | None = None
+        self._lengths: dict[str, int] = {}          # list metadata kept beside the index -> its length
         index = _read_index(self.path)
+        self.indexed = index is not None            # opened from the index, not parsed
         if index is not None:
             self.fields: dict[str, Any] = index["meta"]
-            self.cached_tokenizer = index.get("tokenizer")
+            self._lengths = index["lengths"]
+            self.cached_tokenizer = _read_beside(self.path, TOKENIZER)
             self._data = np.memmap(self.path, mode="c").view(np.ndarray)
             self.tensors = {i[0]: self._tensor(*i) for i in index["tensors"]}
             return
+        self._data, self.fields, self.tensors = self._parse()
+
+    def _parse(self) -> tuple[np.ndarray, dict[str, Any], dict[str, TensorInfo]]:
+        """The file's data map, metadata and tensor table, through gguf's reader (slow: every string of the
+        vocabulary is a numpy slice)."""
         try:
             reader = _plain_reader()(self.path, "c")          # copy-on-write map: writable views, never written back
-            self.fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+            fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
         except Exception as e:  # the reader raises ValueError, struct errors, IndexError… on a bad file
             raise LoadError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else 'truncated'}); re-download it") from None
-        self._data = reader.data
-        self.tensors = {t.name: TensorInfo(t.name, t.tensor_type, t.shape, int(t.n_bytes), int(t.data_offset), t.data)
-                        for t in reader.tensors}
+        tensors = {t.name: TensorInfo(t.name, t.tensor_type, t.shape, int(t.n_bytes), int(t.data_offset), t.data)
+                   for t in reader.tensors}
+        return reader.data, fields, tensors
 
     def _tensor(self, name: str, type_id: int, dims: list[int], n_bytes: int, offset: int) -> TensorInfo:
         from gguf import GGMLQuantizationType, quant_shape_to_byte_shape
@@ -90,14 +100,47 @@ class GGUFFile:
         return TensorInfo(name, kind, np.array(dims, dtype=np.uint64), n_bytes, offset, view)
 
     def save_index(self, tokenizer_json: str | None) -> None:
-        """Remember this file's metadata, tensor table and tokenizer (see the class docstring); best effort."""
+        """Remember this file's metadata, tensor table and tokenizer (see the class docstring); best effort. Long
+        lists (a vocabulary, its scores and merges) and the tokenizer go to files beside the index: a load reads
+        only the small index and the tokenizer, and a list when it is asked for (a first build of the tokenizer)."""
         tensors = [[t.name, int(t.tensor_type), [int(d) for d in t.shape.tolist()], t.n_bytes, t.data_offset]
                    for t in self.tensors.values()]
-        _write_index(self.path, {"meta": self.fields, "tensors": tensors, "tokenizer": tokenizer_json})
+        fields = {**self.fields, **self._lists()}
+        lists = {k: v for k, v in fields.items() if isinstance(v, list) and len(v) > LONG_LIST}
+        if not (_write_beside(self.path, LISTS, json.dumps(lists))
+                and (tokenizer_json is None or _write_beside(self.path, TOKENIZER, tokenizer_json))):
+            return
+        small = {k: v for k, v in fields.items() if k not in lists}
+        _write_index(self.path, {"meta": small, "lengths": {k: len(v) for k, v in lists.items()},
+                                 "tensors": tensors})
 
     def meta(self, key: str, default: Any = None) -> Any:
         """The value of metadata `key` (a str, number, bool or list), or default."""
+        if key in self._lengths and key not in self.fields:
+            self.fields.update(self._lists())
         return self.fields.get(key, default)
+
+    def length(self, key: str) -> int:
+        """The number of items of list metadata `key` (0 where it is absent or not a list), without reading it."""
+        if key in self._lengths:
+            return self._lengths[key]
+        value = self.fields.get(key)
+        return len(value) if isinstance(value, list) else 0
+
+    def _lists(self) -> dict[str, Any]:
+        """The long lists kept beside the index (none before the index exists); a file lost or damaged there is
+        read from the GGUF file again."""
+        if not self._lengths:
+            return {}
+        text = _read_beside(self.path, LISTS)
+        try:
+            lists: dict[str, Any] = json.loads(text or "")
+            if all(len(lists[k]) == n for k, n in self._lengths.items()):
+                return lists
+        except (ValueError, KeyError, TypeError):
+            pass
+        _, fields, _ = self._parse()
+        return {k: fields[k] for k in self._lengths}
 
     @property
     def arch(self) -> str:
@@ -136,21 +179,52 @@ def _read_index(path: Path) -> dict[str, Any] | None:
     try:
         where, ident = _index_path(path)
         data = json.loads(where.read_text())
-        return data if data.get("id") == ident else None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return None
+    keys = ("meta", "lengths", "tensors")
+    ok = isinstance(data, dict) and data.get("id") == ident and all(isinstance(data.get(k), (dict, list)) for k in keys)
+    return data if ok else None
 
 
 def _write_index(path: Path, index: dict[str, Any]) -> None:
+    try:
+        where, ident = _index_path(path)
+        _write_atomically(where, json.dumps({**index, "id": ident}))
+    except (OSError, TypeError, ValueError):
+        pass
+
+
+def _beside(path: Path, name: str) -> Path:
+    where, _ = _index_path(path)
+    return where.with_suffix("." + name)
+
+
+def _read_beside(path: Path, name: str) -> str | None:
+    """The text of file `name` beside `path`'s index, or None where it cannot be read."""
+    try:
+        return _beside(path, name).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _write_beside(path: Path, name: str, text: str) -> bool:
+    try:
+        _write_atomically(_beside(path, name), text)
+        return True
+    except OSError:
+        return False
+
+
+def _write_atomically(where: Path, text: str) -> None:
     import os
     import tempfile
 
+    where.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=where.parent, suffix=".tmp")
     try:
-        where, ident = _index_path(path)
-        where.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=where.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump({**index, "id": ident}, f)
+            f.write(text)
         os.replace(tmp, where)
-    except (OSError, TypeError, ValueError):
-        pass
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

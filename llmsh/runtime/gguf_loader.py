@@ -44,7 +44,7 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
             raise LoadError(f"{g.path.name} lacks metadata {arch}.{key}; the file is incomplete or not a model")
         return v
 
-    n_vocab = g.meta(f"{arch}.vocab_size") or len(g.meta("tokenizer.ggml.tokens", []) or []) or \
+    n_vocab = g.meta(f"{arch}.vocab_size") or g.length("tokenizer.ggml.tokens") or \
         int(g.tensors["token_embd.weight"].shape[1])
     common = {"model_type": model_type, "vocab_size": int(n_vocab),
               "bos_token_id": g.meta("tokenizer.ggml.bos_token_id"),
@@ -139,6 +139,8 @@ class GGUFCheckpoint:
     def __init__(self, g: GGUFFile, arch: str, cfg: Any) -> None:
         self.g, self.arch, self.cfg = g, arch, cfg
         self.layout: Any = None             # layout_cache's file of our reshaped matrices (a SafetensorsFile)
+        self._specs: dict[str, Spec] = {}   # asked for several times per parameter at every load
+        self._quantized: dict[str, bool] = {}
 
     def layout_name(self, name: str) -> str | None:
         """The name our parameter has in the layout cache, or None if it is used as the file stores it (a float
@@ -163,11 +165,14 @@ class GGUFCheckpoint:
         return t if dtype is None or t.dtype == dtype else None
 
     def spec(self, name: str) -> Spec:
+        if (known := self._specs.get(name)) is not None:
+            return known
         s = spec(name, self.arch, self.cfg)
         for part, _ in s.parts:
             if part not in self.g.tensors:
                 raise LoadError(f"{self.g.path.name} has no tensor {part} (needed for {name}); the file is incomplete "
                                 "or its architecture metadata is wrong")
+        self._specs[name] = s
         return s
 
     def key(self, name: str) -> tuple:
@@ -183,12 +188,15 @@ class GGUFCheckpoint:
         """True if our parameter stays quantized (a QLinear weight): a matrix whose parts are all block-quantized."""
         from llmsh.runtime.quant import QUANT_TYPES
 
+        if (known := self._quantized.get(name)) is not None:
+            return known
         s = self.spec(name)
         kinds = {self.g.type_name(p) in QUANT_TYPES for p, _ in s.parts}
         if kinds == {True, False}:
             raise LoadError(f"{self.g.path.name} mixes float and quantized tensors in {name} "
                             f"({', '.join(p for p, _ in s.parts)}); llmsh cannot fuse them")
-        return s.layout == "linear" and kinds == {True}
+        self._quantized[name] = s.layout == "linear" and kinds == {True}
+        return self._quantized[name]
 
     def segments(self, name: str) -> list[tuple[str, int]]:
         """(type, rows) of each part of a quantized parameter, in order."""
@@ -346,7 +354,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str |
     module.setup(dev)
     module.eval().requires_grad_(False)
     tokenizer, tok_json = gguf_tokenizer.build(g.meta, g.cached_tokenizer)
-    if g.cached_tokenizer is None:
+    if not g.indexed or tok_json != g.cached_tokenizer:
         g.save_index(tok_json)
     gen_cfg = {k: v for k, v in (("bos_token_id", cfg_json.get("bos_token_id")),
                                  ("eos_token_id", sorted(tokenizer.eos_token_ids) if tokenizer else None)) if v}

@@ -40,21 +40,45 @@ SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_to
 
 def build(meta: Callable[[str, Any], Any], cached: str | None = None) -> tuple[Tokenizer | None, str | None]:
     """The Tokenizer of a GGUF file whose metadata `meta(key, default)` reads (None if it has no vocabulary), and
-    the `tokenizers` JSON of it; `cached`: that JSON from an earlier build, which is then not rebuilt (fast)."""
-    from tokenizers import Tokenizer as Tok
-
+    the `tokenizers` JSON of it; `cached`: that JSON from an earlier build, which is then not rebuilt (fast: the
+    vocabulary list is not read either, special tokens are named by the tokenizer itself)."""
     kind = meta("tokenizer.ggml.model", None)
-    tokens: list[str] | None = meta("tokenizer.ggml.tokens", None)
-    if kind is None or not tokens:
+    if kind is None:
         return None, None
-    tok = Tok.from_str(cached) if cached else _build_tokenizers(meta, kind, tokens)
+    tok, tokens = _from_json(cached), None
+    if tok is None:
+        tokens = meta("tokenizer.ggml.tokens", None)
+        if not tokens:
+            return None, None
+        tok = _build_tokenizers(meta, kind, tokens)
+
+    def named(i: Any) -> str | None:
+        if not isinstance(i, int) or i < 0:
+            return None
+        if tokens is None:
+            return tok.id_to_token(i)
+        return tokens[i] if i < len(tokens) else None
+
     bos = meta("tokenizer.ggml.bos_token_id", None)
-    special = {attr: tokens[i] for attr, key in SPECIAL_IDS.items()
-               if isinstance(i := meta(f"tokenizer.ggml.{key}", None), int) and 0 <= i < len(tokens)}
+    special = {attr: name for attr, key in SPECIAL_IDS.items()
+               if (name := named(meta(f"tokenizer.ggml.{key}", None))) is not None}
     eos = {i for key in ("eos_token_id", "eot_token_id", "eom_token_id")
            if isinstance(i := meta(f"tokenizer.ggml.{key}", None), int)}
     return Tokenizer.from_parts(tok, special_tokens=special, chat_template=meta("tokenizer.chat_template", None),
-                                eos_token_ids=eos, bos_token_id=bos), cached or tok.to_str()
+                                eos_token_ids=eos, bos_token_id=bos), cached if tokens is None else tok.to_str()
+
+
+def _from_json(cached: str | None) -> Any:
+    """The tokenizer an earlier build saved, or None (none saved, or the saved file is damaged: rebuilt then)."""
+    from tokenizers import Tokenizer as Tok
+
+    if not cached:
+        return None
+    try:
+        return Tok.from_str(cached)
+    except Exception:  # tokenizers raises its own Exception subclass for a malformed file
+        log.warning("the cached tokenizer of a GGUF file is damaged; rebuilding it from the file's metadata")
+        return None
 
 
 def _build_tokenizers(meta: Callable[[str, Any], Any], kind: str, tokens: list[str]) -> Any:

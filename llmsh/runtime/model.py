@@ -62,11 +62,12 @@ class Model:
         self.generation_config, self.device, self.dtype = generation_config, device, dtype
         self.max_seq_len: int = self.config.max_seq_len
         on_demand: set[str] = getattr(module, "on_demand_pages", set())
-        self._pages = [Page(n, names, sum(self._param_nbytes(p) for p in names), n in on_demand)
+        params = dict(module.named_parameters(remove_duplicate=False))
+        self._pages = [Page(n, names, sum(self._param_nbytes(p, params[p]) for p in names), n in on_demand)
                        for n, names in net.pages()]
         self._tied: dict[str, list[str]] = {}  # parameter name -> every name sharing that tensor
         by_id: dict[int, list[str]] = {}
-        for pname, param in module.named_parameters(remove_duplicate=False):
+        for pname, param in params.items():
             by_id.setdefault(id(param), []).append(pname)
         for names in by_id.values():
             for pname in names:
@@ -78,9 +79,9 @@ class Model:
         return f"Model({self.name!r}, {type(self.config).__name__}, device={self.device}, dtype={self.dtype})"
 
     # ---- sizes -------------------------------------------------------------------------------------------------
-    def _param_nbytes(self, pname: str) -> int:
+    def _param_nbytes(self, pname: str, param: Tensor) -> int:
         shape = self.checkpoint.shape(pname)
-        dtype = self.module.get_parameter(pname).dtype    # the model's dtype, or uint8 for quantized bytes (quant.py)
+        dtype = param.dtype    # the model's dtype, or uint8 for quantized bytes (quant.py)
         return int(torch.Size(shape).numel()) * dtype.itemsize
 
     def weight_bytes(self) -> int:

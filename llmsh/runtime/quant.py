@@ -67,14 +67,15 @@ def row_bytes(qtype: str, k: int) -> int:
 class QLinear(nn.Module):
     """y = x @ W^T + bias with W (out_features, in_features) block-quantized (see the module docstring)."""
 
-    def __init__(self, in_features: int, out_features: int, segments: list[tuple[str, int]], bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, segments: list[tuple[str, int]], bias: bool,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         if sum(rows for _, rows in segments) != out_features:
             raise ValueError("segments must cover the output features")
         self.in_features, self.out_features, self.segments = in_features, out_features, list(segments)
         nbytes = sum(row_bytes(t, in_features) * rows for t, rows in segments)
-        self.weight = nn.Parameter(torch.empty(nbytes, dtype=torch.uint8), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.weight = nn.Parameter(torch.empty(nbytes, dtype=torch.uint8, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self.segs = (QSeg * len(segments))(*(QSeg(TYPE_IDS[t], rows) for t, rows in segments))
 
     def extra_repr(self) -> str:
@@ -156,7 +157,8 @@ def quantize_module(module: nn.Module, ckpt: Any) -> dict[str, Tensor]:
         if not isinstance(mod, Linear) or not ckpt.is_quantized(f"{mname}.weight"):
             continue
         pname = f"{mname}.weight"
-        q = QLinear(mod.in_features, mod.out_features, ckpt.segments(pname), mod.bias is not None)
+        q = QLinear(mod.in_features, mod.out_features, ckpt.segments(pname), mod.bias is not None,
+                    device=mod.weight.device)               # (meta while a loader builds the model: no memory)
         parent, _, attr = mname.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, attr, q)
         weights[pname] = ckpt.quantized_bytes(pname)

@@ -9,7 +9,8 @@ the gguf package. For each type and thread count both engines are timed alternat
           capped at 1 GiB; a decode step only reads weights, so this is its physical limit, not a copy's read + write);
   prompt: 512 prompt tokens through the model (llama.cpp `eval` with n_batch=512, llmsh `Model.prefill`), tokens/s;
   load:   from a warm page cache to the first token's logits (llama.cpp `Llama(...)` + one eval, llmsh `load` + one
-          prefill), seconds, and the file bytes / load time against the memcpy bandwidth of a buffer that size. The
+          prefill), seconds, and the file bytes / load time against the memcpy bandwidth of a buffer that size with
+          the same threads (a load at one thread is held to what one thread copies; both are printed). The
           first llmsh load of each file, which writes its layout cache once (a quantized embedding decoded, matrices
           reshaped) and may compile the C kernels for this CPU (~5 s, once per machine and source version), is
           printed apart and not in the ratio: the timed loads are the ones a user makes every day.
@@ -118,8 +119,10 @@ def write_gguf(path: Path, shape: tuple, kind: str, seed: int = 0) -> Path:
     return path
 
 
-def copy_bandwidth(nbytes: int, repeats: int = 3) -> float:
-    """Bytes/s copying a buffer of nbytes (read + write, as STREAM's Copy), best of repeats."""
+def copy_bandwidth(nbytes: int, threads: int, repeats: int = 3) -> float:
+    """Bytes/s `threads` threads copy a buffer of nbytes (read + write, as STREAM's Copy), best of repeats."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -128,6 +131,7 @@ def copy_bandwidth(nbytes: int, repeats: int = 3) -> float:
         t0 = time.perf_counter()
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(before)
     return 2 * nbytes / best
 
 
@@ -262,7 +266,7 @@ def main() -> int:
         for kind in kinds:
             path = write_gguf(Path(tmp) / f"peer-{kind}.gguf", shape, kind)
             size = path.stat().st_size
-            bw = copy_bandwidth(min(size, 1 << 30))
+            copy_bw = {t: copy_bandwidth(min(size, 1 << 30), t) for t in sorted({*threads, os.cpu_count() or 1})}
             crash = llama_cpp_crash(path, threads[0])
             if crash:
                 print(f"{kind:7s} skipped: llama.cpp fails on this file ({crash}); on an AMX CPU, rebuild it without "
@@ -291,16 +295,18 @@ def main() -> int:
                         del eng
                         gc.collect()
                 a, b = res["llmsh"], res["llama.cpp"]
+                of_memcpy = {ct: size / a["load"] / (bw / 2) for ct, bw in copy_bw.items()}   # bytes loaded/copied per s
                 limit = read_bandwidth(min(size, 1 << 30), t) / a["read"]     # tok/s if every weight byte streams once
                 print(f"{kind:7s} t={t}: decode llmsh {a['decode']:6.2f} tok/s, llama.cpp {b['decode']:6.2f} "
                       f"({a['decode'] / b['decode']:.2f}x; of the read-bandwidth limit {limit:.1f} tok/s: llmsh "
                       f"{a['decode'] / limit:.2f}, llama.cpp {b['decode'] / limit:.2f}) | prompt {pp}: "
                       f"{a['prompt']:6.1f} vs {b['prompt']:6.1f} tok/s ({a['prompt'] / b['prompt']:.2f}x) | load "
-                      f"{a['load']:.2f} s vs {b['load']:.2f} s (llmsh {size / a['load'] / (bw / 2):.2f} of memcpy)",
-                      flush=True)
+                      f"{a['load']:.3f} s vs {b['load']:.3f} s (llmsh {of_memcpy[t]:.2f} of a memcpy at t={t}; "
+                      f"{of_memcpy[max(copy_bw)]:.2f} of one at t={max(copy_bw)})", flush=True)
                 keys += [f"decode_{kind}_t{t}={a['decode'] / b['decode']:.2f}",
                          f"prompt_{kind}_t{t}={a['prompt'] / b['prompt']:.2f}",
-                         f"load_{kind}_t{t}={b['load'] / a['load']:.2f}"]
+                         f"load_{kind}_t{t}={b['load'] / a['load']:.2f}",
+                         f"load_memcpy_{kind}_t{t}={of_memcpy[t]:.2f}"]
             layout_cache.forget(path)                          # (llmsh's reshaped copy of a float file)
             path.unlink()
     print(" ".join(keys))
