@@ -266,7 +266,6 @@ def main() -> int:
         for kind in kinds:
             path = write_gguf(Path(tmp) / f"peer-{kind}.gguf", shape, kind)
             size = path.stat().st_size
-            copy_bw = {t: copy_bandwidth(min(size, 1 << 30), t) for t in sorted({*threads, os.cpu_count() or 1})}
             crash = llama_cpp_crash(path, threads[0])
             if crash:
                 print(f"{kind:7s} skipped: llama.cpp fails on this file ({crash}); on an AMX CPU, rebuild it without "
@@ -283,7 +282,10 @@ def main() -> int:
                 torch.set_num_threads(t)
                 warm(path)
                 res: dict[str, dict[str, float]] = {"llama.cpp": {}, "llmsh": {}}
+                copy_bw: dict[int, float] = {}       # measured beside each round of loads: this machine drifts
                 for _ in range(args.repeats):
+                    for ct in {t, os.cpu_count() or 1}:
+                        copy_bw[ct] = max(copy_bw.get(ct, 0.0), copy_bandwidth(min(size, 1 << 30), ct))
                     for name, cls in (("llama.cpp", LlamaCpp), ("llmsh", Llmsh)):
                         load_s, eng = timed_load(cls, path, t)
                         r = res[name]
