@@ -134,6 +134,13 @@ def test_second_open_uses_the_index_not_the_parser(make_gguf, monkeypatch: pytes
     assert again.tokenizer.encode(TEXTS[1]) == first.tokenizer.encode(TEXTS[1])
 
 
+def beside(path: Path, name: str) -> Path:
+    """The file `name` (gguf_file.LISTS, TOKENIZER) beside the index of the GGUF file at `path`."""
+    from llmsh.runtime import gguf_file
+
+    return next(p for p in gguf_file.index_files(path) if p.name.endswith("." + name))
+
+
 def test_an_indexed_load_reads_neither_the_vocabulary_nor_the_parser(make_gguf, monkeypatch) -> None:
     """The long lists (vocabulary, scores, merges) wait beside the index: a load with a cached tokenizer needs none
     of them, and the vocabulary size comes from the index."""
@@ -144,7 +151,7 @@ def test_an_indexed_load_reads_neither_the_vocabulary_nor_the_parser(make_gguf, 
     g = gguf_file.GGUFFile(path)
     assert g.indexed and g.length("tokenizer.ggml.tokens") == first.hf_config["vocab_size"]
     assert "tokenizer.ggml.tokens" not in g.fields                     # not read yet
-    gguf_file._beside(path, gguf_file.LISTS).unlink()
+    beside(path, gguf_file.LISTS).unlink()
 
     def no_parsing():
         raise AssertionError("parsed the unchanged file again")
@@ -167,9 +174,9 @@ def test_damaged_files_beside_the_index_are_rebuilt(damaged: str, make_gguf) -> 
     saved = gguf_file.GGUFFile(path).cached_tokenizer
     assert saved
     if damaged in ("tokenizer", "both"):
-        gguf_file._beside(path, gguf_file.TOKENIZER).write_text(saved[: len(saved) // 2])
+        beside(path, gguf_file.TOKENIZER).write_text(saved[: len(saved) // 2])
     if damaged in ("lists", "both"):
-        gguf_file._beside(path, gguf_file.LISTS).write_text("[1, 2")
+        beside(path, gguf_file.LISTS).write_text("[1, 2")
     again = load(str(path))
     for text in TEXTS:
         assert again.tokenizer.encode(text) == first.tokenizer.encode(text)
@@ -178,6 +185,26 @@ def test_damaged_files_beside_the_index_are_rebuilt(damaged: str, make_gguf) -> 
     if damaged != "lists":                                            # (a cached tokenizer never reads the lists)
         assert gguf_file.GGUFFile(path).cached_tokenizer == saved
         assert gguf_file.GGUFFile(path).meta("tokenizer.ggml.tokens")[:3] == ["<unk>", "<s>", "</s>"]
+
+
+def test_a_changed_file_replaces_its_index(make_gguf, tmp_path: Path) -> None:
+    """The index of a file's earlier version (and the files beside it) go when the changed file is indexed."""
+    import os
+    import shutil
+
+    from llmsh.runtime import gguf_file
+
+    path = tmp_path / "changing.gguf"
+    shutil.copy(make_gguf("gpt2"), path)
+    load(str(path))
+    before = [p.name for p in gguf_file.index_files(path)]
+    assert len(before) == 3                                  # the index, its lists and its tokenizer
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    load(str(path))
+    after = [p.name for p in gguf_file.index_files(path)]
+    assert len(after) == 3 and not set(after) & set(before)
+    gguf_file.forget(path)
+    assert not gguf_file.index_files(path)
 
 
 @pytest.mark.parametrize("qtype", [T.F32, T.BF16])

@@ -164,15 +164,39 @@ class GGUFFile:
         raise LoadError(f"tensor {name} in {self.path.name} is {kind}; llmsh expects a float type there")
 
 
-def _index_path(path: Path) -> tuple[Path, list[int]]:
+def _prefix(path: Path) -> str:
     import hashlib
+    import os
 
-    from llmsh import paths
+    return hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
+
+
+def _index_path(path: Path) -> tuple[Path, list[int]]:
+    """Where the index of `path` as it is now goes: named by the path (its prefix) and by the file's identity."""
+    import hashlib
 
     st = path.stat()
     ident = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
-    key = hashlib.sha256(f"{INDEX_VERSION}:{path.resolve()}:{ident}".encode()).hexdigest()[:32]
-    return paths.cache_dir() / "gguf" / f"{key}.json", ident
+    key = hashlib.sha256(f"{INDEX_VERSION}:{path.resolve()}:{ident}".encode()).hexdigest()[:16]
+    return _folder() / f"{_prefix(path)}-{key}.json", ident
+
+
+def _folder() -> Path:
+    from llmsh import paths
+
+    return paths.cache_dir() / "gguf"
+
+
+def index_files(path: Path) -> list[Path]:
+    """The index of the GGUF file at `path` and the files beside it, of every version of the file indexed."""
+    return sorted(_folder().glob(f"{_prefix(path)}-*"))
+
+
+def forget(path: Path, keep: Path | None = None) -> None:
+    """Remove the index of the GGUF file at `path` and the files beside it (all versions but `keep`'s)."""
+    for old in index_files(path):
+        if keep is None or not old.name.startswith(keep.stem + "."):
+            old.unlink(missing_ok=True)
 
 
 def _read_index(path: Path) -> dict[str, Any] | None:
@@ -190,6 +214,7 @@ def _write_index(path: Path, index: dict[str, Any]) -> None:
     try:
         where, ident = _index_path(path)
         _write_atomically(where, json.dumps({**index, "id": ident}))
+        forget(path, keep=where)                 # the indexes of earlier versions of the file
     except (OSError, TypeError, ValueError):
         pass
 

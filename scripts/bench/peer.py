@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from llmsh.runtime import layout_cache  # noqa: E402
+from llmsh.runtime import gguf_file, layout_cache  # noqa: E402
 
 SHAPES = {  # (vocab, dim, layers, heads, kv heads, ffn)
     "1.1b": (32000, 2048, 22, 32, 4, 5632),
@@ -310,6 +310,7 @@ def main() -> int:
                          f"load_{kind}_t{t}={b['load'] / a['load']:.2f}",
                          f"load_memcpy_{kind}_t{t}={of_memcpy[t]:.2f}"]
             layout_cache.forget(path)                          # (llmsh's reshaped copy of a float file)
+            gguf_file.forget(path)                             # (and its index of the file)
             path.unlink()
     print(" ".join(keys))
     return 0
