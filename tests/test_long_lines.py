@@ -101,3 +101,38 @@ def test_quoted_megabyte_prompt_keeps_its_escapes() -> None:
     body = 'say \\"hi\\" ' * 100_000
     (tok,) = [t for t in tokenize(f'"{body}"')]
     assert tok.value == 'say "hi" ' * 100_000
+
+
+def test_a_parse_ending_in_one_thread_leaves_the_collector_paused_for_another() -> None:
+    """The collector's switch is process-wide: B's parse, begun first, ending while A's runs must not switch it back
+    on under A."""
+    import gc
+    import threading
+
+    from llmsh.commands.parser import GcPause
+
+    pause = GcPause()
+    b_in, a_in, b_done = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def b() -> None:
+        with pause:
+            b_in.set()
+            a_in.wait(5)
+        b_done.set()
+
+    def a() -> None:
+        b_in.wait(5)
+        with pause:
+            a_in.set()
+            b_done.wait(5)
+            seen.append(gc.isenabled())          # B has ended; A still parses
+
+    assert gc.isenabled()
+    threads = [threading.Thread(target=b), threading.Thread(target=a)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert b_done.is_set() and seen == [False]
+    assert gc.isenabled()                         # on again once neither parses

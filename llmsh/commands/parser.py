@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import re
 import shlex
+import threading
 from collections.abc import Callable
 
 SEPARATORS = (";", "&", "\n")
@@ -360,16 +361,38 @@ def parse(code: str) -> Script:
     return _without_gc(lambda: _Parser(code, tokenize(code)).script())
 
 
+class GcPause:
+    """Pauses the cyclic garbage collector while any thread parses. The collector's switch is one per process: a
+    parse that saved and restored it alone would switch it back on under a parse still running in another thread
+    (the kernel parses each client's lines on its own thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parsing = 0                 # parses running now, in all threads
+        self._restore = False             # whether the collector was on when the first of them began
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._parsing == 0:
+                self._restore = gc.isenabled()
+                gc.disable()
+            self._parsing += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._parsing -= 1
+            if self._parsing == 0 and self._restore:
+                gc.enable()
+
+
+_gc_pause = GcPause()
+
+
 def _without_gc(fn: Callable[[], Script]) -> Script:
     """fn() with the cyclic garbage collector paused. A long line makes ~4 objects per token, none in a cycle, and
     each 700 allocations started a collection that re-traversed the younger ones: half of a 1 MB line's parse."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with _gc_pause:
         return fn()
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def simple_argv(code: str) -> list[str] | None:
