@@ -182,9 +182,44 @@ def test_damaged_files_beside_the_index_are_rebuilt(damaged: str, make_gguf) -> 
         assert again.tokenizer.encode(text) == first.tokenizer.encode(text)
     assert again.tokenizer.special_tokens == first.tokenizer.special_tokens
     assert again.tokenizer.eos_token_ids == first.tokenizer.eos_token_ids
-    if damaged != "lists":                                            # (a cached tokenizer never reads the lists)
-        assert gguf_file.GGUFFile(path).cached_tokenizer == saved
-        assert gguf_file.GGUFFile(path).meta("tokenizer.ggml.tokens")[:3] == ["<unk>", "<s>", "</s>"]
+    g = gguf_file.GGUFFile(path)
+    assert g.cached_tokenizer == saved
+    assert g.meta("tokenizer.ggml.tokens")[:3] == ["<unk>", "<s>", "</s>"]    # (damaged lists: from the file again)
+    assert len(g.meta("tokenizer.ggml.tokens")) == g.length("tokenizer.ggml.tokens")
+
+
+def test_a_cached_tokenizer_names_special_tokens_the_vocabulary_repeats() -> None:
+    """A string the vocabulary holds twice keeps only its last id in the tokenizer's own table: special tokens
+    with the other id are named from the vocabulary list, as on the first build."""
+    from llmsh.runtime import gguf_tokenizer
+
+    tokens = ["<unk>", "<s>", "</s>", "\u2581a", "b", "<s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [0.0] * len(tokens), "tokenizer.ggml.token_type": [3, 3, 3, 1, 1, 3] + [6] * 256,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    fresh, saved = gguf_tokenizer.build(lambda k, d=None: meta.get(k, d))
+    cached, again = gguf_tokenizer.build(lambda k, d=None: meta.get(k, d), saved)
+    assert fresh is not None and cached is not None and again == saved
+    assert cached.special_tokens == fresh.special_tokens == {"bos_token": "<s>", "eos_token": "</s>",
+                                                             "unk_token": "<unk>"}
+    assert cached.encode("a b") == fresh.encode("a b")
+
+
+def test_an_index_is_not_saved_for_a_file_changed_while_it_was_read(make_gguf, tmp_path: Path) -> None:
+    """What was read of a file changed meanwhile may be of either version: none of it goes into an index."""
+    import os
+    import shutil
+
+    from llmsh.runtime import gguf_file
+
+    path = tmp_path / "moving.gguf"
+    shutil.copy(make_gguf("gpt2"), path)
+    g = gguf_file.GGUFFile(path)
+    assert not g.indexed
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    g.save_index(None)
+    assert not gguf_file.index_files(path)
+    assert not gguf_file.GGUFFile(path).indexed
 
 
 def test_a_changed_file_replaces_its_index(make_gguf, tmp_path: Path) -> None:

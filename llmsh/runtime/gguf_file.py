@@ -8,6 +8,7 @@ tokenizer); this module knows the file format and the index cache, not the model
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -63,16 +64,30 @@ class GGUFFile:
         self.path = Path(path)
         self.cached_tokenizer: str | None = None
         self._lengths: dict[str, int] = {}          # list metadata kept beside the index -> its length
-        index = _read_index(self.path)
-        self.indexed = index is not None            # opened from the index, not parsed
-        if index is not None:
-            self.fields: dict[str, Any] = index["meta"]
-            self._lengths = index["lengths"]
-            self.cached_tokenizer = _read_beside(self.path, TOKENIZER)
+        self.fields: dict[str, Any] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        try:
+            self._where, self._ident = _index_path(self.path)   # this version's index, taken once: see save_index
+        except OSError as e:
+            raise LoadError(f"cannot read {self.path} ({e.strerror})") from None
+        self.indexed = self._open_index()           # opened from the index, not parsed
+        if not self.indexed:
+            self._data, self.fields, self.tensors = self._parse()
+
+    def _open_index(self) -> bool:
+        """Take metadata and tensor table from this version's index; False where there is none (or it is bad)."""
+        index = _read_index(self._where, self._ident)
+        if index is None:
+            return False
+        try:
             self._data = np.memmap(self.path, mode="c").view(np.ndarray)
             self.tensors = {i[0]: self._tensor(*i) for i in index["tensors"]}
-            return
-        self._data, self.fields, self.tensors = self._parse()
+        except (OSError, ValueError, TypeError, IndexError, KeyError):
+            return False
+        self.fields = index["meta"]
+        self._lengths = index["lengths"]
+        self.cached_tokenizer = _read_text(_beside(self._where, TOKENIZER))
+        return True
 
     def _parse(self) -> tuple[np.ndarray, dict[str, Any], dict[str, TensorInfo]]:
         """The file's data map, metadata and tensor table, through gguf's reader (slow: every string of the
@@ -102,17 +117,22 @@ class GGUFFile:
     def save_index(self, tokenizer_json: str | None) -> None:
         """Remember this file's metadata, tensor table and tokenizer (see the class docstring); best effort. Long
         lists (a vocabulary, its scores and merges) and the tokenizer go to files beside the index: a load reads
-        only the small index and the tokenizer, and a list when it is asked for (a first build of the tokenizer)."""
+        only the small index and the tokenizer, and a list when it is asked for (a first build of the tokenizer).
+        Nothing is saved if the file changed since it was opened: what was read may be of either version."""
+        if _identity(self.path) != self._ident:
+            return
         tensors = [[t.name, int(t.tensor_type), [int(d) for d in t.shape.tolist()], t.n_bytes, t.data_offset]
                    for t in self.tensors.values()]
-        fields = {**self.fields, **self._lists()}
+        missing = any(k not in self.fields for k in self._lengths)
+        fields = {**self.fields, **(self._lists() if missing else {})}
         lists = {k: v for k, v in fields.items() if isinstance(v, list) and len(v) > LONG_LIST}
-        if not (_write_beside(self.path, LISTS, json.dumps(lists))
-                and (tokenizer_json is None or _write_beside(self.path, TOKENIZER, tokenizer_json))):
+        if not (_write_text(_beside(self._where, LISTS), lambda: json.dumps(lists))
+                and (tokenizer_json is None or _write_text(_beside(self._where, TOKENIZER), lambda: tokenizer_json))):
             return
         small = {k: v for k, v in fields.items() if k not in lists}
-        _write_index(self.path, {"meta": small, "lengths": {k: len(v) for k, v in lists.items()},
-                                 "tensors": tensors})
+        index = {"meta": small, "lengths": {k: len(v) for k, v in lists.items()}, "tensors": tensors, "id": self._ident}
+        if _write_text(self._where, lambda: json.dumps(index)):
+            forget(self.path, keep=self._where)      # the indexes of earlier versions of the file
 
     def meta(self, key: str, default: Any = None) -> Any:
         """The value of metadata `key` (a str, number, bool or list), or default."""
@@ -132,7 +152,7 @@ class GGUFFile:
         read from the GGUF file again."""
         if not self._lengths:
             return {}
-        text = _read_beside(self.path, LISTS)
+        text = _read_text(_beside(self._where, LISTS))
         try:
             lists: dict[str, Any] = json.loads(text or "")
             if all(len(lists[k]) == n for k, n in self._lengths.items()):
@@ -140,6 +160,8 @@ class GGUFFile:
         except (ValueError, KeyError, TypeError):
             pass
         _, fields, _ = self._parse()
+        if any(k not in fields for k in self._lengths):
+            raise LoadError(f"{self.path} changed while it was being loaded; load it again")
         return {k: fields[k] for k in self._lengths}
 
     @property
@@ -171,8 +193,17 @@ def _prefix(path: Path) -> str:
     return hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
 
 
+def _identity(path: Path) -> list[int] | None:
+    """What tells versions of a file apart: (size, mtime, inode, device); None if it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
 def _index_path(path: Path) -> tuple[Path, list[int]]:
-    """Where the index of `path` as it is now goes: named by the path (its prefix) and by the file's identity."""
+    """Where the index of `path` as it is now goes (named by the path's prefix and the version), and the version."""
     import hashlib
 
     st = path.stat()
@@ -193,63 +224,58 @@ def index_files(path: Path) -> list[Path]:
 
 
 def forget(path: Path, keep: Path | None = None) -> None:
-    """Remove the index of the GGUF file at `path` and the files beside it (all versions but `keep`'s)."""
-    for old in index_files(path):
-        if keep is None or not old.name.startswith(keep.stem + "."):
-            old.unlink(missing_ok=True)
+    """Remove the index of the GGUF file at `path` and the files beside it (all versions but `keep`'s), and the
+    indexes of llmsh versions that named them by a hash alone (which no path can be matched with)."""
+    import re
+
+    old = [p for p in index_files(path) if keep is None or not p.name.startswith(keep.stem + ".")]
+    old += [p for p in _folder().glob("*.json") if re.fullmatch(r"[0-9a-f]{32}\.json", p.name)]
+    for stale in old:
+        try:
+            stale.unlink(missing_ok=True)
+        except OSError:                          # (in use elsewhere, on some systems): left for the next time
+            pass
 
 
-def _read_index(path: Path) -> dict[str, Any] | None:
+def _read_index(where: Path, ident: list[int]) -> dict[str, Any] | None:
     try:
-        where, ident = _index_path(path)
-        data = json.loads(where.read_text())
+        data = json.loads(where.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    keys = ("meta", "lengths", "tensors")
-    ok = isinstance(data, dict) and data.get("id") == ident and all(isinstance(data.get(k), (dict, list)) for k in keys)
+    ok = (isinstance(data, dict) and data.get("id") == ident and isinstance(data.get("meta"), dict)
+          and isinstance(data.get("lengths"), dict) and isinstance(data.get("tensors"), list)
+          and all(isinstance(n, int) for n in data["lengths"].values()))
     return data if ok else None
 
 
-def _write_index(path: Path, index: dict[str, Any]) -> None:
-    try:
-        where, ident = _index_path(path)
-        _write_atomically(where, json.dumps({**index, "id": ident}))
-        forget(path, keep=where)                 # the indexes of earlier versions of the file
-    except (OSError, TypeError, ValueError):
-        pass
-
-
-def _beside(path: Path, name: str) -> Path:
-    where, _ = _index_path(path)
+def _beside(where: Path, name: str) -> Path:
+    """File `name` (LISTS, TOKENIZER) beside the index at `where`."""
     return where.with_suffix("." + name)
 
 
-def _read_beside(path: Path, name: str) -> str | None:
-    """The text of file `name` beside `path`'s index, or None where it cannot be read."""
+def _read_text(where: Path) -> str | None:
     try:
-        return _beside(path, name).read_text()
+        return where.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
 
 
-def _write_beside(path: Path, name: str, text: str) -> bool:
-    try:
-        _write_atomically(_beside(path, name), text)
-        return True
-    except OSError:
-        return False
-
-
-def _write_atomically(where: Path, text: str) -> None:
+def _write_text(where: Path, text: Callable[[], str]) -> bool:
+    """Write text() to `where` atomically; False where that fails (a cache is best effort)."""
     import os
     import tempfile
 
-    where.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=where.parent, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        content = text()
+        where.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=where.parent, suffix=".tmp")
+    except (OSError, ValueError, TypeError):      # (json.dumps: ValueError, TypeError)
+        return False
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(content)
         os.replace(tmp, where)
-    except BaseException:
+        return True
+    except (OSError, ValueError):
         Path(tmp).unlink(missing_ok=True)
-        raise
+        return False

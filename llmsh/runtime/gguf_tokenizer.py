@@ -45,18 +45,22 @@ def build(meta: Callable[[str, Any], Any], cached: str | None = None) -> tuple[T
     kind = meta("tokenizer.ggml.model", None)
     if kind is None:
         return None, None
-    tok, tokens = _from_json(cached), None
+    tok = _from_json(cached)
+    tokens: list[str] | None = None
     if tok is None:
         tokens = meta("tokenizer.ggml.tokens", None)
         if not tokens:
             return None, None
-        tok = _build_tokenizers(meta, kind, tokens)
+        tok, cached = _build_tokenizers(meta, kind, tokens), None
 
     def named(i: Any) -> str | None:
+        nonlocal tokens
         if not isinstance(i, int) or i < 0:
             return None
-        if tokens is None:
-            return tok.id_to_token(i)
+        if tokens is None and (text := tok.id_to_token(i)) is not None:
+            return text
+        if tokens is None:             # a string the vocabulary repeats names only its last id there: ask the list
+            tokens = meta("tokenizer.ggml.tokens", None) or []
         return tokens[i] if i < len(tokens) else None
 
     bos = meta("tokenizer.ggml.bos_token_id", None)
@@ -65,7 +69,7 @@ def build(meta: Callable[[str, Any], Any], cached: str | None = None) -> tuple[T
     eos = {i for key in ("eos_token_id", "eot_token_id", "eom_token_id")
            if isinstance(i := meta(f"tokenizer.ggml.{key}", None), int)}
     return Tokenizer.from_parts(tok, special_tokens=special, chat_template=meta("tokenizer.chat_template", None),
-                                eos_token_ids=eos, bos_token_id=bos), cached if tokens is None else tok.to_str()
+                                eos_token_ids=eos, bos_token_id=bos), cached or tok.to_str()
 
 
 def _from_json(cached: str | None) -> Any:
