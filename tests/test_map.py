@@ -211,3 +211,42 @@ def test_lines_the_engine_refuses_as_busy_go_again(make_kernel: Callable[..., An
     assert r["data"]["requests"] == n  # refused requests generated nothing and are not counted
     assert [rec["id"] for rec in _records(out)] == [f"p{i}" for i in range(n)]
     assert all(rec["tokens"] == 2 for rec in _records(out))
+
+
+def test_finished_lines_written_from_two_threads_at_once_come_out_once_each(tmp_path: Path) -> None:
+    """Each finished line writes what is ready on a worker thread: two at once must take turns. Here their first
+    writes are held to meet; without turns both wrote record 0 and one was skipped."""
+    import threading
+
+    from llmsh.kernel.mapjobs import OrderedWriter
+
+    class MeetingFile:
+        """A file whose first writes of two threads meet (or, where they take turns, the first stops waiting)."""
+
+        def __init__(self, f) -> None:
+            self.f, self.meet = f, threading.Barrier(2, timeout=0.5)
+
+        def write(self, text: str) -> int:
+            try:
+                self.meet.wait()
+            except threading.BrokenBarrierError:
+                pass
+            return self.f.write(text)
+
+        def flush(self) -> None:
+            self.f.flush()
+
+        def close(self) -> None:
+            self.f.close()
+
+    writer = OrderedWriter(tmp_path / "out.jsonl", [0, 1, 2])
+    writer.open()
+    writer.f = MeetingFile(writer.f)
+    done = {n: {"line": n} for n in range(3)}
+    threads = [threading.Thread(target=writer.write_ready, args=(done,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    writer.close()
+    assert [rec["line"] for rec in _records(tmp_path / "out.jsonl")] == [0, 1, 2]

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import string
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,7 +179,7 @@ class MapJobs:
             if line.error is not None and line.no not in job.done:
                 await self._finish(job, line, {"id": line.id, "line": line.no, "text": None, "error": line.error})
         self.running[job.name] = job
-        writer = _OrderedWriter(job.output, [ln.no for ln in job.lines])
+        writer = OrderedWriter(job.output, [ln.no for ln in job.lines])
         try:
             await asyncio.to_thread(writer.open)
             await asyncio.to_thread(writer.write_ready, job.done)
@@ -189,7 +190,7 @@ class MapJobs:
             await asyncio.to_thread(writer.close)
         return job.progress()
 
-    async def _dispatch(self, job: MapJob, todo: list[Line], writer: _OrderedWriter,
+    async def _dispatch(self, job: MapJob, todo: list[Line], writer: OrderedWriter,
                         on_progress: Callable[[MapJob], None] | None) -> None:
         slots = asyncio.Semaphore(job.in_flight * len(job.replicas))
         failed: list[BaseException] = []
@@ -278,23 +279,27 @@ class MapJobs:
         return json.loads(row[0]) if row else None
 
 
-class _OrderedWriter:
-    """Writes records to the output file in input order, as soon as every earlier line is done."""
+class OrderedWriter:
+    """Writes records to the output file in input order, as soon as every earlier line is done. Each finished line
+    calls write_ready on a worker thread (asyncio.to_thread): two of them at once wrote the same next record twice
+    and skipped one, so a lock makes them take turns."""
 
     def __init__(self, path: Path, order: list[int]) -> None:
         self.path = path
         self.order = order
         self.next = 0
         self.f: Any = None
+        self._turn = threading.Lock()
 
     def open(self) -> None:
         self.f = open(self.path, "w", encoding="utf-8")  # rewritten from the journal: equal to an uninterrupted run
 
     def write_ready(self, done: dict[int, dict[str, Any]]) -> None:
-        while self.next < len(self.order) and self.order[self.next] in done:
-            self.f.write(json.dumps(done[self.order[self.next]], ensure_ascii=False) + "\n")
-            self.next += 1
-        self.f.flush()
+        with self._turn:
+            while self.next < len(self.order) and self.order[self.next] in done:
+                self.f.write(json.dumps(done[self.order[self.next]], ensure_ascii=False) + "\n")
+                self.next += 1
+            self.f.flush()
 
     def close(self) -> None:
         if self.f is not None:
