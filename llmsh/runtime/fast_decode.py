@@ -187,8 +187,9 @@ class _Llama(FastDecoder):
                     pos=pos.data_ptr(), slots=slots.data_ptr(), rotary_dim=c.rotary_dim)
 
     def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
-        emb = self.net.tok_embeddings.weight
-        return (emb[:, tokens].t() if self.cfg.tie_embeddings else emb[tokens]).float().contiguous()
+        if not self.cfg.tie_embeddings:                 # (an nn.Embedding, or a quantized table: quant.QEmbedding)
+            return self.net.tok_embeddings(tokens).float().contiguous()
+        return self.net.tok_embeddings.weight[:, tokens].t().float().contiguous()
 
     def blocks(self) -> nn.ModuleList:
         return self.net.layers

@@ -144,9 +144,9 @@ class GGUFCheckpoint:
 
     def layout_name(self, name: str) -> str | None:
         """The name our parameter has in the layout cache, or None if it is used as the file stores it (a float
-        tensor as is, a quantized matrix of one tensor whose rows need no reordering). A float parameter stored
-        quantized (Llama's token embedding in a Q4_0 file) is decoded once and cached: decoding 32000 x 2048 rows
-        took half of a 1.1B Q4_0 file's load."""
+        tensor as is, a quantized matrix of one tensor whose rows need no reordering, an untied embedding table).
+        A float parameter stored quantized (a tied embedding, which the head multiplies by) is decoded once and
+        cached: decoding 32000 x 2048 rows took half of a 1.1B Q4_0 file's load."""
         from llmsh.runtime.quant import QUANT_TYPES
 
         s = self.spec(name)
@@ -185,7 +185,8 @@ class GGUFCheckpoint:
         return self.g.type_name(self.spec(name).parts[0][0])
 
     def is_quantized(self, name: str) -> bool:
-        """True if our parameter stays quantized (a QLinear weight): a matrix whose parts are all block-quantized."""
+        """True if our parameter stays quantized: a matrix whose parts are all block-quantized (a QLinear weight), or
+        an untied embedding table stored quantized (a QEmbedding weight)."""
         from llmsh.runtime.quant import QUANT_TYPES
 
         if (known := self._quantized.get(name)) is not None:
@@ -195,7 +196,8 @@ class GGUFCheckpoint:
         if kinds == {True, False}:
             raise LoadError(f"{self.g.path.name} mixes float and quantized tensors in {name} "
                             f"({', '.join(p for p, _ in s.parts)}); llmsh cannot fuse them")
-        self._quantized[name] = s.layout == "linear" and kinds == {True}
+        looked_up = s.layout == "as_is" and name == "tok_embeddings.weight"   # an untied embedding: QEmbedding
+        self._quantized[name] = (s.layout == "linear" or looked_up) and kinds == {True}
         return self._quantized[name]
 
     def segments(self, name: str) -> list[tuple[str, int]]:
@@ -326,7 +328,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str |
 
     with torch.device("meta"):
         module = family.Transformer(cfg)
-    quantized = quant.quantize_module(module, ckpt)          # Linear -> QLinear where the file's matrix is quantized
+    quantized = quant.quantize_module(module, ckpt, dt)      # Linear -> QLinear where the file's matrix is quantized
     for pname, data in quantized.items():                     # (fused q|k|v, gate|up blocks are copies too)
         keep(pname, data)
     expected = module.state_dict()

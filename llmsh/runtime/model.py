@@ -92,6 +92,8 @@ class Model:
         """Weight bytes a batch-1 decode step streams (what memory bandwidth bounds decoding by): every parameter
         except embedding tables that are only looked up, one row per token, unless the head multiplies by them (tied),
         and of a mixture of experts only the top_k of n_experts experts a token runs (their mean size)."""
+        from llmsh.runtime.quant import QEmbedding
+
         read = self.weight_bytes()
         n_experts, top_k = getattr(self.config, "n_experts", 0), getattr(self.config, "top_k", 0)
         if n_experts:
@@ -100,6 +102,8 @@ class Model:
         for name, mod in self.module.named_modules():
             if isinstance(mod, nn.Embedding) and len(self._tied[f"{name}.weight"]) == 1:
                 read -= mod.weight.nbytes - mod.weight[0].nbytes
+            elif isinstance(mod, QEmbedding):
+                read -= mod.weight.nbytes - mod.row_bytes
         return read
 
     # ---- scheduler API ---------------------------------------------------------------------------------------
