@@ -48,7 +48,9 @@ def test_models_beyond_the_budget_through_the_kernel(make_kernel: Callable[..., 
     big = make_tiny_model("gpt2", n_embd=96)  # its blocks (442 KiB) do not fit beside a locked
 
     sizes = [load(f).weight_bytes() for f in folders]
-    budget = int(sum(sizes) / 1.4)  # each fits alone, not both; a locked still leaves b room to run
+    # each fits alone, not both; a locked still leaves b room for two of its pages (the one running and the next:
+    # with /1.4 only one fitted beside a, and a step that still held its embedding page failed, once in a CI run)
+    budget = int(sum(sizes) / 1.2)
     k = make_kernel("--mem-budget", f"cpu={budget}B,kv=80KiB")
     a = _ok(k, f"load {folders[0]} --name a")["data"]["pid"]
     b = _ok(k, f"load {folders[1]} --name b --nice 10")["data"]["pid"]
