@@ -119,7 +119,12 @@ class GGUFFile:
         lists (a vocabulary, its scores and merges) and the tokenizer go to files beside the index: a load reads
         only the small index and the tokenizer, and a list when it is asked for (a first build of the tokenizer).
         Nothing is saved if the file changed since it was opened: what was read may be of either version."""
-        if _identity(self.path) != self._ident:
+        from llmsh.runtime import hash_cache
+
+        try:
+            if hash_cache.identity(self.path)[1] != self._ident:
+                return
+        except OSError:
             return
         tensors = [[t.name, int(t.tensor_type), [int(d) for d in t.shape.tolist()], t.n_bytes, t.data_offset]
                    for t in self.tensors.values()]
@@ -193,22 +198,15 @@ def _prefix(path: Path) -> str:
     return hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
 
 
-def _identity(path: Path) -> list[int] | None:
-    """What tells versions of a file apart: (size, mtime, inode, device); None if it cannot be read."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
-
-
 def _index_path(path: Path) -> tuple[Path, list[int]]:
-    """Where the index of `path` as it is now goes (named by the path's prefix and the version), and the version."""
+    """Where the index of `path` as it is now goes (named by the path's prefix and the version), and the version
+    (hash_cache.identity: size, mtime, inode, device)."""
     import hashlib
 
-    st = path.stat()
-    ident = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
-    key = hashlib.sha256(f"{INDEX_VERSION}:{path.resolve()}:{ident}".encode()).hexdigest()[:16]
+    from llmsh.runtime import hash_cache
+
+    real, ident = hash_cache.identity(path)
+    key = hashlib.sha256(f"{INDEX_VERSION}:{real}:{ident}".encode()).hexdigest()[:16]
     return _folder() / f"{_prefix(path)}-{key}.json", ident
 
 

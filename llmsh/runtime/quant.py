@@ -127,14 +127,14 @@ class QEmbedding(nn.Module):
     it looks up. Decoding the whole table instead cost a float32 copy of it in memory and in the layout cache, 262 MB
     against the file's 37 MB for a 32k x 2048 Q4_0 table (2.1 GB for a 128k-token, 4096-wide one)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: str,
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: str, out_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.qtype = num_embeddings, embedding_dim, qtype
         self.row_bytes = row_bytes(qtype, embedding_dim)
         self.weight = nn.Parameter(torch.empty(num_embeddings * self.row_bytes, dtype=torch.uint8, device=device),
                                    requires_grad=False)
-        self.out_dtype = torch.float32            # the model's dtype: set by the loader
+        self.out_dtype = out_dtype                # the rows' dtype: the model's
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtype}"
@@ -184,8 +184,7 @@ def quantize_module(module: nn.Module, ckpt: Any, dtype: torch.dtype = torch.flo
         q: nn.Module
         if isinstance(mod, nn.Embedding):
             ((qtype, _),) = ckpt.segments(pname)
-            q = QEmbedding(mod.num_embeddings, mod.embedding_dim, qtype, device=mod.weight.device)
-            q.out_dtype = dtype
+            q = QEmbedding(mod.num_embeddings, mod.embedding_dim, qtype, dtype, device=mod.weight.device)
         else:
             q = QLinear(mod.in_features, mod.out_features, ckpt.segments(pname), mod.bias is not None,
                         device=mod.weight.device)           # (meta while a loader builds the model: no memory)

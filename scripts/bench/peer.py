@@ -11,8 +11,8 @@ the gguf package. For each type and thread count both engines are timed alternat
   load:   from a warm page cache to the first token's logits (llama.cpp `Llama(...)` + one eval, llmsh `load` + one
           prefill), seconds, and the file bytes / load time against the memcpy bandwidth of a buffer that size with
           the same threads (a load at one thread is held to what one thread copies; both are printed). The
-          first llmsh load of each file, which writes its layout cache once (a quantized embedding decoded, matrices
-          reshaped) and may compile the C kernels for this CPU (~5 s, once per machine and source version), is
+          first llmsh load of each file, which writes its layout cache once (a tied quantized embedding decoded,
+          matrices reshaped) and may compile the C kernels for this CPU (~5 s, once per machine and source version), is
           printed apart and not in the ratio: the timed loads are the ones a user makes every day.
 Ratios are llmsh / llama.cpp (load: llama.cpp time / llmsh time, so > 1 means llmsh is faster everywhere).
 
