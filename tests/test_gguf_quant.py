@@ -158,6 +158,33 @@ def test_load_quant_quantizes_a_hf_checkpoint_once(qtype: T, make_tiny_model, tm
     torch.testing.assert_close(again.forward(ids), qm.forward(ids), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K])
+def test_a_device_without_block_kernels_gets_the_matrices_decoded(qtype: T, make_tiny_model, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a CUDA load takes (the C kernels read host memory): every matrix decoded at load, no block module left;
+    run here on the CPU, the model equals the float32 one built from the file dequantized by gguf's reference."""
+    from llmsh.runtime import gguf_loader
+
+    folder = make_tiny_model("llama", **WIDE)
+    qfile = convert(folder, tmp_path / "q.gguf", qtype, types=Q4_K_M if qtype == T.Q4_K else None)
+    ffile = convert(folder, tmp_path / "f.gguf", qtype, types=Q4_K_M if qtype == T.Q4_K else None, dequantized=True)
+    monkeypatch.setattr(gguf_loader, "keeps_blocks", lambda device: False)
+    decoded, fm = load(str(qfile)), load(str(ffile))
+    assert not [m for m in decoded.module.modules() if isinstance(m, (quant.QLinear, quant.QEmbedding))]
+    assert all(p.dtype == torch.float32 for p in decoded.module.parameters())
+    assert type(decoded.fast_decode).__name__ != "QuantDecoder"
+    ids = list(range(3, 40))
+    torch.testing.assert_close(decoded.forward(ids), fm.forward(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_quant_needs_the_cpu_kernels(make_tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmsh.runtime import LoadError, model
+
+    monkeypatch.setattr(model, "_resolve_device", lambda device: torch.device("cuda"))   # (checked before any use)
+    with pytest.raises(LoadError, match="--quant q8_0 keeps matrices in blocks for the CPU kernels"):
+        load(make_tiny_model("llama"), device="cuda", quant="q8_0")
+
+
 def test_quant_refuses_what_it_cannot_do(make_tiny_model, tmp_path: Path) -> None:
     from llmsh.runtime import LoadError
 

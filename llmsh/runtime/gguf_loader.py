@@ -136,8 +136,9 @@ def unpermute(rows: Tensor, n_head: int) -> Tensor:
 class GGUFCheckpoint:
     """The tensors of one GGUF file under our parameter names: what `Model` and the pager read pages from."""
 
-    def __init__(self, g: GGUFFile, arch: str, cfg: Any) -> None:
+    def __init__(self, g: GGUFFile, arch: str, cfg: Any, keep_quantized: bool = True) -> None:
         self.g, self.arch, self.cfg = g, arch, cfg
+        self.keep_quantized = keep_quantized  # False: block-quantized matrices are decoded at load (see `load_gguf`)
         self.layout: Any = None             # layout_cache's file of our reshaped matrices (a SafetensorsFile)
         self._specs: dict[str, Spec] = {}   # asked for several times per parameter at every load
         self._quantized: dict[str, bool] = {}
@@ -191,6 +192,8 @@ class GGUFCheckpoint:
 
         if (known := self._quantized.get(name)) is not None:
             return known
+        if not self.keep_quantized:
+            return False
         s = self.spec(name)
         kinds = {self.g.type_name(p) in QUANT_TYPES for p, _ in s.parts}
         if kinds == {True, False}:
@@ -294,6 +297,13 @@ def _check_types(g: GGUFFile, supported: tuple[str, ...]) -> None:
                             f"(supported: {', '.join(supported)}); convert the model to one of those")
 
 
+def keeps_blocks(device: torch.device) -> bool:
+    """Whether quantized matrices stay in their blocks on `device`: on CPUs, whose C kernels decode them inside the
+    dot products. Elsewhere (CUDA) they are decoded at load into the model's float dtype: the kernels read host
+    memory, and llmsh has no GPU block kernels."""
+    return device.type == "cpu"
+
+
 def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, *,
               progress: Callable[[float, str], None] | None = None, name: str | None = None) -> Any:
     """Load a GGUF file into a `Model` (LoadError, one line, for every user-facing failure)."""
@@ -315,8 +325,12 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str |
     except KeyError as e:
         raise LoadError(f"{path.name} lacks metadata for {e.args[0]!r}, which {g.arch} models need") from None
     dev = model_mod._resolve_device(device)
-    ckpt = GGUFCheckpoint(g, g.arch, cfg)
-    dt = model_mod._resolve_dtype(dtype, ckpt.dtype(), dev)
+    ckpt = GGUFCheckpoint(g, g.arch, cfg, keep_quantized=keeps_blocks(dev))
+    stored = ckpt.dtype()
+    if not ckpt.keep_quantized and any(t.tensor_type.name in quant.QUANT_TYPES for t in g.tensors.values()):
+        stored = torch.float16               # decoded blocks (a scale times a small integer) fit float16 closely
+        report(0.0, f"decoding the quantized matrices of {path.name} for {dev} (the block kernels run on CPUs)")
+    dt = model_mod._resolve_dtype(dtype, stored, dev)
     if dev.type == "cpu":
         ckpt.layout = layout_cache.open_cached(path, dt)       # our reshaped matrices from an earlier load
     built: dict[str, Tensor] = {}

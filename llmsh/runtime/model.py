@@ -353,6 +353,9 @@ def load_hf(path_or_name: str | Path, device: str | torch.device = "cpu", dtype:
                         f"llmsh runs: {supported} (GPT-2; the Llama family: Llama 2/3, Mistral, Qwen2/3, Phi-3/4, SmolLM; "
                         "Gemma 2/3; the experts of Mixtral and Qwen3-MoE)")
     dev = _resolve_device(device)
+    if quant and dev.type != "cpu":
+        raise LoadError(f"--quant {quant} keeps matrices in blocks for the CPU kernels, and {dev} has none; load the "
+                        "checkpoint on cuda without --quant (float16 or bfloat16), or with --quant on the cpu")
     base = Checkpoint(folder)
     if verify and integrity.has_checksums(folder):
         integrity.verify_folder(folder, progress=lambda f, m: report(0.05 + 0.6 * f, m))
