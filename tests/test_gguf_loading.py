@@ -238,8 +238,14 @@ def test_a_changed_file_replaces_its_index(make_gguf, tmp_path: Path) -> None:
     load(str(path))
     after = [p.name for p in gguf_file.index_files(path)]
     assert len(after) == 3 and not set(after) & set(before)
+    from llmsh import paths
+
+    hash_named = [paths.cache_dir() / "gguf" / f"{'ab' * 16}{end}.json" for end in ("", ".lists", ".tokenizer")]
+    for old in hash_named:                                   # what llmsh versions before path prefixes left
+        old.write_text("{}")
     gguf_file.forget(path)
     assert not gguf_file.index_files(path)
+    assert not [old for old in hash_named if old.exists()]
 
 
 @pytest.mark.parametrize("qtype", [T.F32, T.BF16])

@@ -227,7 +227,7 @@ def forget(path: Path, keep: Path | None = None) -> None:
     import re
 
     old = [p for p in index_files(path) if keep is None or not p.name.startswith(keep.stem + ".")]
-    old += [p for p in _folder().glob("*.json") if re.fullmatch(r"[0-9a-f]{32}\.json", p.name)]
+    old += [p for p in _folder().glob("*.json") if re.fullmatch(r"[0-9a-f]{32}(\.lists|\.tokenizer)?\.json", p.name)]
     for stale in old:
         try:
             stale.unlink(missing_ok=True)
