@@ -191,13 +191,6 @@ class GGUFFile:
         raise LoadError(f"tensor {name} in {self.path.name} is {kind}; llmsh expects a float type there")
 
 
-def _prefix(path: Path) -> str:
-    import hashlib
-    import os
-
-    return hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
-
-
 def _index_path(path: Path) -> tuple[Path, list[int]]:
     """Where the index of `path` as it is now goes (named by the path's prefix and the version), and the version
     (hash_cache.identity: size, mtime, inode, device)."""
@@ -207,7 +200,7 @@ def _index_path(path: Path) -> tuple[Path, list[int]]:
 
     real, ident = hash_cache.identity(path)
     key = hashlib.sha256(f"{INDEX_VERSION}:{real}:{ident}".encode()).hexdigest()[:16]
-    return _folder() / f"{_prefix(path)}-{key}.json", ident
+    return _folder() / f"{hash_cache.path_prefix(path)}-{key}.json", ident
 
 
 def _folder() -> Path:
@@ -218,7 +211,9 @@ def _folder() -> Path:
 
 def index_files(path: Path) -> list[Path]:
     """The index of the GGUF file at `path` and the files beside it, of every version of the file indexed."""
-    return sorted(_folder().glob(f"{_prefix(path)}-*"))
+    from llmsh.runtime import hash_cache
+
+    return sorted(_folder().glob(f"{hash_cache.path_prefix(path)}-*"))
 
 
 def forget(path: Path, keep: Path | None = None) -> None:

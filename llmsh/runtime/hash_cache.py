@@ -32,6 +32,12 @@ def identity(path: str | os.PathLike) -> tuple[str, list[int]]:
     return real, [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
 
 
+def path_prefix(path: str | os.PathLike) -> str:
+    """A short name for a file's real path: the caches of per-file data (GGUF indexes, reshaped matrices) begin their
+    entries' names with it, so that every version of one file can be found, and removed, by it."""
+    return hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
+
+
 def _cache_file() -> Path:
     return paths.cache_dir() / FILE
 

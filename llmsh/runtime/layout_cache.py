@@ -34,14 +34,11 @@ log = logging.getLogger(__name__)
 VERSION = "2"          # bump when the layout of the runtime's parameters changes: older entries are then ignored
 
 
-def _prefix(path: Path) -> str:
-    return hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
-
-
 def _target(path: Path, dtype: torch.dtype) -> tuple[Path, str]:
     _, ident = hash_cache.identity(path)
     key = hashlib.sha256(f"{VERSION}:{ident}:{dtype}".encode()).hexdigest()[:16]
-    return paths.cache_dir() / "layout" / f"{_prefix(path)}-{key}.safetensors", _prefix(path)
+    prefix = hash_cache.path_prefix(path)
+    return paths.cache_dir() / "layout" / f"{prefix}-{key}.safetensors", prefix
 
 
 def _source(entry: Path) -> str | None:
@@ -57,7 +54,7 @@ def _source(entry: Path) -> str | None:
 
 def forget(path: Path) -> None:
     """Remove the cached matrices of the GGUF file at path (before deleting the file: entries are per file)."""
-    for old in (paths.cache_dir() / "layout").glob(f"{_prefix(path)}-*.safetensors"):
+    for old in (paths.cache_dir() / "layout").glob(f"{hash_cache.path_prefix(path)}-*.safetensors"):
         old.unlink(missing_ok=True)
 
 
