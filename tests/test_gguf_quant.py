@@ -180,7 +180,7 @@ def test_a_device_without_block_kernels_gets_the_matrices_decoded(qtype: T, make
 def test_quant_needs_the_cpu_kernels(make_tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
     from llmsh.runtime import LoadError, model
 
-    monkeypatch.setattr(model, "_resolve_device", lambda device: torch.device("cuda"))   # (checked before any use)
+    monkeypatch.setattr(model, "resolve_device", lambda device: torch.device("cuda"))   # (checked before any use)
     with pytest.raises(LoadError, match="--quant q8_0 keeps matrices in blocks for the CPU kernels"):
         load(make_tiny_model("llama"), device="cuda", quant="q8_0")
 

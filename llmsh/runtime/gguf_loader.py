@@ -324,13 +324,13 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str |
         cfg = family.Config.from_hf(cfg_json)
     except KeyError as e:
         raise LoadError(f"{path.name} lacks metadata for {e.args[0]!r}, which {g.arch} models need") from None
-    dev = model_mod._resolve_device(device)
+    dev = model_mod.resolve_device(device)
     ckpt = GGUFCheckpoint(g, g.arch, cfg, keep_quantized=keeps_blocks(dev))
     stored = ckpt.dtype()
     if not ckpt.keep_quantized and any(t.tensor_type.name in quant.QUANT_TYPES for t in g.tensors.values()):
         stored = torch.float16               # decoded blocks (a scale times a small integer) fit float16 closely
         report(0.0, f"decoding the quantized matrices of {path.name} for {dev} (the block kernels run on CPUs)")
-    dt = model_mod._resolve_dtype(dtype, stored, dev)
+    dt = model_mod.resolve_dtype(dtype, stored, dev)
     if dev.type == "cpu":
         ckpt.layout = layout_cache.open_cached(path, dt)       # our reshaped matrices from an earlier load
     built: dict[str, Tensor] = {}

@@ -244,7 +244,7 @@ class Model:
         param = nn.Parameter(tensor, requires_grad=False)
         for name in self._tied[pname]:  # tied weights stay one Parameter
             owner, _, attr = name.rpartition(".")
-            self.module.get_submodule(owner)._parameters[attr] = param
+            setattr(self.module.get_submodule(owner), attr, param)
         if self.fast_decode is not None:
             self.fast_decode.weights_changed()   # it caches parameter addresses
 
@@ -292,7 +292,8 @@ def _read_json(path: Path, required: bool = True) -> dict[str, Any]:
     return data
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device a user's `--device` names, or LoadError (one line) if this machine cannot run it."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -319,7 +320,9 @@ def packs(lengths: list[int], max_tokens: int = 4096) -> list[list[int]]:
     return out
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, stored: torch.dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a model runs in: the user's `dtype`, or for None/"auto" the `stored` one where it computes fast on
+    `device` (float32 on CPUs for float16 checkpoints); LoadError (one line) for one llmsh cannot run."""
     if dtype is None or dtype == "auto":
         dt = stored if stored in (torch.float32, torch.bfloat16) or device.type == "cuda" else torch.float32
     elif isinstance(dtype, torch.dtype):
@@ -352,14 +355,14 @@ def load_hf(path_or_name: str | Path, device: str | torch.device = "cpu", dtype:
         raise LoadError(f"model_type {model_type!r} in {folder / 'config.json'} is not supported; "
                         f"llmsh runs: {supported} (GPT-2; the Llama family: Llama 2/3, Mistral, Qwen2/3, Phi-3/4, SmolLM; "
                         "Gemma 2/3; the experts of Mixtral and Qwen3-MoE)")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if quant and dev.type != "cpu":
         raise LoadError(f"--quant {quant} keeps matrices in blocks for the CPU kernels, and {dev} has none; load the "
                         "checkpoint on cuda without --quant (float16 or bfloat16), or with --quant on the cpu")
     base = Checkpoint(folder)
     if verify and integrity.has_checksums(folder):
         integrity.verify_folder(folder, progress=lambda f, m: report(0.05 + 0.6 * f, m))
-    dt = _resolve_dtype(dtype, base.dtype(), dev)
+    dt = resolve_dtype(dtype, base.dtype(), dev)
     check_sizes(hf_config, folder / "config.json")  # n_layer 0, n_head 0…: one line here, not a failing first step
     try:
         cfg = family.Config.from_hf(hf_config)
