@@ -243,7 +243,7 @@ def main() -> int:
     ap.add_argument("--threads", default=None, help="comma list (default 1,2; --quick 1)")
     ap.add_argument("--types", default="bf16,q8_0,q4_0,q4_k_m")
     ap.add_argument("--f32", action="store_true", help="also F32 (4.4 GB at 1.1B)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where the GGUF files are written (default: a temporary folder)")
     args = ap.parse_args()
     try:
