@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -72,20 +71,12 @@ def write(path: Path, dtype: torch.dtype, tensors: dict[str, Tensor]) -> None:
     """Store tensors (ours, built from the GGUF file at path) for later loads; atomically, best effort."""
     if not tensors:
         return
-    from safetensors.torch import save_file
+    from llmsh.runtime.cache_file import write_safetensors
 
     target, prefix = _target(path, dtype)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                      metadata={"version": VERSION, "source": os.path.realpath(path)})
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_safetensors(target, tensors, {"version": VERSION, "source": os.path.realpath(path)})
         for old in target.parent.glob("*.safetensors"):       # the same file's earlier versions, deleted files'
             if old != target and (old.name.startswith(prefix) or not os.path.exists(_source(old) or old)):
                 old.unlink(missing_ok=True)

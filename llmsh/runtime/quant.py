@@ -330,13 +330,10 @@ def quantized_checkpoint(base: Any, module: nn.Module, qtype: str, progress: Any
     """`base` with its matrices in qtype, from the cache (paths.cache_dir()/quant, keyed by the checkpoint files'
     sha256, remembered per file identity) or quantized now and written there atomically."""
     import hashlib
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
 
     from llmsh import paths
     from llmsh.runtime import hash_cache
+    from llmsh.runtime.cache_file import write_safetensors
     from llmsh.runtime.checkpoint import SafetensorsFile
 
     qtype = qtype.lower()
@@ -357,12 +354,5 @@ def quantized_checkpoint(base: Any, module: nn.Module, qtype: str, progress: Any
             out[name] = torch.from_numpy(quantize(w.t().contiguous().numpy(), qtype)).reshape(-1)
             report(0.3 + 0.7 * (i + 1) / len(names), f"quantizing {name} to {qtype}")
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(out, tmp, metadata={"qtype": qtype, "version": CACHE_VERSION})
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_safetensors(target, out, {"qtype": qtype, "version": CACHE_VERSION})
     return QuantizedCheckpoint(base, SafetensorsFile(target), qtype)
