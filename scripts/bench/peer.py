@@ -9,7 +9,10 @@ the gguf package. For each type and thread count both engines are timed alternat
           capped at 1 GiB; a decode step only reads weights, so this is its physical limit, not a copy's read + write);
   prompt: 512 prompt tokens through the model (llama.cpp `eval` with n_batch=512, llmsh `Model.prefill`), tokens/s;
   load:   from a warm page cache to the first token's logits (llama.cpp `Llama(...)` + one eval, llmsh `load` + one
-          prefill), seconds, and the file bytes / load time against the memcpy bandwidth of a buffer that size with
+          prefill), seconds; warm as a model file on disk is once read: each written file is flushed, dropped from
+          the page cache and read back, since the gguf writer's one write per tensor leaves it cached in small
+          folios that every mapping of it then faults in 4 KiB at a time (as a file read from disk is not: its
+          read-ahead fills 2 MiB folios; both engines map the same file), and the file bytes / load time against the memcpy bandwidth of a buffer that size with
           the same threads (a load at one thread is held to what one thread copies; both are printed). The
           first llmsh load of each file, which writes its layout cache once (a tied quantized embedding decoded,
           matrices reshaped) and may compile the C kernels for this CPU (~5 s, once per machine and source version), is
@@ -156,6 +159,18 @@ def warm(path: Path) -> None:
             pass
 
 
+def as_read_from_disk(path: Path) -> None:
+    """Leave path in the page cache as a file read from disk is (see the module docstring): written back, dropped,
+    read again."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    warm(path)
+
+
 class LlamaCpp:
     """llama.cpp through llama-cpp-python: load, decode, prompt processing on token ids."""
 
@@ -272,7 +287,7 @@ def main() -> int:
                       "its AMX path (see this script's docstring)", flush=True)
                 path.unlink()
                 continue
-            warm(path)
+            as_read_from_disk(path)
             first_s, eng = timed_load(Llmsh, path, threads[0])   # once per file: llmsh's layout cache is built
             del eng
             gc.collect()
