@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -287,3 +289,13 @@ def test_a_missing_or_misshapen_part_of_a_fused_matrix_fails_naming_it(tiny_llam
             load(folder)
         line = str(err.value)
         assert "\n" not in line and ("k_proj" in line if name == "lacks" else "wqkv" in line or "shape" in line), line
+
+
+def test_a_load_does_not_import_torch_dynamo(tiny_llama, tiny_gpt2):
+    """Models are built on the meta device with no random init: torch's Python reference of `normal_` on meta
+    tensors imports torch._dynamo on its first call, ~0.7 s of a process's first load."""
+    code = ("import sys; from llmsh.runtime import load; [load(p) for p in sys.argv[1:]]; "
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tiny_gpt2)], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "False"

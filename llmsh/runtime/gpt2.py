@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from llmsh.runtime.errors import LoadError
 from llmsh.runtime.kv_cache import Step, attend
-from llmsh.runtime.layers import Linear, TiedEmbedding
+from llmsh.runtime.layers import Embedding, Linear, TiedEmbedding
 from llmsh.runtime.stack import Rows, keep_rows
 
 MODEL_TYPES = ("gpt2",)
@@ -134,7 +134,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = TiedEmbedding(cfg.vocab_size, cfg.n_embd)                 # (C, vocab): also the head's weight
-        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.wpe = Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)

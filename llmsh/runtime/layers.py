@@ -103,6 +103,15 @@ class Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding without its random initialisation: loaders build models on the meta device and assign every
+    weight, and `normal_` on meta tensors runs torch's Python reference, whose first call imports torch._dynamo: a
+    process's first load of a 1.1 B GGUF took 0.88 s with it, 0.16 s without (the second load: 0.03 s)."""
+
+    def reset_parameters(self) -> None:
+        """Nothing to do: the weights are assigned from the checkpoint."""
+
+
 class TiedEmbedding(nn.Module):
     """A token embedding stored (dim, vocab): the same matrix is then the (in, out) weight of a tied output `Linear`.
 

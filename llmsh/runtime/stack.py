@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmsh.runtime.layers import Linear, TiedEmbedding
+from llmsh.runtime.layers import Embedding, Linear, TiedEmbedding
 
 Rows = tuple[Tensor, Tensor]  # (row, position) index tensors: the tokens whose outputs a forward returns
 
@@ -41,7 +41,7 @@ class DecoderStack(nn.Module):
         self.config = cfg
         # tied: one (dim, vocab) matrix that is both the lookup table and the head's (in, out) weight
         self.tok_embeddings = TiedEmbedding(cfg.vocab_size, cfg.dim) if cfg.tie_embeddings else \
-            nn.Embedding(cfg.vocab_size, cfg.dim)
+            Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(blocks)
         self.norm = norm
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
