@@ -103,6 +103,9 @@ async def serve(url: str, node: str, budgets: dict[str, int], *, curve: dict[str
         if msg["type"] == "shutdown":
             stop.set()
 
+    # a heartbeat first: the front then knows this engine's budget as soon as the hello shows it "up" (`nodes` had
+    # no budget for a node in the seconds before its first timed beat)
+    send("heartbeat", node=node, pid=os.getpid(), **service.heartbeat_fields())
     send("hello", node=node, pid=os.getpid(), devices=["cpu"], address=address)
     # Import torch and the runtime now, on a thread: a restarted engine is ready for its restored processes sooner
     # (the import is seconds on a busy machine); a load arriving meanwhile waits on the import lock.
