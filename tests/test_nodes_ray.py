@@ -58,9 +58,10 @@ def cluster(model: Path) -> Iterator[Any]:
 def rk(cluster: Any, make_kernel: Any) -> KernelHandle:
     k = make_kernel("--ray", cluster.address)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # both engines up (they start in the background)
+    while time.monotonic() < deadline:  # both engines up (they start in the background), each with a load sample
         out = k.execute("nodes --json")
-        if out["status"] == "ok" and sorted(n.get("state") for n in out["data"] if "state" in n) == ["up", "up"]:
+        engines = [n for n in out["data"] if "state" in n] if out["status"] == "ok" else []
+        if sorted(n["state"] for n in engines) == ["up", "up"] and all(n["cpu"].get("count") for n in engines):
             return k
         time.sleep(0.5)
     raise AssertionError(f"engines did not come up: {out}\n{k.log.read_text()[-3000:]}")

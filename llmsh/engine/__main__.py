@@ -134,12 +134,12 @@ async def serve(url: str, node: str, budgets: dict[str, int], *, curve: dict[str
             from llmsh.drivers import Drivers
 
             drivers = await asyncio.to_thread(Drivers, os.getpid(), node)
-        while True:
-            await asyncio.sleep(heartbeat_s)
+        while True:                 # the first with the node's load at once: the front has had none till now
             fields = service.heartbeat_fields()
             if drivers is not None:
                 fields["load"] = dict(await asyncio.to_thread(drivers.sample), local=False)
             send("heartbeat", node=node, pid=os.getpid(), **fields)
+            await asyncio.sleep(heartbeat_s)
 
     receiver = loop.create_task(receive())
     beater = loop.create_task(beat()) if heartbeat_s > 0 else None
