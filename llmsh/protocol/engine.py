@@ -9,8 +9,9 @@ Requests (front → engine) carry an `id`; the engine answers each with exactly 
 (`ok` true with `data`, or false with `ename`/`error`/`kind`), after any number of `token` (generate) events.
 Unsolicited engine events: `hello` (once per engine, on connect; again only from a new engine, e.g. one that Ray
 restarted), `heartbeat` (one just before the hello, then every few seconds: the engine is alive, with its node's
-load and budget), `progress`, `state` and `removed` of a process. Fields are only ever added, so a front and an engine of the same version
-always agree; off the machine the frames travel inside CurveZMQ (the front's server key, a client key it issued).
+load and budget), `progress`, `state` and `removed` of a process. Fields are only ever added, so a front and an
+engine of the same version always agree; off the machine the frames travel inside CurveZMQ (the front's server key,
+a client key it issued).
 """
 
 from __future__ import annotations

@@ -23,11 +23,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from llmsh.runtime.checkpoint import DTYPES
+
 CHUNK = 2 << 20                     # a huge page: the largest folio a file's page cache maps with one entry
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}     # the names the reader takes
 
 
 class RawFile(Protocol):

@@ -12,8 +12,8 @@ the gguf package. For each type and thread count both engines are timed alternat
           prefill), seconds; warm as a model file on disk is once read: each written file is flushed, dropped from
           the page cache and read back, since the gguf writer's one write per tensor leaves it cached in small
           folios that every mapping of it then faults in 4 KiB at a time (as a file read from disk is not: its
-          read-ahead fills 2 MiB folios; both engines map the same file), and the file bytes / load time against the memcpy bandwidth of a buffer that size with
-          the same threads (a load at one thread is held to what one thread copies; both are printed). The
+          read-ahead fills 2 MiB folios; both engines map the same file). And the file bytes / load time against
+          the memcpy bandwidth of a buffer that size with the same threads (a load at one thread is held to what one thread copies; both are printed). The
           first llmsh load of each file, which writes its layout cache once (a tied quantized embedding decoded,
           matrices reshaped) and may compile the C kernels for this CPU (~5 s, once per machine and source version), is
           printed apart and not in the ratio: the timed loads are the ones a user makes every day.
