@@ -350,3 +350,27 @@ def test_a_quantized_embedding_stays_quantized(make_tiny_model, tmp_path: Path,
     torch.testing.assert_close(emb(ids), torch.from_numpy(ref).float().view(2, 3, -1), atol=1e-6, rtol=0)
     torch.testing.assert_close(model.forward(list(range(3, 30))), first.forward(list(range(3, 30))), atol=0, rtol=0)
     assert model.bytes_read_per_token() == model.weight_bytes() - emb.weight.nbytes + emb.row_bytes
+
+
+def mapping_flags(path: Path) -> list[set[str]]:
+    """The VmFlags of each mapping of `path` in this process (Linux's /proc/self/smaps)."""
+    flags, current = [], None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            current = head[-1] if len(head) >= 6 else None
+        elif head and head[0] == "VmFlags:" and current == str(path):
+            flags.append(set(head[1:]))
+    return flags
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="needs Linux's huge pages")
+def test_weights_are_mapped_asking_for_huge_pages(make_gguf, make_tiny_model) -> None:
+    """A page-cache miss through the mapping then reads a 2 MiB folio (checkpoint.map_weights): later loads map it
+    with one entry instead of one per 4 KiB."""
+    gguf_path, folder = make_gguf("llama", T.Q8_0), make_tiny_model("llama")
+    first, second = load(str(gguf_path)), load(str(folder))
+    for path in (gguf_path.resolve(), (folder / "model.safetensors").resolve()):
+        flags = mapping_flags(path)
+        assert flags and all("hg" in f for f in flags), (path, flags)
+    assert first.tokenizer is not None and second.tokenizer is not None

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmsh.runtime.checkpoint import map_weights
 from llmsh.runtime.errors import LoadError
 
 
@@ -47,6 +48,12 @@ def _plain_reader() -> type:
     return PlainReader
 
 
+def _map(path: Path) -> np.ndarray:
+    """The file's bytes, mapped as the safetensors checkpoints are (copy-on-write, huge pages asked for)."""
+    with open(path, "rb") as f:
+        return np.frombuffer(map_weights(f.fileno()), dtype=np.uint8)
+
+
 INDEX_VERSION = 2
 LONG_LIST = 256                    # metadata lists longer than this are kept beside the index (see save_index)
 LISTS, TOKENIZER = "lists.json", "tokenizer.json"      # the files beside an index
@@ -72,7 +79,12 @@ class GGUFFile:
             raise LoadError(f"cannot read {self.path} ({e.strerror})") from None
         self.indexed = self._open_index()           # opened from the index, not parsed
         if not self.indexed:
-            self._data, self.fields, self.tensors = self._parse()
+            self.fields, table = self._parse()
+            try:
+                self._data = _map(self.path)
+            except (OSError, ValueError) as e:
+                raise LoadError(f"cannot map {self.path} ({e})") from None
+            self.tensors = {entry[0]: self._tensor(*entry) for entry in table}
 
     def _open_index(self) -> bool:
         """Take metadata and tensor table from this version's index; False where there is none (or it is bad)."""
@@ -80,7 +92,7 @@ class GGUFFile:
         if index is None:
             return False
         try:
-            self._data = np.memmap(self.path, mode="c").view(np.ndarray)
+            self._data = _map(self.path)
             self.tensors = {i[0]: self._tensor(*i) for i in index["tensors"]}
         except (OSError, ValueError, TypeError, IndexError, KeyError):
             return False
@@ -89,18 +101,18 @@ class GGUFFile:
         self.cached_tokenizer = _read_text(_beside(self._where, TOKENIZER))
         return True
 
-    def _parse(self) -> tuple[np.ndarray, dict[str, Any], dict[str, TensorInfo]]:
-        """The file's data map, metadata and tensor table, through gguf's reader (slow: every string of the
-        vocabulary is a numpy slice)."""
+    def _parse(self) -> tuple[dict[str, Any], list[tuple[str, int, list[int], int, int]]]:
+        """The file's metadata and tensor table (name, type id, ggml dims, bytes, offset), through gguf's reader
+        (slow: every string of the vocabulary is a numpy slice)."""
         try:
             reader = _plain_reader()(self.path, "c")          # copy-on-write map: writable views, never written back
             fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
         except Exception as e:  # the reader raises ValueError, struct errors, IndexError… on a bad file
             raise LoadError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else 'truncated'}); re-download it") from None
-        tensors = {t.name: TensorInfo(t.name, t.tensor_type, t.shape, int(t.n_bytes), int(t.data_offset), t.data)
-                   for t in reader.tensors}
-        return reader.data, fields, tensors
+        table = [(t.name, int(t.tensor_type), [int(d) for d in t.shape.tolist()], int(t.n_bytes), int(t.data_offset))
+                 for t in reader.tensors]
+        return fields, table
 
     def _tensor(self, name: str, type_id: int, dims: list[int], n_bytes: int, offset: int) -> TensorInfo:
         from gguf import GGMLQuantizationType, quant_shape_to_byte_shape
@@ -164,7 +176,7 @@ class GGUFFile:
                 return lists
         except (ValueError, KeyError, TypeError):
             pass
-        _, fields, _ = self._parse()
+        fields, _ = self._parse()
         if any(k not in fields for k in self._lengths):
             raise LoadError(f"{self.path} changed while it was being loaded; load it again")
         return {k: fields[k] for k in self._lengths}
