@@ -374,3 +374,19 @@ def test_weights_are_mapped_asking_for_huge_pages(make_gguf, make_tiny_model) ->
         flags = mapping_flags(path)
         assert flags and all("hg" in f for f in flags), (path, flags)
     assert first.tokenizer is not None and second.tokenizer is not None
+
+
+def test_a_file_that_cannot_be_mapped_fails_in_one_line(make_gguf, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmsh.runtime import gguf_file
+
+    copy = tmp_path / "copy.gguf"                   # not indexed yet: the parsed open maps it after the parse
+    copy.write_bytes(make_gguf("gpt2").read_bytes())
+
+    def no_memory(path: Path) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(gguf_file, "_map", no_memory)
+    with pytest.raises(LoadError) as err:
+        load(str(copy))
+    assert "cannot map the tensors" in str(err.value) and "\n" not in str(err.value)

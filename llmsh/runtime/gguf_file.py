@@ -80,11 +80,11 @@ class GGUFFile:
         self.indexed = self._open_index()           # opened from the index, not parsed
         if not self.indexed:
             self.fields, table = self._parse()
-            try:
+            try:                                    # (a file cut or changed since the parse: views fail)
                 self._data = _map(self.path)
+                self.tensors = {entry[0]: self._tensor(*entry) for entry in table}
             except (OSError, ValueError) as e:
-                raise LoadError(f"cannot map {self.path} ({e})") from None
-            self.tensors = {entry[0]: self._tensor(*entry) for entry in table}
+                raise LoadError(f"cannot map the tensors of {self.path} ({e}); re-download it") from None
 
     def _open_index(self) -> bool:
         """Take metadata and tensor table from this version's index; False where there is none (or it is bad)."""
