@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from llmsh.runtime import LoadError, load  # noqa: E402
 from llmsh.runtime.tokenizer import Tokenizer  # noqa: E402
 from tests.gguf_convert import convert  # noqa: E402
+from tests.proc_maps import file_mappings  # noqa: E402
 
 FAMILIES = ["gpt2", "llama", "llama3", "smollm", "mistral", "qwen2"]
 TEXTS = ["Hello world, the quick brown fox 123 jumps", "<|im_start|>user\nCafé 🙂 naïve<|im_end|>",
@@ -352,26 +353,14 @@ def test_a_quantized_embedding_stays_quantized(make_tiny_model, tmp_path: Path,
     assert model.bytes_read_per_token() == model.weight_bytes() - emb.weight.nbytes + emb.row_bytes
 
 
-def mapping_flags(path: Path) -> list[set[str]]:
-    """The VmFlags of each mapping of `path` in this process (Linux's /proc/self/smaps)."""
-    flags, current = [], None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()
-        if head and "-" in head[0] and not head[0].endswith(":"):
-            current = head[-1] if len(head) >= 6 else None
-        elif head and head[0] == "VmFlags:" and current == str(path):
-            flags.append(set(head[1:]))
-    return flags
-
-
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="needs Linux's huge pages")
 def test_weights_are_mapped_asking_for_huge_pages(make_gguf, make_tiny_model) -> None:
     """A page-cache miss through the mapping then reads a 2 MiB folio (checkpoint.map_weights): later loads map it
     with one entry instead of one per 4 KiB."""
     gguf_path, folder = make_gguf("llama", T.Q8_0), make_tiny_model("llama")
-    first, second = load(str(gguf_path)), load(str(folder))
+    first, second = load(str(gguf_path)), load(str(folder))     # (alive: their mappings are read below)
     for path in (gguf_path.resolve(), (folder / "model.safetensors").resolve()):
-        flags = mapping_flags(path)
+        flags = [set(m["VmFlags"].split()) for m in file_mappings({str(path)})]
         assert flags and all("hg" in f for f in flags), (path, flags)
     assert first.tokenizer is not None and second.tokenizer is not None
 

@@ -14,6 +14,7 @@ import torch
 
 from llmsh.engine.paging.core import PageInError, Pager, PagerError
 from llmsh.engine.paging.sources import ModelSource
+from tests.proc_maps import file_mappings
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was"]
 GREEDY = dict(max_tokens=16, temperature=0)
@@ -175,14 +176,7 @@ def _rss_anon() -> int:
 
 def _rss_of_files(paths: set[str]) -> int:
     """Resident bytes of this process's mappings of `paths` (/proc/self/smaps): pages used as views of the files."""
-    total, counting = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(maxsplit=5)
-        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):   # a mapping's header line
-            counting = len(head) == 6 and head[5] in paths
-        elif counting and line.startswith("Rss:"):
-            total += int(line.split()[1]) * 1024
-    return total
+    return sum(int(m["Rss"].split()[0]) * 1024 for m in file_mappings(paths))
 
 
 @pytest.mark.slow
