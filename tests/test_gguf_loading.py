@@ -353,6 +353,32 @@ def test_a_quantized_embedding_stays_quantized(make_tiny_model, tmp_path: Path,
     assert model.bytes_read_per_token() == model.weight_bytes() - emb.weight.nbytes + emb.row_bytes
 
 
+def test_a_tied_quantized_embedding_is_also_the_heads_blocks(make_tiny_model, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tied table the file stores quantized (Llama 3.2, Qwen2.5, SmolLM GGUFs) stays in its blocks: looked up by
+    row as a QEmbedding and multiplied as the head's QLinear, one Parameter viewing the mapped file. Decoded, it was a
+    float32 head of 1.05 GB per token for a 128k x 2048 Q4_0 table of 148 MB, written to the layout cache too."""
+    from llmsh.runtime import quant
+
+    folder = make_tiny_model("llama3")
+    path = convert(folder, tmp_path / "q.gguf", T.Q4_0)
+    monkeypatch.setattr(quant, "dequantize", lambda *a, **k: pytest.fail("decoded the embedding table at load"))
+    model = load(str(path))
+    monkeypatch.undo()
+    net = model.module
+    assert model.config.tie_embeddings and isinstance(net.tok_embeddings, quant.QEmbedding)
+    assert isinstance(net.output, quant.QLinear) and net.output.weight is net.tok_embeddings.weight
+    assert net.output.weight.data_ptr() == model.checkpoint.g.array("token_embd.weight").ctypes.data
+    assert model.bytes_read_per_token() > model.weight_bytes() - net.output.weight.nbytes // 2   # the head reads it
+    reference = load(str(convert(folder, tmp_path / "f.gguf", T.Q4_0, dequantized=True)))
+    ids = list(range(3, 30))
+    torch.testing.assert_close(model.forward(ids), reference.forward(ids), atol=2e-4, rtol=1e-4)
+    cache, ref_cache = model.new_cache(1, 64), reference.new_cache(1, 64)
+    model.prefill(cache, [0], [[5, 9]]), reference.prefill(ref_cache, [0], [[5, 9]])
+    torch.testing.assert_close(model.decode_step(cache, [0], [7]), reference.decode_step(ref_cache, [0], [7]),
+                               atol=1e-2, rtol=5e-3)                      # the C kernels' step (see test_gguf_quant)
+
+
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="needs Linux's huge pages")
 def test_weights_are_mapped_asking_for_huge_pages(make_gguf, make_tiny_model) -> None:
     """A page-cache miss through the mapping then reads a 2 MiB folio (checkpoint.map_weights): later loads map it

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from llmsh.runtime import gemma, gpt2, llama, moe, quant
 from llmsh.runtime.kernels import MAX_HEAD_DIM, Layer, Step, library
 from llmsh.runtime.kv_cache import KVCache
-from llmsh.runtime.layers import Linear
+from llmsh.runtime.layers import Linear, TiedEmbedding
 
 # Up to this many rows the kernels' GEMMs beat MKL's on decode shapes (one thread, GPT-2 124M's linears):
 # float32 46 ms at 1 row (MKL 48), 58 ms at 4 (MKL 93), 98 ms at 16 (MKL 120); bfloat16 44 ms at 4 (torch 124),
@@ -187,7 +187,7 @@ class _Llama(FastDecoder):
                     pos=pos.data_ptr(), slots=slots.data_ptr(), rotary_dim=c.rotary_dim)
 
     def embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
-        if not self.cfg.tie_embeddings:                 # (an nn.Embedding, or a quantized table: quant.QEmbedding)
+        if not isinstance(self.net.tok_embeddings, TiedEmbedding):  # (nn.Embedding, or quant.QEmbedding: tied too)
             return self.net.tok_embeddings(tokens).float().contiguous()
         return self.net.tok_embeddings.weight[:, tokens].t().float().contiguous()
 

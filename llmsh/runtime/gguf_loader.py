@@ -137,8 +137,15 @@ class GGUFCheckpoint:
     """The tensors of one GGUF file under our parameter names: what `Model` and the pager read pages from."""
 
     def __init__(self, g: GGUFFile, arch: str, cfg: Any, keep_quantized: bool = True) -> None:
+        from llmsh.runtime.quant import QUANT_TYPES
+
         self.g, self.arch, self.cfg = g, arch, cfg
         self.keep_quantized = keep_quantized  # False: block-quantized matrices are decoded at load (see `load_gguf`)
+        # A tied embedding stored in blocks stays in them: looked up as a QEmbedding, multiplied as the head's QLinear
+        # (both its (vocab, dim) rows, one Parameter). Decoded instead, a Llama 3.2 1B Q4_0 head read 1.05 GB of float32
+        # per token against the file's 148 MB, and the first load wrote that to the layout cache.
+        self.quantized_tie = (keep_quantized and arch != "gpt2" and bool(getattr(cfg, "tie_embeddings", False))
+                              and "token_embd.weight" in g.tensors and g.type_name("token_embd.weight") in QUANT_TYPES)
         self.layout: Any = None             # layout_cache's file of our reshaped matrices (a SafetensorsFile)
         self._specs: dict[str, Spec] = {}   # asked for several times per parameter at every load
         self._quantized: dict[str, bool] = {}
@@ -147,7 +154,8 @@ class GGUFCheckpoint:
         """The name our parameter has in the layout cache, or None if it is used as the file stores it (a float
         tensor as is, a quantized matrix of one tensor whose rows need no reordering, an untied embedding table).
         A float parameter stored quantized (a tied embedding, which the head multiplies by) is decoded once and
-        cached: decoding 32000 x 2048 rows took half of a 1.1B Q4_0 file's load."""
+        cached: decoding 32000 x 2048 rows took half of a 1.1B Q4_0 file's load (the Llama family keeps a tied table
+        in its blocks, see `quantized_tie`; GPT-2's tied table is decoded)."""
         from llmsh.runtime.quant import QUANT_TYPES
 
         s = self.spec(name)
@@ -168,7 +176,10 @@ class GGUFCheckpoint:
     def spec(self, name: str) -> Spec:
         if (known := self._specs.get(name)) is not None:
             return known
-        s = spec(name, self.arch, self.cfg)
+        if self.quantized_tie and name in ("tok_embeddings.weight", "output.weight"):
+            s = Spec([("token_embd.weight", 0)], "as_is" if name == "tok_embeddings.weight" else "linear")
+        else:
+            s = spec(name, self.arch, self.cfg)
         for part, _ in s.parts:
             if part not in self.g.tensors:
                 raise LoadError(f"{self.g.path.name} has no tensor {part} (needed for {name}); the file is incomplete "
@@ -187,7 +198,7 @@ class GGUFCheckpoint:
 
     def is_quantized(self, name: str) -> bool:
         """True if our parameter stays quantized: a matrix whose parts are all block-quantized (a QLinear weight), or
-        an untied embedding table stored quantized (a QEmbedding weight)."""
+        an embedding table stored quantized (a QEmbedding weight; tied, it is also the head's QLinear weight)."""
         from llmsh.runtime.quant import QUANT_TYPES
 
         if (known := self._quantized.get(name)) is not None:
@@ -199,7 +210,7 @@ class GGUFCheckpoint:
         if kinds == {True, False}:
             raise LoadError(f"{self.g.path.name} mixes float and quantized tensors in {name} "
                             f"({', '.join(p for p, _ in s.parts)}); llmsh cannot fuse them")
-        looked_up = s.layout == "as_is" and name == "tok_embeddings.weight"   # an untied embedding: QEmbedding
+        looked_up = s.layout == "as_is" and name == "tok_embeddings.weight"   # the embedding table: QEmbedding
         self._quantized[name] = (s.layout == "linear" or looked_up) and kinds == {True}
         return self._quantized[name]
 

@@ -122,6 +122,7 @@ class TiedEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int) -> None:
         super().__init__()
+        self.num_embeddings, self.embedding_dim = vocab_size, dim              # (nn.Embedding's names)
         self.weight = nn.Parameter(torch.empty(dim, vocab_size))
 
     def forward(self, idx: Tensor) -> Tensor:

@@ -8,8 +8,8 @@ safetensors file under the user cache directory (paths.cache_dir()/layout), and 
 (same real path, size, mtime, inode and device: hash_cache.identity) map that file instead: zero-copy views from
 the page cache, as for a safetensors checkpoint. A changed file gets a new entry and the old one is removed, as are
 entries whose file is gone (each names its source in its metadata); an unwritable cache only costs the rebuild.
-Quantized matrices need none of this: they are used as the file has them; a float parameter stored quantized (an
-embedding) is decoded once and cached like the rest.
+Quantized matrices need none of this where they are used as the file has them (fused or row-permuted ones are
+cached as blocks); a float parameter stored quantized (GPT-2's tied embedding) is decoded once and cached like the rest.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from llmsh.runtime.checkpoint import SafetensorsFile
 from llmsh.runtime.errors import LoadError
 
 log = logging.getLogger(__name__)
-VERSION = "2"          # bump when the layout of the runtime's parameters changes: older entries are then ignored
+VERSION = "3"          # bump when the layout of the runtime's parameters changes: older entries are then ignored
 
 
 def _target(path: Path, dtype: torch.dtype) -> tuple[Path, str]:

@@ -102,7 +102,7 @@ class Model:
         for name, mod in self.module.named_modules():
             if isinstance(mod, nn.Embedding) and len(self._tied[f"{name}.weight"]) == 1:
                 read -= mod.weight.nbytes - mod.weight[0].nbytes
-            elif isinstance(mod, QEmbedding):
+            elif isinstance(mod, QEmbedding) and len(self._tied[f"{name}.weight"]) == 1:
                 read -= mod.weight.nbytes - mod.row_bytes
         return read
 

@@ -123,7 +123,7 @@ class QLinear(nn.Module):
 
 
 class QEmbedding(nn.Module):
-    """An embedding table that stays block-quantized (a GGUF file's token_embd, untied): a step decodes only the rows
+    """An embedding table that stays block-quantized (a GGUF file's token_embd): a step decodes only the rows
     it looks up. Decoding the whole table instead cost a float32 copy of it in memory and in the layout cache, 262 MB
     against the file's 37 MB for a 32k x 2048 Q4_0 table (2.1 GB for a 128k-token, 4096-wide one)."""
 
@@ -172,17 +172,17 @@ def dequantize(data: Tensor, qtype: str, k: int) -> Tensor:
 
 
 def quantize_module(module: nn.Module, ckpt: Any, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """Swap the Linear layers whose file matrices are quantized for QLinear (and a quantized embedding table for
-    QEmbedding, giving `dtype` rows); returns their weights (file bytes)."""
-    from llmsh.runtime.layers import Linear
+    """Swap the Linear layers whose file matrices are quantized for QLinear (and a quantized embedding table, tied
+    or not, for QEmbedding, giving `dtype` rows); returns their weights (file bytes)."""
+    from llmsh.runtime.layers import Linear, TiedEmbedding
 
     weights: dict[str, Tensor] = {}
     for mname, mod in list(module.named_modules()):
-        if not isinstance(mod, (Linear, nn.Embedding)) or not ckpt.is_quantized(f"{mname}.weight"):
+        if not isinstance(mod, (Linear, nn.Embedding, TiedEmbedding)) or not ckpt.is_quantized(f"{mname}.weight"):
             continue
         pname = f"{mname}.weight"
         q: nn.Module
-        if isinstance(mod, nn.Embedding):
+        if isinstance(mod, (nn.Embedding, TiedEmbedding)):
             ((qtype, _),) = ckpt.segments(pname)
             q = QEmbedding(mod.num_embeddings, mod.embedding_dim, qtype, dtype, device=mod.weight.device)
         else:

@@ -48,10 +48,12 @@ class DecoderStack(nn.Module):
         self.page_hook: Callable[[int], None] | None = None
 
     def tie_head(self) -> None:
-        """At setup, after weights are assigned: a tied head multiplies by the embedding's matrix."""
+        """At setup, after weights are assigned: a tied head multiplies by the embedding's matrix (a TiedEmbedding's
+        (dim, vocab) floats, or a QEmbedding's (vocab, dim) blocks, which are a QLinear head's rows)."""
         if self.config.tie_embeddings:
-            assert isinstance(self.tok_embeddings, TiedEmbedding)           # built so in __init__ when tied
-            self.output.weight = self.tok_embeddings.weight
+            table = self.tok_embeddings.weight
+            assert isinstance(table, nn.Parameter)                  # (assigned from the checkpoint as one)
+            self.output.weight = table
 
     def head_params(self) -> list[str]:
         """The head page's parameters (a tied head's matrix is on the embedding's page)."""
