@@ -158,6 +158,40 @@ def test_load_quant_quantizes_a_hf_checkpoint_once(qtype: T, make_tiny_model, tm
     torch.testing.assert_close(again.forward(ids), qm.forward(ids), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K])
+def test_load_quant_keeps_a_tied_table_in_blocks_for_the_head_too(qtype: T, make_tiny_model, tmp_path: Path) -> None:
+    """A tied embedding (SmolLM, Llama 3.2, Qwen2.5) is quantized with the matrices, as llama.cpp quantizes
+    token_embd: the head multiplies by its blocks (a float head streamed 3.5x the bytes of a Q4_0 one); the model
+    equals the float32 one built from a GGUF of the same blocks, dequantized."""
+    folder = make_tiny_model("smollm", **WIDE)
+    qm = load(folder, quant=qtype.name.lower())
+    net = qm.module
+    assert isinstance(net.tok_embeddings, quant.QEmbedding) and isinstance(net.output, quant.QLinear)
+    assert net.output.weight is net.tok_embeddings.weight and net.output.weight.dtype == torch.uint8
+    assert type(qm.fast_decode).__name__ == "QuantDecoder"
+    fm = load(str(convert(folder, tmp_path / "f.gguf", qtype, dequantized=True)))
+    ids = list(range(3, 40))
+    torch.testing.assert_close(qm.forward(ids), fm.forward(ids), atol=2e-4, rtol=1e-4)
+    assert_decodes_alike(qm, fm, [[5, 9, 23], [7]])
+    again = load(folder, quant=qtype.name.lower())                 # from the cache: the same blocks
+    assert isinstance(again.module.tok_embeddings, quant.QEmbedding)
+    torch.testing.assert_close(again.forward(ids), qm.forward(ids), atol=0, rtol=0)
+
+
+def test_quant_cache_drops_copies_of_an_older_version(make_tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmsh import paths
+
+    folder = make_tiny_model("llama")
+    monkeypatch.setattr(quant, "CACHE_VERSION", "0")
+    load(folder, quant="q8_0")
+    old = set((paths.cache_dir() / "quant").glob("*.safetensors"))
+    assert len(old) == 1
+    monkeypatch.undo()
+    load(folder, quant="q8_0")
+    new = set((paths.cache_dir() / "quant").glob("*.safetensors"))
+    assert len(new) == 1 and not new & old
+
+
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K])
 def test_a_device_without_block_kernels_gets_the_matrices_decoded(qtype: T, make_tiny_model, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:

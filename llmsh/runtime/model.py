@@ -379,7 +379,7 @@ def load_hf(path_or_name: str | Path, device: str | torch.device = "cpu", dtype:
 
         checkpoint = quant_mod.quantized_checkpoint(base, module, quant,
                                                     progress=lambda f, m: report(0.05 + 0.6 * f, m))
-        quant_mod.quantize_module(module, checkpoint)
+        quant_mod.quantize_module(module, checkpoint, dt)    # (dt: the rows a quantized embedding table gives)
     expected = module.state_dict()
     state: dict[str, Tensor] = {}
     by_key: dict[str, Tensor] = {}  # a tied head reads the embedding's key: convert/copy it once, not twice

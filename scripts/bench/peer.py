@@ -1,8 +1,8 @@
 """llmsh against llama.cpp (through llama-cpp-python) on the same GGUF files, same thread count, in one run.
 
-A random-weight Llama (default ~1.1 B parameters, TinyLlama's shape; --quick: ~110 M) is written once per type as
-GGUF (BF16, Q8_0, Q4_0, Q4_K_M: Q4_K with Q6_K attn_v/ffn_down/output, as llama.cpp's Q4_K_M; F32 with --f32) with
-the gguf package. For each type and thread count both engines are timed alternately (best of --repeats):
+A random-weight Llama (default ~1.1 B parameters, TinyLlama's shape; --shape 1.2b-tied: Llama 3.2 1B's, whose 128k
+embedding table is also the head; --quick: ~110 M) is written once per type as GGUF (BF16, Q8_0, Q4_0, Q4_K_M: Q4_K
+with Q6_K attn_v/ffn_down/output, as llama.cpp's Q4_K_M; F32 with --f32) with the gguf package. For each type and thread count both engines are timed alternately (best of --repeats):
   decode: batch-1 steps after a 16-token prompt, greedy argmax outside the timing (llama.cpp: `eval([token])`,
           llmsh: `Model.decode_step`), tokens/s; and the fraction of the memory-bandwidth limit this reaches
           (weight bytes read per token / read bandwidth: the same threads summing a buffer of the file's size,
@@ -31,7 +31,8 @@ then runs its AVX512-VNNI kernels, which keep its runtime repacking):
   CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8" \
       pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python
 Last line: key=value ratios per type (decode_<type>_t<threads>, prompt_…, load_…).
-Usage: python scripts/bench/peer.py [--quick] [--threads 1,2] [--types bf16,q8_0,q4_0,q4_k_m] [--f32]
+Usage: python scripts/bench/peer.py [--quick | --shape 1.1b|1.2b-tied] [--threads 1,2] [--types bf16,q8_0,q4_0,q4_k_m]
+       [--f32]
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ import torch  # noqa: E402
 
 from llmsh.runtime import gguf_file, layout_cache  # noqa: E402
 
-SHAPES = {  # (vocab, dim, layers, heads, kv heads, ffn)
-    "1.1b": (32000, 2048, 22, 32, 4, 5632),
-    "110m": (32000, 768, 12, 12, 4, 2048),
+SHAPES = {  # (vocab, dim, layers, heads, kv heads, ffn, tied embeddings)
+    "1.1b": (32000, 2048, 22, 32, 4, 5632, False),             # TinyLlama
+    "1.2b-tied": (128256, 2048, 16, 32, 8, 8192, True),         # Llama 3.2 1B: a 128k table that is also the head
+    "110m": (32000, 768, 12, 12, 4, 2048, False),
 }
 PROMPT, NEW, PP = 16, 128, 512
 
@@ -71,7 +73,7 @@ def write_gguf(path: Path, shape: tuple, kind: str, seed: int = 0) -> Path:
 
     from llmsh.runtime import quant
 
-    vocab, dim, n_layer, n_head, n_kv, ffn = shape
+    vocab, dim, n_layer, n_head, n_kv, ffn, tied = shape
     hd = dim // n_head
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("peer-bench")
@@ -104,7 +106,8 @@ def write_gguf(path: Path, shape: tuple, kind: str, seed: int = 0) -> Path:
             w.add_tensor(name, quant.quantize(a, qtype), raw_dtype=qtype)
 
     big = T.Q6_K if kind == "q4_k_m" else base
-    add("token_embd.weight", (vocab, dim), base if kind != "q4_k_m" else T.Q4_K)
+    add("token_embd.weight", (vocab, dim), big if tied else base if kind != "q4_k_m" else T.Q4_K)   # (a tied one:
+                                                                   # llama.cpp gives it the output's type)
     for i in range(n_layer):
         p = f"blk.{i}."
         add(p + "attn_norm.weight", (dim,), T.F32)
@@ -117,7 +120,8 @@ def write_gguf(path: Path, shape: tuple, kind: str, seed: int = 0) -> Path:
         add(p + "ffn_up.weight", (ffn, dim), base)
         add(p + "ffn_down.weight", (dim, ffn), big)
     add("output_norm.weight", (dim,), T.F32)
-    add("output.weight", (vocab, dim), big)
+    if not tied:
+        add("output.weight", (vocab, dim), big)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -261,6 +265,8 @@ def timed_load(cls: type, path: Path, threads: int) -> tuple[float, float, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="~110M model, 32 new tokens, 128-token prompt, 1 thread")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1.1b",
+                    help="the model's shape (default 1.1b, TinyLlama's; 1.2b-tied: Llama 3.2 1B's, a tied 128k table)")
     ap.add_argument("--threads", default=None, help="comma list (default 1,2; --quick 1)")
     ap.add_argument("--types", default="bf16,q8_0,q4_0,q4_k_m")
     ap.add_argument("--f32", action="store_true", help="also F32 (4.4 GB at 1.1B)")
@@ -273,7 +279,7 @@ def main() -> int:
         print("peer: skipped: llama-cpp-python is not installed (CMAKE_ARGS=-DGGML_NATIVE=ON pip install "
               "llama-cpp-python builds it from source)")
         return 0
-    shape = SHAPES["110m" if args.quick else "1.1b"]
+    shape = SHAPES["110m" if args.quick else args.shape]
     threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
     new, pp = (32, 128) if args.quick else (NEW, PP)
     kinds = (["f32"] if args.f32 else []) + args.types.split(",")
