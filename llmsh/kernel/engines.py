@@ -11,6 +11,7 @@ with another socket (TCP + CurveZMQ), another launcher and another way of notici
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -88,6 +89,11 @@ def _open_log(path: Path) -> Any:
 
 async def _default_exit(cause: str) -> str:
     return f"engine exited: {cause}"
+
+
+def _log_failed_send(node: str, msg_type: str, sent: asyncio.Future) -> None:
+    if not sent.cancelled() and (err := sent.exception()) is not None:
+        log.info("a %s message to engine %s was not delivered (%s)", msg_type, node, err)
 
 
 class EngineLink:
@@ -290,11 +296,15 @@ class EngineLink:
         self.beat = msg
 
     def _send(self, msg_type: str, **fields: Any) -> None:
+        """Send one message; EngineDied if the engine is not connected (ROUTER_MANDATORY: it just died). The asyncio
+        socket reports a failed send in the future it returns, never by raising: a send that failed at once raises
+        here; one that failed after waiting for room is logged (the engine's death reaches the requests through its
+        exit watcher), so no failed future is left unread."""
         assert self._sock is not None
-        try:
-            self._sock.send_multipart([self._ident, wire.encode(msg_type, **fields)])  # routing id, message
-        except zmq.ZMQError as e:  # ROUTER_MANDATORY: the engine is not connected (it just died)
-            raise EngineDied(f"engine {self.node} is not running ({e})") from None
+        sent = asyncio.ensure_future(self._sock.send_multipart([self._ident, wire.encode(msg_type, **fields)]))
+        if sent.done() and (err := sent.exception()) is not None:
+            raise EngineDied(f"engine {self.node} is not running ({err})")
+        sent.add_done_callback(functools.partial(_log_failed_send, self.node, msg_type))
 
     def _new_id(self) -> str:
         return f"{self.generation}.{next(self._ids)}"
