@@ -2,7 +2,8 @@
 
 A random-weight Llama (default ~1.1 B parameters, TinyLlama's shape; --shape 1.2b-tied: Llama 3.2 1B's, whose 128k
 embedding table is also the head; --quick: ~110 M) is written once per type as GGUF (BF16, Q8_0, Q4_0, Q4_K_M: Q4_K
-with Q6_K attn_v/ffn_down/output, as llama.cpp's Q4_K_M; F32 with --f32) with the gguf package. For each type and thread count both engines are timed alternately (best of --repeats):
+with Q6_K attn_v/ffn_down/output, as llama.cpp's Q4_K_M; F32 with --f32) with the gguf package. For each type and
+thread count both engines are timed alternately (best of --repeats):
   decode: batch-1 steps after a 16-token prompt, greedy argmax outside the timing (llama.cpp: `eval([token])`,
           llmsh: `Model.decode_step`), tokens/s; and the fraction of the memory-bandwidth limit this reaches
           (weight bytes read per token / read bandwidth: the same threads summing a buffer of the file's size,
@@ -15,10 +16,10 @@ with Q6_K attn_v/ffn_down/output, as llama.cpp's Q4_K_M; F32 with --f32) with th
           read-ahead fills 2 MiB folios; both engines map the same file). The first forward's part of it is printed
           too: its page faults on the fresh mappings are part of the load. And the file bytes / load time against the
           memcpy bandwidth of a buffer that size with the same threads (a load at one thread is held to what one
-          thread copies; both are printed). The
-          first llmsh load of each file, which writes its layout cache once (a tied quantized embedding decoded,
-          matrices reshaped) and may compile the C kernels for this CPU (~5 s, once per machine and source version), is
-          printed apart and not in the ratio: the timed loads are the ones a user makes every day.
+          thread copies; both are printed). The first llmsh load of each file, which writes its layout cache once
+          (q|k|v and gate|up fused, float matrices reshaped) and may compile the C kernels for this CPU (~5 s, once
+          per machine and source version), is printed apart and not in the ratio: the timed loads are the ones a user
+          makes every day.
 Ratios are llmsh / llama.cpp (load: llama.cpp time / llmsh time, so > 1 means llmsh is faster everywhere).
 
 llama-cpp-python is not a dependency: install it with
@@ -331,9 +332,9 @@ def main() -> int:
                       f"({a['decode'] / b['decode']:.2f}x; of the read-bandwidth limit {limit:.1f} tok/s: llmsh "
                       f"{a['decode'] / limit:.2f}, llama.cpp {b['decode'] / limit:.2f}) | prompt {pp}: "
                       f"{a['prompt']:6.1f} vs {b['prompt']:6.1f} tok/s ({a['prompt'] / b['prompt']:.2f}x) | load "
-                      f"{a['load']:.3f} s vs {b['load']:.3f} s (first forward {a['forward']:.3f} vs {b['forward']:.3f}; "
-                      f"llmsh {of_memcpy[t]:.2f} of a memcpy at t={t}; {of_memcpy[max(copy_bw)]:.2f} of one at "
-                      f"t={max(copy_bw)})", flush=True)
+                      f"{a['load']:.3f} s vs {b['load']:.3f} s (first forward {a['forward']:.3f} vs "
+                      f"{b['forward']:.3f}; llmsh {of_memcpy[t]:.2f} of a memcpy at t={t}; "
+                      f"{of_memcpy[max(copy_bw)]:.2f} of one at t={max(copy_bw)})", flush=True)
                 keys += [f"decode_{kind}_t{t}={a['decode'] / b['decode']:.2f}",
                          f"prompt_{kind}_t{t}={a['prompt'] / b['prompt']:.2f}",
                          f"load_{kind}_t{t}={b['load'] / a['load']:.2f}",
