@@ -46,6 +46,14 @@ def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
         return hf(torch.tensor([ids])).logits[0]
 
 
+def assert_logits_close(got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:
+    """assert_close in ref's dtype; a failure also prints each position's largest difference."""
+    got = got.to(ref.dtype)
+    per_position = (got - ref).abs().amax(1).tolist()
+    torch.testing.assert_close(got, ref, atol=atol, rtol=rtol,
+                               msg=lambda m: f"{m}\nlargest difference per position: {per_position}")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gguf_logits_match_transformers(family: str, make_tiny_model, make_gguf) -> None:
     """A float32 GGUF gives the logits of the folder it was converted from, loaded by us, and transformers'."""
@@ -54,11 +62,8 @@ def test_gguf_logits_match_transformers(family: str, make_tiny_model, make_gguf)
     got = model.forward(ids)
     assert model.dtype == torch.float32
     same_folder = load(make_tiny_model(family)).forward(ids)
-    torch.testing.assert_close(got, same_folder, atol=2e-5, rtol=1e-4,
-                               msg=lambda m: f"{m}\nrow max: {(got - same_folder).abs().amax(1).tolist()}")
-    ref = hf_logits(make_tiny_model(family), ids)
-    torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4,
-                               msg=lambda m: f"{m}\nrow max: {(got.double() - ref).abs().amax(1).tolist()}")
+    assert_logits_close(got, same_folder, atol=2e-5, rtol=1e-4)
+    assert_logits_close(got, hf_logits(make_tiny_model(family), ids), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -95,7 +100,7 @@ def test_gguf_f16_loads_as_float32(make_tiny_model, make_gguf) -> None:
     model = load(make_gguf("llama", T.F16))
     assert model.dtype == torch.float32                       # CPU float16 matmuls are slow: widened once at load
     ids = list(range(3, 30))
-    torch.testing.assert_close(model.forward(ids).double(), hf_logits(make_tiny_model("llama"), ids), atol=3e-2, rtol=1e-2)
+    assert_logits_close(model.forward(ids), hf_logits(make_tiny_model("llama"), ids), atol=3e-2, rtol=1e-2)
 
 
 def test_gguf_greedy_text_equals_the_folder_model(make_tiny_model, make_gguf) -> None:
