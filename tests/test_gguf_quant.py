@@ -249,8 +249,22 @@ def test_pager_moves_quantized_pages(make_tiny_model, tmp_path: Path) -> None:
         pager.close()
 
 
-def test_kernels_without_vnni_decode_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CPUs without AVX512-VNNI take the float path of quant_decode.c: build it that way here and check it too."""
+def _cpu_has(*flags: str) -> bool:
+    try:
+        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return set(flags) <= set(line.split())
+
+
+@pytest.mark.parametrize(("path", "extra_flags", "atol", "rtol"), [
+    ("avx2", ["-mno-avx512f"], 3e-3, 3e-4),                    # integer dots, x in two planes (as VNNI's)
+    ("float", ["-mno-avx512vnni", "-DLLMSH_FLOAT_QUANT"], 1e-4, 1e-4),   # blocks widened to floats (NEON, old x86)
+])
+def test_kernels_of_other_cpus_decode_alike(path: str, extra_flags: list[str], atol: float, rtol: float,
+                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quant_decode.c picks its dot products by what the compiler targets: AVX512-VNNI (quant_vnni.c), AVX2
+    (quant_avx2.c) or floats. This CPU runs one of them; build the others here (where it can run them) and check."""
     import ctypes
 
     from llmsh.runtime import kernels
@@ -258,22 +272,30 @@ def test_kernels_without_vnni_decode_alike(tmp_path: Path, monkeypatch: pytest.M
     cc = kernels.compiler()
     if cc is None or quant.qlib() is None:
         pytest.skip("no C compiler")
-    flags = kernels.FLAGS + ["-mno-avx512vnni"]
-    lib = ctypes.CDLL(str(kernels.build(cc, tmp_path, flags, kernels.SOURCE.with_name("quant_decode.c"))))
+    if path == "avx2" and not _cpu_has("avx2", "fma"):
+        pytest.skip("this CPU has no AVX2")
+    lib = ctypes.CDLL(str(kernels.build(cc, tmp_path, kernels.FLAGS + extra_flags,
+                                        kernels.SOURCE.with_name("quant_decode.c"))))
     for name, argtypes in (("lm_qlinear", quant.qlib().lm_qlinear.argtypes),
                            ("lm_qdequant", quant.qlib().lm_qdequant.argtypes)):
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
     monkeypatch.setattr(quant, "qlib", lambda: lib)
     rng = np.random.default_rng(3)
-    w = rng.standard_normal((36, 512)).astype(np.float32)
+    w = rng.standard_normal((38, 512)).astype(np.float32)
     for qtype in TYPES:
         q = quant.quantize(w, qtype)
         ref = torch.from_numpy(gguf.quants.dequantize(q, qtype))
-        lin = quant.QLinear(512, 36, [(qtype.name, 36)], bias=False)
+        lin = quant.QLinear(512, 38, [(qtype.name, 38)], bias=False)
         lin.weight.data = torch.from_numpy(q).reshape(-1)
-        for rows in (1, 5):
+        for rows in (1, 5, 16):                     # (batch 1 runs four weight rows at a time: 38 leaves two)
             x = torch.randn(rows, 512)
-            torch.testing.assert_close(lin(x), x @ ref.t(), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(lin(x), x @ ref.t(), atol=atol, rtol=rtol)
+    mixed = quant.QLinear(512, 38, [("Q4_K", 24), ("Q6_K", 14)], bias=False)          # a Q4_K_M q|k|v
+    q4k, q6k = quant.quantize(w[:24], T.Q4_K), quant.quantize(w[24:], T.Q6_K)
+    mixed.weight.data = torch.from_numpy(np.concatenate([q4k.reshape(-1), q6k.reshape(-1)]))
+    ref = torch.from_numpy(np.concatenate([gguf.quants.dequantize(q4k, T.Q4_K), gguf.quants.dequantize(q6k, T.Q6_K)]))
+    x = torch.randn(3, 512) * torch.linspace(0.01, 10, 512)                    # groups of very different scales
+    torch.testing.assert_close(mixed(x), x @ ref.t(), atol=atol * 10, rtol=rtol)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "phi4"])

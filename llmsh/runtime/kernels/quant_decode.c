@@ -277,6 +277,8 @@ static inline __attribute__((always_inline)) void seg_dot(int type, const uint8_
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "quant_vnni.c"
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(LLMSH_FLOAT_QUANT)
+#include "quant_avx2.c"
 #endif
 
 static void seg_dot_any(int type, const uint8_t *w, long rb, long K, long j0, long j1, const float *x, long M,
@@ -317,7 +319,7 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
         else out = heap = (float *)malloc(sizeof(float) * M * N);
     }
     long row0 = 0;
-#ifdef HAVE_VNNI
+#ifdef HAVE_INT_DOTS
     xq8 xq[2] = {{0}, {0}};                /* x for Q8_0 and Q4_0 (groups of 32, their order), K-quants (256) */
     void *xq_mem[2] = {0, 0};
 #endif
@@ -326,7 +328,7 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
         long rows = segs[s].rows, rb = K / q_block(type) * q_bytes(type);
         long chunks = (rows + 15) / 16;
         long parts = QPIECES * n_threads < chunks ? QPIECES * n_threads : chunks;
-#ifdef HAVE_VNNI
+#ifdef HAVE_INT_DOTS
         int kq = type == Q4_K || type == Q6_K;
         if (!xq_mem[kq]) {                                   /* x rounded once per call and layout */
             long G = kq ? QK_K : 32;
@@ -339,12 +341,12 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
         for (long p = 0; p < parts; p++) {
             long a = chunks * p / parts * 16, b = chunks * (p + 1) / parts * 16;
             b = b < rows ? b : rows;
-#ifdef HAVE_VNNI
+#ifdef HAVE_INT_DOTS
             switch (type) {
-                case Q8_0: vnni_rows(Q8_0, w, rb, K, a, b, xp, M, out + row0, N); break;
-                case Q4_0: vnni_rows(Q4_0, w, rb, K, a, b, xp, M, out + row0, N); break;
-                case Q4_K: vnni_rows(Q4_K, w, rb, K, a, b, xp, M, out + row0, N); break;
-                case Q6_K: vnni_rows(Q6_K, w, rb, K, a, b, xp, M, out + row0, N); break;
+                case Q8_0: int_rows(Q8_0, w, rb, K, a, b, xp, M, out + row0, N); break;
+                case Q4_0: int_rows(Q4_0, w, rb, K, a, b, xp, M, out + row0, N); break;
+                case Q4_K: int_rows(Q4_K, w, rb, K, a, b, xp, M, out + row0, N); break;
+                case Q6_K: int_rows(Q6_K, w, rb, K, a, b, xp, M, out + row0, N); break;
             }
             continue;
 #endif
@@ -359,7 +361,7 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
             y[m * N + j] = accumulate ? y[m * N + j] + v : v;
         }
     free(heap);
-#ifdef HAVE_VNNI
+#ifdef HAVE_INT_DOTS
     free(xq_mem[0]);
     free(xq_mem[1]);
 #endif

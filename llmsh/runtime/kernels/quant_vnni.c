@@ -23,7 +23,7 @@
  * threads Q6_K 16.4 -> 19.7, Q8_0 18.4 -> 20.3, Q4_0 15.6 -> 16.4, Q4_K 15.6 -> 15.9; eight rows of x: no change.
  * (One row, ~1.7 KB for Q6_K, was too short a lead to hide memory's latency; L1 has too few fill buffers to keep
  * enough lines in flight.) Block layouts: ggml-common.h. */
-#define HAVE_VNNI 1
+#define HAVE_INT_DOTS 1
 #define AHEAD_GROUPS 4
 #define prefetch_l2(p) __builtin_prefetch((p), 0, 2)
 
@@ -321,7 +321,7 @@ static inline __attribute__((always_inline)) void dot_rows(int type, const uint8
 }
 
 /* out[m * ldy + j] = row j . x[m] for rows j0..j1-1 of one segment (rows rb bytes apart) */
-static inline __attribute__((always_inline)) void vnni_rows(int type, const uint8_t *w, long rb, long K, long j0,
+static inline __attribute__((always_inline)) void int_rows(int type, const uint8_t *w, long rb, long K, long j0,
                                                            long j1, const xq8 *x, long M, float *y, long ldy) {
     long j = j0;
     if (M == 1 && (type == Q4_0 || type == Q4_K))  /* 4-bit: compute-bound alone; the wider types stream */

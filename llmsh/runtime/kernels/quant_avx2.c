@@ -1,0 +1,298 @@
+/* Quantized dot products with AVX2 (vpmaddubsw + vpmaddwd), included by quant_decode.c on x86 CPUs without
+ * AVX512-VNNI (Zen 2 and 3, Intel before Ice Lake). The same design as quant_vnni.c, in 256-bit registers:
+ *
+ * Activations: each row of x is rounded once per call to integers q = round(x / d), |q| <= 32385 = 127 * 255, one
+ * scale d per group of G weights (32 for Q8_0 and Q4_0, 256 for the K-quants), and kept as two int8 planes
+ * q = 255 h + l, both h and l in [-127, 127]. (quant_vnni.c splits 256 h + l, whose l reaches -128: here Q8_0's
+ * signed weights go through vpsignb, which cannot negate -128; 255 keeps both planes symmetric.) Error per element
+ * <= 1.6e-5 of the group's largest, as on the VNNI path; llama.cpp's single int8 plane (~4e-3) moved the tiny
+ * test models' logits by ~0.1.
+ *
+ * vpmaddubsw multiplies unsigned bytes by signed ones and adds pairs into int16 with saturation, so each type keeps
+ * its pair sums below 2^15: the 4- and 6-bit quants are unsigned (<= 63, x 127 x 2 = 16002), their offsets (-8,
+ * Q4_K's mins, -32) taken through the sums of q computed once per call; Q8_0's signed quants multiply as |w| times
+ * x with w's sign (<= 128 x 127 x 2 = 32512). vpmaddwd then adds pairs into int32, by 255 for the high plane and 1
+ * for the low one, or by the K-quants' sub-block scales. At batch 1 the 4-bit types run four rows at once (compute
+ * bound alone), Q8_0 and Q6_K one row at a time with software prefetch AHEAD_GROUPS rows on, as in quant_vnni.c.
+ * Block layouts: ggml-common.h. */
+#define HAVE_INT_DOTS 1
+#define AHEAD_GROUPS 4
+#define prefetch_l2(p) __builtin_prefetch((p), 0, 2)
+#define PLANE_BASE 255
+
+typedef struct {
+    int8_t *h, *l;                 /* (M, K): the two planes */
+    float *d;                      /* (M, K / G) scales */
+    int32_t *s16;                  /* (M, K / 16) sums of q over each 16 */
+    long K, G, ld;                 /* ld: the planes' row stride (K) */
+} xq8;
+
+static size_t xq8_bytes(long M, long K, long G) {
+    return (size_t)M * (2 * K + sizeof(float) * (K / G) + sizeof(int32_t) * (K / 16)) + 64;
+}
+
+static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 32 int32 (four vectors, in order) as 32 int8 in order (the values fit) */
+static inline __m256i pack32(__m256i a, __m256i b, __m256i c, __m256i d) {
+    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* Round M rows of x (K floats each) into xq8 planes with one scale per G (a multiple of 32) inside mem. (`q4`, the
+ * VNNI path's block order, does not apply: these kernels read x in its own order.) */
+static void quantize_x8(const float *x, long M, long K, long G, int q4, void *mem, xq8 *out) {
+    (void)q4;
+    long ng = K / G;
+    out->d = (float *)mem;
+    out->s16 = (int32_t *)(out->d + M * ng);
+    out->h = (int8_t *)(out->s16 + M * (K / 16));
+    out->l = out->h + M * K;
+    out->K = K, out->G = G, out->ld = K;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), inv_base = _mm256_set1_ps(1.0f / PLANE_BASE);
+    for (long m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        for (long g = 0; g < ng; g++) {
+            __m256 amax = _mm256_setzero_ps();
+            for (long i = 0; i < G; i += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(xm + g * G + i), abs_mask));
+            __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+            a4 = _mm_max_ss(a4, _mm_movehdup_ps(a4));
+            float d = _mm_cvtss_f32(a4) / (127.0f * PLANE_BASE);
+            __m256 id = _mm256_set1_ps(d > 0 ? 1.0f / d : 0.0f);
+            out->d[m * ng + g] = d;
+            for (long i = g * G; i < (g + 1) * G; i += 32) {
+                __m256i h[4], l[4], q[4];
+                for (int k = 0; k < 4; k++) {
+                    q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xm + i + 8 * k), id));       /* nearest */
+                    h[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(q[k]), inv_base));
+                    l[k] = _mm256_sub_epi32(q[k], _mm256_mullo_epi32(h[k], _mm256_set1_epi32(PLANE_BASE)));
+                }
+                out->s16[m * (K / 16) + i / 16] = hsum_i32(_mm256_add_epi32(q[0], q[1]));
+                out->s16[m * (K / 16) + i / 16 + 1] = hsum_i32(_mm256_add_epi32(q[2], q[3]));
+                _mm256_storeu_si256((__m256i *)(out->h + m * K + i), pack32(h[0], h[1], h[2], h[3]));
+                _mm256_storeu_si256((__m256i *)(out->l + m * K + i), pack32(l[0], l[1], l[2], l[3]));
+            }
+        }
+    }
+}
+
+/* int32 lanes of (255 * hi-plane + lo-plane) pair products from the two vpmaddubsw results */
+static inline __m256i join_planes(__m256i ph16, __m256i pl16) {
+    return _mm256_add_epi32(_mm256_madd_epi16(ph16, _mm256_set1_epi16(PLANE_BASE)),
+                            _mm256_madd_epi16(pl16, _mm256_set1_epi16(1)));
+}
+
+/* Block c's 32 quants as bytes in weight order: Q4_0 its nibbles (unsigned), Q8_0 as stored (signed) */
+static inline __m256i q8q4_quants(int type, const uint8_t *blk) {
+    if (type == Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2));
+    __m128i v = _mm_loadu_si128((const __m128i *)(blk + 2));
+    __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+/* block . x's block as 8 int32 lanes: Q8_0 |w| times x with w's sign; Q4_0 the nibbles, minus 8 x's sum in lane 0 */
+static inline __m256i q8q4_block(int type, __m256i w, const int8_t *h, const int8_t *l, int32_t sum32) {
+    __m256i xh = _mm256_loadu_si256((const __m256i *)h), xl = _mm256_loadu_si256((const __m256i *)l);
+    if (type == Q8_0) {
+        __m256i aw = _mm256_sign_epi8(w, w);
+        return join_planes(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xh, w)),
+                           _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xl, w)));
+    }
+    return _mm256_add_epi32(join_planes(_mm256_maddubs_epi16(w, xh), _mm256_maddubs_epi16(w, xl)),
+                            _mm256_zextsi128_si256(_mm_cvtsi32_si128(-8 * sum32)));
+}
+
+/* y[r * ldr + m] = row r . x[m] for R rows of Q8_0 or Q4_0 and M rows of x, one block a step */
+static inline __attribute__((always_inline)) void dot_q8q4(int type, const uint8_t *const *rows, int R, long K,
+                                                         const xq8 *x, long M, float *y, long ldr) {
+    const long bb = type == Q8_0 ? 34 : 18, nb = K / 32;
+    const long ahead = AHEAD_GROUPS * R * nb * bb;     /* the rows to prefetch: this many groups of R rows on */
+    __m256 acc[4][QMAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (long m = 0; m < M; m++) acc[r][m] = _mm256_setzero_ps();
+    for (long b = 0; b < nb; b++) {
+        if (R > 1)   /* the next R rows are one contiguous run: prefetched front to back, in step with these */
+            for (long c = 0; c < R * bb; c += 64) prefetch_l2(rows[0] + ahead + R * b * bb + c);
+        __m256i w[4];
+        float wd[4];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = rows[r] + b * bb;
+            if (R == 1) prefetch_l2(blk + ahead);
+            w[r] = q8q4_quants(type, blk);
+            wd[r] = f16_to_f32(rd16(blk));
+        }
+        for (long m = 0; m < M; m++) {
+            const int8_t *h = x->h + m * x->ld + 32 * b, *l = x->l + m * x->ld + 32 * b;
+            const int32_t *s = x->s16 + m * (K / 16) + 2 * b;
+            float xd = x->d[m * nb + b];
+            for (int r = 0; r < R; r++)
+                acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8q4_block(type, w[r], h, l, s[0] + s[1])),
+                                            _mm256_set1_ps(wd[r] * xd), acc[r][m]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (long m = 0; m < M; m++) y[r * ldr + m] = hsum_ps(acc[r][m]);
+}
+
+/* vpshufb controls that spread 16-bit word a of each 128-bit lane to all eight words of the low lane and word b
+ * to the high lane's */
+static inline __m256i word_spread(int a, int b) {
+    return _mm256_setr_epi8((char)(2 * a), (char)(2 * a + 1), (char)(2 * a), (char)(2 * a + 1), (char)(2 * a),
+                            (char)(2 * a + 1), (char)(2 * a), (char)(2 * a + 1), (char)(2 * a), (char)(2 * a + 1),
+                            (char)(2 * a), (char)(2 * a + 1), (char)(2 * a), (char)(2 * a + 1), (char)(2 * a),
+                            (char)(2 * a + 1), (char)(2 * b), (char)(2 * b + 1), (char)(2 * b), (char)(2 * b + 1),
+                            (char)(2 * b), (char)(2 * b + 1), (char)(2 * b), (char)(2 * b + 1), (char)(2 * b),
+                            (char)(2 * b + 1), (char)(2 * b), (char)(2 * b + 1), (char)(2 * b), (char)(2 * b + 1),
+                            (char)(2 * b), (char)(2 * b + 1));
+}
+
+/* One K-quant super-block of a row unpacked: 8 x 32 unsigned weights, each piece's sub-block scales as int16 lanes
+ * (Q4_K: one scale per 32, Q6_K: one per 16, low lane | high lane), the scale d, and the offset term's factors
+ * (Q4_K: the 8 mins against the sums of 32, times -dmin; Q6_K: the 16 scales against the sums of 16, times -32 d). */
+typedef struct {
+    __m256i w[8], sc[8], off[2];
+    float d, doff;
+} ksb;
+
+static inline __attribute__((always_inline)) void unpack_k(int type, const uint8_t *blk, ksb *k) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    if (type == Q4_K) {
+        uint32_t u0, u1, u2;
+        memcpy(&u0, blk + 4, 4), memcpy(&u1, blk + 8, 4), memcpy(&u2, blk + 12, 4);
+        __m128i s = _mm_setr_epi32((int)(u0 & 0x3f3f3f3fu),                                       /* sc 0..3 */
+                                   (int)((u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)),  /* sc 4..7 */
+                                   (int)(u1 & 0x3f3f3f3fu),                                       /* m 0..3 */
+                                   (int)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)));
+        k->d = f16_to_f32(rd16(blk));
+        k->doff = -f16_to_f32(rd16(blk + 2));
+        __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(s));                  /* 8 scales, both lanes */
+        for (int j = 0; j < 4; j++) {        /* 32 bytes: low nibbles sub-block 2j, high ones 2j + 1 */
+            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
+            k->w[2 * j] = _mm256_and_si256(v, low4);
+            k->w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            k->sc[2 * j] = _mm256_shuffle_epi8(s16, word_spread(2 * j, 2 * j));
+            k->sc[2 * j + 1] = _mm256_shuffle_epi8(s16, word_spread(2 * j + 1, 2 * j + 1));
+        }
+        k->off[0] = _mm256_cvtepu8_epi32(_mm_srli_si128(s, 8));                           /* mins, 8 lanes */
+        k->off[1] = _mm256_setzero_si256();
+        return;
+    }
+    const __m256i bits45 = _mm256_set1_epi8(0x30);
+    k->d = f16_to_f32(rd16(blk + 208));
+    k->doff = -32.0f * k->d;
+    __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+    for (int n = 0; n < 2; n++) {            /* 128 weights: ql 64 bytes, qh 32 bytes, scales 8n .. 8n + 7 */
+        __m256i L0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * n));
+        __m256i L1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * n + 32));
+        __m256i H = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * n));
+        __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_srli_si128(s8, 8 * n)));
+        __m256i *w = k->w + 4 * n, *sc = k->sc + 4 * n;
+        w[0] = _mm256_or_si256(_mm256_and_si256(L0, low4), _mm256_and_si256(_mm256_slli_epi16(H, 4), bits45));
+        w[1] = _mm256_or_si256(_mm256_and_si256(L1, low4), _mm256_and_si256(_mm256_slli_epi16(H, 2), bits45));
+        w[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L0, 4), low4), _mm256_and_si256(H, bits45));
+        w[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L1, 4), low4),
+                               _mm256_and_si256(_mm256_srli_epi16(H, 2), bits45));
+        for (int i = 0; i < 4; i++) sc[i] = _mm256_shuffle_epi8(s16, word_spread(2 * i, 2 * i + 1));
+    }
+    k->off[0] = _mm256_cvtepi8_epi32(s8);                                                 /* scales 0..7 */
+    k->off[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8));                              /* 8..15 */
+}
+
+/* acc += this super-block's products: [0] the planes (Q4_K: joined as integers, 255 h + l: at most 32 x 15 x 127
+ * x 63 x 256 ~ 9.8e8 a lane; Q6_K's ~8e9 would overflow, so [0] holds its high plane, [2] its low one), [1] the
+ * offsets. */
+static inline __attribute__((always_inline)) void dot_ksb(int type, const ksb *k, const xq8 *x, long m, long b,
+                                                        __m256 acc[3]) {
+    const int8_t *h = x->h + m * x->ld + QK_K * b, *l = x->l + m * x->ld + QK_K * b;
+    __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j++) {
+        __m256i xh = _mm256_loadu_si256((const __m256i *)(h + 32 * j)), xl = _mm256_loadu_si256((const __m256i *)(l + 32 * j));
+        ah = _mm256_add_epi32(ah, _mm256_madd_epi16(_mm256_maddubs_epi16(k->w[j], xh), k->sc[j]));
+        al = _mm256_add_epi32(al, _mm256_madd_epi16(_mm256_maddubs_epi16(k->w[j], xl), k->sc[j]));
+    }
+    float xd = x->d[m * (x->K / QK_K) + b];
+    __m256 dd = _mm256_set1_ps(k->d * xd);
+    const int32_t *s = x->s16 + m * (x->K / 16) + 16 * b;
+    __m256i sums0, offs;
+    if (type == Q4_K) {
+        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_mullo_epi32(ah, _mm256_set1_epi32(PLANE_BASE)),
+                                                                     al)), dd, acc[0]);
+        __m256i a = _mm256_loadu_si256((const __m256i *)s), c = _mm256_loadu_si256((const __m256i *)(s + 8));
+        sums0 = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(a, c), _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+        offs = _mm256_mullo_epi32(sums0, k->off[0]);                                   /* sums of 32 x mins */
+    } else {
+        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ah), dd, acc[0]);                  /* (x 255 at the end) */
+        acc[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(al), dd, acc[2]);
+        offs = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)s), k->off[0]),
+                                _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(s + 8)), k->off[1]));
+    }
+    acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(offs), _mm256_set1_ps(k->doff * xd), acc[1]);
+}
+
+/* Q4_K or Q6_K rows (x in groups of 256, one per super-block); each row's super-block is unpacked once for all
+ * rows of x. */
+static inline __attribute__((always_inline)) void dot_k(int type, const uint8_t *const *rows, int R, long K,
+                                                      const xq8 *x, long M, float *y, long ldr) {
+    const long bb = type == Q4_K ? 144 : 210, nb = K / QK_K;
+    const long ahead = AHEAD_GROUPS * R * nb * bb;
+    __m256 acc[4][QMAX_ROWS][3];
+    for (int r = 0; r < R; r++)
+        for (long m = 0; m < M; m++) acc[r][m][0] = acc[r][m][1] = acc[r][m][2] = _mm256_setzero_ps();
+    for (long b = 0; b < nb; b++) {
+        if (R > 1)
+            for (long c = 0; c < R * bb; c += 64) prefetch_l2(rows[0] + ahead + R * b * bb + c);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = rows[r] + b * bb;
+            if (R == 1) {
+                for (long c = 0; c < bb; c += 64) prefetch_l2(blk + ahead + c);
+                prefetch_l2(blk + ahead + bb - 1);
+            }
+            ksb k;
+            unpack_k(type, blk, &k);
+            for (long m = 0; m < M; m++) dot_ksb(type, &k, x, m, b, acc[r][m]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (long m = 0; m < M; m++) {
+            __m256 planes = type == Q4_K ? acc[r][m][0]
+                                         : _mm256_fmadd_ps(acc[r][m][0], _mm256_set1_ps(PLANE_BASE), acc[r][m][2]);
+            y[r * ldr + m] = hsum_ps(_mm256_add_ps(planes, acc[r][m][1]));
+        }
+}
+
+static inline __attribute__((always_inline)) void dot_rows(int type, const uint8_t *const *rows, int R, long K,
+                                                         const xq8 *x, long M, float *y, long ldr) {
+    if (type == Q8_0 || type == Q4_0) dot_q8q4(type, rows, R, K, x, M, y, ldr);
+    else dot_k(type, rows, R, K, x, M, y, ldr);
+}
+
+/* out[m * ldy + j] = row j . x[m] for rows j0..j1-1 of one segment (rows rb bytes apart) */
+static inline __attribute__((always_inline)) void int_rows(int type, const uint8_t *w, long rb, long K, long j0,
+                                                          long j1, const xq8 *x, long M, float *y, long ldy) {
+    long j = j0;
+    if (M == 1 && (type == Q4_0 || type == Q4_K))  /* 4-bit: compute-bound alone; the wider types stream */
+        for (; j + 4 <= j1; j += 4) {                  /* faster one row at a time (the hardware prefetcher) */
+            const uint8_t *rows[4] = {w + j * rb, w + (j + 1) * rb, w + (j + 2) * rb, w + (j + 3) * rb};
+            dot_rows(type, rows, 4, K, x, 1, y + j, 1);
+        }
+    for (; j < j1; j++) {
+        const uint8_t *rows[1] = {w + j * rb};
+        float out[QMAX_ROWS];
+        if (M == 1) dot_rows(type, rows, 1, K, x, 1, out, 1);       /* (a constant M: x's side in registers) */
+        else dot_rows(type, rows, 1, K, x, M, out, M);
+        for (long m = 0; m < M; m++) y[m * ldy + j] = out[m];
+    }
+}
