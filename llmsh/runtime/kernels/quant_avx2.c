@@ -21,14 +21,15 @@
 #define PLANE_BASE 255
 
 typedef struct {
-    int8_t *h, *l;                 /* (M, K): the two planes */
+    int16_t *q;                    /* (M, K): q itself (Q8_0 and Q4_0 multiply it as int16, vpmaddwd) */
+    int8_t *h, *l;                 /* (M, K): the two planes (the K-quants, vpmaddubsw) */
     float *d;                      /* (M, K / G) scales */
     int32_t *s16;                  /* (M, K / 16) sums of q over each 16 */
     long K, G, ld;                 /* ld: the planes' row stride (K) */
 } xq8;
 
 static size_t xq8_bytes(long M, long K, long G) {
-    return (size_t)M * (2 * K + sizeof(float) * (K / G) + sizeof(int32_t) * (K / 16)) + 64;
+    return (size_t)M * (4 * K + sizeof(float) * (K / G) + sizeof(int32_t) * (K / 16)) + 64;
 }
 
 static inline int32_t hsum_i32(__m256i v) {
@@ -58,7 +59,8 @@ static void quantize_x8(const float *x, long M, long K, long G, int q4, void *me
     long ng = K / G;
     out->d = (float *)mem;
     out->s16 = (int32_t *)(out->d + M * ng);
-    out->h = (int8_t *)(out->s16 + M * (K / 16));
+    out->q = (int16_t *)(out->s16 + M * (K / 16));
+    out->h = (int8_t *)(out->q + M * K);
     out->l = out->h + M * K;
     out->K = K, out->G = G, out->ld = K;
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), inv_base = _mm256_set1_ps(1.0f / PLANE_BASE);
@@ -80,6 +82,10 @@ static void quantize_x8(const float *x, long M, long K, long G, int q4, void *me
                     h[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(q[k]), inv_base));
                     l[k] = _mm256_sub_epi32(q[k], _mm256_mullo_epi32(h[k], _mm256_set1_epi32(PLANE_BASE)));
                 }
+                __m256i q01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+                __m256i q23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
+                _mm256_storeu_si256((__m256i *)(out->q + m * K + i), q01);
+                _mm256_storeu_si256((__m256i *)(out->q + m * K + i + 16), q23);
                 out->s16[m * (K / 16) + i / 16] = hsum_i32(_mm256_add_epi32(q[0], q[1]));
                 out->s16[m * (K / 16) + i / 16 + 1] = hsum_i32(_mm256_add_epi32(q[2], q[3]));
                 _mm256_storeu_si256((__m256i *)(out->h + m * K + i), pack32(h[0], h[1], h[2], h[3]));
@@ -89,62 +95,52 @@ static void quantize_x8(const float *x, long M, long K, long G, int q4, void *me
     }
 }
 
-/* int32 lanes of (255 * hi-plane + lo-plane) pair products from the two vpmaddubsw results */
-static inline __m256i join_planes(__m256i ph16, __m256i pl16) {
-    return _mm256_add_epi32(_mm256_madd_epi16(ph16, _mm256_set1_epi16(PLANE_BASE)),
-                            _mm256_madd_epi16(pl16, _mm256_set1_epi16(1)));
-}
-
-/* Block c's 32 quants as bytes in weight order: Q4_0 its nibbles (unsigned), Q8_0 as stored (signed) */
-static inline __m256i q8q4_quants(int type, const uint8_t *blk) {
-    if (type == Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2));
-    __m128i v = _mm_loadu_si128((const __m128i *)(blk + 2));
-    __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
-
-/* block . x's block as 8 int32 lanes: Q8_0 |w| times x with w's sign; Q4_0 the nibbles, minus 8 x's sum in lane 0 */
-static inline __m256i q8q4_block(int type, __m256i w, const int8_t *h, const int8_t *l, int32_t sum32) {
-    __m256i xh = _mm256_loadu_si256((const __m256i *)h), xl = _mm256_loadu_si256((const __m256i *)l);
+/* Block b's 32 quants as two vectors of 16 int16 in weight order: Q8_0 as stored (signed), Q4_0 its nibbles */
+static inline void q8q4_quants(int type, const uint8_t *blk, __m256i *w0, __m256i *w1) {
     if (type == Q8_0) {
-        __m256i aw = _mm256_sign_epi8(w, w);
-        return join_planes(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xh, w)),
-                           _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xl, w)));
+        *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+        *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+        return;
     }
-    return _mm256_add_epi32(join_planes(_mm256_maddubs_epi16(w, xh), _mm256_maddubs_epi16(w, xl)),
-                            _mm256_zextsi128_si256(_mm_cvtsi32_si128(-8 * sum32)));
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+    *w0 = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));                     /* low nibbles: weights 0..15 */
+    *w1 = _mm256_srli_epi16(v, 4);                                          /* high ones: 16..31 */
 }
 
-/* y[r * ldr + m] = row r . x[m] for R rows of Q8_0 or Q4_0 and M rows of x, one block a step */
+/* y[r * ldr + m] = row r . x[m] for R rows of Q8_0 or Q4_0 and M rows of x, one block a step. These multiply x's
+ * int16 q directly (vpmaddwd, 16 weights an instruction): for 8-bit and smaller blocks that is fewer instructions
+ * than the two byte planes (two vpmaddubsw, two vpmaddwd, a join). Q4_0's -8 offset: -8 x's block sum, in a float
+ * sum per row (off) beside the vector one. */
 static inline __attribute__((always_inline)) void dot_q8q4(int type, const uint8_t *const *rows, int R, long K,
                                                          const xq8 *x, long M, float *y, long ldr) {
     const long bb = type == Q8_0 ? 34 : 18, nb = K / 32;
     const long ahead = AHEAD_GROUPS * R * nb * bb;     /* the rows to prefetch: this many groups of R rows on */
     __m256 acc[4][QMAX_ROWS];
+    float off[4][QMAX_ROWS];
     for (int r = 0; r < R; r++)
-        for (long m = 0; m < M; m++) acc[r][m] = _mm256_setzero_ps();
+        for (long m = 0; m < M; m++) acc[r][m] = _mm256_setzero_ps(), off[r][m] = 0.0f;
     for (long b = 0; b < nb; b++) {
         if (R > 1)   /* the next R rows are one contiguous run: prefetched front to back, in step with these */
             for (long c = 0; c < R * bb; c += 64) prefetch_l2(rows[0] + ahead + R * b * bb + c);
-        __m256i w[4];
-        float wd[4];
-        for (int r = 0; r < R; r++) {
+        for (int r = 0; r < R; r++) {   /* (row by row: four rows' unpacked blocks at once spilled registers) */
             const uint8_t *blk = rows[r] + b * bb;
             if (R == 1) prefetch_l2(blk + ahead);
-            w[r] = q8q4_quants(type, blk);
-            wd[r] = f16_to_f32(rd16(blk));
-        }
-        for (long m = 0; m < M; m++) {
-            const int8_t *h = x->h + m * x->ld + 32 * b, *l = x->l + m * x->ld + 32 * b;
-            const int32_t *s = x->s16 + m * (K / 16) + 2 * b;
-            float xd = x->d[m * nb + b];
-            for (int r = 0; r < R; r++)
-                acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8q4_block(type, w[r], h, l, s[0] + s[1])),
-                                            _mm256_set1_ps(wd[r] * xd), acc[r][m]);
+            __m256i w0, w1;
+            q8q4_quants(type, blk, &w0, &w1);
+            float wd = f16_to_f32(rd16(blk));
+            for (long m = 0; m < M; m++) {
+                const int16_t *q = x->q + m * x->ld + 32 * b;
+                const int32_t *s = x->s16 + m * (K / 16) + 2 * b;
+                __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)q)),
+                                             _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(q + 16))));
+                float d = wd * x->d[m * nb + b];
+                acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), acc[r][m]);
+                if (type == Q4_0) off[r][m] += d * (-8.0f * (float)(s[0] + s[1]));
+            }
         }
     }
     for (int r = 0; r < R; r++)
-        for (long m = 0; m < M; m++) y[r * ldr + m] = hsum_ps(acc[r][m]);
+        for (long m = 0; m < M; m++) y[r * ldr + m] = hsum_ps(acc[r][m]) + off[r][m];
 }
 
 /* vpshufb controls that spread 16-bit word a of each 128-bit lane to all eight words of the low lane and word b
