@@ -155,16 +155,30 @@ static inline __m256i word_spread(int a, int b) {
                             (char)(2 * b), (char)(2 * b + 1));
 }
 
-/* One K-quant super-block of a row unpacked: 8 x 32 unsigned weights, each piece's sub-block scales as int16 lanes
- * (Q4_K: one scale per 32, Q6_K: one per 16, low lane | high lane), the scale d, and the offset term's factors
- * (Q4_K: the 8 mins against the sums of 32, times -dmin; Q6_K: the 16 scales against the sums of 16, times -32 d). */
-typedef struct {
-    __m256i w[8], sc[8], off[2];
-    float d, doff;
-} ksb;
+/* One 32-weight piece of a K-quant super-block (unsigned quants w, the pair products' sub-block scales sc as int16
+ * lanes) against x's rows at weight `at`: ah[m], al[m] += the high and low planes' scaled products. */
+static inline __attribute__((always_inline)) void k_piece(__m256i w, __m256i sc, const xq8 *x, long M, long at,
+                                                        __m256i *ah, __m256i *al) {
+    for (long m = 0; m < M; m++) {
+        __m256i xh = _mm256_loadu_si256((const __m256i *)(x->h + m * x->ld + at));
+        __m256i xl = _mm256_loadu_si256((const __m256i *)(x->l + m * x->ld + at));
+        ah[m] = _mm256_add_epi32(ah[m], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xh), sc));
+        al[m] = _mm256_add_epi32(al[m], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xl), sc));
+    }
+}
 
-static inline __attribute__((always_inline)) void unpack_k(int type, const uint8_t *blk, ksb *k) {
+/* acc[m] += super-block b of a Q4_K or Q6_K row . x[m], the quants unpacked 32 at a time as they are multiplied
+ * (a whole super-block unpacked first, 16 registers, spilled). The planes join as 255 h + l: Q4_K as integers (at
+ * most 32 x 15 x 127 x 63 x 256 ~ 9.8e8 a lane), Q6_K in floats (its ~8e9 would overflow). The offsets (Q4_K: the
+ * 8 mins against x's sums of 32, times -dmin; Q6_K: the 16 scales against the sums of 16, times -32 d) go into
+ * the same sum. */
+static inline __attribute__((always_inline)) void dot_superblock(int type, const uint8_t *blk, const xq8 *x, long M,
+                                                               long b, __m256 *acc) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256i ah[QMAX_ROWS], al[QMAX_ROWS], offs[QMAX_ROWS];
+    for (long m = 0; m < M; m++) ah[m] = al[m] = _mm256_setzero_si256();
+    const long at = QK_K * b;
+    float d, doff;
     if (type == Q4_K) {
         uint32_t u0, u1, u2;
         memcpy(&u0, blk + 4, 4), memcpy(&u1, blk + 8, 4), memcpy(&u2, blk + 12, 4);
@@ -172,70 +186,62 @@ static inline __attribute__((always_inline)) void unpack_k(int type, const uint8
                                    (int)((u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)),  /* sc 4..7 */
                                    (int)(u1 & 0x3f3f3f3fu),                                       /* m 0..3 */
                                    (int)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)));
-        k->d = f16_to_f32(rd16(blk));
-        k->doff = -f16_to_f32(rd16(blk + 2));
+        d = f16_to_f32(rd16(blk));
+        doff = -f16_to_f32(rd16(blk + 2));
         __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(s));                  /* 8 scales, both lanes */
         for (int j = 0; j < 4; j++) {        /* 32 bytes: low nibbles sub-block 2j, high ones 2j + 1 */
             __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
-            k->w[2 * j] = _mm256_and_si256(v, low4);
-            k->w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-            k->sc[2 * j] = _mm256_shuffle_epi8(s16, word_spread(2 * j, 2 * j));
-            k->sc[2 * j + 1] = _mm256_shuffle_epi8(s16, word_spread(2 * j + 1, 2 * j + 1));
+            k_piece(_mm256_and_si256(v, low4), _mm256_shuffle_epi8(s16, word_spread(2 * j, 2 * j)), x, M,
+                    at + 64 * j, ah, al);
+            k_piece(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
+                    _mm256_shuffle_epi8(s16, word_spread(2 * j + 1, 2 * j + 1)), x, M, at + 64 * j + 32, ah, al);
         }
-        k->off[0] = _mm256_cvtepu8_epi32(_mm_srli_si128(s, 8));                           /* mins, 8 lanes */
-        k->off[1] = _mm256_setzero_si256();
-        return;
-    }
-    const __m256i bits45 = _mm256_set1_epi8(0x30);
-    k->d = f16_to_f32(rd16(blk + 208));
-    k->doff = -32.0f * k->d;
-    __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
-    for (int n = 0; n < 2; n++) {            /* 128 weights: ql 64 bytes, qh 32 bytes, scales 8n .. 8n + 7 */
-        __m256i L0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * n));
-        __m256i L1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * n + 32));
-        __m256i H = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * n));
-        __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_srli_si128(s8, 8 * n)));
-        __m256i *w = k->w + 4 * n, *sc = k->sc + 4 * n;
-        w[0] = _mm256_or_si256(_mm256_and_si256(L0, low4), _mm256_and_si256(_mm256_slli_epi16(H, 4), bits45));
-        w[1] = _mm256_or_si256(_mm256_and_si256(L1, low4), _mm256_and_si256(_mm256_slli_epi16(H, 2), bits45));
-        w[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L0, 4), low4), _mm256_and_si256(H, bits45));
-        w[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L1, 4), low4),
-                               _mm256_and_si256(_mm256_srli_epi16(H, 2), bits45));
-        for (int i = 0; i < 4; i++) sc[i] = _mm256_shuffle_epi8(s16, word_spread(2 * i, 2 * i + 1));
-    }
-    k->off[0] = _mm256_cvtepi8_epi32(s8);                                                 /* scales 0..7 */
-    k->off[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8));                              /* 8..15 */
-}
-
-/* acc += this super-block's products: [0] the planes (Q4_K: joined as integers, 255 h + l: at most 32 x 15 x 127
- * x 63 x 256 ~ 9.8e8 a lane; Q6_K's ~8e9 would overflow, so [0] holds its high plane, [2] its low one), [1] the
- * offsets. */
-static inline __attribute__((always_inline)) void dot_ksb(int type, const ksb *k, const xq8 *x, long m, long b,
-                                                        __m256 acc[3]) {
-    const int8_t *h = x->h + m * x->ld + QK_K * b, *l = x->l + m * x->ld + QK_K * b;
-    __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
-    for (int j = 0; j < 8; j++) {
-        __m256i xh = _mm256_loadu_si256((const __m256i *)(h + 32 * j)), xl = _mm256_loadu_si256((const __m256i *)(l + 32 * j));
-        ah = _mm256_add_epi32(ah, _mm256_madd_epi16(_mm256_maddubs_epi16(k->w[j], xh), k->sc[j]));
-        al = _mm256_add_epi32(al, _mm256_madd_epi16(_mm256_maddubs_epi16(k->w[j], xl), k->sc[j]));
-    }
-    float xd = x->d[m * (x->K / QK_K) + b];
-    __m256 dd = _mm256_set1_ps(k->d * xd);
-    const int32_t *s = x->s16 + m * (x->K / 16) + 16 * b;
-    __m256i sums0, offs;
-    if (type == Q4_K) {
-        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_mullo_epi32(ah, _mm256_set1_epi32(PLANE_BASE)),
-                                                                     al)), dd, acc[0]);
-        __m256i a = _mm256_loadu_si256((const __m256i *)s), c = _mm256_loadu_si256((const __m256i *)(s + 8));
-        sums0 = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(a, c), _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
-        offs = _mm256_mullo_epi32(sums0, k->off[0]);                                   /* sums of 32 x mins */
+        __m256i mins = _mm256_cvtepu8_epi32(_mm_srli_si128(s, 8));
+        for (long m = 0; m < M; m++) {
+            const int32_t *s16s = x->s16 + m * (x->K / 16) + 16 * b;
+            __m256i lo = _mm256_loadu_si256((const __m256i *)s16s), hi = _mm256_loadu_si256((const __m256i *)(s16s + 8));
+            __m256i sums32 = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(lo, hi), _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+            offs[m] = _mm256_mullo_epi32(sums32, mins);
+            ah[m] = _mm256_add_epi32(_mm256_mullo_epi32(ah[m], _mm256_set1_epi32(PLANE_BASE)), al[m]);
+        }
     } else {
-        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ah), dd, acc[0]);                  /* (x 255 at the end) */
-        acc[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(al), dd, acc[2]);
-        offs = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)s), k->off[0]),
-                                _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(s + 8)), k->off[1]));
+        const __m256i bits45 = _mm256_set1_epi8(0x30);
+        d = f16_to_f32(rd16(blk + 208));
+        doff = -32.0f * d;
+        __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+        for (int n = 0; n < 2; n++) {        /* 128 weights: ql 64 bytes, qh 32 bytes, scales 8n .. 8n + 7 */
+            __m256i L0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * n));
+            __m256i L1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * n + 32));
+            __m256i H = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * n));
+            __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(n ? _mm_srli_si128(s8, 8) : s8));
+            __m256i w[4];
+            w[0] = _mm256_or_si256(_mm256_and_si256(L0, low4), _mm256_and_si256(_mm256_slli_epi16(H, 4), bits45));
+            w[1] = _mm256_or_si256(_mm256_and_si256(L1, low4), _mm256_and_si256(_mm256_slli_epi16(H, 2), bits45));
+            w[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L0, 4), low4), _mm256_and_si256(H, bits45));
+            w[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L1, 4), low4),
+                                   _mm256_and_si256(_mm256_srli_epi16(H, 2), bits45));
+            for (int i = 0; i < 4; i++)      /* weights 128 n + 32 i ..: scales 8n + 2i (first 16), 8n + 2i + 1 */
+                k_piece(w[i], _mm256_shuffle_epi8(s16, word_spread(2 * i, 2 * i + 1)), x, M, at + 128 * n + 32 * i,
+                        ah, al);
+        }
+        __m256i sc0 = _mm256_cvtepi8_epi32(s8), sc1 = _mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8));
+        for (long m = 0; m < M; m++) {
+            const int32_t *s16s = x->s16 + m * (x->K / 16) + 16 * b;
+            offs[m] = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)s16s), sc0),
+                                       _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(s16s + 8)), sc1));
+        }
     }
-    acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(offs), _mm256_set1_ps(k->doff * xd), acc[1]);
+    for (long m = 0; m < M; m++) {
+        float xd = x->d[m * (x->K / QK_K) + b];
+        __m256 dd = _mm256_set1_ps(d * xd);
+        if (type == Q4_K) {
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ah[m]), dd, acc[m]);
+        } else {
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ah[m]), _mm256_set1_ps(d * xd * PLANE_BASE), acc[m]);
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(al[m]), dd, acc[m]);
+        }
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(offs[m]), _mm256_set1_ps(doff * xd), acc[m]);
+    }
 }
 
 /* Q4_K or Q6_K rows (x in groups of 256, one per super-block); each row's super-block is unpacked once for all
@@ -244,9 +250,9 @@ static inline __attribute__((always_inline)) void dot_k(int type, const uint8_t 
                                                       const xq8 *x, long M, float *y, long ldr) {
     const long bb = type == Q4_K ? 144 : 210, nb = K / QK_K;
     const long ahead = AHEAD_GROUPS * R * nb * bb;
-    __m256 acc[4][QMAX_ROWS][3];
+    __m256 acc[4][QMAX_ROWS];
     for (int r = 0; r < R; r++)
-        for (long m = 0; m < M; m++) acc[r][m][0] = acc[r][m][1] = acc[r][m][2] = _mm256_setzero_ps();
+        for (long m = 0; m < M; m++) acc[r][m] = _mm256_setzero_ps();
     for (long b = 0; b < nb; b++) {
         if (R > 1)
             for (long c = 0; c < R * bb; c += 64) prefetch_l2(rows[0] + ahead + R * b * bb + c);
@@ -256,17 +262,11 @@ static inline __attribute__((always_inline)) void dot_k(int type, const uint8_t 
                 for (long c = 0; c < bb; c += 64) prefetch_l2(blk + ahead + c);
                 prefetch_l2(blk + ahead + bb - 1);
             }
-            ksb k;
-            unpack_k(type, blk, &k);
-            for (long m = 0; m < M; m++) dot_ksb(type, &k, x, m, b, acc[r][m]);
+            dot_superblock(type, blk, x, M, b, acc[r]);
         }
     }
     for (int r = 0; r < R; r++)
-        for (long m = 0; m < M; m++) {
-            __m256 planes = type == Q4_K ? acc[r][m][0]
-                                         : _mm256_fmadd_ps(acc[r][m][0], _mm256_set1_ps(PLANE_BASE), acc[r][m][2]);
-            y[r * ldr + m] = hsum_ps(_mm256_add_ps(planes, acc[r][m][1]));
-        }
+        for (long m = 0; m < M; m++) y[r * ldr + m] = hsum_ps(acc[r][m]);
 }
 
 static inline __attribute__((always_inline)) void dot_rows(int type, const uint8_t *const *rows, int R, long K,
