@@ -122,6 +122,12 @@ static inline __attribute__((always_inline)) void dot_q8q4(int type, const uint8
     for (long b = 0; b < nb; b++) {
         if (R > 1)   /* the next R rows are one contiguous run: prefetched front to back, in step with these */
             for (long c = 0; c < R * bb; c += 64) prefetch_l2(rows[0] + ahead + R * b * bb + c);
+        float xd[QMAX_ROWS], xoff[QMAX_ROWS];                          /* x's side of block b, for every row */
+        for (long m = 0; m < M; m++) {
+            const int32_t *s = x->s16 + m * (K / 16) + 2 * b;
+            xd[m] = x->d[m * nb + b];
+            xoff[m] = -8.0f * (float)(s[0] + s[1]);
+        }
         for (int r = 0; r < R; r++) {   /* (row by row: four rows' unpacked blocks at once spilled registers) */
             const uint8_t *blk = rows[r] + b * bb;
             if (R == 1) prefetch_l2(blk + ahead);
@@ -130,12 +136,11 @@ static inline __attribute__((always_inline)) void dot_q8q4(int type, const uint8
             float wd = f16_to_f32(rd16(blk));
             for (long m = 0; m < M; m++) {
                 const int16_t *q = x->q + m * x->ld + 32 * b;
-                const int32_t *s = x->s16 + m * (K / 16) + 2 * b;
                 __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)q)),
                                              _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(q + 16))));
-                float d = wd * x->d[m * nb + b];
+                float d = wd * xd[m];
                 acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), acc[r][m]);
-                if (type == Q4_0) off[r][m] += d * (-8.0f * (float)(s[0] + s[1]));
+                if (type == Q4_0) off[r][m] += d * xoff[m];
             }
         }
     }
