@@ -76,10 +76,8 @@ static inline void decode_chunk(int type, const uint8_t *restrict p, float *rest
         for (long b = 0; b < n / 32; b++, p += 18, y += 32) {
             float d = f16_to_f32(rd16(p));
             const uint8_t *q = p + 2;
-            for (int l = 0; l < 16; l++) {
-                y[l] = d * (float)((int)(q[l] & 0xF) - 8);
-                y[l + 16] = d * (float)((int)(q[l] >> 4) - 8);
-            }
+            for (int l = 0; l < 16; l++) y[l] = d * (float)((int)(q[l] & 0xF) - 8);   /* (two loops: one with */
+            for (int l = 0; l < 16; l++) y[l + 16] = d * (float)((int)(q[l] >> 4) - 8);  /* both was not vectorised) */
         }
     } else if (type == Q4_K) {
         float d = f16_to_f32(rd16(p)), dmin = f16_to_f32(rd16(p + 2));
@@ -105,16 +103,18 @@ static inline void decode_chunk(int type, const uint8_t *restrict p, float *rest
         const int8_t *sc = (const int8_t *)(p + 192);
         float d = f16_to_f32(rd16(p + 208));
         for (int n = 0; n < 2; n++, ql += 64, qh += 32, sc += 8, y += 128) {
-            for (int l = 0; l < 32; l++) {
-                int is = l / 16;
-                int q1 = (int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
-                int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-                y[l] = d * sc[is] * (float)q1;
-                y[l + 32] = d * sc[is + 2] * (float)q2;
-                y[l + 64] = d * sc[is + 4] * (float)q3;
-                y[l + 96] = d * sc[is + 6] * (float)q4;
+            for (int is = 0; is < 2; is++) {          /* 16 weights share each scale: a constant one per loop */
+                float s1 = d * sc[is], s2 = d * sc[is + 2], s3 = d * sc[is + 4], s4 = d * sc[is + 6];
+                for (int l = 16 * is; l < 16 * is + 16; l++) {
+                    int q1 = (int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                    int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                    int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                    int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                    y[l] = s1 * (float)q1;
+                    y[l + 32] = s2 * (float)q2;
+                    y[l + 64] = s3 * (float)q3;
+                    y[l + 96] = s4 * (float)q4;
+                }
             }
         }
     }
