@@ -1,20 +1,20 @@
-/* Quantized dot products with AVX2 (vpmaddubsw + vpmaddwd), included by quant_decode.c on x86 CPUs without
- * AVX512-VNNI (Zen 2 and 3, Intel before Ice Lake). The same design as quant_vnni.c, in 256-bit registers:
+/* Quantized dot products with AVX2 (vpmaddwd, vpmaddubsw), included by quant_decode.c on x86 CPUs without
+ * AVX512-VNNI (Zen 2 and 3, Intel before Ice Lake). The design of quant_vnni.c, in 256-bit registers.
  *
  * Activations: each row of x is rounded once per call to integers q = round(x / d), |q| <= 32385 = 127 * 255, one
- * scale d per group of G weights (32 for Q8_0 and Q4_0, 256 for the K-quants), and kept as two int8 planes
- * q = 255 h + l, both h and l in [-127, 127]. (quant_vnni.c splits 256 h + l, whose l reaches -128: here Q8_0's
- * signed weights go through vpsignb, which cannot negate -128; 255 keeps both planes symmetric.) Error per element
- * <= 1.6e-5 of the group's largest, as on the VNNI path; llama.cpp's single int8 plane (~4e-3) moved the tiny
- * test models' logits by ~0.1.
- *
- * vpmaddubsw multiplies unsigned bytes by signed ones and adds pairs into int16 with saturation, so each type keeps
- * its pair sums below 2^15: the 4- and 6-bit quants are unsigned (<= 63, x 127 x 2 = 16002), their offsets (-8,
- * Q4_K's mins, -32) taken through the sums of q computed once per call; Q8_0's signed quants multiply as |w| times
- * x with w's sign (<= 128 x 127 x 2 = 32512). vpmaddwd then adds pairs into int32, by 255 for the high plane and 1
- * for the low one, or by the K-quants' sub-block scales. At batch 1 the 4-bit types run four rows at once (compute
- * bound alone), Q8_0 and Q6_K one row at a time with software prefetch AHEAD_GROUPS rows on, as in quant_vnni.c.
- * Block layouts: ggml-common.h. */
+ * scale d per group of G weights (32 for Q8_0 and Q4_0, 256 for the K-quants). Error per element <= 1.6e-5 of the
+ * group's largest, as on the VNNI path; llama.cpp's single int8 plane (~4e-3) moved the tiny test models' logits by
+ * ~0.1. q is kept twice:
+ *   - as int16, for Q8_0 and Q4_0: their quants widened to int16 (vpmovsx/zxbw) and multiplied with vpmaddwd, 16
+ *     weights an instruction, one block's scale per product;
+ *   - as two int8 planes q = 255 h + l (h, l in [-127, 127]), for the K-quants: vpmaddubsw multiplies their
+ *     unsigned quants (<= 63) by each plane and adds pairs into int16 (<= 63 x 127 x 2 = 16002, below its
+ *     saturation), then vpmaddwd multiplies those pairs by the sub-block scales into int32. Integer scales inside
+ *     the sums is what the planes buy; for Q4_0 and Q8_0, whose scales are floats per block anyway, int16 took
+ *     fewer instructions.
+ * Offsets (Q4_0's -8, Q4_K's mins, Q6_K's -32) go through x's sums of q, computed once per call. At batch 1 the
+ * 4-bit types run four weight rows at once (compute bound alone), Q8_0 and Q6_K one row at a time (four were
+ * slower) with software prefetch AHEAD_GROUPS rows on, as in quant_vnni.c. Block layouts: ggml-common.h. */
 #define HAVE_INT_DOTS 1
 #define AHEAD_GROUPS 4
 #define prefetch_l2(p) __builtin_prefetch((p), 0, 2)
@@ -63,12 +63,14 @@ static void quantize_x8(const float *x, long M, long K, long G, int q4, void *me
     out->h = (int8_t *)(out->q + M * K);
     out->l = out->h + M * K;
     out->K = K, out->G = G, out->ld = K;
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), inv_base = _mm256_set1_ps(1.0f / PLANE_BASE);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 inv_base = _mm256_set1_ps(1.0f / PLANE_BASE);
     for (long m = 0; m < M; m++) {
         const float *xm = x + m * K;
         for (long g = 0; g < ng; g++) {
             __m256 amax = _mm256_setzero_ps();
-            for (long i = 0; i < G; i += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(xm + g * G + i), abs_mask));
+            for (long i = 0; i < G; i += 8)
+                amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(xm + g * G + i), abs_mask));
             __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
             a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
             a4 = _mm_max_ss(a4, _mm_movehdup_ps(a4));
@@ -204,8 +206,10 @@ static inline __attribute__((always_inline)) void dot_superblock(int type, const
         __m256i mins = _mm256_cvtepu8_epi32(_mm_srli_si128(s, 8));
         for (long m = 0; m < M; m++) {
             const int32_t *s16s = x->s16 + m * (x->K / 16) + 16 * b;
-            __m256i lo = _mm256_loadu_si256((const __m256i *)s16s), hi = _mm256_loadu_si256((const __m256i *)(s16s + 8));
-            __m256i sums32 = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(lo, hi), _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+            __m256i lo = _mm256_loadu_si256((const __m256i *)s16s);
+            __m256i hi = _mm256_loadu_si256((const __m256i *)(s16s + 8));
+            __m256i sums32 = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(lo, hi),          /* sums of 32 */
+                                                         _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
             offs[m] = _mm256_mullo_epi32(sums32, mins);
             ah[m] = _mm256_add_epi32(_mm256_mullo_epi32(ah[m], _mm256_set1_epi32(PLANE_BASE)), al[m]);
         }

@@ -8,8 +8,9 @@
  *
  * y[m, j] = sum_k x[m, k] W[j, k]. With AVX512-VNNI (quant_vnni.c, chosen when the library is built for this CPU):
  * x rounded once per call to 16-bit integers, byte dot products against the blocks' integer quants, the scales in
- * float once per block (group). Elsewhere (AVX2, NEON, or AVX-512 without VNNI): each block is widened to floats in
- * registers and multiplied with all M rows of x. Threads split the rows (QPIECES).
+ * float once per block (group). With AVX2 (quant_avx2.c, also AVX-512 without VNNI): the same in 256-bit registers.
+ * Elsewhere (NEON, x86 without AVX2, or -DLLMSH_FLOAT_QUANT): each block is widened to floats in registers and
+ * multiplied with all M rows of x. Threads split the rows (QPIECES).
  * Prefill (many rows of x) instead decodes whole row ranges to float32 (lm_qdequant) for a GEMM in torch.
  * Block formats as ggml defines them (ggml-common.h); `gguf`'s Python `dequantize` is the reference in the tests.
  */
