@@ -430,3 +430,14 @@ def test_transpose_matches_torch(dtype, rows, cols, lib):
                             src.element_size()) == 0
     assert torch.equal(out[:, 2:2 + rows], src.t()) and not out[:, :2].any() and not out[:, 2 + rows:].any()
     assert lib.lm_transpose(src.data_ptr(), rows, cols, src.stride(0), out.data_ptr(), out.stride(0), 8) == -1
+
+
+def test_float32_batches_leave_the_kernels_where_their_tiles_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GEMM tiles need AVX-512's 32 registers: elsewhere a float32 batch runs in torch (bf16 stays)."""
+    from llmsh.runtime import fast_decode
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert fast_decode.max_rows(torch.float32) == 1
+    assert fast_decode.max_rows(torch.bfloat16) == fast_decode.MAX_ROWS
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert fast_decode.max_rows(torch.float32) == fast_decode.MAX_ROWS
