@@ -4,7 +4,7 @@
  * Activations: each row of x is rounded once per call to integers q = round(x / d), |q| <= 32385 = 127 * 255, one
  * scale d per group of G weights (32 for Q8_0 and Q4_0, 256 for the K-quants). Error per element <= 1.6e-5 of the
  * group's largest, as on the VNNI path; llama.cpp's single int8 plane (~4e-3) moved the tiny test models' logits by
- * ~0.1. q is kept twice:
+ * ~0.1. q is kept in one of two forms:
  *   - as int16, for Q8_0 and Q4_0: their quants widened to int16 (vpmovsx/zxbw) and multiplied with vpmaddwd, 16
  *     weights an instruction, one block's scale per product;
  *   - as two int8 planes q = 255 h + l (h, l in [-127, 127]), for the K-quants: vpmaddubsw multiplies their
@@ -53,11 +53,13 @@ static inline __m256i pack32(__m256i a, __m256i b, __m256i c, __m256i d) {
     return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* Round M rows of x (K floats each) into xq8 planes with one scale per G (a multiple of 32) inside mem. (`q4`, the
+/* Round M rows of x (K floats each) into xq8 with one scale per G (32: Q8_0 and Q4_0, which read q; 256: the
+ * K-quants, which read the planes; each call builds the one form its G's products read) inside mem. (`q4`, the
  * VNNI path's block order, does not apply: these kernels read x in its own order.) */
 static void quantize_x8(const float *x, long M, long K, long G, int q4, void *mem, xq8 *out) {
     (void)q4;
     long ng = K / G;
+    const int planes = G != 32;
     out->d = (float *)mem;
     out->s16 = (int32_t *)(out->d + M * ng);
     out->q = (int16_t *)(out->s16 + M * (K / 16));
@@ -79,18 +81,23 @@ static void quantize_x8(const float *x, long M, long K, long G, int q4, void *me
             __m256 id = _mm256_set1_ps(d > 0 ? 1.0f / d : 0.0f);
             out->d[m * ng + g] = d;
             for (long i = g * G; i < (g + 1) * G; i += 32) {
-                __m256i h[4], l[4], q[4];
+                __m256i q[4];
+                for (int k = 0; k < 4; k++)                                                           /* nearest */
+                    q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xm + i + 8 * k), id));
+                out->s16[m * (K / 16) + i / 16] = hsum_i32(_mm256_add_epi32(q[0], q[1]));
+                out->s16[m * (K / 16) + i / 16 + 1] = hsum_i32(_mm256_add_epi32(q[2], q[3]));
+                if (!planes) {
+                    __m256i q01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+                    __m256i q23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
+                    _mm256_storeu_si256((__m256i *)(out->q + m * K + i), q01);
+                    _mm256_storeu_si256((__m256i *)(out->q + m * K + i + 16), q23);
+                    continue;
+                }
+                __m256i h[4], l[4];
                 for (int k = 0; k < 4; k++) {
-                    q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xm + i + 8 * k), id));       /* nearest */
                     h[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(q[k]), inv_base));
                     l[k] = _mm256_sub_epi32(q[k], _mm256_mullo_epi32(h[k], _mm256_set1_epi32(PLANE_BASE)));
                 }
-                __m256i q01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
-                __m256i q23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
-                _mm256_storeu_si256((__m256i *)(out->q + m * K + i), q01);
-                _mm256_storeu_si256((__m256i *)(out->q + m * K + i + 16), q23);
-                out->s16[m * (K / 16) + i / 16] = hsum_i32(_mm256_add_epi32(q[0], q[1]));
-                out->s16[m * (K / 16) + i / 16 + 1] = hsum_i32(_mm256_add_epi32(q[2], q[3]));
                 _mm256_storeu_si256((__m256i *)(out->h + m * K + i), pack32(h[0], h[1], h[2], h[3]));
                 _mm256_storeu_si256((__m256i *)(out->l + m * K + i), pack32(l[0], l[1], l[2], l[3]));
             }
