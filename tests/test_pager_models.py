@@ -291,7 +291,6 @@ def test_a_step_with_every_page_resident_runs_in_one_call(family: str, make_tiny
     m = _load(make_tiny_model(family))
     if m.fast_decode is None:
         pytest.skip("no C kernels here (no compiler)")
-    monkeypatch.setattr(m.fast_decode, "max_rows", 16)        # batches in the kernels on any CPU (see max_rows)
     ref = m.generate(PROMPTS, **GREEDY)
     pager = Pager({"cpu": 4 * m.weight_bytes()}, prefetch=False)
     try:

@@ -21,11 +21,12 @@ native = kernels.library() if kernels.compiler() else None
 needs_kernels = pytest.mark.skipif(native is None, reason="needs a C compiler (the kernels could not be built)")
 
 
-@pytest.fixture(scope="module", params=["native", "avx2", "avx512-no-bf16-dot"])
+@pytest.fixture(scope="module", params=["native", "avx2", "sse2", "avx512-no-bf16-dot"])
 def lib(request, tmp_path_factory):
     """The kernels built for this CPU; on x86 also for plain AVX2 + FMA (most users' CPUs have no AVX-512, and the
-    code takes other paths there: two 256-bit halves per vector, no AVX512BW bf16 widening), and on CPUs with bf16
-    dot products (AVX512_BF16) also without them, as on AVX-512 CPUs that lack them (other bf16 GEMM)."""
+    code takes other paths there: two 256-bit halves per vector, float32 tiles of 256-bit vectors, no AVX512BW bf16
+    widening), for x86-64's baseline (16-byte vectors, as on NEON), and on CPUs with bf16 dot products
+    (AVX512_BF16) also without them, as on AVX-512 CPUs that lack them (other bf16 GEMM)."""
     if native is None:
         pytest.skip("needs a C compiler (the kernels could not be built)")
     if request.param == "native":
@@ -37,6 +38,8 @@ def lib(request, tmp_path_factory):
         if " avx2 " not in kernels._cpu_flags() + " ":
             pytest.skip("AVX2 build: needs an x86 CPU with AVX2")
         flags += ["-mavx2", "-mfma"]
+    elif request.param == "sse2":
+        pass
     else:
         if " avx512_bf16 " not in kernels._cpu_flags() + " ":
             pytest.skip("a build without bf16 dot products: only differs from native on a CPU that has them")
@@ -431,13 +434,3 @@ def test_transpose_matches_torch(dtype, rows, cols, lib):
     assert torch.equal(out[:, 2:2 + rows], src.t()) and not out[:, :2].any() and not out[:, 2 + rows:].any()
     assert lib.lm_transpose(src.data_ptr(), rows, cols, src.stride(0), out.data_ptr(), out.stride(0), 8) == -1
 
-
-def test_float32_batches_leave_the_kernels_where_their_tiles_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GEMM tiles need AVX-512's 32 registers: elsewhere a float32 batch runs in torch (bf16 stays)."""
-    from llmsh.runtime import fast_decode
-
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert fast_decode.max_rows(torch.float32) == 1
-    assert fast_decode.max_rows(torch.bfloat16) == fast_decode.MAX_ROWS
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert fast_decode.max_rows(torch.float32) == fast_decode.MAX_ROWS

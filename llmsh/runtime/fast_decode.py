@@ -35,16 +35,6 @@ from llmsh.runtime.layers import Linear, TiedEmbedding
 MAX_ROWS = 16
 
 
-def max_rows(dtype: torch.dtype) -> int:
-    """Rows of a decode step the kernels take for a float model of dtype. Their GEMM tiles hold 4 x 4 vectors of 16
-    floats in registers: AVX-512's 32 registers do, AVX2's 16 do not (spilled, GPT-2 124M float32 at 16 rows ran at
-    0.11x torch's speed on a Zen 3; 4 x 2 vectors, 16 registers, was slower still), nor NEON's. There a float32
-    batch goes to torch's GEMM; bfloat16 stays (without native bf16, torch's bf16 GEMM was 3.7x slower)."""
-    if dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return 1
-    return MAX_ROWS
-
-
 def _ptr(t: Tensor | None) -> int | None:
     """The address C reads t at (None for an absent bias). A released page's parameters are meta tensors with no
     storage: the modules would compute nothing from them, C would read address 0, so that is an error here."""
@@ -90,7 +80,6 @@ class FastDecoder:
         # __getattr__ would type each one Tensor | Module)
         self.net: Any = net
         self.lib, self.dtype, self.bf16 = lib, dtype, int(dtype == torch.bfloat16)
-        self.max_rows = max_rows(dtype)                           # sequences a step may hold (more: torch modules)
         self.cfg: Any = net.config
         self._layers: tuple[weakref.ref[KVCache], ctypes.Array[Layer]] | None = None
 

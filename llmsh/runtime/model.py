@@ -129,7 +129,7 @@ class Model:
             if n == 0 or start + n > cache.context:
                 raise ValueError(f"slot {s}: {n} prompt tokens after {start} do not fit the context of {cache.context}")
         cache.reserve(max(slots) + 1, max(start + n for start, n in zip(starts, lengths)))
-        if lengths == [1] * len(slots) and self.fast_decode is not None and len(slots) <= self.fast_decode.max_rows:
+        if lengths == [1] * len(slots) and self.fast_decode is not None and len(slots) <= fast_decode.MAX_ROWS:
             # one token each is a decode step: the C kernels stream the weights once (a bf16 1.1B model's first
             # token after load: 0.2 s instead of 0.9 s through the modules' GEMV)
             return self.decode_step(cache, slots, [t[0] for t in token_ids])
@@ -172,7 +172,7 @@ class Model:
         if max(pos) >= cache.context:
             raise ValueError(f"a slot is full ({cache.context} positions); finish that sequence")
         cache.reserve(max(slots) + 1, max(pos) + 1)
-        if self.fast_decode is not None and len(slots) <= self.fast_decode.max_rows:
+        if self.fast_decode is not None and len(slots) <= fast_decode.MAX_ROWS:
             logits = self.fast_decode(cache, slots, tokens, pos)                      # float32 already
         else:
             # rows in slot order: a run of consecutive slots is a slice of the cache, whose keys and values the

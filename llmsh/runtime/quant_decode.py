@@ -74,7 +74,6 @@ class QuantDecoder:
 
         self.net, self.lib, self.cfg, self.dtype = model.module, lib, model.config, model.dtype
         self.family = fast_decode.family_decoder(self.net, lib, model.dtype)   # embed, step, layer args, norm
-        self.max_rows = fast_decode.MAX_ROWS                  # (quantized products take 16 rows on every path)
         self._layers: tuple[weakref.ref[KVCache], Any, Any] | None = None
 
     def weights_changed(self) -> None:
