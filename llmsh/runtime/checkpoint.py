@@ -356,7 +356,7 @@ def _copy_out(file: SafetensorsFile, key: str, src: torch.Tensor, transposed: bo
 def _c_transpose(src: torch.Tensor, out: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, int], None] | None:
     """The C kernels' tiled transpose for un-transposing src into out, or None where it does not apply (another
     dtype or device, strided rows, no compiler): torch's copy of a transposed view runs element by element at
-    ~1.3 GB/s, the tiled one at ~4-6 (kernels/cpu_decode.c, lm_transpose)."""
+    ~1.3 GB/s, the tiled one at ~4-6 (kernels/cpu_transpose.c, lm_transpose)."""
     from llmsh.runtime.kernels import library
 
     same = out.dtype == src.dtype and src.element_size() in (2, 4)
