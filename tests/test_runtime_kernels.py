@@ -433,4 +433,3 @@ def test_transpose_matches_torch(dtype, rows, cols, lib):
                             src.element_size()) == 0
     assert torch.equal(out[:, 2:2 + rows], src.t()) and not out[:, :2].any() and not out[:, 2 + rows:].any()
     assert lib.lm_transpose(src.data_ptr(), rows, cols, src.stride(0), out.data_ptr(), out.stride(0), 8) == -1
-
