@@ -121,16 +121,24 @@ def test_oom_during_page_in_fails_the_request_and_the_pager_recovers(three_model
         for pid, m in enumerate(models, 1):
             pager.attach(pid, ModelSource(m))
         ckpt = models[1].checkpoint
-        real = ckpt.read_into
+        real_read, real_populate = ckpt.read_into, ckpt.populate
         calls = {"n": 0}
 
-        def flaky(name, out):
+        def first_fails() -> None:
             calls["n"] += 1
             if calls["n"] == 1:
                 raise torch.OutOfMemoryError("CPU out of memory: tried to allocate 1 MiB")
-            return real(name, out)
 
-        monkeypatch.setattr(ckpt, "read_into", flaky)
+        def flaky_read(name, out):      # a page copied out of the file
+            first_fails()
+            return real_read(name, out)
+
+        def flaky_populate(name):       # a page used as a view of it
+            first_fails()
+            return real_populate(name)
+
+        monkeypatch.setattr(ckpt, "read_into", flaky_read)
+        monkeypatch.setattr(ckpt, "populate", flaky_populate)
         assert models[0].generate(PROMPTS, **GREEDY) == refs[0]  # pushes model 2 out
         with pytest.raises(PageInError, match="out of memory"):
             models[1].generate(PROMPTS, **GREEDY)
@@ -142,10 +150,18 @@ def test_oom_during_page_in_fails_the_request_and_the_pager_recovers(three_model
         pager.close()
 
 
-def test_pages_stored_as_used_come_back_as_views_of_the_file(make_tiny_model: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("layout_cached", [True, False], ids=["layout-cached", "cache-unwritable"])
+def test_pages_stored_as_used_come_back_as_views_of_the_file(make_tiny_model: Callable[..., Path], monkeypatch,
+                                                             layout_cached: bool) -> None:
     """Two GPT-2s of one shape in a budget of one: a block's float32 matrices page in as views of the mmap'd file
-    (no copy), the transposed token embedding as a copy into the other model's evicted buffers; both models keep
-    their own weights (a view handed on as a buffer would have been overwritten with the other model's)."""
+    (no copy), and so does the transposed token embedding, from the layout cache's file. Where that cache cannot be
+    written, the embedding is un-transposed again at each page-in, into the other model's evicted buffers. Both
+    models keep their own weights (a view handed on as a buffer would have been overwritten with the other model's)."""
+    from llmsh.runtime import layout_cache
+
+    if not layout_cached:                   # (the folders are shared: an entry of the other case must not be found)
+        monkeypatch.setattr(layout_cache, "write", lambda *args, **kwargs: None)
+        monkeypatch.setattr(layout_cache, "open_cached", lambda *args, **kwargs: None)
     folders = [make_tiny_model("gpt2", seed=s, n_embd=128, n_layer=2, n_head=4) for s in (1, 2)]
     models = [_load(f) for f in folders]
     refs = [m.generate(PROMPTS, **SHORT) for m in models]
@@ -159,8 +175,13 @@ def test_pages_stored_as_used_come_back_as_views_of_the_file(make_tiny_model: Ca
         m = models[1]
         w = m.module.get_parameter("h.0.mlp.c_fc.weight")
         assert w.data_ptr() == m.checkpoint.view("h.0.mlp.c_fc.weight").data_ptr()     # the file's pages
-        assert m.checkpoint.view("wte.weight") is None                                  # stored transposed: copied
-        assert pager.totals.recycled > 0                                                 # into evicted buffers
+        wte = m.module.get_parameter("wte.weight")
+        if layout_cached:                       # stored transposed: built at the first load, mapped ever after
+            assert wte.data_ptr() == m.checkpoint.view("wte.weight").data_ptr()
+            assert pager.totals.recycled == 0                                            # nothing copied
+        else:
+            assert m.checkpoint.view("wte.weight") is None                              # copied
+            assert pager.totals.recycled > 0                                             # into evicted buffers
     finally:
         pager.close()
 
@@ -181,18 +202,23 @@ def _rss_of_files(paths: set[str]) -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
-def test_process_rss_confirms_the_budget(make_tiny_model: Callable[..., Path]) -> None:
+def test_process_rss_confirms_the_budget(make_tiny_model: Callable[..., Path], monkeypatch) -> None:
     """What the models hold in memory, measured by the OS: the resident part of their mmap'd files (pages used as
     views: GPT-2's float32 blocks) plus the growth of anonymous memory (pages copied out: the transposed token
-    embedding). The anonymous baseline is taken after an all-resident warm-up run, so torch's allocator, the KV caches
+    embedding, with the layout cache off so that some pages are copies). The anonymous baseline is taken after an all-resident warm-up run, so torch's allocator, the KV caches
     and the activations are already in it. Margin: one model's KV cache + activations + allocator slack (4 MiB), far
     below the difference the assertion must catch — pages that were not really freed or unmapped would add up to all
     three models (~40 MiB here, against a ~16 MiB budget)."""
+    from llmsh.runtime import layout_cache
+
+    monkeypatch.setattr(layout_cache, "write", lambda *args, **kwargs: None)
+    monkeypatch.setattr(layout_cache, "open_cached", lambda *args, **kwargs: None)
     # three widths: pages of different models have different layouts, so a switch cannot just refill the evicted
     # model's buffers — it frees them and allocates, which is what a leak would show up in
     models = [_load(make_tiny_model("gpt2", seed=11, n_embd=n, n_layer=4, n_head=4)) for n in (192, 256, 320)]
     refs = [m.generate(PROMPTS, **SHORT) for m in models]
     files = {str(p.resolve()) for m in models for p in m.checkpoint.paths()}
+    files |= {str(m.checkpoint.layout.path.resolve()) for m in models if m.checkpoint.layout is not None}
     total = sum(m.weight_bytes() for m in models)
     budget = int(total / 2.5)
     page = max(p.nbytes for m in models for p in m.pages())

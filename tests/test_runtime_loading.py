@@ -299,3 +299,47 @@ def test_a_load_does_not_import_torch_dynamo(tiny_llama, tiny_gpt2):
     done = subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tiny_gpt2)], capture_output=True,
                           text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_transposed_matrices_are_built_once_then_mapped(make_tiny_model, tmp_path, monkeypatch):
+    """A Llama checkpoint's projections are stored (out, in) and fused from parts: the first load builds ours and
+    writes them to the layout cache, later loads map that file (no transpose); a changed shard gets a new entry, and
+    a page-in after the shard changed fails as for any view of it. A disk without room for the copy is left alone."""
+    from llmsh.runtime import checkpoint as checkpoint_mod
+    from llmsh.runtime import layout_cache
+    from llmsh.runtime.errors import CheckpointChanged
+
+    folder = _copy(make_tiny_model("llama", shards=True), tmp_path / "m")      # its own path: its own entries
+    ids = [1, 5, 9, 30, 200]
+    first = load(folder)
+    want = first.forward(ids)
+    assert first.checkpoint.layout is not None and first.checkpoint.layout.entries
+
+    real_transpose = checkpoint_mod._c_transpose
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint_mod, "_c_transpose", lambda *a: pytest.fail("transposed again instead of mapping"))
+        again = load(folder)
+        torch.testing.assert_close(again.forward(ids), want, atol=0, rtol=0)
+    name = "layers.0.attention.wqkv.weight"
+    wqkv = again.module.get_parameter(name)
+    assert wqkv.data_ptr() == again.checkpoint.layout.tensor(again.checkpoint.layout_name(name)).data_ptr()
+
+    ckpt = again.checkpoint
+    shard = folder / ckpt.where[ckpt.hf_key(ckpt.parts(name)[-1])]                # the one holding wv
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))                  # the shard "changed"
+    with pytest.raises(CheckpointChanged):
+        again.checkpoint.populate(name)                                           # the cached copy is of the old one
+    calls = []
+    monkeypatch.setattr(checkpoint_mod, "_c_transpose", lambda *a: calls.append(1) or real_transpose(*a))
+    torch.testing.assert_close(load(folder).forward(ids), want, atol=0, rtol=0)
+    assert calls                                                                   # rebuilt, not the stale entry
+    entries = list(layout_cache.paths.cache_dir().joinpath("layout").glob(
+        f"{layout_cache.hash_cache.path_prefix(folder)}-*"))
+    assert len(entries) == 1                                                       # the stale one removed
+
+    layout_cache.forget(folder)
+    monkeypatch.setattr(layout_cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 0))
+    full = load(folder)
+    assert full.checkpoint.layout is None                                          # nothing written
+    torch.testing.assert_close(full.forward(ids), want, atol=0, rtol=0)

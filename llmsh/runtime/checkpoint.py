@@ -227,6 +227,8 @@ class Checkpoint:
         self.key_map: Callable[[str], list[str]] = lambda name: [name]
         self.transposed: Callable[[str], bool] = lambda name: False
         self.parts: Callable[[str], list[str]] = lambda name: []
+        # our transposed or fused matrices as built at an earlier load (layout_cache.py): mapped, never rebuilt
+        self.layout: SafetensorsFile | None = None
 
     def keys(self) -> list[str]:
         """Every tensor name stored in the checkpoint (HF layout)."""
@@ -280,27 +282,53 @@ class Checkpoint:
         return self.read_into(param_name, torch.empty(self.shape(param_name), dtype=dtype, device=device))
 
     def view(self, param_name: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-        """Our parameter as a view of the mapped file if the file stores it as we use it (in `dtype`, neither
-        transposed nor fused from parts), else None: it needs a copy (`read_into`)."""
-        if self.parts(param_name) or self.transposed(param_name):
+        """Our parameter as a view of a mapped file if one stores it as we use it (in `dtype`): the checkpoint's own,
+        or for a transposed or fused matrix the layout cache's; else None: it needs a copy (`read_into`)."""
+        t = self._home(param_name)[2]
+        if t is None:
             return None
-        t = self._source(param_name)[2]
         return t if dtype is None or dtype == t.dtype else None
+
+    def layout_name(self, param_name: str) -> str | None:
+        """The name our parameter has in the layout cache (its stored keys, transposed or not), or None if it is used
+        as the checkpoint stores it. Equal names are the same matrix (a tied head and its embedding)."""
+        parts = self.parts(param_name)
+        if not parts and not self.transposed(param_name):
+            return None
+        return "+".join(self.hf_key(p) + (".T" if self.transposed(p) else "") for p in parts or [param_name])
+
+    def _home(self, param_name: str) -> tuple[SafetensorsFile | None, str, torch.Tensor | None]:
+        """(file, key, tensor) where our parameter is stored as we use it: the checkpoint's file, the layout cache's,
+        or (None, "", None) if it is built at every load (transposed or fused, not cached)."""
+        lname = self.layout_name(param_name)
+        if lname is None:
+            return self._source(param_name)
+        if self.layout is not None and lname in self.layout.entries:
+            return self.layout, lname, self.layout.tensor(lname)
+        return None, "", None
 
     def populate(self, param_name: str) -> None:
         """Fault in the file pages of a parameter used as a `view`, after checking the file is the one loaded."""
-        file, key, _ = self._source(param_name)
-        file.check_unchanged()
-        file.populate(key)
+        file, key, _ = self._home(param_name)
+        if file is not None:
+            self._check_unchanged(param_name, file)
+            file.populate(key)
 
     def drop(self, param_name: str) -> None:
         """The view of a parameter is no longer used: its file pages leave our RSS (they stay in the page cache)."""
-        file, key, _ = self._source(param_name)
-        file.drop_pages(key)
+        file, key, _ = self._home(param_name)
+        if file is not None:
+            file.drop_pages(key)
 
     def read_into(self, param_name: str, out: torch.Tensor) -> torch.Tensor:
         """Copy our parameter into `out` (its shape; any dtype, device or pinned buffer) in one chunked pass that
-        converts, un-transposes and assembles fused parts on the way, dropping each source chunk's file pages."""
+        converts, un-transposes and assembles fused parts on the way, dropping each source chunk's file pages. A
+        matrix the layout cache holds is copied from there, as it is."""
+        if self.layout_name(param_name) is not None:
+            file, key, cached = self._home(param_name)
+            if file is not None and cached is not None:
+                self._check_unchanged(param_name, file)
+                return _copy_out(file, key, cached, False, out)
         parts = self.parts(param_name)
         at = 0
         for part in parts or [param_name]:
@@ -311,6 +339,14 @@ class Checkpoint:
             _copy_out(file, key, src, transposed, out[..., at:at + width] if parts else out)
             at += width
         return out
+
+    def _check_unchanged(self, param_name: str, home: SafetensorsFile) -> None:
+        """CheckpointChanged if the file our parameter is read from, or for a cached matrix any file it was built
+        from, is not the one loaded."""
+        home.check_unchanged()
+        if home is self.layout:
+            for part in self.parts(param_name) or [param_name]:
+                self._source(part)[0].check_unchanged()
 
     def _source(self, param_name: str) -> tuple[SafetensorsFile, str, torch.Tensor]:
         key = self.hf_key(param_name)

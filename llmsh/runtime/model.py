@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from llmsh.runtime import fast_decode, gemma, gpt2, hub, integrity, llama, moe
+from llmsh.runtime import fast_decode, gemma, gpt2, hub, integrity, layout_cache, llama, moe
 from llmsh.runtime.checkpoint import Checkpoint
 from llmsh.runtime.config_check import check_sizes
 from llmsh.runtime.decoders import decoder_for
@@ -380,6 +380,10 @@ def load_hf(path_or_name: str | Path, device: str | torch.device = "cpu", dtype:
         checkpoint = quant_mod.quantized_checkpoint(base, module, quant,
                                                     progress=lambda f, m: report(0.05 + 0.6 * f, m))
         quant_mod.quantize_module(module, checkpoint, dt)    # (dt: the rows a quantized embedding table gives)
+    cache_layout = checkpoint is base and dev.type == "cpu"
+    if cache_layout:  # transposed and fused matrices as an earlier load built them (layout_cache.py)
+        base.layout = layout_cache.open_cached(folder, dt, files=base.paths())
+    built: dict[str, Tensor] = {}
     expected = module.state_dict()
     state: dict[str, Tensor] = {}
     by_key: dict[str, Tensor] = {}  # a tied head reads the embedding's key: convert/copy it once, not twice
@@ -390,9 +394,16 @@ def load_hf(path_or_name: str | Path, device: str | torch.device = "cpu", dtype:
                             f"{list(expected[name].shape)}; the weights and config.json do not match")
         if key not in by_key:
             by_key[key] = checkpoint.load_tensor(name, dev, dt)
+            lname = base.layout_name(name) if cache_layout else None
+            if lname is not None and (base.layout is None or lname not in base.layout.entries):
+                built[lname] = by_key[key]
         state[name] = by_key[key]
         report(0.65 + 0.3 * (i + 1) / len(expected), f"loading {name}")
     module.load_state_dict(state, assign=True, strict=True)
+    if built and base.layout is None:
+        report(0.95, "caching the transposed matrices for the next load")
+        layout_cache.write(folder, dt, built, files=base.paths())
+        base.layout = layout_cache.open_cached(folder, dt, files=base.paths())  # pages re-read from it (same values)
     module.setup(dev)
     module.eval().requires_grad_(False)
     gen_cfg = _read_json(folder / "generation_config.json", required=False)

@@ -262,6 +262,9 @@ def main() -> int:
     try:
         return _run(args, root, models, dtypes, batches, n_new, repeats)
     finally:
+        from llmsh.runtime import layout_cache
+
+        layout_cache.forget_under(root)          # their transposed matrices, cached by the loads
         shutil.rmtree(root, ignore_errors=True)  # up to 1.5 GB of checkpoints
 
 

@@ -121,7 +121,12 @@ def main() -> int:
     if args.dir:
         return run(args, Path(args.dir))
     with tempfile.TemporaryDirectory(prefix="llmsh-bench-paging-") as tmp:   # ~1 GB of checkpoints: removed after
-        return run(args, Path(tmp))
+        try:
+            return run(args, Path(tmp))
+        finally:
+            from llmsh.runtime import layout_cache
+
+            layout_cache.forget_under(Path(tmp))      # their transposed embeddings, cached by the loads
 
 
 def run(args: argparse.Namespace, root: Path) -> int:
