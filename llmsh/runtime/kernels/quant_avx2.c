@@ -4,33 +4,48 @@
  * Activations: each row of x is rounded once per call to integers q = round(x / d), |q| <= 32385 = 127 * 255, one
  * scale d per group of G weights (32 for Q8_0 and Q4_0, 256 for the K-quants). Error per element <= 1.6e-5 of the
  * group's largest, as on the VNNI path; llama.cpp's single int8 plane (~4e-3) moved the tiny test models' logits by
- * ~0.1. q is kept in one of two forms:
+ * ~0.1. q is kept in one of x_form's forms:
  *   - as int16, for Q8_0 and Q4_0: their quants widened to int16 (vpmovsx/zxbw) and multiplied with vpmaddwd, 16
  *     weights an instruction, one block's scale per product;
- *   - as two int8 planes q = 255 h + l (h, l in [-127, 127]), for the K-quants: vpmaddubsw multiplies their
- *     unsigned quants (<= 63) by each plane and adds pairs into int16 (<= 63 x 127 x 2 = 16002, below its
- *     saturation), then vpmaddwd multiplies those pairs by the sub-block scales into int32. Integer scales inside
- *     the sums is what the planes buy; for Q4_0 and Q8_0, whose scales are floats per block anyway, int16 took
- *     fewer instructions.
+ *   - as int16 too for the K-quants at one row of x (decode at batch 1), each 32 as its even elements then its odd
+ *     ones: the quants become int16 words with masks and shifts, vpmaddwd multiplies them, and each sub-block's
+ *     sum stays in a lane of its own until its scale applies, once per super-block (dot_q4k_wide, dot_q6k_wide).
+ *     Half the multiplies of the planes below: Q4_K 10.5 -> 12.8 GB/s at one thread on a Zen 3;
+ *   - as two int8 planes q = 255 h + l (h, l in [-127, 127]), for the K-quants at several rows of x: vpmaddubsw
+ *     multiplies their unsigned quants (<= 63) by each plane and adds pairs into int16 (<= 63 x 127 x 2 = 16002,
+ *     below its saturation), then vpmaddwd multiplies those pairs by the sub-block scales into int32, the same
+ *     instructions for every row of x.
  * Offsets (Q4_0's -8, Q4_K's mins, Q6_K's -32) go through x's sums of q, computed once per call. At batch 1 the
- * Q4_0, Q8_0 and Q4_K run four weight rows at once (x's side shared; Q8_0 1.3x faster so on a Zen 3), Q6_K one row
- * at a time (four were no faster), with software prefetch AHEAD_GROUPS rows on, as in quant_vnni.c. Block layouts:
- * ggml-common.h. */
+ * Q4_0, Q8_0 and Q4_K run four weight rows at once (x's side shared; Q8_0 1.3x faster so on a Zen 3; Q4_K one row
+ * after another, its sums in registers), Q6_K one row at a time, with software prefetch AHEAD_GROUPS rows on, as in
+ * quant_vnni.c. Block layouts: ggml-common.h. */
 #define HAVE_INT_DOTS 1
 #define AHEAD_GROUPS 4
 #define prefetch_l2(p) __builtin_prefetch((p), 0, 2)
 #define PLANE_BASE 255
 
 typedef struct {
-    int16_t *q;                    /* (M, K): q itself (Q8_0 and Q4_0 multiply it as int16, vpmaddwd) */
+    int16_t *q;                    /* (M, K): q itself (Q8_0 and Q4_0 multiply it as int16, vpmaddwd; Q4_K too, form 2) */
     int8_t *h, *l;                 /* (M, K): the two planes (the K-quants, vpmaddubsw) */
     float *d;                      /* (M, K / G) scales */
     int32_t *s16;                  /* (M, K / 16) sums of q over each 16 */
+    int32_t *s32;                  /* (M, K / 32) sums of q over each 32 (form 2) */
     long K, G, ld;                 /* ld: the planes' row stride (K) */
+    int form;                      /* x_form's */
 } xq8;
 
-static size_t xq8_bytes(long M, long K, long G) {
-    return (size_t)M * (4 * K + sizeof(float) * (K / G) + sizeof(int32_t) * (K / 16)) + 64;
+/* The forms of x that lm_qlinear builds (each at most once per call): 0, int16 q in groups of 32 (Q8_0, Q4_0);
+ * 1, the two planes in groups of 256 (the K-quants at several rows of x); 2, int16 q in groups of 256, each 32 as
+ * its 16 even elements then its 16 odd ones (the K-quants at one row of x: dot_q4k_wide, dot_q6k_wide) */
+#define X_FORMS 3
+static inline int x_form(int type, long M) {
+    if (type == Q8_0 || type == Q4_0) return 0;
+    return M == 1 ? 2 : 1;
+}
+
+static size_t xq8_bytes(long M, long K, int form) {
+    long G = form ? QK_K : 32;
+    return (size_t)M * (4 * K + sizeof(float) * (K / G) + sizeof(int32_t) * (K / 16 + K / 32)) + 64;
 }
 
 static inline int32_t hsum_i32(__m256i v) {
@@ -53,19 +68,19 @@ static inline __m256i pack32(__m256i a, __m256i b, __m256i c, __m256i d) {
     return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* Round M rows of x (K floats each) into xq8 with one scale per G (32: Q8_0 and Q4_0, which read q; 256: the
- * K-quants, which read the planes; each call builds the one form its G's products read) inside mem. (`q4`, the
- * VNNI path's block order, does not apply: these kernels read x in its own order.) */
-static void quantize_x8(const float *x, long M, long K, long G, int q4, void *mem, xq8 *out) {
-    (void)q4;
-    long ng = K / G;
-    const int planes = G != 32;
+/* Round M rows of x (K floats each) into xq8 in one of x_form's forms inside mem: one scale per G (32 for form 0,
+ * 256 for the others); q as int16 (in weight order, form 0; even elements of each 32 then odd ones, form 2) or
+ * as the two planes (form 1). */
+static void quantize_x8(const float *x, long M, long K, int form, void *mem, xq8 *out) {
+    const long G = form ? QK_K : 32, ng = K / G;
+    const int planes = form == 1;
     out->d = (float *)mem;
     out->s16 = (int32_t *)(out->d + M * ng);
-    out->q = (int16_t *)(out->s16 + M * (K / 16));
+    out->s32 = out->s16 + M * (K / 16);
+    out->q = (int16_t *)(out->s32 + M * (K / 32));
     out->h = (int8_t *)(out->q + M * K);
     out->l = out->h + M * K;
-    out->K = K, out->G = G, out->ld = K;
+    out->K = K, out->G = G, out->ld = K, out->form = form;
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 inv_base = _mm256_set1_ps(1.0f / PLANE_BASE);
     for (long m = 0; m < M; m++) {
@@ -86,11 +101,20 @@ static void quantize_x8(const float *x, long M, long K, long G, int q4, void *me
                     q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xm + i + 8 * k), id));
                 out->s16[m * (K / 16) + i / 16] = hsum_i32(_mm256_add_epi32(q[0], q[1]));
                 out->s16[m * (K / 16) + i / 16 + 1] = hsum_i32(_mm256_add_epi32(q[2], q[3]));
+                out->s32[m * (K / 32) + i / 32] = out->s16[m * (K / 16) + i / 16] + out->s16[m * (K / 16) + i / 16 + 1];
                 if (!planes) {
                     __m256i q01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
                     __m256i q23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
-                    _mm256_storeu_si256((__m256i *)(out->q + m * K + i), q01);
-                    _mm256_storeu_si256((__m256i *)(out->q + m * K + i + 16), q23);
+                    int16_t *to = out->q + m * K + i;
+                    if (form == 2) {                                   /* the even elements, then the odd ones */
+                        int16_t t[32];
+                        _mm256_storeu_si256((__m256i *)t, q01);
+                        _mm256_storeu_si256((__m256i *)(t + 16), q23);
+                        for (int k = 0; k < 16; k++) to[k] = t[2 * k], to[16 + k] = t[2 * k + 1];
+                        continue;
+                    }
+                    _mm256_storeu_si256((__m256i *)to, q01);
+                    _mm256_storeu_si256((__m256i *)(to + 16), q23);
                     continue;
                 }
                 __m256i h[4], l[4];
@@ -328,9 +352,117 @@ static inline __attribute__((always_inline)) void dot_k(int type, const uint8_t 
         for (long m = 0; m < M; m++) y[r * ldr + m] = hsum_ps(acc[r][m]);
 }
 
+/* y[r * ldr] = row r . x for R rows of Q4_K and one row of x in form 2 (int16, each 32 as evens then odds). The
+ * quants are widened to int16 by masks and shifts of 16-bit words (word i of a 32-byte run: nibbles of weights 2i
+ * and 2i + 1 of one sub-block, and of the next sub-block in its high nibbles), multiplied with x by vpmaddwd, 16
+ * weights an instruction; the planes took two vpmaddubsw and two vpmaddwd per 32 weights, this takes two
+ * vpmaddwd. Each sub-block's products stay apart (one lane each, pair_sum and pair_join) until its scale and
+ * min apply as one vector per super-block, in integers: at most 32 x 15 x 32385 x 63 ~ 9.8e8 a lane. */
+static inline __attribute__((always_inline)) void dot_q4k_wide(const uint8_t *const *rows, int R, long K,
+                                                             const xq8 *x, float *y, long ldr) {
+    const long bb = 144, nb = K / QK_K;
+    const long ahead = AHEAD_GROUPS * nb * bb;          /* (R rows are one run: this prefetches four rows on) */
+    const __m256i low4 = _mm256_set1_epi16(0x000F), high4 = _mm256_set1_epi16(0x00F0);
+    for (int r = 0; r < R; r++) {      /* a row at a time: its sums stay in registers (x is in L1 for all rows) */
+        __m256 acc = _mm256_setzero_ps(), acc_min = _mm256_setzero_ps();
+        for (long b = 0; b < nb; b++) {
+            const uint8_t *blk = rows[r] + b * bb;
+            for (long c = 0; c < bb; c += 64) prefetch_l2(blk + ahead + c);
+            prefetch_l2(blk + ahead + bb - 1);
+            const int16_t *xb = x->q + QK_K * b;
+            __m256i p[4];
+            for (int j = 0; j < 4; j++) {    /* 32 bytes: low nibbles sub-block 2j, high ones 2j + 1 */
+                __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
+                __m256i v8 = _mm256_srli_epi16(v, 8);
+                const __m256i *xj = (const __m256i *)(xb + 64 * j);
+                __m256i s0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(v, low4), _mm256_loadu_si256(xj)),
+                                              _mm256_madd_epi16(_mm256_and_si256(v8, low4), _mm256_loadu_si256(xj + 1)));
+                __m256i s1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(v, high4), _mm256_loadu_si256(xj + 2)),
+                                              _mm256_madd_epi16(_mm256_and_si256(v8, high4), _mm256_loadu_si256(xj + 3)));
+                p[j] = pair_sum(s0, s1);
+            }
+            __m256i q03 = pair_join(p[0], p[1]), q47 = pair_join(p[2], p[3]);   /* half-sums of sub-blocks */
+            __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(q03, q47, 0x20),
+                                            _mm256_permute2x128_si256(q03, q47, 0x31));
+            sums = _mm256_srav_epi32(sums, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));   /* (16 n: exact) */
+            __m128i raw = _mm_loadu_si128((const __m128i *)blk);            /* d, dmin, the 12 bytes of scales */
+            __m128i u = _mm_srli_si128(raw, 4);                               /* u0, u1, u2 (and 0) */
+            __m128i a = _mm_shuffle_epi32(u, 0x98), c = _mm_shuffle_epi32(u, 0x50);   /* u0 u2 u1 u2; u0 u0 u1 u1 */
+            __m128i sc = _mm_or_si128(                                        /* sc 0..3, sc 4..7, m 0..3, m 4..7 */
+                _mm_and_si128(_mm_srlv_epi32(a, _mm_setr_epi32(0, 0, 0, 4)),
+                              _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
+                _mm_and_si128(_mm_srli_epi32(c, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+            __m256i scaled = _mm256_mullo_epi32(sums, _mm256_cvtepu8_epi32(sc));
+            __m256i offs = _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(x->s32 + 8 * b)),
+                                              _mm256_cvtepu8_epi32(_mm_srli_si128(sc, 8)));
+            __m128 dd = _mm_mul_ps(_mm_cvtph_ps(raw), _mm_set1_ps(x->d[b]));    /* d xd, dmin xd */
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(scaled), _mm256_broadcastss_ps(dd), acc);
+            acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(offs), _mm256_broadcastss_ps(_mm_movehdup_ps(dd)), acc_min);
+        }
+        y[r * ldr] = hsum_ps(_mm256_sub_ps(acc, acc_min));
+    }
+}
+
+/* y[r * ldr] = row r . x for R rows of Q6_K and one row of x in form 2, as dot_q4k_wide: each 32 quants built as
+ * bytes (4 low bits, 2 high), then their even and odd bytes as int16 words (a mask, a shift) for vpmaddwd. Sixteen
+ * scales of 16 weights: a 32-weight run's products hold its first 16 in the low half of the vector, its next 16 in
+ * the high half, so the joined sums come in sub-block order 0 2 4 6 1 3 5 7 (and 8 ..), and the scales are put in
+ * that order to meet them. A sub-block's sum reaches 16 x 63 x 32385 ~ 3.3e7, times a scale (|s| <= 128) more than
+ * int32 holds: the scales apply in floats. The -32 offset: the scales against x's sums of 16, as in dot_superblock. */
+static inline __attribute__((always_inline)) void dot_q6k_wide(const uint8_t *const *rows, int R, long K,
+                                                             const xq8 *x, float *y, long ldr) {
+    const long bb = 210, nb = K / QK_K;
+    const long ahead = AHEAD_GROUPS * nb * bb;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30), low8 = _mm256_set1_epi16(0x00FF);
+    const __m128i sub_order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+    for (int r = 0; r < R; r++) {
+        __m256 acc = _mm256_setzero_ps(), acc_off = _mm256_setzero_ps();
+        for (long b = 0; b < nb; b++) {
+            const uint8_t *blk = rows[r] + b * bb;
+            for (long c = 0; c < bb; c += 64) prefetch_l2(blk + ahead + c);
+            prefetch_l2(blk + ahead + bb - 1);
+            const int16_t *xb = x->q + QK_K * b;
+            __m256i p[4];
+            for (int n = 0; n < 2; n++) {    /* 128 weights: ql 64 bytes, qh 32 bytes */
+                __m256i L0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * n));
+                __m256i L1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * n + 32));
+                __m256i H = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * n));
+                __m256i w[4], sums[4];
+                w[0] = _mm256_or_si256(_mm256_and_si256(L0, low4), _mm256_and_si256(_mm256_slli_epi16(H, 4), bits45));
+                w[1] = _mm256_or_si256(_mm256_and_si256(L1, low4), _mm256_and_si256(_mm256_slli_epi16(H, 2), bits45));
+                w[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L0, 4), low4), _mm256_and_si256(H, bits45));
+                w[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L1, 4), low4),
+                                       _mm256_and_si256(_mm256_srli_epi16(H, 2), bits45));
+                for (int i = 0; i < 4; i++) {  /* weights 128 n + 32 i ..: even ones, then odd ones */
+                    const __m256i *xr = (const __m256i *)(xb + 128 * n + 32 * i);
+                    sums[i] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(w[i], low8), _mm256_loadu_si256(xr)),
+                                               _mm256_madd_epi16(_mm256_srli_epi16(w[i], 8), _mm256_loadu_si256(xr + 1)));
+                }
+                p[2 * n] = pair_sum(sums[0], sums[1]);
+                p[2 * n + 1] = pair_sum(sums[2], sums[3]);
+            }
+            __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192)), so = _mm_shuffle_epi8(s8, sub_order);
+            __m256 dd = _mm256_set1_ps(f16_to_f32(rd16(blk + 208)) * x->d[b]);
+            __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(so)), dd);
+            __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(so, 8))), dd);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_join(p[0], p[1])), f0, acc);     /* sub-blocks 0 .. 7 */
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_join(p[2], p[3])), f1, acc);     /* 8 .. 15 */
+            const int32_t *s16s = x->s16 + 16 * b;
+            __m256i offs = _mm256_add_epi32(
+                _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)s16s), _mm256_cvtepi8_epi32(s8)),
+                _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(s16s + 8)),
+                                   _mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8))));
+            acc_off = _mm256_fmadd_ps(_mm256_cvtepi32_ps(offs), dd, acc_off);
+        }
+        y[r * ldr] = hsum_ps(_mm256_fnmadd_ps(acc_off, _mm256_set1_ps(32.0f), acc));
+    }
+}
+
 static inline __attribute__((always_inline)) void dot_rows(int type, const uint8_t *const *rows, int R, long K,
                                                          const xq8 *x, long M, float *y, long ldr) {
     if (type == Q8_0 || type == Q4_0) dot_q8q4(type, rows, R, K, x, M, y, ldr);
+    else if (type == Q4_K && x->form == 2) dot_q4k_wide(rows, R, K, x, y, ldr);
+    else if (type == Q6_K && x->form == 2) dot_q6k_wide(rows, R, K, x, y, ldr);
     else dot_k(type, rows, R, K, x, M, y, ldr);
 }
 
@@ -338,7 +470,7 @@ static inline __attribute__((always_inline)) void dot_rows(int type, const uint8
 static inline xq8 x_from_row(const xq8 *x, long m0) {
     xq8 v = *x;
     v.q += m0 * x->ld, v.h += m0 * x->ld, v.l += m0 * x->ld;
-    v.d += m0 * (x->K / x->G), v.s16 += m0 * (x->K / 16);
+    v.d += m0 * (x->K / x->G), v.s16 += m0 * (x->K / 16), v.s32 += m0 * (x->K / 32);
     return v;
 }
 

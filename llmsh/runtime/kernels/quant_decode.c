@@ -321,8 +321,8 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
     }
     long row0 = 0;
 #ifdef HAVE_INT_DOTS
-    xq8 xq[2] = {{0}, {0}};                /* x for Q8_0 and Q4_0 (groups of 32, their order), K-quants (256) */
-    void *xq_mem[2] = {0, 0};
+    xq8 xq[X_FORMS] = {{0}};               /* x in each form its products read (x_form: groups of 32 or 256, orders) */
+    void *xq_mem[X_FORMS] = {0};
 #endif
     for (long s = 0; s < n_seg; s++) {
         int type = segs[s].type;
@@ -330,13 +330,12 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
         long chunks = (rows + 15) / 16;
         long parts = QPIECES * n_threads < chunks ? QPIECES * n_threads : chunks;
 #ifdef HAVE_INT_DOTS
-        int kq = type == Q4_K || type == Q6_K;
-        if (!xq_mem[kq]) {                                   /* x rounded once per call and layout */
-            long G = kq ? QK_K : 32;
-            xq_mem[kq] = malloc(xq8_bytes(M, K, G));
-            quantize_x8(x, M, K, G, !kq, xq_mem[kq], &xq[kq]);
+        int form = x_form(type, M);
+        if (!xq_mem[form]) {                                 /* x rounded once per call and form */
+            xq_mem[form] = malloc(xq8_bytes(M, K, form));
+            quantize_x8(x, M, K, form, xq_mem[form], &xq[form]);
         }
-        const xq8 *xp = &xq[kq];
+        const xq8 *xp = &xq[form];
 #endif
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (parts > 1 && n_threads > 1)
         for (long p = 0; p < parts; p++) {
@@ -363,8 +362,7 @@ void lm_qlinear(const float *x, long M, long K, const uint8_t *w, const lm_qseg 
         }
     free(heap);
 #ifdef HAVE_INT_DOTS
-    free(xq_mem[0]);
-    free(xq_mem[1]);
+    for (int f = 0; f < X_FORMS; f++) free(xq_mem[f]);
 #endif
 }
 

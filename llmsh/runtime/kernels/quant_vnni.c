@@ -37,15 +37,25 @@ typedef struct {
     long K, G, ld;                 /* ld: the planes' row stride (K + 128) */
 } xq8;
 
-static size_t xq8_bytes(long M, long K, long G) {
+/* The forms of x that lm_qlinear builds (each at most once per call): 0 for Q8_0 and Q4_0 (groups of 32, their
+ * order), 1 for the K-quants (groups of 256) */
+#define X_FORMS 2
+static inline int x_form(int type, long M) {
+    (void)M;
+    return type == Q4_K || type == Q6_K;
+}
+
+static size_t xq8_bytes(long M, long K, int form) {
+    long G = form ? QK_K : 32;
     return (size_t)M * (2 * (K + 128) + sizeof(float) * (K / G) + sizeof(int32_t) * (K / 16) +
                         2 * 64 * (size_t)(K / 128 + 1)) + 64;
 }
 
-/* Round M rows of x (K floats each) into xq8 planes with one scale per G (a multiple of 16) inside mem. For Q8_0
- * and Q4_0 (q4 set) the planes hold each 128 weights (four blocks a..d) in the order dot_q8q4 gathers the quants:
+/* Round M rows of x (K floats each) into xq8 planes with one scale per G (32 for form 0, 256 for form 1) inside mem.
+ * For Q8_0 and Q4_0 (form 0) the planes hold each 128 weights (four blocks a..d) in the order dot_q8q4 gathers the quants:
  * a 0-15, b 0-15, c 0-15, d 0-15, a 16-31, b 16-31, c 16-31, d 16-31. */
-static void quantize_x8(const float *x, long M, long K, long G, int q4, void *mem, xq8 *out) {
+static void quantize_x8(const float *x, long M, long K, int form, void *mem, xq8 *out) {
+    const long G = form ? QK_K : 32, q4 = !form;
     long ng = K / G, ld = K + 128;
     out->d = (float *)mem;
     out->s16 = (int32_t *)(out->d + M * ng);
