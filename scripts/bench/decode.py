@@ -95,6 +95,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -259,6 +260,7 @@ def main() -> int:
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
           f"threads={torch.get_num_threads()}, transformers {transformers.__version__}; shared machine: numbers are noisy")
     root = Path(tempfile.mkdtemp(prefix="llmsh-bench-decode-"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # (`timeout` stops a long run: still clean up below)
     try:
         return _run(args, root, models, dtypes, batches, n_new, repeats)
     finally:
