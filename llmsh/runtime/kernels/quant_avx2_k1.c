@@ -2,6 +2,12 @@
  * even elements then its odd ones): included by quant_avx2.c, whose helpers (pair_sum, pair_join, hsum_ps,
  * prefetch_l2) they use. Why int16 and not the two planes: quant_avx2.c's opening comment. */
 
+/* The bb bytes of a block (a row's super-block) at p, on their way to L2 */
+static inline void prefetch_block(const uint8_t *p, long bb) {
+    for (long c = 0; c < bb; c += 64) prefetch_l2(p + c);
+    prefetch_l2(p + bb - 1);
+}
+
 /* y[r * ldr] = row r . x for R rows of Q4_K and one row of x in form 2 (int16, each 32 as evens then odds). The
  * quants are widened to int16 by masks and shifts of 16-bit words (word i of a 32-byte run: nibbles of weights 2i
  * and 2i + 1 of one sub-block, and of the next sub-block in its high nibbles), multiplied with x by vpmaddwd, 16
@@ -17,8 +23,7 @@ static inline __attribute__((always_inline)) void dot_q4k_wide(const uint8_t *co
         __m256 acc = _mm256_setzero_ps(), acc_min = _mm256_setzero_ps();
         for (long b = 0; b < nb; b++) {
             const uint8_t *blk = rows[r] + b * bb;
-            for (long c = 0; c < bb; c += 64) prefetch_l2(blk + ahead + c);
-            prefetch_l2(blk + ahead + bb - 1);
+            prefetch_block(blk + ahead, bb);
             const int16_t *xb = x->q + QK_K * b;
             __m256i p[4];
             for (int j = 0; j < 4; j++) {    /* 32 bytes: low nibbles sub-block 2j, high ones 2j + 1 */
@@ -69,8 +74,7 @@ static inline __attribute__((always_inline)) void dot_q6k_wide(const uint8_t *co
         __m256 acc = _mm256_setzero_ps(), acc_off = _mm256_setzero_ps();
         for (long b = 0; b < nb; b++) {
             const uint8_t *blk = rows[r] + b * bb;
-            for (long c = 0; c < bb; c += 64) prefetch_l2(blk + ahead + c);
-            prefetch_l2(blk + ahead + bb - 1);
+            prefetch_block(blk + ahead, bb);
             const int16_t *xb = x->q + QK_K * b;
             __m256i p[4];
             for (int n = 0; n < 2; n++) {    /* 128 weights: ql 64 bytes, qh 32 bytes */
