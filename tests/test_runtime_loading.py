@@ -338,6 +338,11 @@ def test_transposed_matrices_are_built_once_then_mapped(make_tiny_model, tmp_pat
         f"{layout_cache.hash_cache.path_prefix(folder)}-*"))
     assert len(entries) == 1                                                       # the stale one removed
 
+    wrong = {lname: torch.zeros(3, 5) for lname in again.checkpoint.layout.entries}   # parses, wrong shapes
+    layout_cache.forget(folder)
+    layout_cache.write(folder, again.dtype, wrong, files=again.checkpoint.paths())
+    torch.testing.assert_close(load(folder).forward(ids), want, atol=0, rtol=0)    # built again, not used
+
     layout_cache.forget(folder)
     monkeypatch.setattr(layout_cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 0))
     full = load(folder)

@@ -304,7 +304,9 @@ class Checkpoint:
         if lname is None:
             return self._source(param_name)
         if self.layout is not None and lname in self.layout.entries:
-            return self.layout, lname, self.layout.tensor(lname)
+            cached = self.layout.tensor(lname)
+            if list(cached.shape) == self.shape(param_name):       # (an entry not of this checkpoint: rebuilt)
+                return self.layout, lname, cached
         return None, "", None
 
     def populate(self, param_name: str) -> None:
