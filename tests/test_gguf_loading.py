@@ -297,6 +297,10 @@ def test_float_matrices_are_reshaped_once_then_mapped(qtype: T, make_tiny_model,
     assert "layers.0.attention.wqkv.weight" in rebuilt                             # not the stale entry
     from llmsh.runtime import layout_cache
 
+    wrong = {key: torch.zeros(3, 5) for key in again.checkpoint.layout.entries}     # parses, wrong shapes
+    layout_cache.forget(path)
+    layout_cache.write(path, first.dtype, wrong)
+    torch.testing.assert_close(load(str(path)).forward(ids), want, atol=0, rtol=0)  # built again, not used
     layout_cache.forget(path)
     assert layout_cache.open_cached(path, first.dtype) is None
 

@@ -171,6 +171,8 @@ class GGUFCheckpoint:
         if key is None or key not in self.layout.entries:
             return None
         t = self.layout.tensor(key)
+        if list(t.shape) != self.shape(name):                       # an entry not of this file: built again
+            return None
         return t if dtype is None or t.dtype == dtype else None
 
     def spec(self, name: str) -> Spec:
