@@ -25,11 +25,11 @@
 #define PLANE_BASE 255
 
 typedef struct {
-    int16_t *q;                    /* (M, K): q itself (Q8_0 and Q4_0 multiply it as int16, vpmaddwd; Q4_K too, form 2) */
+    int16_t *q;                    /* (M, K): q itself (Q8_0 and Q4_0 multiply it as int16, vpmaddwd; the K-quants too, form 2) */
     int8_t *h, *l;                 /* (M, K): the two planes (the K-quants, vpmaddubsw) */
     float *d;                      /* (M, K / G) scales */
     int32_t *s16;                  /* (M, K / 16) sums of q over each 16 */
-    int32_t *s32;                  /* (M, K / 32) sums of q over each 32 (form 2) */
+    int32_t *s32;                  /* (M, K / 32) sums of q over each 32 (Q4_K's mins) */
     long K, G, ld;                 /* ld: the planes' row stride (K) */
     int form;                      /* x_form's */
 } xq8;
@@ -248,6 +248,16 @@ static inline __attribute__((always_inline)) void k_piece(__m256i w, __m256i sc,
     }
 }
 
+/* A Q4_K super-block's packed 6-bit scales and mins (bytes 4..15 of the block, `raw` its first 16 bytes) as 16
+ * bytes: sc 0..7, then m 0..7 (ggml's get_scale_min_k4, four at a time) */
+static inline __m128i q4k_scales(__m128i raw) {
+    __m128i u = _mm_srli_si128(raw, 4);                                       /* u0, u1, u2 (and 0) */
+    __m128i a = _mm_shuffle_epi32(u, 0x98), c = _mm_shuffle_epi32(u, 0x50);   /* u0 u2 u1 u2; u0 u0 u1 u1 */
+    return _mm_or_si128(_mm_and_si128(_mm_srlv_epi32(a, _mm_setr_epi32(0, 0, 0, 4)),
+                                      _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
+                        _mm_and_si128(_mm_srli_epi32(c, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+}
+
 /* acc[m] += super-block b of a Q4_K or Q6_K row . x[m], the quants unpacked 32 at a time as they are multiplied
  * (a whole super-block unpacked first, 16 registers, spilled). The planes join as 255 h + l: Q4_K as integers (at
  * most 32 x 15 x 127 x 63 x 256 ~ 9.8e8 a lane), Q6_K in floats (its ~8e9 would overflow). The offsets (Q4_K: the
@@ -261,12 +271,7 @@ static inline __attribute__((always_inline)) void dot_superblock(int type, const
     const long at = QK_K * b;
     float d, doff;
     if (type == Q4_K) {
-        uint32_t u0, u1, u2;
-        memcpy(&u0, blk + 4, 4), memcpy(&u1, blk + 8, 4), memcpy(&u2, blk + 12, 4);
-        __m128i s = _mm_setr_epi32((int)(u0 & 0x3f3f3f3fu),                                       /* sc 0..3 */
-                                   (int)((u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)),  /* sc 4..7 */
-                                   (int)(u1 & 0x3f3f3f3fu),                                       /* m 0..3 */
-                                   (int)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)));
+        __m128i s = q4k_scales(_mm_loadu_si128((const __m128i *)blk));
         d = f16_to_f32(rd16(blk));
         doff = -f16_to_f32(rd16(blk + 2));
         __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(s));                  /* 8 scales, both lanes */
@@ -279,11 +284,7 @@ static inline __attribute__((always_inline)) void dot_superblock(int type, const
         }
         __m256i mins = _mm256_cvtepu8_epi32(_mm_srli_si128(s, 8));
         for (long m = 0; m < M; m++) {
-            const int32_t *s16s = x->s16 + m * (x->K / 16) + 16 * b;
-            __m256i lo = _mm256_loadu_si256((const __m256i *)s16s);
-            __m256i hi = _mm256_loadu_si256((const __m256i *)(s16s + 8));
-            __m256i sums32 = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(lo, hi),          /* sums of 32 */
-                                                         _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+            __m256i sums32 = _mm256_loadu_si256((const __m256i *)(x->s32 + m * (x->K / 32) + 8 * b));
             offs[m] = _mm256_mullo_epi32(sums32, mins);
             ah[m] = _mm256_add_epi32(_mm256_mullo_epi32(ah[m], _mm256_set1_epi32(PLANE_BASE)), al[m]);
         }

@@ -41,12 +41,7 @@ static inline __attribute__((always_inline)) void dot_q4k_wide(const uint8_t *co
                                             _mm256_permute2x128_si256(q03, q47, 0x31));
             sums = _mm256_srav_epi32(sums, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));   /* (16 n: exact) */
             __m128i raw = _mm_loadu_si128((const __m128i *)blk);            /* d, dmin, the 12 bytes of scales */
-            __m128i u = _mm_srli_si128(raw, 4);                               /* u0, u1, u2 (and 0) */
-            __m128i a = _mm_shuffle_epi32(u, 0x98), c = _mm_shuffle_epi32(u, 0x50);   /* u0 u2 u1 u2; u0 u0 u1 u1 */
-            __m128i sc = _mm_or_si128(                                        /* sc 0..3, sc 4..7, m 0..3, m 4..7 */
-                _mm_and_si128(_mm_srlv_epi32(a, _mm_setr_epi32(0, 0, 0, 4)),
-                              _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
-                _mm_and_si128(_mm_srli_epi32(c, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+            __m128i sc = q4k_scales(raw);                                     /* sc 0..7, m 0..7 */
             __m256i scaled = _mm256_mullo_epi32(sums, _mm256_cvtepu8_epi32(sc));
             __m256i offs = _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(x->s32 + 8 * b)),
                                               _mm256_cvtepu8_epi32(_mm_srli_si128(sc, 8)));
